@@ -1,0 +1,1 @@
+"""Downstream services: payment, invoice and email workers on reliable Redis queues."""

@@ -1,0 +1,1 @@
+"""Development helpers: a real local Redis server for ``make up`` and the tests."""

@@ -1,0 +1,1 @@
+"""The order service: HTTP API, outbox relay, and the original Hello publisher."""

@@ -1,0 +1,71 @@
+"""Every Redis key and channel name used by the Python processes.
+
+Nothing else in the Python code builds a key string. The Go subscriber's defaults
+(``go-subscriber/config.go``) name the same Hello keys and the order channel.
+
+Queue keys carry a hash tag (``{payment}``): everything one queue touches in a single
+command or Lua script lives in one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+HELLO_CHANNEL = "messages"
+"""Pub/sub channel of the original Hello publisher."""
+
+HELLO_QUEUE = "message_queue"
+"""List of the original Hello publisher (RPUSH here, BLPOP in the Go subscriber)."""
+
+ORDER_EVENTS_CHANNEL = "orders:events"
+"""Pub/sub channel carrying every domain event (OrderPlaced and the outcomes): live only."""
+
+CONSUMER_QUEUES: tuple[str, ...] = ("payment", "invoice", "email")
+"""The queues that receive one job per OrderPlaced (PATTERN queue or both)."""
+
+ORDER_UPDATES_QUEUE = "order-updates"
+"""Queue of outcome events (PaymentCaptured, InvoiceIssued, ...) the order service records."""
+
+
+def _tag(queue: str) -> str:
+    if not queue or any(c in queue for c in "{}: "):
+        raise ValueError(f"invalid queue name {queue!r}")
+    return f"queue:{{{queue}}}"
+
+
+def pending(queue: str) -> str:
+    """List of messages waiting to be taken (producers RPUSH, workers LMOVE from the left)."""
+    return f"{_tag(queue)}:pending"
+
+
+def processing(queue: str, worker: str) -> str:
+    """List of one worker's in-flight messages (the reliable-move target)."""
+    return f"{_tag(queue)}:processing:{worker}"
+
+
+def delayed(queue: str) -> str:
+    """Sorted set of retries, scored by the UNIX time they become due."""
+    return f"{_tag(queue)}:delayed"
+
+
+def dead(queue: str) -> str:
+    """List of dead letters (JSON: message, error, attempts, time)."""
+    return f"{_tag(queue)}:dead"
+
+
+def workers(queue: str) -> str:
+    """Set of worker ids that have registered on the queue (the reaper scans it)."""
+    return f"{_tag(queue)}:workers"
+
+
+def heartbeat(queue: str, worker: str) -> str:
+    """A worker's liveness key, refreshed with a TTL; gone = the worker is dead."""
+    return f"{_tag(queue)}:heartbeat:{worker}"
+
+
+def attempts(queue: str) -> str:
+    """Hash: message id -> failed attempts so far."""
+    return f"{_tag(queue)}:attempts"
+
+
+def stats(queue: str) -> str:
+    """Hash of counters: processed, failed, retried, dead."""
+    return f"{_tag(queue)}:stats"

@@ -1,0 +1,88 @@
+"""Shared fixtures: a real Redis server for the session, clean per test.
+
+``make test`` starts one Redis server and passes it as ``REDIS_TEST_URL`` (the Go tests
+use the same one). Run pytest alone and the session starts its own. Either way it is
+a real ``redis-server``; fakeredis appears only in ``tests/unit``. When no server can
+be found or started, Redis tests are skipped locally but fail when ``CI`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+
+from devtools.redis_server import RedisNotFound, RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _no_redis(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"Redis is required in CI: {reason}")
+    pytest.skip(f"no Redis server: {reason}")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of the session's real Redis server."""
+    given = os.environ.get("REDIS_TEST_URL")
+    if given:
+        yield given
+        return
+    try:
+        server = RedisServer(data_dir=tmp_path_factory.mktemp("redis")).start()
+    except (RedisNotFound, RuntimeError) as exc:
+        _no_redis(str(exc))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def redis(redis_url: str) -> Iterator[redis_lib.Redis]:
+    """A client of the session server, on an empty database."""
+    client = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        client.flushdb()
+    except redis_lib.ConnectionError as exc:
+        _no_redis(str(exc))
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def redis_server_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Start dedicated Redis servers (for tests that stop, kill or restart them)."""
+    started: list[RedisServer] = []
+
+    def start(**options: object) -> RedisServer:
+        try:
+            server = RedisServer(data_dir=tmp_path / f"redis-{len(started)}", **options)  # type: ignore[arg-type]
+            server.data_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+            server.start()
+        except (RedisNotFound, RuntimeError) as exc:
+            _no_redis(str(exc))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def go_subscriber_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Go subscriber, built once per session from go-subscriber/."""
+    if shutil.which("go") is None:
+        pytest.fail("the go toolchain is required to build go-subscriber")
+    out = tmp_path_factory.mktemp("go") / "go-subscriber"
+    subprocess.run(["go", "build", "-o", str(out), "."], cwd=ROOT / "go-subscriber", check=True)
+    return out

@@ -1,0 +1,119 @@
+"""docker-compose.yml and the Dockerfiles, checked without a container engine.
+
+No engine runs on our machines, so we check what `docker compose config` and a build
+would: the file against the Compose Specification's schema, every build context has
+its Dockerfile, every variable passed is one the service reads, and the fixes to the
+original (health-gated start, PATTERN/PUBLISH_INTERVAL passed, unbuffered Python).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from orders.config import ENV_VARS
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+GO_DIR = ROOT / "go-subscriber"
+PYTHON_ONLY_ENV = {"PYTHONUNBUFFERED"}
+
+
+def _compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _services() -> dict[str, dict[str, Any]]:
+    return _compose()["services"]
+
+
+def _context(service: dict[str, Any]) -> Path | None:
+    build = service.get("build")
+    if build is None:
+        return None
+    context = build if isinstance(build, str) else build.get("context", ".")
+    return (ROOT / context).resolve()
+
+
+def go_env_vars() -> set[str]:
+    """Every variable name the Go subscriber reads (string literals passed to a getenv)."""
+    names: set[str] = set()
+    for src in GO_DIR.glob("*.go"):
+        if src.name.endswith("_test.go"):
+            continue
+        names |= set(
+            re.findall(
+                r'(?:[Gg]etenv\w*|LookupEnv|envOr\w*)\(\s*"([A-Z_][A-Z0-9_]*)"', src.read_text()
+            )
+        )
+    return names
+
+
+def test_compose_matches_the_compose_specification() -> None:
+    schema = json.loads((ROOT / "tests" / "schemas" / "compose-spec.json").read_text())
+    # The spec names draft-07 as "https://json-schema.org/draft-07/schema" (no "#"),
+    # which jsonschema does not resolve by itself: it is draft-07, so say so.
+    assert "draft-07" in schema["$schema"]
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(_compose()), key=str)
+    assert not errors, "\n".join(e.message for e in errors)
+
+
+def test_every_build_context_has_a_dockerfile() -> None:
+    contexts = [c for c in map(_context, _services().values()) if c is not None]
+    assert contexts
+    for context in contexts:
+        assert (context / "Dockerfile").is_file(), f"{context} has no Dockerfile"
+
+
+def test_services_wait_for_a_healthy_redis() -> None:
+    services = _services()
+    assert "healthcheck" in services["redis"]
+    for name, service in services.items():
+        if name == "redis" or "redis" not in str(service.get("environment", {})).lower():
+            continue
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
+
+
+def test_redis_is_published_on_loopback_only() -> None:
+    for port in _services()["redis"].get("ports", []):
+        assert str(port).startswith("127.0.0.1:"), port
+    assert "--appendonly" in _services()["redis"]["command"]
+
+
+@pytest.mark.parametrize("name", ["python-publisher", "go-subscriber"])
+def test_pattern_is_passed_through(name: str) -> None:
+    assert _services()[name]["environment"]["PATTERN"] == "${PATTERN:-both}"
+
+
+def test_publisher_gets_interval_and_unbuffered_output() -> None:
+    env = _services()["python-publisher"]["environment"]
+    assert env["PUBLISH_INTERVAL"] == "${PUBLISH_INTERVAL:-2.0}"
+    assert env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_every_variable_passed_is_read_by_the_service() -> None:
+    python_vars = {v.name for v in ENV_VARS} | PYTHON_ONLY_ENV
+    go_vars = go_env_vars()
+    assert {"REDIS_HOST", "REDIS_PORT", "PATTERN"} <= go_vars
+    for name, service in _services().items():
+        env = set(service.get("environment", {}))
+        context = _context(service)
+        if context is None:
+            continue
+        known = go_vars if context == GO_DIR.resolve() else python_vars
+        assert env <= known, f"{name} is given variables it never reads: {env - known}"
+
+
+def test_images_are_small_and_run_as_non_root() -> None:
+    python = (ROOT / "Dockerfile").read_text()
+    assert "python:3.11-slim" in python
+    assert re.search(r"^USER (?!root)\S+", python, re.M)
+    go = (GO_DIR / "Dockerfile").read_text()
+    assert len(re.findall(r"^FROM ", go, re.M)) >= 2, "the Go image must be a multi-stage build"
+    assert re.search(r"(^USER (?!root)\S+|nonroot)", go, re.M)

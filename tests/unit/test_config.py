@@ -1,0 +1,63 @@
+"""Configuration: defaults, validation, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from orders.config import ENV_VARS, ConfigError, Settings
+
+
+def test_defaults_are_the_originals() -> None:
+    s = Settings.from_env({})
+    assert (s.redis_host, s.redis_port, s.pattern, s.publish_interval) == (
+        "localhost",
+        6379,
+        "both",
+        2.0,
+    )
+    assert s.redis_connect_attempts == 5
+    assert s.redis_connect_retry_delay == 5.0
+    assert s.publishes and s.queues
+
+
+@pytest.mark.parametrize(
+    ("pattern", "publishes", "queues"),
+    [("pubsub", True, False), ("queue", False, True), ("both", True, True)],
+)
+def test_pattern_selects_paths(pattern: str, publishes: bool, queues: bool) -> None:
+    s = Settings.from_env({"PATTERN": pattern})
+    assert (s.publishes, s.queues) == (publishes, queues)
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"PATTERN": "pubsubb"}, "invalid PATTERN 'pubsubb': must be pubsub, queue or both"),
+        ({"PATTERN": "BOTH"}, "invalid PATTERN"),
+        ({"PATTERN": ""}, "invalid PATTERN"),
+        ({"REDIS_PORT": "abc"}, "invalid REDIS_PORT 'abc': must be an integer"),
+        ({"REDIS_PORT": "70000"}, "invalid REDIS_PORT '70000': must be between 1 and 65535"),
+        ({"PUBLISH_INTERVAL": "fast"}, "invalid PUBLISH_INTERVAL 'fast'"),
+        ({"PUBLISH_INTERVAL": "0"}, "invalid PUBLISH_INTERVAL '0'"),
+        ({"PUBLISH_INTERVAL": "nan"}, "invalid PUBLISH_INTERVAL 'nan'"),
+        ({"REDIS_URL": "http://x"}, "invalid REDIS_URL"),
+        ({"LOG_FORMAT": "xml"}, "invalid LOG_FORMAT"),
+        ({"REDIS_HOST": " "}, "invalid REDIS_HOST"),
+    ],
+)
+def test_bad_values_are_one_line_errors(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_every_env_var_is_documented_once() -> None:
+    names = [v.name for v in ENV_VARS]
+    assert len(names) == len(set(names))
+    assert all(v.doc for v in ENV_VARS)
+
+
+def test_redis_location_hides_credentials() -> None:
+    s = Settings.from_env({"REDIS_URL": "redis://user:secret@cache.local:6390/0"})
+    assert s.redis_location == "cache.local:6390"
