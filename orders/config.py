@@ -47,6 +47,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("PUBLISH_INTERVAL", "2.0", "Seconds between two Hello messages."),
     EnvVar("LOG_FORMAT", "text", "text (the original '[timestamp] line') or json."),
     EnvVar("LOG_LEVEL", "INFO", "Python logging level."),
+    # --- orders service (orders-api, orders-relay) ---
+    # --- consumers (payment, invoice, email workers) ---
 )
 """The documented variables. Later features append theirs here, nowhere else."""
 
