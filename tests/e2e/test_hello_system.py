@@ -125,7 +125,7 @@ def test_publisher_bad_config_is_one_line_and_exit_2(
     assert len(pub.lines()) == 1
 
 
-@pytest.mark.parametrize("pattern", ["sometimes", ""])
+@pytest.mark.parametrize("pattern", ["sometimes", "BOTH"])
 def test_go_subscriber_rejects_unknown_pattern(
     pattern: str, go_subscriber_binary: Path, tmp_path: Path
 ) -> None:

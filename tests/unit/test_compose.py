@@ -49,7 +49,8 @@ def go_env_vars() -> set[str]:
             continue
         names |= set(
             re.findall(
-                r'(?:[Gg]etenv\w*|LookupEnv|envOr\w*)\(\s*"([A-Z_][A-Z0-9_]*)"', src.read_text()
+                r'\b(?:get|intVar|secondsVar|[Gg]etenv|LookupEnv)\((?:get,\s*)?"([A-Z][A-Z0-9_]*)"',
+                src.read_text(),
             )
         )
     return names

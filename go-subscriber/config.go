@@ -1,0 +1,228 @@
+package main
+
+import (
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Exit codes, the same as the Python processes' (orders/config.py).
+const (
+	// ExitOK is a normal stop (signal received, or stopped before connecting).
+	ExitOK = 0
+	// ExitNoRedis means Redis could not be reached after every connection attempt.
+	ExitNoRedis = 1
+	// ExitBadConfig means an environment variable has an invalid value.
+	ExitBadConfig = 2
+)
+
+// Patterns accepted by PATTERN.
+const (
+	// PatternPubSub listens on the Hello pub/sub channel only.
+	PatternPubSub = "pubsub"
+	// PatternQueue pops the Hello list only.
+	PatternQueue = "queue"
+	// PatternBoth does both, as the original did by default.
+	PatternBoth = "both"
+)
+
+// Defaults of every setting. The Hello names match orders/keys.py.
+const (
+	// DefaultRedisHost is REDIS_HOST's default.
+	DefaultRedisHost = "localhost"
+	// DefaultRedisPort is REDIS_PORT's default.
+	DefaultRedisPort = "6379"
+	// DefaultPattern is PATTERN's default.
+	DefaultPattern = PatternBoth
+	// DefaultChannel is the original Hello pub/sub channel (CHANNEL).
+	DefaultChannel = "messages"
+	// DefaultQueue is the original Hello list (QUEUE).
+	DefaultQueue = "message_queue"
+	// DefaultConnectAttempts is how many PINGs are tried at start (REDIS_CONNECT_ATTEMPTS).
+	DefaultConnectAttempts = 5
+	// DefaultConnectRetryDelay is the wait between two attempts (REDIS_CONNECT_RETRY_DELAY).
+	DefaultConnectRetryDelay = 5 * time.Second
+	// DefaultPollTimeout is the BLPOP timeout: the longest a queue listener takes to
+	// notice a shutdown.
+	DefaultPollTimeout = 1 * time.Second
+	// DefaultErrorBackoff is the pause after a failed BLPOP (e.g. Redis restarting).
+	DefaultErrorBackoff = 1 * time.Second
+	// DialTimeout, ReadTimeout and WriteTimeout are the original client's timeouts.
+	DialTimeout = 5 * time.Second
+	// ReadTimeout is the socket read timeout (BLPOP adds its own timeout on top).
+	ReadTimeout = 3 * time.Second
+	// WriteTimeout is the socket write timeout.
+	WriteTimeout = 3 * time.Second
+)
+
+// Config is the subscriber's whole configuration, read once at start.
+type Config struct {
+	// Addr is host:port of the Redis server (REDIS_HOST, REDIS_PORT).
+	Addr string
+	// DB is the Redis database number (REDIS_DB).
+	DB int
+	// URL, when set, replaces Addr and DB (REDIS_URL: redis://, rediss:// or unix://).
+	URL string
+	// Pattern is pubsub, queue or both (PATTERN).
+	Pattern string
+	// Channel is the Hello pub/sub channel (CHANNEL).
+	Channel string
+	// Queue is the Hello list (QUEUE).
+	Queue string
+	// OrderChannel, when set, is an extra pub/sub channel to display (ORDER_CHANNEL).
+	OrderChannel string
+	// OrderQueue, when set, is an extra list to pop and display (ORDER_QUEUE).
+	OrderQueue string
+	// LogFormat is "text" (the original's lines) or "json" (LOG_FORMAT).
+	LogFormat string
+	// ConnectAttempts is the number of PINGs tried before giving up.
+	ConnectAttempts int
+	// ConnectRetryDelay is the wait between two connection attempts.
+	ConnectRetryDelay time.Duration
+	// PollTimeout is the BLPOP timeout.
+	PollTimeout time.Duration
+	// ErrorBackoff is the pause after a BLPOP error.
+	ErrorBackoff time.Duration
+}
+
+// DefaultConfig is the configuration with no environment variable set.
+func DefaultConfig() Config {
+	return Config{
+		Addr:              net.JoinHostPort(DefaultRedisHost, DefaultRedisPort),
+		Pattern:           DefaultPattern,
+		Channel:           DefaultChannel,
+		Queue:             DefaultQueue,
+		LogFormat:         "text",
+		ConnectAttempts:   DefaultConnectAttempts,
+		ConnectRetryDelay: DefaultConnectRetryDelay,
+		PollTimeout:       DefaultPollTimeout,
+		ErrorBackoff:      DefaultErrorBackoff,
+	}
+}
+
+// ConfigError is an invalid environment variable. Its message is one line.
+type ConfigError struct {
+	Name, Value, Reason string
+}
+
+func (e *ConfigError) Error() string {
+	return fmt.Sprintf("invalid %s %q: %s", e.Name, e.Value, e.Reason)
+}
+
+// LoadConfig reads the configuration through getenv (os.Getenv in main). As in the
+// original, an empty variable means its default. Values are trimmed of spaces.
+func LoadConfig(getenv func(string) string) (Config, error) {
+	cfg := DefaultConfig()
+	get := func(name, def string) string {
+		if v := strings.TrimSpace(getenv(name)); v != "" {
+			return v
+		}
+		return def
+	}
+
+	cfg.Pattern = get("PATTERN", DefaultPattern)
+	switch cfg.Pattern {
+	case PatternPubSub, PatternQueue, PatternBoth:
+	default:
+		return Config{}, &ConfigError{"PATTERN", cfg.Pattern, "must be pubsub, queue or both"}
+	}
+
+	host := get("REDIS_HOST", DefaultRedisHost)
+	port, err := intVar(get, "REDIS_PORT", DefaultRedisPort, 1, 65535)
+	if err != nil {
+		return Config{}, err
+	}
+	cfg.Addr = net.JoinHostPort(host, strconv.Itoa(port))
+	if cfg.DB, err = intVar(get, "REDIS_DB", "0", 0, 1<<20); err != nil {
+		return Config{}, err
+	}
+	if cfg.URL = get("REDIS_URL", ""); cfg.URL != "" {
+		if _, err := redis.ParseURL(cfg.URL); err != nil {
+			// Not the parser's message: it may echo the URL's password.
+			return Config{}, &ConfigError{"REDIS_URL", redactURL(cfg.URL), "must be redis://, rediss:// or unix:// URL"}
+		}
+	}
+
+	cfg.Channel = get("CHANNEL", DefaultChannel)
+	cfg.Queue = get("QUEUE", DefaultQueue)
+	cfg.OrderChannel = get("ORDER_CHANNEL", "")
+	cfg.OrderQueue = get("ORDER_QUEUE", "")
+
+	cfg.LogFormat = get("LOG_FORMAT", "text")
+	if cfg.LogFormat != "text" && cfg.LogFormat != "json" {
+		return Config{}, &ConfigError{"LOG_FORMAT", cfg.LogFormat, "must be text or json"}
+	}
+	if cfg.ConnectAttempts, err = intVar(get, "REDIS_CONNECT_ATTEMPTS", strconv.Itoa(DefaultConnectAttempts), 1, 1000); err != nil {
+		return Config{}, err
+	}
+	if cfg.ConnectRetryDelay, err = secondsVar(get, "REDIS_CONNECT_RETRY_DELAY", DefaultConnectRetryDelay, 3600); err != nil {
+		return Config{}, err
+	}
+	return cfg, nil
+}
+
+func intVar(get func(string, string) string, name, def string, low, high int) (int, error) {
+	raw := get(name, def)
+	v, err := strconv.Atoi(raw)
+	if err != nil {
+		return 0, &ConfigError{name, raw, "must be an integer"}
+	}
+	if v < low || v > high {
+		return 0, &ConfigError{name, raw, fmt.Sprintf("must be between %d and %d", low, high)}
+	}
+	return v, nil
+}
+
+func secondsVar(get func(string, string) string, name string, def time.Duration, maxSeconds float64) (time.Duration, error) {
+	raw := get(name, "")
+	if raw == "" {
+		return def, nil
+	}
+	v, err := strconv.ParseFloat(raw, 64)
+	if err != nil {
+		return 0, &ConfigError{name, raw, "must be a number of seconds"}
+	}
+	if !(v >= 0 && v <= maxSeconds) { // also rejects NaN
+		return 0, &ConfigError{name, raw, fmt.Sprintf("must be between 0 and %g", maxSeconds)}
+	}
+	return time.Duration(v * float64(time.Second)), nil
+}
+
+// redactURL hides the password of a Redis URL for error and log lines.
+func redactURL(raw string) string {
+	scheme, rest, ok := strings.Cut(raw, "://")
+	if !ok {
+		return raw
+	}
+	userinfo, host, ok := strings.Cut(rest, "@")
+	if !ok {
+		return raw
+	}
+	if user, _, hasPass := strings.Cut(userinfo, ":"); hasPass {
+		return scheme + "://" + user + ":xxxxx@" + host
+	}
+	return raw
+}
+
+// RedisOptions are the go-redis client options: the original's timeouts, and the
+// address and database from Addr/DB or from URL.
+func (c Config) RedisOptions() *redis.Options {
+	opts := &redis.Options{Addr: c.Addr, DB: c.DB}
+	if c.URL != "" {
+		if parsed, err := redis.ParseURL(c.URL); err == nil { // validated in LoadConfig
+			opts = parsed
+		}
+	}
+	opts.DialTimeout = DialTimeout
+	opts.ReadTimeout = ReadTimeout
+	opts.WriteTimeout = WriteTimeout
+	// One dial per try: the retries that matter are ours (ConnectAttempts at start,
+	// ErrorBackoff in the BLPOP loop); go-redis's own dial retries (5 by default
+	// since v9.12) would make one failed attempt take seconds against a closed port.
+	opts.DialerRetries = 1
+	return opts
+}
