@@ -48,5 +48,8 @@ lint: install-dev ## ruff, mypy, gofmt, go vet
 	$(BIN)/mypy
 	cd go-subscriber && test -z "$$(gofmt -l .)" && go vet ./...
 
+bench: install-dev ## Consumer drain benchmark: 50,000 no-op jobs, jobs/s table
+	$(BIN)/python benchmarks/consumer_drain.py
+
 clean: ## Remove the virtual environment, build output and local data
 	rm -rf $(VENV) var go-subscriber/bin

@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy.orm import Session, sessionmaker
 
-from orders.config import Settings
+from orders.config import OrderServiceSettings, Settings
+
+if TYPE_CHECKING:
+    from orders.publisher import EventPublisher
 
 log = logging.getLogger(__name__)
 
@@ -59,3 +69,86 @@ def connect_with_retries(
                 threading.Event().wait(delay)
     log.info("Failed to connect to Redis after %d attempts. Exiting.", attempts)
     return False
+
+
+SCHEMA_LOCK_KEY = 7_310_421
+"""PostgreSQL advisory lock id held while creating tables (API and relay start together)."""
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL: readers never block the writer. busy_timeout: a second writer waits for the
+    # lock instead of failing at once with "database is locked".
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def database_engine(database_url: str, **overrides: Any) -> Engine:
+    """A SQLAlchemy engine for DATABASE_URL (creates the SQLite file's directory).
+
+    Does not connect: the first query does.
+    """
+    url = make_url(database_url)
+    options: dict[str, Any] = {"pool_pre_ping": True}
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        options["connect_args"] = {"check_same_thread": False, "timeout": 10}
+    options.update(overrides)
+    engine = create_engine(url, **options)
+    if url.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def create_schema(engine: Engine) -> None:
+    """Create the order service's tables if missing (idempotent, safe to run concurrently)."""
+    from orders.models import Base
+
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        Base.metadata.create_all(conn)
+
+
+@dataclass
+class OrderServices:
+    """The object graph of orders-api and orders-relay, built once per process."""
+
+    settings: OrderServiceSettings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    redis: redis.Redis
+    publisher: EventPublisher
+
+    def close(self) -> None:
+        """Release pooled connections (database and Redis)."""
+        self.engine.dispose()
+        self.redis.close()
+
+
+def order_services(settings: OrderServiceSettings) -> OrderServices:
+    """Build the engine, session factory, Redis client and publisher; connect to nothing.
+
+    The Redis client fails fast (short timeouts, one retry): a POST must not hang while
+    Redis is down, since the outbox relay delivers the event later anyway.
+    """
+    from orders.publisher import EventPublisher
+
+    engine = database_engine(settings.database_url)
+    client = redis_client(
+        settings.base,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        retry=Retry(NoBackoff(), 1),
+    )
+    return OrderServices(
+        settings=settings,
+        engine=engine,
+        sessions=sessionmaker(engine, expire_on_commit=False),
+        redis=client,
+        publisher=EventPublisher(client, settings.base.pattern),
+    )

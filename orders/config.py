@@ -48,7 +48,34 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("LOG_FORMAT", "text", "text (the original '[timestamp] line') or json."),
     EnvVar("LOG_LEVEL", "INFO", "Python logging level."),
     # --- orders service (orders-api, orders-relay) ---
+    EnvVar("DATABASE_URL", "sqlite:///var/orders.db", "sqlite:///path or postgresql+psycopg://."),
+    EnvVar("HOST", "127.0.0.1", "orders-api listen address (compose sets 0.0.0.0)."),
+    EnvVar("PORT", "8000", "orders-api listen port."),
+    EnvVar("WEB_CONCURRENCY", "2", "orders-api gunicorn worker processes."),
+    EnvVar("WEB_THREADS", "4", "Threads per orders-api worker (gunicorn gthread)."),
+    EnvVar("MAX_BODY_BYTES", "65536", "Largest accepted request body; larger is 413."),
+    EnvVar("MAX_LINES", "100", "Most lines (items) in one order."),
+    EnvVar("RELAY_IN_PROCESS", "1", "1: each orders-api worker runs an outbox relay thread."),
+    EnvVar("RELAY_INTERVAL", "0.5", "Seconds between two outbox polls of the relay."),
+    EnvVar("RELAY_BATCH", "100", "Most outbox rows the relay publishes per poll."),
+    EnvVar("RELAY_CLAIM_SECONDS", "15", "Seconds a claimed outbox row is reserved."),
     # --- consumers (payment, invoice, email workers) ---
+    EnvVar("CONSUMER_CONCURRENCY", "1", "Handler threads per consumer process (--concurrency)."),
+    EnvVar("CONSUMER_BATCH_SIZE", "10", "Messages a worker thread takes and acks per round trip."),
+    EnvVar("CONSUMER_MAX_ATTEMPTS", "5", "Failed attempts before a message is dead-lettered."),
+    EnvVar("CONSUMER_BACKOFF_BASE", "1.0", "Seconds of the first retry delay (doubles each time)."),
+    EnvVar("CONSUMER_BACKOFF_MAX", "60.0", "Cap of the retry delay in seconds (full jitter)."),
+    EnvVar("CONSUMER_HEARTBEAT_TTL", "10", "Seconds a worker's heartbeat lives; gone = reaped."),
+    EnvVar("PAYMENT_DECLINE_RATE", "0.0", "Share of payments the simulated gateway declines."),
+    EnvVar("PAYMENT_TRANSIENT_ERROR_RATE", "0.0", "Share of gateway calls that fail transiently."),
+    EnvVar("PAYMENT_LATENCY_MS", "0", "Simulated gateway latency per call, in milliseconds."),
+    EnvVar("PAYMENT_SEED", "", "Seed making gateway decisions deterministic per event."),
+    EnvVar("PAYMENT_FLAKY_CALLS", "2", "Calls that fail transiently for flaky@example.com."),
+    EnvVar("SMTP_HOST", "localhost", "SMTP server the email consumer sends to (smtp-sink binds)."),
+    EnvVar("SMTP_PORT", "1025", "SMTP port (the email consumer's target, smtp-sink's listen)."),
+    EnvVar("SMTP_TIMEOUT", "10.0", "Seconds before an SMTP connection or command times out."),
+    EnvVar("EMAIL_FROM", "orders@example.com", "From address of confirmation emails."),
+    EnvVar("SMTP_SINK_DIR", "var/mail", "Where smtp-sink stores each message as a .eml file."),
 )
 """The documented variables. Later features append theirs here, nowhere else."""
 
@@ -56,7 +83,9 @@ _DEFAULTS = {var.name: var.default for var in ENV_VARS}
 
 
 def _get(env: Mapping[str, str], name: str) -> str:
-    return env.get(name, _DEFAULTS[name]).strip()
+    # An empty value means the default (compose's `VAR: ${VAR:-}` and `VAR=` in a
+    # shell both produce one); the Go subscriber reads its variables the same way.
+    return env.get(name, "").strip() or _DEFAULTS[name]
 
 
 def _int(env: Mapping[str, str], name: str, low: int, high: int) -> int:
@@ -139,11 +168,8 @@ class Settings:
             raise ConfigError(
                 f"invalid REDIS_URL {redis_url!r}: must start with redis://, rediss:// or unix://"
             )
-        host = _get(env, "REDIS_HOST")
-        if not host:
-            raise ConfigError("invalid REDIS_HOST '': must not be empty")
         return cls(
-            redis_host=host,
+            redis_host=_get(env, "REDIS_HOST"),
             redis_port=_int(env, "REDIS_PORT", 1, 65535),
             redis_url=redis_url,
             redis_connect_attempts=_int(env, "REDIS_CONNECT_ATTEMPTS", 1, 1000),
@@ -158,3 +184,119 @@ class Settings:
 def settings_fields() -> list[str]:
     """Names of the Settings fields (used by tests to check ENV_VARS is complete)."""
     return [f.name for f in fields(Settings)]
+
+
+_DATABASE_SCHEMES = ("sqlite://", "postgresql+psycopg://", "postgresql://")
+
+
+def _database_url(env: Mapping[str, str]) -> str:
+    raw = _get(env, "DATABASE_URL")
+    if not raw.startswith(_DATABASE_SCHEMES):
+        raise ConfigError(
+            f"invalid DATABASE_URL {raw!r}: must start with sqlite:/// or postgresql+psycopg://"
+        )
+    if raw.startswith("postgresql://"):
+        # psycopg 3 is the driver we ship; SQLAlchemy's bare scheme means psycopg2.
+        raw = "postgresql+psycopg://" + raw.removeprefix("postgresql://")
+    return raw
+
+
+@dataclass(frozen=True)
+class OrderServiceSettings:
+    """Configuration of orders-api and orders-relay: the common Settings plus their own."""
+
+    base: Settings
+    database_url: str
+    host: str
+    port: int
+    web_concurrency: int
+    web_threads: int
+    max_body_bytes: int
+    max_lines: int
+    relay_in_process: bool
+    relay_interval: float
+    relay_batch: int
+    relay_claim_seconds: float
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OrderServiceSettings:
+        """Read and validate every variable; raise ConfigError on the first bad one."""
+        env = os.environ if env is None else env
+        host = _get(env, "HOST")
+        if not host:
+            raise ConfigError("invalid HOST '': must not be empty")
+        return cls(
+            base=Settings.from_env(env),
+            database_url=_database_url(env),
+            host=host,
+            port=_int(env, "PORT", 1, 65535),
+            web_concurrency=_int(env, "WEB_CONCURRENCY", 1, 64),
+            web_threads=_int(env, "WEB_THREADS", 1, 64),
+            max_body_bytes=_int(env, "MAX_BODY_BYTES", 1024, 16 * 1024 * 1024),
+            max_lines=_int(env, "MAX_LINES", 1, 1000),
+            relay_in_process=_choice(env, "RELAY_IN_PROCESS", ("0", "1")) == "1",
+            relay_interval=_float(env, "RELAY_INTERVAL", 0.01, 3600.0),
+            relay_batch=_int(env, "RELAY_BATCH", 1, 10000),
+            relay_claim_seconds=_float(env, "RELAY_CLAIM_SECONDS", 1.0, 3600.0),
+        )
+
+
+@dataclass(frozen=True)
+class ConsumerSettings:
+    """The configuration of a consumer process (payment, invoice, email, updates)."""
+
+    base: Settings
+    database_url: str
+    concurrency: int
+    batch_size: int
+    max_attempts: int
+    backoff_base: float
+    backoff_max: float
+    heartbeat_ttl: int
+    payment_decline_rate: float
+    payment_transient_error_rate: float
+    payment_latency_ms: int
+    payment_seed: str
+    payment_flaky_calls: int
+    smtp_host: str
+    smtp_port: int
+    smtp_timeout: float
+    email_from: str
+    smtp_sink_dir: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ConsumerSettings:
+        """Read and validate every variable; raise ConfigError on the first bad one."""
+        env = os.environ if env is None else env
+        base = Settings.from_env(env)
+        database_url = _get(env, "DATABASE_URL")
+        if not database_url.startswith(("sqlite://", "postgresql")):
+            raise ConfigError(
+                f"invalid DATABASE_URL {database_url!r}: must start with sqlite:// or postgresql"
+            )
+        email_from = _get(env, "EMAIL_FROM")
+        if "@" not in email_from:
+            raise ConfigError(f"invalid EMAIL_FROM {email_from!r}: must be an email address")
+        smtp_host = _get(env, "SMTP_HOST")
+        if not smtp_host:
+            raise ConfigError("invalid SMTP_HOST '': must not be empty")
+        return cls(
+            base=base,
+            database_url=database_url,
+            concurrency=_int(env, "CONSUMER_CONCURRENCY", 1, 256),
+            batch_size=_int(env, "CONSUMER_BATCH_SIZE", 1, 1000),
+            max_attempts=_int(env, "CONSUMER_MAX_ATTEMPTS", 1, 100),
+            backoff_base=_float(env, "CONSUMER_BACKOFF_BASE", 0.0, 3600.0),
+            backoff_max=_float(env, "CONSUMER_BACKOFF_MAX", 0.0, 86400.0),
+            heartbeat_ttl=_int(env, "CONSUMER_HEARTBEAT_TTL", 1, 3600),
+            payment_decline_rate=_float(env, "PAYMENT_DECLINE_RATE", 0.0, 1.0),
+            payment_transient_error_rate=_float(env, "PAYMENT_TRANSIENT_ERROR_RATE", 0.0, 1.0),
+            payment_latency_ms=_int(env, "PAYMENT_LATENCY_MS", 0, 600_000),
+            payment_seed=_get(env, "PAYMENT_SEED"),
+            payment_flaky_calls=_int(env, "PAYMENT_FLAKY_CALLS", 0, 100),
+            smtp_host=smtp_host,
+            smtp_port=_int(env, "SMTP_PORT", 1, 65535),
+            smtp_timeout=_float(env, "SMTP_TIMEOUT", 0.1, 600.0),
+            email_from=email_from,
+            smtp_sink_dir=_get(env, "SMTP_SINK_DIR") or "var/mail",
+        )

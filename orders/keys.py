@@ -69,3 +69,7 @@ def attempts(queue: str) -> str:
 def stats(queue: str) -> str:
     """Hash of counters: processed, failed, retried, dead."""
     return f"{_tag(queue)}:stats"
+
+
+NOOP_QUEUE = "noop"
+"""Queue of the ``consumer noop`` worker (benchmarks and smoke tests only)."""

@@ -1,0 +1,153 @@
+"""The HTTP API of the order service (a Flask blueprint).
+
+``POST /orders``, ``GET /orders``, ``GET /orders/<id>``, ``GET /orders/<id>/invoice``,
+``GET /healthz``, ``GET /readyz``, ``GET /openapi.json``. The OpenAPI document
+(:mod:`orders.openapi`) describes exactly these.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response, jsonify, request
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from orders import validation
+from orders.app import problem_response, services
+from orders.invoice import invoice_number, render_invoice
+from orders.openapi import openapi_document
+from orders.outbox import publish_now
+from orders.service import list_orders, load_order, order_to_dict, place_order
+from orders.validation import Problem
+
+log = logging.getLogger("orders-api")
+api = Blueprint("orders", __name__)
+
+MAX_ID = 2**63 - 1
+"""Larger ids cannot exist (and SQLite cannot even bind them)."""
+
+
+def _not_found(order_id: int) -> Problem:
+    return Problem(404, "not-found", "Order not found", f"there is no order {order_id}")
+
+
+def _is_json(mimetype: str) -> bool:
+    return mimetype == "application/json" or (
+        mimetype.startswith("application/") and mimetype.endswith("+json")
+    )
+
+
+@api.post("/orders")
+def create_order() -> Response:
+    """Validate, store order + lines + OrderPlaced outbox row, publish, answer 201/200."""
+    if not _is_json(request.mimetype):
+        raise Problem(
+            415,
+            "unsupported-media-type",
+            "Unsupported media type",
+            f"send the order as application/json, not {request.mimetype or 'no content type'}",
+        )
+    svc = services()
+    key = validation.idempotency_key(request.headers.get("Idempotency-Key"))
+    body = validation.parse_json(request.get_data(cache=False))
+    order_request = validation.validate_order(body, svc.settings.max_lines)
+    result = place_order(
+        svc.sessions,
+        order_request,
+        validation.request_hash(body),
+        key,
+        svc.settings.relay_claim_seconds,
+    )
+    if result.event is not None:
+        publish_now(svc.engine, svc.publisher, result.event)
+    if result.body is not None:
+        response = jsonify(result.body)
+    else:
+        with svc.sessions() as session:
+            order = load_order(session, result.order_id)
+            assert order is not None  # committed before; orders are never deleted
+            response = jsonify(order_to_dict(order))
+    response.status_code = 201 if result.created else 200
+    response.headers["Location"] = f"/orders/{result.order_id}"
+    return response
+
+
+@api.get("/orders")
+def get_orders() -> Response:
+    """A page of orders, newest first; ``next_cursor`` is null on the last page."""
+    limit = validation.page_limit(request.args.get("limit"))
+    cursor = validation.page_cursor(request.args.get("cursor"))
+    with services().sessions() as session:
+        orders = list_orders(session, limit + 1, cursor)
+        items = [order_to_dict(order) for order in orders[:limit]]
+    next_cursor = str(items[-1]["id"]) if len(orders) > limit else None
+    return jsonify({"items": items, "next_cursor": next_cursor})
+
+
+@api.get("/orders/<int:order_id>")
+def get_order(order_id: int) -> Response:
+    """One order with its status and history."""
+    with services().sessions() as session:
+        order = load_order(session, order_id) if order_id <= MAX_ID else None
+        if order is None:
+            raise _not_found(order_id)
+        return jsonify(order_to_dict(order))
+
+
+@api.get("/orders/<int:order_id>/invoice")
+def get_invoice(order_id: int) -> Response:
+    """The HTML invoice, once an InvoiceIssued event is recorded for the order."""
+    with services().sessions() as session:
+        order = load_order(session, order_id) if order_id <= MAX_ID else None
+        if order is None:
+            raise _not_found(order_id)
+        number = invoice_number(order)
+        if number is None:
+            raise Problem(
+                404, "not-found", "Invoice not found", f"order {order_id} has no invoice yet"
+            )
+        html = render_invoice(order, number)
+    return Response(html, mimetype="text/html")
+
+
+@api.get("/healthz")
+def healthz() -> Response:
+    """Liveness: the process answers."""
+    return jsonify({"status": "ok"})
+
+
+@api.get("/readyz")
+def readyz() -> Response:
+    """Readiness: 200 when the database and Redis both answer, else 503 naming what is down."""
+    svc = services()
+    checks = {"database": "ok", "redis": "ok"}
+    try:
+        with svc.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except SQLAlchemyError as exc:
+        log.warning("readyz: database down: %s", exc)
+        checks["database"] = "down"
+    try:
+        svc.redis.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        log.warning("readyz: redis down: %s", exc)
+        checks["redis"] = "down"
+    down = [name for name, state in checks.items() if state != "ok"]
+    if down:
+        return problem_response(
+            Problem(
+                503,
+                "not-ready",
+                "Service not ready",
+                f"{' and '.join(down)} unreachable",
+                extra={"checks": checks},
+            )
+        )
+    return jsonify({"status": "ready", "checks": checks})
+
+
+@api.get("/openapi.json")
+def openapi() -> Response:
+    """The OpenAPI 3.1 description of this API."""
+    return jsonify(openapi_document(services().settings))

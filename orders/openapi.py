@@ -1,0 +1,306 @@
+"""The OpenAPI 3.1 document of the order API, written by hand.
+
+Tests keep it honest: every route of the app is documented (and nothing more), real
+responses validate against the schemas below, and the money and currency patterns are
+the message contract's (``contracts/envelope.schema.json``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orders.config import OrderServiceSettings
+from orders.money import MAX_UNIT_PRICE
+from orders.validation import (
+    CURRENCIES,
+    MAX_EMAIL_LENGTH,
+    MAX_QUANTITY,
+    PROBLEM_CONTENT_TYPE,
+)
+
+MONEY_PATTERN = r"^-?\d{1,12}\.\d{2}$"
+"""Money as the service writes it: the contract's ``$defs/money``."""
+CURRENCY_PATTERN = r"^[A-Z]{3}$"
+"""The contract's ``$defs/currency``."""
+PRICE_INPUT_PATTERN = r"^[0-9]+(\.[0-9]{1,2})?$"
+"""Unit prices as the service accepts them: up to two decimals."""
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _problem(description: str, schema: str = "Problem") -> dict[str, Any]:
+    return {"description": description, "content": {PROBLEM_CONTENT_TYPE: {"schema": _ref(schema)}}}
+
+
+def _json(description: str, schema: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": _ref(schema)}},
+    }
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+ORDER_ID = {"name": "order_id", "in": "path", "required": True, "schema": {"type": "integer"}}
+
+
+def openapi_document(settings: OrderServiceSettings) -> dict[str, Any]:
+    """The document, with the limits of this deployment (MAX_LINES, MAX_BODY_BYTES)."""
+    location = {"Location": {"schema": {"type": "string"}, "description": "/orders/{id}"}}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Orders API",
+            "version": "1.0.0",
+            "description": (
+                "Event-driven order intake on Redis. Money is always a decimal string "
+                "with two decimals. Errors are RFC 9457 problem details. Request bodies "
+                f"larger than {settings.max_body_bytes} bytes are rejected with 413."
+            ),
+        },
+        "paths": {
+            "/orders": {
+                "post": {
+                    "summary": "Place an order",
+                    "parameters": [
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "required": False,
+                            "description": (
+                                "Retry safely: the same key and body return the same order "
+                                "(200); the same key with another body is a 422."
+                            ),
+                            "schema": {"type": "string", "pattern": r"^[\x21-\x7e]{1,255}$"},
+                        }
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("OrderRequest")}},
+                    },
+                    "responses": {
+                        "201": _json("Order placed", "Order", location),
+                        "200": _json("Same Idempotency-Key and body: the order", "Order", location),
+                        "400": _problem("Malformed JSON or bad Idempotency-Key"),
+                        "413": _problem("Body too large"),
+                        "415": _problem("Not application/json"),
+                        "422": _problem("Invalid order, or Idempotency-Key reused", "Validation"),
+                    },
+                },
+                "get": {
+                    "summary": "List orders, newest first",
+                    "parameters": [
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+                        },
+                        {
+                            "name": "cursor",
+                            "in": "query",
+                            "description": "next_cursor of the previous page (opaque)",
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json("A page of orders", "OrderPage"),
+                        "400": _problem("Bad limit or cursor", "Validation"),
+                    },
+                },
+            },
+            "/orders/{order_id}": {
+                "get": {
+                    "summary": "One order with its status and history",
+                    "parameters": [ORDER_ID],
+                    "responses": {
+                        "200": _json("The order", "Order"),
+                        "404": _problem("No such order"),
+                    },
+                }
+            },
+            "/orders/{order_id}/invoice": {
+                "get": {
+                    "summary": "The HTML invoice (once InvoiceIssued is recorded)",
+                    "parameters": [ORDER_ID],
+                    "responses": {
+                        "200": {
+                            "description": "The invoice",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        },
+                        "404": _problem("No such order, or no invoice yet"),
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness",
+                    "responses": {"200": _json("The process answers", "Health")},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: database and Redis reachable",
+                    "responses": {
+                        "200": _json("Ready", "Health"),
+                        "503": _problem("Not ready: names what is down"),
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {
+                        "200": {
+                            "description": "OpenAPI 3.1",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+        },
+        "components": {"schemas": _schemas(settings)},
+    }
+
+
+def _schemas(settings: OrderServiceSettings) -> dict[str, Any]:
+    money = {"type": "string", "pattern": MONEY_PATTERN, "examples": ["25.00"]}
+    line_out = {
+        "type": "object",
+        "required": ["sku", "quantity", "unit_price", "line_total"],
+        "additionalProperties": False,
+        "properties": {
+            "sku": {"type": "string"},
+            "quantity": {"type": "integer", "minimum": 1},
+            "unit_price": money,
+            "line_total": money,
+        },
+    }
+    return {
+        "LineRequest": {
+            "type": "object",
+            "required": ["sku", "quantity", "unit_price"],
+            "additionalProperties": False,
+            "properties": {
+                "sku": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"},
+                "quantity": {"type": "integer", "minimum": 1, "maximum": MAX_QUANTITY},
+                "unit_price": {
+                    "type": "string",
+                    "pattern": PRICE_INPUT_PATTERN,
+                    "description": f"Above 0, at most {MAX_UNIT_PRICE}; a string, not a number.",
+                    "examples": ["12.50"],
+                },
+            },
+        },
+        "OrderRequest": {
+            "type": "object",
+            "required": ["customer_email", "currency", "items"],
+            "additionalProperties": False,
+            "properties": {
+                "customer_email": {
+                    "type": "string",
+                    "format": "email",
+                    "maxLength": MAX_EMAIL_LENGTH,
+                },
+                "currency": {
+                    "type": "string",
+                    "pattern": CURRENCY_PATTERN,
+                    "enum": sorted(CURRENCIES),
+                },
+                "items": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": settings.max_lines,
+                    "description": "One line per SKU: a repeated SKU is rejected.",
+                    "items": _ref("LineRequest"),
+                },
+            },
+        },
+        "Order": {
+            "type": "object",
+            "required": [
+                "id",
+                "status",
+                "customer_email",
+                "currency",
+                "lines",
+                "total",
+                "created_at",
+                "history",
+            ],
+            "additionalProperties": False,
+            "properties": {
+                "id": {"type": "integer", "minimum": 1},
+                "status": {
+                    "enum": ["placed", "processing", "payment_declined", "completed"],
+                },
+                "customer_email": {"type": "string"},
+                "currency": {"type": "string", "pattern": CURRENCY_PATTERN},
+                "lines": {"type": "array", "minItems": 1, "items": line_out},
+                "total": money,
+                "created_at": {"type": "string", "format": "date-time"},
+                "history": {"type": "array", "items": _ref("HistoryEntry")},
+            },
+        },
+        "HistoryEntry": {
+            "type": "object",
+            "required": ["event_id", "type", "occurred_at", "data"],
+            "additionalProperties": False,
+            "properties": {
+                "event_id": {"type": "string"},
+                "type": {
+                    "enum": [
+                        "PaymentCaptured",
+                        "PaymentDeclined",
+                        "InvoiceIssued",
+                        "ConfirmationEmailSent",
+                    ]
+                },
+                "occurred_at": {"type": "string", "format": "date-time"},
+                "data": {"type": "object"},
+            },
+        },
+        "OrderPage": {
+            "type": "object",
+            "required": ["items", "next_cursor"],
+            "additionalProperties": False,
+            "properties": {
+                "items": {"type": "array", "items": _ref("Order")},
+                "next_cursor": {"type": ["string", "null"]},
+            },
+        },
+        "Health": {
+            "type": "object",
+            "required": ["status"],
+            "properties": {"status": {"type": "string"}, "checks": {"type": "object"}},
+        },
+        "Problem": {
+            "type": "object",
+            "required": ["type", "title", "status", "detail"],
+            "properties": {
+                "type": {"type": "string"},
+                "title": {"type": "string"},
+                "status": {"type": "integer"},
+                "detail": {"type": "string"},
+                "checks": {"type": "object"},
+            },
+        },
+        "Validation": {
+            "allOf": [_ref("Problem")],
+            "properties": {
+                "errors": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["field", "message"],
+                        "properties": {
+                            "field": {"type": "string"},
+                            "message": {"type": "string"},
+                        },
+                    },
+                }
+            },
+        },
+    }

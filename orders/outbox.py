@@ -1,0 +1,263 @@
+"""The outbox relay: publishes every stored event that Redis does not have yet.
+
+An event reaches Redis in one of two ways. The request that stored it publishes it
+right after commit (:func:`publish_now`, the fast path). Whatever that missed (Redis
+down, process killed) the relay finds in the outbox and publishes: it polls every
+RELAY_INTERVAL seconds for up to RELAY_BATCH unpublished rows.
+
+Claims, so that several relays (one per API worker, plus ``orders-relay``) do not send
+the same row twice: a relay *claims* rows with one statement
+``UPDATE outbox SET claimed_until = now + RELAY_CLAIM_SECONDS WHERE id IN (SELECT ...
+unpublished and unclaimed or claim expired ... LIMIT n [FOR UPDATE SKIP LOCKED])
+RETURNING ...``. On PostgreSQL ``SKIP LOCKED`` lets concurrent relays take disjoint
+batches without waiting; on SQLite the statement runs under the database's single
+write lock, so two relays cannot claim the same row either. Rows written by a request
+start claimed, so the relay leaves them to the fast path unless it fails (then the
+claim is released at once) or dies (then the claim expires).
+
+Publishing, then marking: a crash between the two sends the event again later, a
+duplicate that consumers drop by event id. An event is never lost.
+
+Console script: ``orders-relay``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from types import FrameType
+from typing import Any
+
+import redis
+from sqlalchemy import Engine, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from orders import logs
+from orders.bootstrap import OrderServices, create_schema, order_services
+from orders.config import EXIT_BAD_CONFIG, EXIT_OK, ConfigError, OrderServiceSettings
+from orders.models import Outbox, utc_now
+from orders.publisher import EventPublisher
+
+log = logging.getLogger("orders-relay")
+
+EXIT_NO_DATABASE = 1
+"""The database could not be reached at start."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an error message (driver errors span several lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def mark_published(engine: Engine, ids: list[int]) -> None:
+    """Record that these rows are in Redis (only rows not already marked)."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(Outbox)
+            .where(Outbox.id.in_(ids), Outbox.published_at.is_(None))
+            .values(published_at=utc_now(), claimed_until=None, attempts=Outbox.attempts + 1)
+        )
+
+
+def release(engine: Engine, ids: list[int]) -> None:
+    """Give up claims after a failed publish, so the next relay poll retries at once."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(Outbox)
+            .where(Outbox.id.in_(ids), Outbox.published_at.is_(None))
+            .values(claimed_until=None, attempts=Outbox.attempts + 1)
+        )
+
+
+def publish_now(engine: Engine, publisher: EventPublisher, event: dict[str, Any]) -> bool:
+    """The fast path: publish a just-committed event and mark it; never raises.
+
+    Returns True when the event is in Redis. On failure the row's claim is released and
+    the relay publishes it later.
+    """
+    try:
+        publisher.publish(event)
+    except redis.RedisError as exc:
+        log.warning("Event %s not published now, the relay will retry: %s", event["id"], exc)
+        try:
+            _release_event(engine, event["id"])
+        except SQLAlchemyError:
+            log.exception("Could not release outbox claim of %s (it expires)", event["id"])
+        return False
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                update(Outbox)
+                .where(Outbox.event_id == event["id"], Outbox.published_at.is_(None))
+                .values(published_at=utc_now(), claimed_until=None, attempts=Outbox.attempts + 1)
+            )
+    except SQLAlchemyError:
+        # Published but not marked: the relay sends it again after the claim expires.
+        log.exception("Event %s published but not marked; expect a duplicate", event["id"])
+    return True
+
+
+def _release_event(engine: Engine, event_id: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            update(Outbox)
+            .where(Outbox.event_id == event_id, Outbox.published_at.is_(None))
+            .values(claimed_until=None, attempts=Outbox.attempts + 1)
+        )
+
+
+@dataclass
+class Relay:
+    """Polls the outbox and publishes unpublished events in batches."""
+
+    engine: Engine
+    publisher: EventPublisher
+    batch: int = 100
+    interval: float = 0.5
+    claim_seconds: float = 15.0
+
+    def __post_init__(self) -> None:
+        self._redis_down = False
+        self._db_down = False
+
+    def claim(self) -> list[tuple[int, str, str]]:
+        """Claim up to ``batch`` publishable rows: ``(id, type, payload)`` in id order."""
+        now = utc_now()
+        candidates = (
+            select(Outbox.id)
+            .where(
+                Outbox.published_at.is_(None),
+                or_(Outbox.claimed_until.is_(None), Outbox.claimed_until < now),
+            )
+            .order_by(Outbox.id)
+            .limit(self.batch)
+            .with_for_update(skip_locked=True)  # PostgreSQL; SQLite has one writer anyway
+        )
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                update(Outbox)
+                .where(
+                    Outbox.id.in_(candidates.scalar_subquery()),
+                    # Repeated outside the subquery: PostgreSQL re-checks it on the
+                    # locked row version; SQLite evaluates it under its write lock.
+                    Outbox.published_at.is_(None),
+                    or_(Outbox.claimed_until.is_(None), Outbox.claimed_until < now),
+                )
+                .values(claimed_until=now + timedelta(seconds=self.claim_seconds))
+                .returning(Outbox.id, Outbox.type, Outbox.payload)
+            ).all()
+        return sorted((row.id, row.type, row.payload) for row in rows)
+
+    def run_once(self) -> int:
+        """One poll: claim, publish, mark. Returns how many events were published.
+
+        A Redis or database error is logged once per outage and swallowed (returns 0);
+        the claimed rows are released (or their claims expire) and the next poll retries.
+        """
+        try:
+            rows = self.claim()
+        except SQLAlchemyError as exc:
+            if not self._db_down:
+                log.error("Outbox relay cannot read the database, retrying: %s", exc)
+                self._db_down = True
+            return 0
+        if self._db_down:
+            log.info("Outbox relay reads the database again")
+            self._db_down = False
+        if not rows:
+            return 0
+        ids = [row[0] for row in rows]
+        try:
+            self.publisher.publish_serialized(
+                (event_type, payload) for _, event_type, payload in rows
+            )
+        except redis.RedisError as exc:
+            if not self._redis_down:
+                log.error("Redis is unavailable, outbox relay will keep retrying: %s", exc)
+                self._redis_down = True
+            try:
+                release(self.engine, ids)
+            except SQLAlchemyError:
+                log.exception("Could not release outbox claims (they expire)")
+            return 0
+        if self._redis_down:
+            log.info("Redis is back; outbox relay resumed")
+            self._redis_down = False
+        try:
+            mark_published(self.engine, ids)
+        except SQLAlchemyError:
+            log.exception(
+                "Published %d events but could not mark them; expect duplicates", len(ids)
+            )
+        log.debug("Outbox relay published %d events", len(ids))
+        return len(ids)
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll until ``stop`` is set; a full batch polls again at once."""
+        while not stop.is_set():
+            published = self.run_once()
+            if published < self.batch:
+                stop.wait(self.interval)
+
+
+def relay_for(services: OrderServices) -> Relay:
+    """A relay configured from the services' settings."""
+    settings = services.settings
+    return Relay(
+        services.engine,
+        services.publisher,
+        batch=settings.relay_batch,
+        interval=settings.relay_interval,
+        claim_seconds=settings.relay_claim_seconds,
+    )
+
+
+def start_relay_thread(services: OrderServices) -> tuple[threading.Thread, threading.Event]:
+    """Run a relay in a daemon thread of this process (RELAY_IN_PROCESS=1)."""
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=relay_for(services).run, args=(stop,), name="outbox-relay", daemon=True
+    )
+    thread.start()
+    return thread, stop
+
+
+def main() -> int:
+    """Console script ``orders-relay``: the relay as its own process."""
+    try:
+        settings = OrderServiceSettings.from_env()
+    except ConfigError as exc:
+        print(f"orders-relay: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    logs.configure(settings.base.log_format, settings.base.log_level)
+    try:
+        services = order_services(settings)
+        create_schema(services.engine)
+    except (SQLAlchemyError, OSError) as exc:
+        print(f"orders-relay: cannot use DATABASE_URL: {one_line(exc)}", file=sys.stderr)
+        return EXIT_NO_DATABASE
+    stop = threading.Event()
+
+    def handle_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("Received signal %d. Shutting down gracefully...", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle_signal)
+    signal.signal(signal.SIGINT, handle_signal)
+    log.info(
+        "Outbox relay started: pattern %s, every %ss, batches of %d",
+        settings.base.pattern, settings.relay_interval, settings.relay_batch,
+    )  # fmt: skip
+    relay_for(services).run(stop)
+    services.close()
+    log.info("Outbox relay stopped")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

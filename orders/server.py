@@ -1,0 +1,95 @@
+"""Console script ``orders-api``: the order API under gunicorn.
+
+The master process validates the settings (a bad value is one line on stderr and exit
+2) and creates the tables once, before any worker exists. Each worker then builds its
+own app, database engine and Redis client after the fork (no connection is shared
+across processes) and, with ``RELAY_IN_PROCESS=1``, runs an outbox relay thread; the
+relays' row claims keep the workers from publishing the same event twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import Any
+
+from flask import Flask
+from gunicorn.app.base import BaseApplication
+from sqlalchemy.exc import SQLAlchemyError
+
+from orders import logs
+from orders.bootstrap import create_schema, database_engine, order_services
+from orders.config import EXIT_BAD_CONFIG, ConfigError, OrderServiceSettings
+from orders.outbox import EXIT_NO_DATABASE, one_line, start_relay_thread
+
+log = logging.getLogger("orders-api")
+
+_relay_stop: threading.Event | None = None
+
+
+def _worker_exit(_server: Any, _worker: Any) -> None:
+    if _relay_stop is not None:
+        _relay_stop.set()
+
+
+class OrdersServer(BaseApplication):  # type: ignore[misc]
+    """gunicorn configured from :class:`OrderServiceSettings`, not from argv."""
+
+    def __init__(self, settings: OrderServiceSettings) -> None:
+        self.settings = settings
+        super().__init__()
+
+    def load_config(self) -> None:
+        """Bind, workers and threads from the settings; logs to stdout."""
+        s = self.settings
+        self.cfg.set("bind", [f"{s.host}:{s.port}"])
+        self.cfg.set("workers", s.web_concurrency)
+        self.cfg.set("threads", s.web_threads)
+        self.cfg.set("worker_class", "gthread")
+        self.cfg.set("errorlog", "-")
+        self.cfg.set("loglevel", s.base.log_level.lower())
+        self.cfg.set("proc_name", "orders-api")
+        self.cfg.set("worker_exit", _worker_exit)
+
+    def load(self) -> Flask:
+        """Runs in each worker after the fork: build the app (and the relay thread)."""
+        global _relay_stop
+        from orders.app import create_app
+
+        logs.configure(self.settings.base.log_format, self.settings.base.log_level)
+        services = order_services(self.settings)
+        app = create_app(services=services)
+        if self.settings.relay_in_process:
+            _, _relay_stop = start_relay_thread(services)
+        return app
+
+
+def main() -> int:
+    """Console script ``orders-api``."""
+    try:
+        settings = OrderServiceSettings.from_env()
+    except ConfigError as exc:
+        print(f"orders-api: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    logs.configure(settings.base.log_format, settings.base.log_level)
+    try:
+        engine = database_engine(settings.database_url)
+        try:
+            create_schema(engine)
+        finally:
+            engine.dispose()  # the workers open their own connections after the fork
+    except (SQLAlchemyError, OSError) as exc:
+        print(f"orders-api: cannot use DATABASE_URL: {one_line(exc)}", file=sys.stderr)
+        return EXIT_NO_DATABASE
+    log.info(
+        "orders-api on http://%s:%d: %d workers x %d threads, pattern %s, relay %s",
+        settings.host, settings.port, settings.web_concurrency, settings.web_threads,
+        settings.base.pattern, "in process" if settings.relay_in_process else "separate",
+    )  # fmt: skip
+    OrdersServer(settings).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

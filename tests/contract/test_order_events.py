@@ -1,0 +1,60 @@
+"""The OrderPlaced event the service builds is the golden example, to the byte."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import jsonschema
+
+from orders.models import Order, OrderLine
+from orders.publisher import route
+from orders.service import order_placed_event
+
+CONTRACTS = Path(__file__).resolve().parents[2] / "contracts"
+SCHEMA = json.loads((CONTRACTS / "envelope.schema.json").read_text())
+GOLDEN = json.loads((CONTRACTS / "examples" / "order_placed.json").read_text())
+
+
+def _golden_order() -> Order:
+    return Order(
+        id=42,
+        customer_email="ada@example.com",
+        currency="EUR",
+        total=Decimal("25.00"),
+        created_at=datetime(2026, 11, 28, 10, 15, 4, tzinfo=UTC),
+        lines=[
+            OrderLine(
+                position=0,
+                sku="BOOK-1",
+                quantity=2,
+                unit_price=Decimal("12.50"),
+                line_total=Decimal("25.00"),
+            )
+        ],
+    )
+
+
+def test_order_placed_equals_the_golden_example() -> None:
+    built = order_placed_event(_golden_order())
+    jsonschema.Draft202012Validator(SCHEMA).validate(built)
+    # Only the event id is new for every event.
+    assert built == {**GOLDEN, "id": built["id"]}
+    assert built["id"] != GOLDEN["id"]
+
+
+def test_one_item_is_singular() -> None:
+    order = _golden_order()
+    order.lines[0].quantity = 1
+    assert ": 1 item, " in order_placed_event(order)["message"]
+
+
+def test_routing_by_type_and_pattern() -> None:
+    assert route("OrderPlaced", "both") == (
+        "orders:events",
+        ["queue:{payment}:pending", "queue:{invoice}:pending", "queue:{email}:pending"],
+    )
+    assert route("OrderPlaced", "pubsub") == ("orders:events", [])
+    assert route("InvoiceIssued", "queue") == ("", ["queue:{order-updates}:pending"])

@@ -1,0 +1,92 @@
+"""The real orders-api console script: gunicorn workers, SQLite, a real Redis."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+
+from devtools.redis_server import free_port
+from orders import keys
+from tests.helpers import BIN, Proc, wait_for
+from tests.orders_app import ORDER
+
+pytestmark = pytest.mark.e2e
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status)
+    except (urllib.error.URLError, ConnectionError):
+        return 0
+
+
+def _post(url: str, body: dict[str, Any], key: str) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Idempotency-Key": key},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return int(response.status), json.loads(response.read())
+
+
+def test_orders_api_places_an_order_and_the_relay_feeds_the_queues(
+    redis: redis_lib.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "WEB_CONCURRENCY": "2",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'var' / 'orders.db'}",
+        "REDIS_URL": redis_url,
+        "PATTERN": "both",
+        "RELAY_IN_PROCESS": "1",
+        "RELAY_INTERVAL": "0.1",
+    }
+    api = Proc([str(BIN / "orders-api")], env, tmp_path / "api.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _get(base + "/healthz") == 200 or api.popen.poll() is not None, 20)
+        assert api.popen.poll() is None, api.output()
+        assert _get(base + "/readyz") == 200
+        status, created = _post(base + "/orders", ORDER, "e2e-1")
+        assert status == 201 and created["total"] == "25.00"
+        again, same = _post(base + "/orders", ORDER, "e2e-1")
+        assert (again, same["id"]) == (200, created["id"])
+        queues = [keys.pending(q) for q in keys.CONSUMER_QUEUES]
+        wait_for(lambda: all(redis.llen(k) == 1 for k in queues), message="one job per queue")
+        for key in queues:
+            job = json.loads(redis.lindex(key, 0))
+            assert (job["type"], job["data"]["order_id"]) == ("OrderPlaced", created["id"])
+    finally:
+        code = api.terminate()
+    assert code == 0, api.output()
+    assert "Traceback" not in api.output()
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"DATABASE_URL": "mysql://db/orders"}, "orders-api: invalid DATABASE_URL 'mysql://"),
+        ({"PORT": "eighty"}, "orders-api: invalid PORT 'eighty': must be an integer"),
+        ({"WEB_CONCURRENCY": "0"}, "orders-api: invalid WEB_CONCURRENCY '0'"),
+    ],
+)
+def test_bad_configuration_is_one_line_and_exit_2(env: dict[str, str], needle: str) -> None:
+    result = subprocess.run(
+        [str(BIN / "orders-api")], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(needle)
+    assert result.stderr.count("\n") == 1

@@ -1,0 +1,218 @@
+"""Order intake against a real Redis and a real database (SQLite and PostgreSQL).
+
+What is proven here: an accepted order is emitted per PATTERN; Redis down during POSTs
+loses nothing and, once Redis is back, the relay emits each event exactly once; two
+relays never publish the same row; concurrent retries with one Idempotency-Key create
+one order and one event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis as redis_lib
+from flask import Flask
+from sqlalchemy import func, select
+
+from orders import keys
+from orders.models import Order, Outbox
+from orders.outbox import Relay
+from tests.helpers import wait_for
+from tests.orders_app import ORDER, order
+
+QUEUE_KEYS = [keys.pending(q) for q in keys.CONSUMER_QUEUES]
+
+
+def _outbox(app: Flask) -> list[Outbox]:
+    with app.extensions["orders"].sessions() as session:
+        return list(session.scalars(select(Outbox).order_by(Outbox.id)))
+
+
+def _count_orders(app: Flask) -> int:
+    with app.extensions["orders"].sessions() as session:
+        return int(session.scalar(select(func.count()).select_from(Order)) or 0)
+
+
+def _relay(app: Flask, batch: int = 100) -> Relay:
+    svc = app.extensions["orders"]
+    return Relay(svc.engine, svc.publisher, batch=batch, interval=0.02, claim_seconds=15)
+
+
+@pytest.mark.parametrize("pattern", ["pubsub", "queue", "both"])
+def test_post_stores_and_emits_per_pattern(
+    pattern: str, redis: redis_lib.Redis, redis_url: str, make_app: Callable[..., Flask]
+) -> None:
+    app = make_app(redis_url, pattern)
+    pubsub = redis.pubsub()
+    pubsub.subscribe(keys.ORDER_EVENTS_CHANNEL)
+    wait_for(lambda: pubsub.get_message(timeout=0.1), message="subscribe confirmation")
+
+    response = app.test_client().post("/orders", json=ORDER)
+
+    assert response.status_code == 201
+    body = response.get_json()
+    assert response.headers["Location"] == f"/orders/{body['id']}"
+    assert (body["total"], body["status"], body["history"]) == ("25.00", "placed", [])
+    [row] = _outbox(app)
+    assert row.published_at is not None and row.claimed_until is None
+    stored = json.loads(row.payload)
+    assert stored["data"]["order_id"] == body["id"]
+
+    if pattern in ("pubsub", "both"):
+        message = wait_for(lambda: pubsub.get_message(timeout=0.1), message="order event")
+        assert json.loads(message["data"]) == stored
+    else:
+        assert pubsub.get_message(timeout=0.2) is None
+    expected = 1 if pattern in ("queue", "both") else 0
+    assert [redis.llen(k) for k in QUEUE_KEYS] == [expected] * 3
+    if expected:
+        assert all(json.loads(redis.lindex(k, 0)) == stored for k in QUEUE_KEYS)
+    assert redis.llen(keys.pending(keys.ORDER_UPDATES_QUEUE)) == 0
+    pubsub.close()
+
+
+def test_redis_down_loses_nothing_and_relay_emits_each_once(
+    redis_server_factory: Callable[..., Any],
+    make_app: Callable[..., Flask],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = redis_server_factory(appendonly=True)
+    app = make_app(server.url, "both")
+    client = app.test_client()
+    server.stop()
+
+    ids = []
+    for n in range(5):
+        response = client.post("/orders", json=order(customer_email=f"c{n}@example.com"))
+        assert response.status_code == 201
+        ids.append(response.get_json()["id"])
+    rows = _outbox(app)
+    assert len(rows) == 5
+    assert all(r.published_at is None and r.claimed_until is None for r in rows)
+
+    relay = _relay(app)
+    stop = threading.Event()
+    thread = threading.Thread(target=relay.run, args=(stop,))
+    caplog.set_level(logging.INFO, logger="orders-relay")
+    thread.start()
+    try:
+        # Several failed polls during the outage (each one counts an attempt) ...
+        wait_for(lambda: min(r.attempts for r in _outbox(app)) >= 4, message="failed polls")
+        server.start()
+        check = redis_lib.Redis.from_url(server.url, decode_responses=True)
+        wait_for(lambda: all(check.llen(k) >= 5 for k in QUEUE_KEYS), message="5 jobs per queue")
+        wait_for(lambda: all(r.published_at for r in _outbox(app)), message="rows marked")
+    finally:
+        stop.set()
+        thread.join(10)
+    # ... logged once for the whole outage, and once when it ended.
+    assert caplog.text.count("Redis is unavailable") == 1
+    assert caplog.text.count("Redis is back") == 1
+    assert relay.run_once() == 0  # nothing left to send
+    for key in QUEUE_KEYS:
+        jobs = [json.loads(j) for j in check.lrange(key, 0, -1)]
+        assert len(jobs) == 5
+        assert len({j["id"] for j in jobs}) == 5
+        assert sorted(j["data"]["order_id"] for j in jobs) == sorted(ids)
+    check.close()
+
+
+def test_two_relays_never_publish_the_same_row(
+    redis: redis_lib.Redis,
+    redis_url: str,
+    redis_server_factory: Callable[..., Any],
+    make_app: Callable[..., Flask],
+) -> None:
+    server = redis_server_factory()
+    intake = make_app(server.url, "queue")
+    server.stop()  # orders stay in the outbox, unclaimed
+    for n in range(40):
+        assert intake.test_client().post("/orders", json=order(currency="USD")).status_code == 201
+        del n
+    relays = [_relay(make_app(redis_url, "queue"), batch=3) for _ in range(2)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=r.run, args=(stop,)) for r in relays]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: all(r.published_at for r in _outbox(intake)), message="all published")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    for key in QUEUE_KEYS:
+        ids = [json.loads(j)["id"] for j in redis.lrange(key, 0, -1)]
+        assert len(ids) == 40 and len(set(ids)) == 40
+
+
+def test_concurrent_retries_with_one_key_create_one_order(
+    redis: redis_lib.Redis, redis_url: str, make_app: Callable[..., Flask]
+) -> None:
+    app = make_app(redis_url, "both")
+    barrier = threading.Barrier(8)
+    results: list[tuple[int, int]] = []
+
+    def post() -> None:
+        client = app.test_client()
+        barrier.wait()
+        response = client.post("/orders", json=ORDER, headers={"Idempotency-Key": "retry-1"})
+        results.append((response.status_code, response.get_json()["id"]))
+
+    threads = [threading.Thread(target=post) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    statuses = sorted(status for status, _ in results)
+    assert statuses == [200] * 7 + [201]
+    assert len({order_id for _, order_id in results}) == 1
+    assert _count_orders(app) == 1
+    assert len(_outbox(app)) == 1
+    assert [redis.llen(k) for k in QUEUE_KEYS] == [1, 1, 1]
+
+
+def test_same_key_other_body_is_422_and_emits_nothing(
+    redis: redis_lib.Redis, redis_url: str, make_app: Callable[..., Flask]
+) -> None:
+    client = make_app(redis_url, "queue").test_client()
+    first = client.post("/orders", json=ORDER, headers={"Idempotency-Key": "k"})
+    other = client.post("/orders", json=order(currency="USD"), headers={"Idempotency-Key": "k"})
+    assert first.status_code == 201
+    assert other.status_code == 422
+    assert other.content_type == "application/problem+json"
+    assert other.get_json()["title"] == "Idempotency-Key reused with a different body"
+    assert [redis.llen(k) for k in QUEUE_KEYS] == [1, 1, 1]
+
+
+def test_list_is_newest_first_with_a_cursor(redis_url: str, make_app: Callable[..., Flask]) -> None:
+    client = make_app(redis_url, "pubsub").test_client()
+    ids = [client.post("/orders", json=ORDER).get_json()["id"] for _ in range(5)]
+    first = client.get("/orders?limit=2").get_json()
+    second = client.get(f"/orders?limit=2&cursor={first['next_cursor']}").get_json()
+    last = client.get(f"/orders?limit=2&cursor={second['next_cursor']}").get_json()
+    seen = [o["id"] for page in (first, second, last) for o in page["items"]]
+    assert seen == sorted(ids, reverse=True)
+    assert last["next_cursor"] is None
+    assert client.get("/orders").get_json()["items"][0]["id"] == ids[-1]
+
+
+def test_readyz_names_what_is_down(
+    redis_server_factory: Callable[..., Any], make_app: Callable[..., Flask]
+) -> None:
+    server = redis_server_factory()
+    client = make_app(server.url).test_client()
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.get_json()["checks"] == {"database": "ok", "redis": "ok"}
+    server.stop()
+    down = client.get("/readyz")
+    assert down.status_code == 503
+    assert down.content_type == "application/problem+json"
+    assert down.get_json()["checks"] == {"database": "ok", "redis": "down"}
+    assert "redis" in down.get_json()["detail"]
+    assert client.get("/healthz").status_code == 200
