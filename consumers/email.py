@@ -1,0 +1,151 @@
+"""The email consumer: sends each order's confirmation over SMTP, once.
+
+The message has a plain-text and an HTML part (every value HTML-escaped) and a
+``Message-ID`` derived from the event id: ``<{event id}.confirmation@{domain}>``.
+
+The one window no consumer can close: the SMTP server accepts the message, and the
+worker dies before it commits the "processed" row. The message is then redelivered
+and the email sent a second time - with the SAME Message-ID, which is what receiving
+systems (and the tests, which count distinct Message-IDs) deduplicate on. SMTP has no
+idempotency key; the Message-ID is the closest thing it has.
+
+An SMTP server that cannot be reached, times out or answers 4xx is a retryable error;
+a 5xx answer (recipient refused) is permanent.
+"""
+
+from __future__ import annotations
+
+import html
+import smtplib
+from email.message import EmailMessage
+from typing import Any
+
+from sqlalchemy import Engine
+
+from consumers import store
+from consumers.handler import Order, order_of, outcome
+from consumers.queue import PermanentError, RetryableError
+from orders import events
+from orders.config import ConsumerSettings
+
+QUEUE = "email"
+SENDER = "email-service"
+
+
+def message_id(event_id: str, sender: str) -> str:
+    """The Message-ID of the confirmation for an OrderPlaced event (stable per event)."""
+    domain = sender.rsplit("@", 1)[-1] or "localhost"
+    return f"<{event_id}.confirmation@{domain}>"
+
+
+def render(order: Order, *, event_id: str, sender: str) -> EmailMessage:
+    """The confirmation email: plain text and HTML alternatives."""
+    msg = EmailMessage()
+    msg["Subject"] = f"Your order #{order.order_id} is confirmed"
+    msg["From"] = sender
+    msg["To"] = order.customer_email
+    msg["Message-ID"] = message_id(event_id, sender)
+    rows = [
+        (
+            str(line.get("sku", "")),
+            str(line.get("quantity", "")),
+            str(line.get("unit_price", "")),
+            str(line.get("line_total", "")),
+        )
+        for line in order.lines
+    ]
+    text = [f"Thank you for your order #{order.order_id}.", ""]
+    text += [f"  {q} x {sku} @ {price} = {total} {order.currency}" for sku, q, price, total in rows]
+    text += ["", f"Total: {order.total} {order.currency}", ""]
+    msg.set_content("\n".join(text))
+    e = html.escape
+    cells = "".join(
+        f"<tr><td>{e(sku)}</td><td>{e(q)}</td><td>{e(price)}</td><td>{e(total)}</td></tr>"
+        for sku, q, price, total in rows
+    )
+    msg.add_alternative(
+        "<!doctype html><html><body>"
+        f"<p>Thank you for your order #{order.order_id}.</p>"
+        "<table><tr><th>Item</th><th>Qty</th><th>Price</th><th>Total</th></tr>"
+        f"{cells}</table>"
+        f"<p><strong>Total: {e(order.total)} {e(order.currency)}</strong></p>"
+        "</body></html>",
+        subtype="html",
+    )
+    return msg
+
+
+class EmailHandler:
+    """Sends each order's confirmation once and reports ConfirmationEmailSent."""
+
+    queue = QUEUE
+    accepts = frozenset({events.ORDER_PLACED})
+
+    def __init__(
+        self, engine: Engine, *, host: str, port: int, sender: str, timeout: float = 10.0
+    ) -> None:
+        self.engine = engine
+        self.host = host
+        self.port = port
+        self.sender = sender
+        self.timeout = timeout
+
+    @classmethod
+    def from_settings(cls, engine: Engine, settings: ConsumerSettings) -> EmailHandler:
+        """Build from SMTP_HOST, SMTP_PORT, SMTP_TIMEOUT and EMAIL_FROM."""
+        return cls(
+            engine,
+            host=settings.smtp_host,
+            port=settings.smtp_port,
+            sender=settings.email_from,
+            timeout=settings.smtp_timeout,
+        )
+
+    def send(self, msg: EmailMessage) -> None:
+        """Hand the message to the SMTP server; classify failures."""
+        try:
+            with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
+                smtp.send_message(msg)
+        except smtplib.SMTPRecipientsRefused as exc:
+            codes = [code for code, _ in exc.recipients.values()]
+            if all(code >= 500 for code in codes):
+                raise PermanentError(f"SMTP refused the recipient: {exc.recipients}") from exc
+            raise RetryableError(f"SMTP deferred the recipient: {exc.recipients}") from exc
+        except smtplib.SMTPResponseException as exc:
+            if exc.smtp_code >= 500:
+                raise PermanentError(f"SMTP error {exc.smtp_code}: {exc.smtp_error!r}") from exc
+            raise RetryableError(f"SMTP error {exc.smtp_code}: {exc.smtp_error!r}") from exc
+        except (OSError, smtplib.SMTPException) as exc:
+            raise RetryableError(f"SMTP {self.host}:{self.port} unavailable: {exc}") from exc
+
+    def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        """Send (once per event, see the module doc) and return the outcome event."""
+        stored = store.lookup(self.engine, QUEUE, event["id"])
+        if stored is not None:
+            return stored
+        order = order_of(event)
+        msg = render(order, event_id=event["id"], sender=self.sender)
+        self.send(msg)
+        mid = str(msg["Message-ID"])
+        result = outcome(
+            events.CONFIRMATION_EMAIL_SENT,
+            {"order_id": order.order_id, "to": order.customer_email, "message_id": mid},
+            order_id=order.order_id,
+            sender=SENDER,
+            message=f"Confirmation email sent for order #{order.order_id}",
+        )
+
+        def record(session: Any) -> list[dict[str, Any]]:
+            if session.get(store.EmailSent, mid) is None:
+                session.add(
+                    store.EmailSent(
+                        message_id=mid,
+                        order_id=order.order_id,
+                        event_id=event["id"],
+                        recipient=order.customer_email,
+                    )
+                )
+            return [result]
+
+        emitted, _new = store.process_once(self.engine, QUEUE, event, record)
+        return emitted

@@ -1,0 +1,95 @@
+"""The invoice consumer: one invoice per order, numbered INV-<year>-<6 digits>, gap-free.
+
+The number comes from a counter row per year, incremented in the SAME transaction as
+the invoice insert: if the insert does not commit, neither does the increment, so no
+number is skipped. Concurrent workers serialize on the counter: on SQLite the
+transaction starts with BEGIN IMMEDIATE (the database's write lock, see
+:func:`consumers.store.make_engine`); on PostgreSQL the counter row is read with
+``SELECT ... FOR UPDATE``. ``unique(order_id)`` and ``unique(invoice_number)`` back it up.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from consumers import store
+from consumers.handler import order_of, outcome
+from orders import events
+
+QUEUE = "invoice"
+SENDER = "invoice-service"
+
+
+def _counter(session: Session, year: int) -> store.InvoiceCounter:
+    """The year's counter row, locked for this transaction (created at 0 if missing)."""
+    if session.get_bind().dialect.name == "postgresql":
+        # Create without racing a concurrent first invoice of the year.
+        session.execute(
+            pg_insert(store.InvoiceCounter)
+            .values(year=year, last=0)
+            .on_conflict_do_nothing(index_elements=["year"])
+        )
+    counter = session.get(store.InvoiceCounter, year, with_for_update=True)
+    if counter is None:  # SQLite: we hold the write lock already
+        counter = store.InvoiceCounter(year=year, last=0)
+        session.add(counter)
+    return counter
+
+
+def invoice_number(year: int, sequence: int) -> str:
+    """INV-2026-000042."""
+    return f"INV-{year:04d}-{sequence:06d}"
+
+
+class InvoiceHandler:
+    """Issues each order's invoice once and reports InvoiceIssued."""
+
+    queue = QUEUE
+    accepts = frozenset({events.ORDER_PLACED})
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        """Issue (idempotently) and return the outcome event."""
+        order = order_of(event)
+
+        def issue(session: Session) -> list[dict[str, Any]]:
+            invoice = session.scalars(
+                select(store.Invoice).where(store.Invoice.order_id == order.order_id)
+            ).first()
+            if invoice is None:  # else: another event for the same order; one invoice
+                year = datetime.now(UTC).year
+                counter = _counter(session, year)
+                counter.last += 1
+                invoice = store.Invoice(
+                    order_id=order.order_id,
+                    invoice_number=invoice_number(year, counter.last),
+                    event_id=event["id"],
+                    total=order.total,
+                    currency=order.currency,
+                )
+                session.add(invoice)
+                session.flush()
+            return [
+                outcome(
+                    events.INVOICE_ISSUED,
+                    {
+                        "order_id": order.order_id,
+                        "invoice_number": invoice.invoice_number,
+                        "total": invoice.total,
+                        "currency": invoice.currency,
+                    },
+                    order_id=order.order_id,
+                    sender=SENDER,
+                    message=f"Invoice {invoice.invoice_number} issued for order #{order.order_id}",
+                )
+            ]
+
+        emitted, _new = store.process_once(self.engine, QUEUE, event, issue)
+        return emitted

@@ -1,0 +1,194 @@
+"""The payment consumer: charges each order through a simulated gateway.
+
+Outcomes, as a real card gateway has them:
+
+- captured: emits ``PaymentCaptured {order_id, payment_id, amount, currency}``;
+- declined (a business answer, never retried): emits ``PaymentDeclined {order_id, reason}``;
+- transient error (timeout, 503): raises :class:`~consumers.queue.RetryableError`, so the
+  message is retried with backoff.
+
+Decisions: PAYMENT_DECLINE_RATE and PAYMENT_TRANSIENT_ERROR_RATE give the shares; with
+PAYMENT_SEED set they are a pure function of (seed, event id, call number), so a test
+can force outcomes. Magic customer emails override the rates: ``decline@example.com``
+is always declined, ``flaky@example.com`` fails transiently on the first
+PAYMENT_FLAKY_CALLS calls and then succeeds. PAYMENT_LATENCY_MS delays every call.
+
+The gateway keeps an idempotency ledger keyed by the event id (a real gateway's
+``Idempotency-Key``) and committed in its own transaction, as an external system
+would: a charge retried after a crash returns the first answer and never charges
+twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from consumers import store
+from consumers.handler import order_of, outcome
+from consumers.queue import RetryableError
+from orders import events
+from orders.config import ConsumerSettings
+
+QUEUE = "payment"
+SENDER = "payment-service"
+DECLINE_EMAIL = "decline@example.com"
+"""Customer email whose payments are always declined."""
+FLAKY_EMAIL = "flaky@example.com"
+"""Customer email whose first PAYMENT_FLAKY_CALLS gateway calls fail transiently."""
+
+
+class GatewayUnavailable(RetryableError):
+    """The gateway timed out or answered 5xx; the charge did not happen."""
+
+
+@dataclass(frozen=True)
+class Charge:
+    """The gateway's final answer for one idempotency key."""
+
+    status: str
+    """'captured' or 'declined'."""
+    payment_id: str | None
+    amount: str
+    currency: str
+    reason: str | None
+
+
+class SimulatedGateway:
+    """A card gateway stand-in with an idempotency ledger (table payment_gateway_charges)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        decline_rate: float = 0.0,
+        transient_error_rate: float = 0.0,
+        latency_ms: int = 0,
+        seed: str = "",
+        flaky_calls: int = 2,
+    ) -> None:
+        self.engine = engine
+        self.decline_rate = decline_rate
+        self.transient_error_rate = transient_error_rate
+        self.latency_ms = latency_ms
+        self.seed = seed
+        self.flaky_calls = flaky_calls
+
+    def _draw(self, *parts: object) -> float:
+        """A number in [0, 1): deterministic per parts when seeded, random otherwise."""
+        if not self.seed:
+            return random.random()
+        digest = hashlib.sha256(":".join(map(str, (self.seed, *parts))).encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    def charge(
+        self, idempotency_key: str, *, order_id: int, amount: str, currency: str, email: str
+    ) -> Charge:
+        """Charge once per key. Raises GatewayUnavailable on a simulated transient error."""
+        if self.latency_ms:
+            threading.Event().wait(self.latency_ms / 1000)
+        for _ in range(3):  # a concurrent first call for the same key may win the insert
+            try:
+                return self._charge(idempotency_key, order_id, amount, currency, email)
+            except IntegrityError:
+                continue
+        raise GatewayUnavailable("gateway ledger contention")
+
+    def _charge(self, key: str, order_id: int, amount: str, currency: str, email: str) -> Charge:
+        with Session(self.engine) as session, session.begin():
+            row = session.get(store.GatewayCharge, key, with_for_update=True)
+            if row is None:
+                row = store.GatewayCharge(
+                    idempotency_key=key, order_id=order_id, calls=0, amount=amount,
+                    currency=currency,
+                )  # fmt: skip
+                session.add(row)
+            row.calls += 1
+            if row.status is not None:  # the same key again: the first answer
+                return self._answer(row)
+            flaky = email.lower() == FLAKY_EMAIL and row.calls <= self.flaky_calls
+            timeout = flaky or self._draw(key, "transient", row.calls) < self.transient_error_rate
+            if not timeout:
+                if email.lower() == DECLINE_EMAIL or self._draw(key, "decline") < self.decline_rate:
+                    row.status, row.reason = "declined", "card declined by issuer"
+                else:
+                    row.status, row.payment_id = "captured", f"pay_{uuid.uuid4().hex[:24]}"
+                return self._answer(row)
+            calls = row.calls
+        # The ledger committed the call count (it saw the call); the charge did not happen.
+        raise GatewayUnavailable(f"gateway timeout (call {calls})")
+
+    @staticmethod
+    def _answer(row: store.GatewayCharge) -> Charge:
+        return Charge(str(row.status), row.payment_id, row.amount, row.currency, row.reason)
+
+
+class PaymentHandler:
+    """Charges each OrderPlaced once and reports PaymentCaptured or PaymentDeclined."""
+
+    queue = QUEUE
+    accepts = frozenset({events.ORDER_PLACED})
+
+    def __init__(self, engine: Engine, gateway: SimulatedGateway) -> None:
+        self.engine = engine
+        self.gateway = gateway
+
+    @classmethod
+    def from_settings(cls, engine: Engine, settings: ConsumerSettings) -> PaymentHandler:
+        """Build with a gateway configured by the PAYMENT_* variables."""
+        return cls(
+            engine,
+            SimulatedGateway(
+                engine,
+                decline_rate=settings.payment_decline_rate,
+                transient_error_rate=settings.payment_transient_error_rate,
+                latency_ms=settings.payment_latency_ms,
+                seed=settings.payment_seed,
+                flaky_calls=settings.payment_flaky_calls,
+            ),
+        )
+
+    def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        """Charge (idempotently) and return the outcome event."""
+        stored = store.lookup(self.engine, QUEUE, event["id"])
+        if stored is not None:
+            return stored
+        order = order_of(event)
+        charge = self.gateway.charge(
+            event["id"],
+            order_id=order.order_id,
+            amount=order.total,
+            currency=order.currency,
+            email=order.customer_email,
+        )
+        if charge.status == "captured":
+            result = outcome(
+                events.PAYMENT_CAPTURED,
+                {
+                    "order_id": order.order_id,
+                    "payment_id": charge.payment_id,
+                    "amount": charge.amount,
+                    "currency": charge.currency,
+                },
+                order_id=order.order_id,
+                sender=SENDER,
+                message=f"Payment captured for order #{order.order_id}",
+            )
+        else:
+            result = outcome(
+                events.PAYMENT_DECLINED,
+                {"order_id": order.order_id, "reason": charge.reason or "declined"},
+                order_id=order.order_id,
+                sender=SENDER,
+                message=f"Payment declined for order #{order.order_id}",
+            )
+        emitted, _new = store.record_outcome(self.engine, QUEUE, event, [result])
+        return emitted

@@ -1,0 +1,546 @@
+"""A reliable Redis queue: at-least-once delivery, retries with backoff, dead letters.
+
+Layout of one queue ``q`` (every key comes from :mod:`orders.keys`, all in one hash
+slot thanks to the ``{q}`` tag):
+
+- ``pending(q)`` list: producers RPUSH JSON envelopes; workers take from the left.
+- ``processing(q, worker)`` list per worker: a message is moved here atomically when
+  taken (LMOVE/BLMOVE, the reliable-queue pattern) and removed only by an ack, a retry,
+  a dead-letter or a release. A crash leaves it here; nothing is lost.
+- ``workers(q)`` set + ``heartbeat(q, worker)`` key with a TTL: a worker whose
+  heartbeat is gone is dead, and :meth:`RedisQueue.reap` moves its processing list back
+  to the head of pending (Lua, atomic) and forgets it.
+- ``delayed(q)`` sorted set scored by due time: retries wait here;
+  :meth:`RedisQueue.promote` moves due ones back to pending (Lua, atomic).
+- ``attempts(q)`` hash event id -> failed attempts; ``dead(q)`` list of JSON dead
+  letters; ``stats(q)`` hash of counters (processed, failed, retried, dead).
+
+Every state change that touches two keys is one Lua script, and every script first
+removes the message from the worker's processing list and does nothing else if it was
+not there (the reaper got it first): a message is never in two places, so a retry or
+a release cannot duplicate it. Messages are bytes end to end, so garbage that is not
+UTF-8 is dead-lettered like any other malformed message.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import redis
+
+from orders import events, keys
+from orders.logs import utc_now_iso
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ATTEMPTS = 5
+"""Failed attempts before a message is dead-lettered (CONSUMER_MAX_ATTEMPTS)."""
+DEFAULT_BACKOFF_BASE = 1.0
+"""Seconds of the first retry's maximum delay; doubles with each attempt."""
+DEFAULT_BACKOFF_MAX = 60.0
+"""Cap of the retry delay in seconds."""
+PROMOTE_LIMIT = 1000
+"""Most delayed messages one promoter call moves (it runs again on the next tick)."""
+
+
+class RetryableError(Exception):
+    """A failure that may go away: retry with backoff (gateway timeout, SMTP down)."""
+
+
+class PermanentError(Exception):
+    """A failure that a retry cannot fix (invalid data): dead-letter at once."""
+
+
+class MalformedMessage(PermanentError):
+    """The raw message is not an envelope this queue accepts."""
+
+
+def classify(exc: BaseException) -> Literal["retry", "dead"]:
+    """Decide what a handler failure means for the message.
+
+    Permanent errors (including malformed messages) go to the dead letters at once;
+    anything else is retried until the attempts run out, as Dramatiq does: an
+    unexpected exception may be a passing condition (a locked database, a network
+    blip), and a bug still ends in the dead letters after the last attempt.
+    """
+    return "dead" if isinstance(exc, PermanentError) else "retry"
+
+
+def backoff(
+    attempt: int,
+    base: float = DEFAULT_BACKOFF_BASE,
+    cap: float = DEFAULT_BACKOFF_MAX,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """Delay before retry number ``attempt`` (1 = after the first failure), in seconds.
+
+    Exponential with full jitter (uniform between 0 and ``min(cap, base * 2**(n-1))``),
+    so workers that failed together do not retry together.
+    """
+    if attempt < 1:
+        raise ValueError(f"attempt must be >= 1, got {attempt}")
+    ceiling = min(cap, base * 2 ** min(attempt - 1, 62))
+    return ceiling * rand()
+
+
+def parse(raw: bytes, accepted: Collection[str]) -> dict[str, Any]:
+    """Decode and check one envelope; raise :class:`MalformedMessage` with the reason."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedMessage("message is not UTF-8") from None
+    try:
+        event = json.loads(text)
+    except ValueError as exc:
+        raise MalformedMessage(f"message is not JSON: {exc}") from None
+    if not isinstance(event, dict):
+        raise MalformedMessage(f"message is a JSON {type(event).__name__}, not an object")
+    for field in ("id", "type"):
+        if not isinstance(event.get(field), str) or not event[field]:
+            raise MalformedMessage(f"message has no {field}")
+    if event["type"] not in accepted:
+        raise MalformedMessage(f"unknown event type {event['type']!r} for this queue")
+    if event.get("version") != events.VERSION:
+        raise MalformedMessage(
+            f"unsupported version {event.get('version')!r} of {event['type']}"
+            f" (expected {events.VERSION})"
+        )
+    if not isinstance(event.get("data"), dict):
+        raise MalformedMessage("message has no data object")
+    return event
+
+
+def event_id_of(raw: bytes) -> str:
+    """The envelope id of a raw message, or '' when it has none (used as attempts key)."""
+    try:
+        event = json.loads(raw)
+    except ValueError:
+        return ""
+    value = event.get("id") if isinstance(event, dict) else None
+    return value if isinstance(value, str) else ""
+
+
+def _text_and_b64(raw: bytes) -> tuple[str, str]:
+    """The message as text for the dead letter, and base64 only when it is not UTF-8."""
+    try:
+        return raw.decode("utf-8"), ""
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), base64.b64encode(raw).decode("ascii")
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One entry of a dead-letter list."""
+
+    entry: bytes
+    """The stored JSON, byte for byte (what requeue/purge match on)."""
+    message: str
+    error: str
+    attempts: int
+    failed_at: str
+    queue: str
+    raw: bytes
+    """The original message bytes (from ``message_b64`` when it was not UTF-8)."""
+
+    @classmethod
+    def load(cls, entry: bytes) -> DeadLetter:
+        """Parse a stored entry."""
+        data = json.loads(entry)
+        raw = (
+            base64.b64decode(data["message_b64"])
+            if data.get("message_b64")
+            else str(data["message"]).encode("utf-8")
+        )
+        return cls(
+            entry=entry,
+            message=str(data["message"]),
+            error=str(data["error"]),
+            attempts=int(data["attempts"]),
+            failed_at=str(data["failed_at"]),
+            queue=str(data["queue"]),
+            raw=raw,
+        )
+
+
+class Consumer(Protocol):
+    """What a worker needs from a queue (Dramatiq style): take, then settle each message."""
+
+    def take(self, worker: str, count: int, timeout: float) -> list[bytes]:
+        """Move up to ``count`` messages into the worker's processing list."""
+
+    def ack(self, worker: str, messages: Sequence[bytes]) -> int:
+        """Done: remove from processing (and forget attempts)."""
+
+    def fail(self, worker: str, message: bytes, error: str, *, permanent: bool) -> str:
+        """Failed: schedule a retry or dead-letter it; returns 'retried', 'dead' or 'lost'."""
+
+    def release(self, worker: str, messages: Sequence[bytes]) -> int:
+        """Not started: put back at the head of pending."""
+
+
+_TAKE = """
+local out = {}
+for i = 1, tonumber(ARGV[1]) do
+  local m = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+  if not m then break end
+  out[i] = m
+end
+return out
+"""
+
+_ACK = """
+local n = tonumber(ARGV[1])
+local done = 0
+for i = 2, n + 1 do
+  done = done + redis.call('LREM', KEYS[1], 1, ARGV[i])
+end
+if #ARGV > n + 1 then
+  redis.call('HDEL', KEYS[2], unpack(ARGV, n + 2))
+end
+if done > 0 then redis.call('HINCRBY', KEYS[3], 'processed', done) end
+return done
+"""
+
+# KEYS: processing, attempts, delayed, dead, stats
+# ARGV: raw, id, now, error, failed_at, queue, text, b64, permanent, delay_1 .. delay_max
+# delay_k is the wait after the k-th failure; there are max_attempts of them.
+_FAIL = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return {0, 0} end
+local n
+if ARGV[2] ~= '' then
+  n = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+else
+  n = 1
+end
+redis.call('HINCRBY', KEYS[5], 'failed', 1)
+local max = #ARGV - 9
+if ARGV[9] == '1' or n >= max then
+  local entry = {message = ARGV[7], error = ARGV[4], attempts = n,
+                 failed_at = ARGV[5], queue = ARGV[6]}
+  if ARGV[8] ~= '' then entry['message_b64'] = ARGV[8] end
+  redis.call('RPUSH', KEYS[4], cjson.encode(entry))
+  if ARGV[2] ~= '' then redis.call('HDEL', KEYS[2], ARGV[2]) end
+  redis.call('HINCRBY', KEYS[5], 'dead', 1)
+  return {2, n}
+end
+redis.call('ZADD', KEYS[3], tonumber(ARGV[3]) + tonumber(ARGV[9 + n]), ARGV[1])
+redis.call('HINCRBY', KEYS[5], 'retried', 1)
+return {1, n}
+"""
+
+_PROMOTE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, m in ipairs(due) do
+  redis.call('ZREM', KEYS[1], m)
+  redis.call('RPUSH', KEYS[2], m)
+end
+return #due
+"""
+
+# Moves the tail first onto the head, so the list keeps its order at pending's head.
+_REAP = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+local n = 0
+while redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'LEFT') do n = n + 1 end
+redis.call('SREM', KEYS[4], ARGV[1])
+return n
+"""
+
+_RELEASE = """
+local n = 0
+for i = #ARGV, 1, -1 do
+  if redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 then
+    redis.call('LPUSH', KEYS[2], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
+_DEREGISTER = """
+redis.call('DEL', KEYS[1])
+if redis.call('LLEN', KEYS[2]) == 0 then
+  redis.call('SREM', KEYS[3], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+_REQUEUE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+if ARGV[3] ~= '' then redis.call('HDEL', KEYS[3], ARGV[3]) end
+return 1
+"""
+
+
+class RedisQueue:
+    """One named queue on Redis. Thread-safe (redis-py pools connections).
+
+    Args:
+        client: a Redis client; it must NOT decode responses (messages are bytes).
+        name: the queue name (``payment``, ``order-updates``, ...).
+        max_attempts: failed attempts before a message is dead-lettered.
+        backoff_base: seconds, see :func:`backoff`.
+        backoff_max: seconds, see :func:`backoff`.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        name: str,
+        *,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        backoff_base: float = DEFAULT_BACKOFF_BASE,
+        backoff_max: float = DEFAULT_BACKOFF_MAX,
+    ) -> None:
+        self.client = client
+        self.name = name
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.pending_key = keys.pending(name)
+        self.delayed_key = keys.delayed(name)
+        self.dead_key = keys.dead(name)
+        self.workers_key = keys.workers(name)
+        self.attempts_key = keys.attempts(name)
+        self.stats_key = keys.stats(name)
+        self._take = client.register_script(_TAKE)
+        self._ack = client.register_script(_ACK)
+        self._fail = client.register_script(_FAIL)
+        self._promote = client.register_script(_PROMOTE)
+        self._reap = client.register_script(_REAP)
+        self._release = client.register_script(_RELEASE)
+        self._deregister = client.register_script(_DEREGISTER)
+        self._requeue = client.register_script(_REQUEUE)
+
+    # --- producing -------------------------------------------------------------
+
+    def push(self, *messages: bytes | str) -> int:
+        """RPUSH messages onto pending; returns the new length."""
+        return int(self.client.rpush(self.pending_key, *messages))
+
+    # --- consuming -------------------------------------------------------------
+
+    def take(self, worker: str, count: int, timeout: float) -> list[bytes]:
+        """Move up to ``count`` messages from pending into ``worker``'s processing list.
+
+        One Lua call moves what is there; when nothing is, BLMOVE waits up to
+        ``timeout`` seconds and a second call tops the batch up. ``timeout=0`` never
+        blocks.
+        """
+        processing = keys.processing(self.name, worker)
+        got: list[bytes] = self._take(keys=[self.pending_key, processing], args=[count])
+        if got or timeout <= 0:
+            return got
+        first: bytes | None = self.client.blmove(  # type: ignore[assignment]
+            self.pending_key, processing, timeout, "LEFT", "RIGHT"
+        )
+        if first is None:
+            return []
+        if count > 1:
+            return [first, *self._take(keys=[self.pending_key, processing], args=[count - 1])]
+        return [first]
+
+    def ack(self, worker: str, messages: Sequence[bytes]) -> int:
+        """Remove handled messages from processing in one call; returns how many were there.
+
+        Also forgets their attempt counts and counts them as processed. A message the
+        reaper already moved back is not counted (it will be delivered again).
+        """
+        if not messages:
+            return 0
+        ids = [i for i in (event_id_of(m) for m in messages) if i]
+        return int(
+            self._ack(
+                keys=[keys.processing(self.name, worker), self.attempts_key, self.stats_key],
+                args=[len(messages), *messages, *ids],
+            )
+        )
+
+    def fail(
+        self,
+        worker: str,
+        message: bytes,
+        error: str,
+        *,
+        permanent: bool = False,
+        now: float | None = None,
+    ) -> str:
+        """Settle a failed message: retry later, or dead-letter it.
+
+        In one Lua call: remove it from processing, count the attempt, and either ZADD
+        it to the delayed set (due after :func:`backoff`) or, when permanent or out of
+        attempts, append a dead letter. Returns ``'retried'``, ``'dead'``, or ``'lost'``
+        when it was no longer ours (the reaper returned it to pending meanwhile).
+        """
+        text, b64 = _text_and_b64(message)
+        delays = [
+            backoff(n, self.backoff_base, self.backoff_max) for n in range(1, self.max_attempts + 1)
+        ]
+        outcome, _attempts = self._fail(
+            keys=[
+                keys.processing(self.name, worker),
+                self.attempts_key,
+                self.delayed_key,
+                self.dead_key,
+                self.stats_key,
+            ],
+            args=[
+                message,
+                event_id_of(message),
+                repr(time.time() if now is None else now),
+                error.replace("\n", " ")[:2000],
+                utc_now_iso(),
+                self.name,
+                text,
+                b64,
+                "1" if permanent else "0",
+                *(repr(d) for d in delays),
+            ],
+        )
+        return {0: "lost", 1: "retried", 2: "dead"}[int(outcome)]
+
+    def release(self, worker: str, messages: Sequence[bytes]) -> int:
+        """Put taken-but-not-started messages back at the head of pending, in order."""
+        if not messages:
+            return 0
+        return int(
+            self._release(
+                keys=[keys.processing(self.name, worker), self.pending_key], args=list(messages)
+            )
+        )
+
+    # --- liveness --------------------------------------------------------------
+
+    def heartbeat(self, worker: str, ttl: int) -> bool:
+        """Refresh the worker's heartbeat and registration.
+
+        Returns False when the worker had been reaped meanwhile (its heartbeat expired
+        while it was alive, e.g. frozen or cut off from Redis): its messages may be
+        handled twice, which idempotent handlers tolerate.
+        """
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(keys.heartbeat(self.name, worker), b"1", ex=ttl)
+        pipe.sadd(self.workers_key, worker)
+        _ok, added = pipe.execute()
+        return not added
+
+    def deregister(self, worker: str) -> bool:
+        """Drop the heartbeat; forget the worker if its processing list is empty.
+
+        A worker that stops with messages still in processing stays registered, so
+        the reaper returns them. Returns True when the worker was forgotten.
+        """
+        return bool(
+            self._deregister(
+                keys=[
+                    keys.heartbeat(self.name, worker),
+                    keys.processing(self.name, worker),
+                    self.workers_key,
+                ],
+                args=[worker],
+            )
+        )
+
+    def reap(self) -> dict[str, int]:
+        """Return the in-flight messages of dead workers to pending.
+
+        Run periodically by every worker. A worker is dead when it is registered but
+        its heartbeat key has expired. Returns ``{worker: messages moved back}``.
+        """
+        reaped: dict[str, int] = {}
+        for raw in self.client.smembers(self.workers_key):
+            worker = raw.decode() if isinstance(raw, bytes) else str(raw)
+            moved = int(
+                self._reap(
+                    keys=[
+                        keys.heartbeat(self.name, worker),
+                        keys.processing(self.name, worker),
+                        self.pending_key,
+                        self.workers_key,
+                    ],
+                    args=[worker],
+                )
+            )
+            if moved >= 0:
+                reaped[worker] = moved
+                log.info(
+                    "%s: reaped worker %s, %d message(s) back to pending", self.name, worker, moved
+                )
+        return reaped
+
+    def promote(self, now: float | None = None, limit: int = PROMOTE_LIMIT) -> int:
+        """Move delayed messages that are due back to pending; returns how many."""
+        return int(
+            self._promote(
+                keys=[self.delayed_key, self.pending_key],
+                args=[repr(time.time() if now is None else now), limit],
+            )
+        )
+
+    # --- dead letters ----------------------------------------------------------
+
+    def dead_letters(self, start: int = 0, stop: int = -1) -> list[DeadLetter]:
+        """The dead letters (oldest first), parsed."""
+        entries: list[bytes] = list(self.client.lrange(self.dead_key, start, stop))  # type: ignore[arg-type]
+        return [DeadLetter.load(e) for e in entries]
+
+    def requeue_dead(self, letters: Iterable[DeadLetter] | None = None) -> int:
+        """Move dead letters (all by default) back to pending with their attempts reset."""
+        chosen = self.dead_letters() if letters is None else list(letters)
+        moved = 0
+        for letter in chosen:
+            moved += int(
+                self._requeue(
+                    keys=[self.dead_key, self.pending_key, self.attempts_key],
+                    args=[letter.entry, letter.raw, event_id_of(letter.raw)],
+                )
+            )
+        return moved
+
+    def purge_dead(self) -> int:
+        """Delete every dead letter; returns how many there were."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.llen(self.dead_key)
+        pipe.delete(self.dead_key)
+        count, _ = pipe.execute()
+        return int(count)
+
+    # --- observing -------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Counters plus the current sizes of pending, delayed, dead and in-flight."""
+        counters = {
+            k.decode() if isinstance(k, bytes) else str(k): int(v)
+            for k, v in self.client.hgetall(self.stats_key).items()
+        }
+        workers = [
+            w.decode() if isinstance(w, bytes) else str(w)
+            for w in self.client.smembers(self.workers_key)
+        ]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.llen(self.pending_key)
+        pipe.zcard(self.delayed_key)
+        pipe.llen(self.dead_key)
+        for w in workers:
+            pipe.llen(keys.processing(self.name, w))
+        pending, delayed, dead, *inflight = pipe.execute()
+        return {
+            "processed": counters.get("processed", 0),
+            "failed": counters.get("failed", 0),
+            "retried": counters.get("retried", 0),
+            "dead": counters.get("dead", 0),
+            "pending": int(pending),
+            "delayed": int(delayed),
+            "dead_letters": int(dead),
+            "in_flight": sum(int(n) for n in inflight),
+            "workers": len(workers),
+        }

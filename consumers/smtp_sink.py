@@ -1,0 +1,92 @@
+"""A small SMTP server for local runs and tests: every message becomes a .eml file.
+
+Console script ``smtp-sink``: listens on SMTP_HOST:SMTP_PORT (default localhost:1025,
+where the email consumer sends) and writes each message it accepts to SMTP_SINK_DIR
+(default ``var/mail``) as ``<time>-<n>.eml``, logging one line per message. Compose
+uses Mailpit instead (a web UI on http://127.0.0.1:8025).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from email import message_from_bytes
+from email.policy import default as default_policy
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+from orders import logs
+from orders.config import EXIT_BAD_CONFIG, EXIT_OK, ConfigError, ConsumerSettings
+
+log = logging.getLogger("smtp-sink")
+
+
+class EmlWriter:
+    """aiosmtpd handler: store each message's bytes as a .eml file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._counter = itertools.count(1)
+        self._lock = threading.Lock()
+
+    async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:  # noqa: N802
+        """Called by aiosmtpd for each message: write it, then answer 250."""
+        data: bytes = envelope.original_content or envelope.content
+        with self._lock:
+            n = next(self._counter)
+        name = f"{time.time_ns()}-{os.getpid()}-{n:06d}.eml"
+        tmp = self.directory / (name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(self.directory / name)  # readers never see half a file
+        headers = message_from_bytes(data, policy=default_policy)
+        log.info(
+            "smtp-sink: stored %s from %s to %s (Message-ID %s)",
+            name, envelope.mail_from, ",".join(envelope.rcpt_tos), headers.get("Message-ID"),
+        )  # fmt: skip
+        return "250 Message accepted for delivery"
+
+
+def main() -> int:
+    """Run until SIGTERM/SIGINT."""
+    try:
+        settings = ConsumerSettings.from_env()
+    except ConfigError as exc:
+        print(f"smtp-sink: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    logs.configure(settings.base.log_format, settings.base.log_level)
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    directory = Path(settings.smtp_sink_dir)
+    controller = Controller(
+        EmlWriter(directory), hostname=settings.smtp_host, port=settings.smtp_port
+    )
+    controller.start()
+    log.info(
+        "smtp-sink: listening on %s:%d, storing into %s",
+        settings.smtp_host, settings.smtp_port, directory,
+    )  # fmt: skip
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        controller.stop()
+    log.info("smtp-sink: stopped")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The consumers' own tables and the idempotent "process once" step.
+
+Each consumer keeps its effects in its own tables of the database named by
+DATABASE_URL (SQLite locally, PostgreSQL in compose). ``consumer_processed`` holds one
+row per (queue, event id) with the outcome events the handling produced, written in
+the same transaction as the effect: a duplicate delivery finds the row and re-emits
+the stored outcome instead of doing the work again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    DateTime,
+    Engine,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    event,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from orders.bootstrap import database_engine
+
+log = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+"""How long an SQLite writer waits for the lock (several processes write)."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the consumers' tables (separate from the order service's)."""
+
+
+class Processed(Base):
+    """One handled event per queue, with the outcome events it produced (JSON list)."""
+
+    __tablename__ = "consumer_processed"
+    queue: Mapped[str] = mapped_column(String(64), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    order_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    outcome: Mapped[str] = mapped_column(Text)
+    processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class GatewayCharge(Base):
+    """The simulated payment gateway's idempotency ledger, keyed like Idempotency-Key."""
+
+    __tablename__ = "payment_gateway_charges"
+    idempotency_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    order_id: Mapped[int] = mapped_column(Integer, index=True)
+    calls: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str | None] = mapped_column(String(16))
+    """None until decided; then 'captured' or 'declined' (final for this key)."""
+    payment_id: Mapped[str | None] = mapped_column(String(64))
+    amount: Mapped[str] = mapped_column(String(32))
+    currency: Mapped[str] = mapped_column(String(3))
+    reason: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class InvoiceCounter(Base):
+    """The last invoice number issued per year (allocation is gap-free)."""
+
+    __tablename__ = "invoice_counters"
+    year: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    last: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Invoice(Base):
+    """One invoice per order."""
+
+    __tablename__ = "invoices"
+    __table_args__ = (UniqueConstraint("order_id"), UniqueConstraint("invoice_number"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    order_id: Mapped[int] = mapped_column(Integer)
+    invoice_number: Mapped[str] = mapped_column(String(20))
+    event_id: Mapped[str] = mapped_column(String(64))
+    total: Mapped[str] = mapped_column(String(32))
+    currency: Mapped[str] = mapped_column(String(3))
+    issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class EmailSent(Base):
+    """A confirmation email handed to the SMTP server."""
+
+    __tablename__ = "emails_sent"
+    message_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    order_id: Mapped[int] = mapped_column(Integer, index=True)
+    event_id: Mapped[str] = mapped_column(String(64))
+    recipient: Mapped[str] = mapped_column(String(320))
+    sent_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for DATABASE_URL (built by orders.bootstrap); SQLite also gets BEGIN IMMEDIATE.
+
+    orders.bootstrap already sets WAL and a busy timeout. BEGIN IMMEDIATE takes
+    SQLite's write lock when a transaction starts, so two processes never both read a
+    row and then both write it (the invoice counter): writers queue on the lock
+    instead of failing with "database is locked" when a read lock cannot be upgraded.
+    """
+    engine = database_engine(url)
+    if engine.dialect.name != "sqlite":
+        return engine
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not pysqlite, decide when transactions begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def create_tables(engine: Engine) -> None:
+    """Create the consumers' tables if they do not exist."""
+    Base.metadata.create_all(engine)
+
+
+def lookup(engine: Engine, queue: str, event_id: str) -> list[dict[str, Any]] | None:
+    """The stored outcome events of an event already handled on ``queue``, else None."""
+    with Session(engine) as session:
+        row = session.get(Processed, (queue, event_id))
+        return None if row is None else json.loads(row.outcome)
+
+
+def process_once(
+    engine: Engine,
+    queue: str,
+    event: dict[str, Any],
+    effect: Callable[[Session], list[dict[str, Any]]],
+) -> tuple[list[dict[str, Any]], bool]:
+    """Run ``effect`` and record it, once per (queue, event id), in one transaction.
+
+    ``effect`` gets the open session, may add rows (they commit with the processed
+    row, or not at all) and returns the outcome events to emit. Returns
+    ``(outcome events, True)`` when this call did the work, or the stored outcome and
+    False when the event had been handled before (also when a concurrent duplicate
+    won the race and this transaction hit the unique key).
+    """
+    order_id = event.get("data", {}).get("order_id")
+    try:
+        with Session(engine) as session, session.begin():
+            row = session.get(Processed, (queue, event["id"]))
+            if row is not None:
+                return json.loads(row.outcome), False
+            outcome = effect(session)
+            session.add(
+                Processed(
+                    queue=queue,
+                    event_id=event["id"],
+                    order_id=order_id if isinstance(order_id, int) else None,
+                    outcome=json.dumps(outcome),
+                )
+            )
+    except IntegrityError:
+        stored = lookup(engine, queue, event["id"])
+        if stored is None:
+            raise
+        return stored, False
+    return outcome, True
+
+
+def record_outcome(
+    engine: Engine, queue: str, event: dict[str, Any], outcome: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], bool]:
+    """Record an effect done outside the database (a charge, an email); see process_once."""
+    return process_once(engine, queue, event, lambda _session: outcome)

@@ -1,0 +1,342 @@
+"""Chaos: orders through the real API while consumers are SIGKILLed and Redis restarts.
+
+Setup: a dedicated Redis with AOF (``appendfsync always``), the real ``orders-api``
+(gunicorn, in-process outbox relays), two ``consumer`` processes per queue (payment,
+invoice, email, updates), ``smtp-sink``, all on one SQLite database.
+
+While at least 500 orders are placed through ``POST /orders`` (a thread pool, each
+request retried with its Idempotency-Key), a chaos thread SIGKILLs a random consumer
+every fraction of a second and starts a replacement; Redis is SIGKILLed and started
+again once midway; poison messages are pushed straight onto every queue. Then we wait
+(deadline poll) until everything settles and check the guarantees:
+
+- every order has exactly one payment outcome, at most one invoice (gap-free
+  numbers), exactly one email effect (one row, one distinct Message-ID);
+- every order's history holds its three outcomes; nothing is left in a processing
+  list, pending or delayed; the poison messages, and only they, are dead letters.
+
+Run with ``pytest -s tests/e2e/test_chaos.py`` to see the counts.
+"""
+
+from __future__ import annotations
+
+import email
+import json
+import random
+import threading
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from email.policy import default as default_policy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from consumers import store
+from consumers.queue import RedisQueue
+from devtools.redis_server import RedisServer, free_port
+from orders import events, keys
+from orders.models import Order, OrderHistory
+from tests.helpers import BIN, Proc, wait_for
+
+pytestmark = pytest.mark.e2e
+
+ORDERS = 500
+WORKERS_PER_QUEUE = 2
+MAX_KILLS = 30
+"""SIGKILLs during placement (each restart costs a Python start-up on 2 cores)."""
+CONSUMERS = ("payment", "invoice", "email", "updates")
+QUEUE_OF = {"payment": "payment", "invoice": "invoice", "email": "email"}
+QUEUE_OF["updates"] = keys.ORDER_UPDATES_QUEUE
+POISON = [
+    b"\xff\xfe\x00 not utf-8",
+    b"this is not json",
+    b'{"id":"poison-1","type":"Bogus","version":1,"data":{}}',
+    b'{"id":"poison-2","type":"OrderPlaced","version":99,"data":{}}',
+]
+
+
+def _post(url: str, body: dict[str, Any], key: str) -> int:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Idempotency-Key": key},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return int(json.loads(response.read())["id"])
+    except urllib.error.HTTPError as exc:
+        if exc.code < 500:  # our request is wrong: retrying will not help
+            raise AssertionError(f"POST /orders: {exc.code} {exc.read()!r}") from exc
+        return 0
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status) == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def _order_body(n: int) -> dict[str, Any]:
+    # Some customers trigger the gateway's scripted outcomes (see consumers/payment.py).
+    who = {0: "decline@example.com", 1: "flaky@example.com"}.get(n % 10, f"c{n}@example.com")
+    return {
+        "customer_email": who,
+        "currency": "EUR",
+        "items": [
+            {"sku": f"SKU-{n % 7}", "quantity": 1 + n % 3, "unit_price": "9.99"},
+            {"sku": "GIFT-WRAP", "quantity": 1, "unit_price": "0.50"},
+        ],
+    }
+
+
+class Cluster:
+    """The consumer processes, restartable by name."""
+
+    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
+        self.tmp = tmp
+        self.env = env
+        self.procs: dict[str, list[Proc]] = {name: [] for name in CONSUMERS}
+        self.started = 0
+        self.kills = 0
+        self.lock = threading.Lock()
+
+    def start(self, name: str) -> None:
+        with self.lock:
+            self.started += 1
+            log = self.tmp / f"{name}-{self.started}.log"
+            proc = Proc([str(BIN / "consumer"), name], self.env, log)
+            self.procs[name].append(proc)
+
+    def live(self, name: str) -> list[Proc]:
+        return [p for p in self.procs[name] if p.popen.poll() is None]
+
+    def kill_one(self, rng: random.Random) -> None:
+        name = rng.choice(CONSUMERS)
+        victims = self.live(name)
+        if victims:
+            rng.choice(victims).kill()
+            self.kills += 1
+        while len(self.live(name)) < WORKERS_PER_QUEUE:
+            self.start(name)
+
+    def top_up(self) -> None:
+        for name in CONSUMERS:
+            while len(self.live(name)) < WORKERS_PER_QUEUE:
+                self.start(name)
+
+    def stop_all(self) -> list[int]:
+        codes = []
+        for procs in self.procs.values():
+            for proc in procs:
+                if proc.popen.poll() is None:
+                    codes.append(proc.terminate(timeout=20))
+        return codes
+
+
+def test_chaos(tmp_path: Path, redis_server_factory: Callable[..., RedisServer]) -> None:
+    rng = random.Random(20261128)
+    server = redis_server_factory(appendonly=True, appendfsync="always")
+    client = redis_lib.Redis.from_url(server.url)
+    db_url = f"sqlite:///{tmp_path / 'chaos.db'}"
+    mail_dir = tmp_path / "mail"
+    smtp_port = free_port()
+    api_port = free_port()
+    common = {
+        "REDIS_URL": server.url,
+        "DATABASE_URL": db_url,
+        "PATTERN": "both",
+        "REDIS_CONNECT_ATTEMPTS": "100",
+        "REDIS_CONNECT_RETRY_DELAY": "0.2",
+        "LOG_LEVEL": "WARNING",
+    }
+    sink = Proc(
+        [str(BIN / "smtp-sink")],
+        {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp_port), "SMTP_SINK_DIR": str(mail_dir)},
+        tmp_path / "sink.log",
+    )
+    api = Proc(
+        [str(BIN / "orders-api")],
+        {
+            **common,
+            "HOST": "127.0.0.1",
+            "PORT": str(api_port),
+            "WEB_CONCURRENCY": "2",
+            "RELAY_IN_PROCESS": "1",
+            "RELAY_INTERVAL": "0.2",
+        },
+        tmp_path / "api.log",
+    )
+    cluster = Cluster(
+        tmp_path,
+        {
+            **common,
+            "SMTP_HOST": "127.0.0.1",
+            "SMTP_PORT": str(smtp_port),
+            "CONSUMER_HEARTBEAT_TTL": "2",
+            "CONSUMER_BACKOFF_BASE": "0.1",
+            "CONSUMER_BACKOFF_MAX": "1.0",
+            "CONSUMER_MAX_ATTEMPTS": "12",
+            "CONSUMER_BATCH_SIZE": "5",
+            "PAYMENT_TRANSIENT_ERROR_RATE": "0.1",
+            "PAYMENT_LATENCY_MS": "5",
+        },
+    )
+    base = f"http://127.0.0.1:{api_port}"
+    engine = store.make_engine(db_url)
+    try:
+        wait_for(lambda: _healthy(base + "/healthz"), timeout=30, message="orders-api up")
+        sink.wait_output("listening on")
+        cluster.top_up()
+
+        # --- chaos while placing orders -------------------------------------------
+        placing_done = threading.Event()
+        redis_restarted = threading.Event()
+
+        def chaos() -> None:
+            while not placing_done.wait(rng.uniform(0.5, 1.5)) and cluster.kills < MAX_KILLS:
+                cluster.kill_one(rng)
+                if not redis_restarted.is_set() and cluster.kills >= MAX_KILLS // 3:
+                    server.kill()  # a crash, not a clean shutdown: AOF (always) keeps it all
+                    server.start()
+                    redis_restarted.set()
+
+        def place(n: int) -> int:
+            deadline_tries = 60
+            for _ in range(deadline_tries):
+                order_id = _post(base + "/orders", _order_body(n), f"chaos-{n}")
+                if order_id:
+                    return order_id
+                placing_done.wait(0.5)  # the API may be busy while Redis restarts
+            raise AssertionError(f"order {n} could not be placed")
+
+        chaos_thread = threading.Thread(target=chaos)
+        chaos_thread.start()
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                futures = [pool.submit(place, n) for n in range(ORDERS)]
+                for i, poison in enumerate(POISON):
+                    # Midway, garbage straight onto every queue.
+                    futures[ORDERS * (i + 1) // (len(POISON) + 1)].result()
+                    for name in CONSUMERS:
+                        _retry(lambda p=poison, q=QUEUE_OF[name]: client.rpush(keys.pending(q), p))
+                order_ids = sorted(f.result() for f in futures)
+        finally:
+            placing_done.set()
+            chaos_thread.join()
+        assert redis_restarted.is_set(), "the chaos thread never restarted Redis"
+        assert len(set(order_ids)) == ORDERS
+        cluster.top_up()
+
+        # --- wait until everything settles ---------------------------------------
+        queues = [RedisQueue(client, QUEUE_OF[name]) for name in CONSUMERS]
+
+        def settled() -> bool:
+            with Session(engine) as s:
+                history = s.scalar(select(func.count()).select_from(OrderHistory)) or 0
+            if history < 3 * ORDERS:
+                return False
+            for q in queues:
+                st = q.stats()
+                if st["pending"] or st["delayed"] or _in_flight(client, q.name):
+                    return False
+            return True
+
+        wait_for(settled, timeout=150, interval=0.5, message="every order to settle")
+
+        # --- the guarantees --------------------------------------------------------
+        with Session(engine) as s:
+            processed = Counter(
+                s.execute(select(store.Processed.queue, store.Processed.order_id)).all()
+            )
+            charges = s.execute(
+                select(store.GatewayCharge.order_id, store.GatewayCharge.status)
+            ).all()
+            invoices = s.scalars(select(store.Invoice.invoice_number)).all()
+            invoice_orders = s.scalars(select(store.Invoice.order_id)).all()
+            emails = s.scalars(select(store.EmailSent.order_id)).all()
+            history_rows = s.execute(select(OrderHistory.order_id, OrderHistory.type)).all()
+            statuses = Counter(s.scalars(select(Order.status)).all())
+            all_orders = s.scalars(select(Order.id)).all()
+        assert sorted(all_orders) == order_ids
+
+        payment_outcomes = Counter(
+            oid
+            for oid, t in history_rows
+            if t in (events.PAYMENT_CAPTURED, events.PAYMENT_DECLINED)
+        )
+        assert all(payment_outcomes[o] == 1 for o in order_ids), "one payment outcome each"
+        assert Counter(oid for oid, _ in charges) == Counter(order_ids), "one charge each"
+        assert all(status in ("captured", "declined") for _, status in charges)
+        assert max(Counter(invoice_orders).values()) == 1, "at most one invoice per order"
+        year = invoices[0][4:8]
+        assert sorted(invoices) == [f"INV-{year}-{n:06d}" for n in range(1, len(invoices) + 1)]
+        assert Counter(emails) == Counter(order_ids), "one email effect per order"
+        per_order = Counter(oid for oid, _ in history_rows)
+        assert all(per_order[o] == 3 for o in order_ids), "three outcomes recorded per order"
+        assert all(processed[(q, o)] == 1 for q in QUEUE_OF.values() if q != "order-updates"
+                   for o in order_ids)  # fmt: skip
+
+        message_ids = []
+        for eml in mail_dir.glob("*.eml"):
+            msg = email.message_from_bytes(eml.read_bytes(), policy=default_policy)
+            message_ids.append(str(msg["Message-ID"]))
+        assert len(set(message_ids)) == ORDERS, "one distinct Message-ID per order"
+
+        for name, q in zip(CONSUMERS, queues, strict=True):
+            dead = sorted(letter.raw for letter in q.dead_letters())
+            assert dead == sorted(POISON), f"{name}: only the poison is dead: {dead}"
+            assert not _in_flight(client, q.name)
+
+        stats = {q.name: q.stats() for q in queues}
+        summary = (
+            f"chaos summary: orders={ORDERS} kills={cluster.kills} "
+            f"processes_started={cluster.started} redis_restarts=1 "
+            f"payments={len(charges)} "
+            f"captured={sum(1 for _, st in charges if st == 'captured')} "
+            f"declined={sum(1 for _, st in charges if st == 'declined')} "
+            f"invoices={len(invoices)} emails={len(emails)} "
+            f"smtp_messages={len(message_ids)} "
+            f"duplicate_smtp_sends={len(message_ids) - len(set(message_ids))} "
+            f"history={len(history_rows)} statuses={dict(statuses)} "
+            + " ".join(
+                f"{n}[processed={st['processed']} retried={st['retried']} dead={st['dead']}]"
+                for n, st in stats.items()
+            )
+        )
+        print(summary)
+        (tmp_path / "summary.txt").write_text(summary + "\n")
+    finally:
+        codes = cluster.stop_all()
+        api.terminate(timeout=20)
+        sink.terminate()
+        engine.dispose()
+        client.close()
+    assert all(code == 0 for code in codes), codes
+
+
+def _in_flight(client: redis_lib.Redis, queue: str) -> int:
+    """Messages in ANY processing list of the queue (registered worker or not)."""
+    return sum(int(client.llen(key)) for key in client.scan_iter(match=keys.processing(queue, "*")))
+
+
+def _retry(action: Callable[[], object], tries: int = 100) -> None:
+    """Run a Redis call, retrying while the server restarts."""
+    for _ in range(tries):
+        try:
+            action()
+            return
+        except redis_lib.ConnectionError:
+            threading.Event().wait(0.1)
+    raise AssertionError("Redis did not come back")

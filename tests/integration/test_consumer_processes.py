@@ -1,0 +1,297 @@
+"""Real ``consumer`` processes on a real Redis: crash recovery, shutdown, exit codes,
+duplicates, gap-free invoices, email over real SMTP, reconnecting after a Redis restart."""
+
+from __future__ import annotations
+
+import email
+import json
+import signal
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from email.policy import default as default_policy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from consumers import store
+from consumers.queue import RedisQueue
+from devtools.redis_server import RedisServer, free_port
+from orders import events, keys
+from tests.helpers import BIN, Proc, wait_for
+
+CONSUMER = str(BIN / "consumer")
+
+
+def order_placed(order_id: int, email_to: str = "ann@example.com") -> dict[str, Any]:
+    return events.envelope(
+        events.ORDER_PLACED,
+        {
+            "order_id": order_id,
+            "customer_email": email_to,
+            "currency": "EUR",
+            "lines": [
+                {"sku": "<i>SKU</i>", "quantity": 1, "unit_price": "3.50", "line_total": "3.50"}
+            ],
+            "total": "3.50",
+        },
+        message=f"Order #{order_id} placed",
+        sender="orders-api",
+        count=order_id,
+    )
+
+
+class Env:
+    """Starts consumer processes against one Redis and one SQLite database."""
+
+    def __init__(self, tmp_path: Path, redis_url: str) -> None:
+        self.tmp = tmp_path
+        self.redis_url = redis_url
+        self.db_url = f"sqlite:///{tmp_path / 'consumers.db'}"
+        self.procs: list[Proc] = []
+        self._engine: Engine | None = None
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            "REDIS_URL": self.redis_url,
+            "DATABASE_URL": self.db_url,
+            "REDIS_CONNECT_ATTEMPTS": "1",
+            "CONSUMER_HEARTBEAT_TTL": "2",
+            "CONSUMER_BACKOFF_BASE": "0.2",
+            **extra,
+        }
+
+    def start(self, *argv: str, **extra: str) -> Proc:
+        name = f"{argv[0]}-{len(self.procs)}"
+        proc = Proc([CONSUMER, *argv], self.env(**extra), self.tmp / f"{name}.log")
+        self.procs.append(proc)
+        return proc
+
+    def engine(self) -> Engine:
+        """One engine per test on the consumers' database (disposed by stop_all)."""
+        if self._engine is None:
+            self._engine = store.make_engine(self.db_url)
+            store.create_tables(self._engine)
+        return self._engine
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+        if self._engine is not None:
+            self._engine.dispose()
+
+
+@pytest.fixture
+def env(tmp_path: Path, redis: redis_lib.Redis, redis_url: str) -> Iterator[Env]:
+    e = Env(tmp_path, redis_url)
+    yield e
+    e.stop_all()
+
+
+@pytest.fixture
+def bredis(redis: redis_lib.Redis, redis_url: str) -> Iterator[redis_lib.Redis]:
+    client = redis_lib.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def rows(engine: Engine, model: Any) -> int:
+    with Session(engine) as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def updates(client: redis_lib.Redis) -> list[dict[str, Any]]:
+    """The outcome events the consumers emitted (the order-updates queue)."""
+    return [json.loads(m) for m in client.lrange(keys.pending(keys.ORDER_UPDATES_QUEUE), 0, -1)]
+
+
+def test_bad_config_exits_2_with_one_line(env: Env) -> None:
+    for argv, extra in [
+        (("bogus",), {}),
+        (("payment", "--concurrency", "0"), {}),
+        (("payment",), {"CONSUMER_CONCURRENCY": "many"}),
+        (("payment",), {"PATTERN": "sometimes"}),
+    ]:
+        proc = env.start(*argv, **extra)
+        assert proc.popen.wait(15) == 2, proc.output()
+        [line] = proc.lines()
+        assert line.startswith("consumer: ")
+        assert "invalid" in line or "unknown consumer" in line
+
+
+def test_no_redis_at_start_exits_1(env: Env) -> None:
+    proc = Proc(
+        [CONSUMER, "payment"],
+        {**env.env(), "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"},
+        env.tmp / "noredis.log",
+    )
+    assert proc.popen.wait(30) == 1
+    assert "Failed to connect to Redis after 1 attempts. Exiting." in proc.output()
+
+
+def test_reaper_returns_the_messages_of_a_killed_worker_exactly_once(
+    env: Env, bredis: redis_lib.Redis
+) -> None:
+    queue = RedisQueue(bredis, "payment")
+    event = order_placed(1)
+    queue.push(events.dumps(event))
+    slow = env.start("payment", PAYMENT_LATENCY_MS="5000", CONSUMER_BATCH_SIZE="1")
+    [worker] = wait_for(
+        lambda: [
+            w.decode()
+            for w in bredis.smembers(keys.workers("payment"))
+            if bredis.llen(keys.processing("payment", w.decode()))
+        ],
+        timeout=20,
+        message="the slow worker to hold the message",
+    )
+    slow.kill()  # SIGKILL mid-charge: no goodbye, the message stays in its processing list
+    assert bredis.llen(keys.processing("payment", worker)) == 1
+    reaped = wait_for(queue.reap, timeout=10, message="the heartbeat to expire")
+    assert reaped == {worker: 1}
+    assert [json.loads(m)["id"] for m in bredis.lrange(keys.pending("payment"), 0, -1)] == [
+        event["id"]
+    ]
+    env.start("payment")
+    wait_for(lambda: updates(bredis), timeout=20, message="the payment outcome")
+    engine = env.engine()
+    assert rows(engine, store.Processed) == 1
+    assert rows(engine, store.GatewayCharge) == 1
+    [captured] = updates(bredis)
+    assert captured["type"] == events.PAYMENT_CAPTURED
+    assert captured["data"]["order_id"] == 1
+    stats = queue.stats()
+    assert (stats["processed"], stats["pending"], stats["in_flight"]) == (1, 0, 0)
+
+
+def test_sigterm_finishes_the_current_message_and_puts_the_rest_back(
+    env: Env, bredis: redis_lib.Redis
+) -> None:
+    queue = RedisQueue(bredis, "payment")
+    batch = [order_placed(i) for i in (1, 2, 3)]
+    queue.push(*(events.dumps(e) for e in batch))
+    proc = env.start("payment", PAYMENT_LATENCY_MS="1500", CONSUMER_BATCH_SIZE="3")
+    wait_for(lambda: queue.stats()["in_flight"] == 3, timeout=20, message="the batch taken")
+    proc.popen.send_signal(signal.SIGTERM)
+    assert proc.popen.wait(20) == 0, proc.output()
+    # The first (started) message was finished and acked; the two others are back, in order.
+    assert [e["data"]["order_id"] for e in updates(bredis)] == [1]
+    assert [json.loads(m)["id"] for m in bredis.lrange(keys.pending("payment"), 0, -1)] == [
+        batch[1]["id"],
+        batch[2]["id"],
+    ]
+    assert queue.stats()["in_flight"] == 0
+    assert bredis.scard(keys.workers("payment")) == 0
+    assert "received signal 15" in proc.output()
+
+
+def test_second_signal_exits_at_once(env: Env, bredis: redis_lib.Redis) -> None:
+    RedisQueue(bredis, "payment").push(events.dumps(order_placed(1)))
+    proc = env.start("payment", PAYMENT_LATENCY_MS="60000")
+    wait_for(lambda: RedisQueue(bredis, "payment").stats()["in_flight"] == 1, timeout=20)
+    proc.popen.send_signal(signal.SIGTERM)
+    proc.wait_output("received signal 15")
+    proc.popen.send_signal(signal.SIGTERM)
+    assert proc.popen.wait(10) == 128 + signal.SIGTERM
+
+
+def test_duplicate_deliveries_produce_one_effect(env: Env, bredis: redis_lib.Redis) -> None:
+    queue = RedisQueue(bredis, "invoice")
+    event = order_placed(42)
+    payload = events.dumps(event)
+    queue.push(payload, payload, payload)  # the outbox relay may send an event twice
+    env.start("invoice", CONSUMER_BATCH_SIZE="1")
+    env.start("invoice", CONSUMER_BATCH_SIZE="1")
+    wait_for(lambda: queue.stats()["processed"] == 3, timeout=20, message="three deliveries")
+    engine = env.engine()
+    assert rows(engine, store.Invoice) == 1
+    emitted = updates(bredis)
+    assert len(emitted) == 3  # each delivery (re-)emits ...
+    assert len({e["id"] for e in emitted}) == 1  # ... the SAME stored outcome event
+
+
+def test_invoice_numbers_are_gap_free_under_four_concurrent_workers(
+    env: Env, bredis: redis_lib.Redis, database_url: str
+) -> None:
+    """On SQLite (BEGIN IMMEDIATE) and on PostgreSQL (SELECT ... FOR UPDATE)."""
+    env.db_url = database_url
+    queue = RedisQueue(bredis, "invoice")
+    count = 120
+    queue.push(*(events.dumps(order_placed(i)) for i in range(1, count + 1)))
+    for _ in range(2):  # 2 processes x 2 threads = 4 concurrent workers
+        env.start("invoice", "--concurrency", "2", CONSUMER_BATCH_SIZE="2", LOG_LEVEL="WARNING")
+    wait_for(lambda: queue.stats()["processed"] == count, timeout=60, message="all invoices")
+    with Session(env.engine()) as session:
+        numbers = session.scalars(select(store.Invoice.invoice_number)).all()
+    year = datetime.now(UTC).year
+    assert sorted(numbers) == [f"INV-{year}-{n:06d}" for n in range(1, count + 1)]
+    assert len({e["data"]["order_id"] for e in updates(bredis)}) == count
+
+
+def test_email_goes_over_real_smtp_and_is_retried_while_smtp_is_down(
+    env: Env, bredis: redis_lib.Redis
+) -> None:
+    port = free_port()
+    mail_dir = env.tmp / "mail"
+    queue = RedisQueue(bredis, "email")
+    event = order_placed(7, "bob@example.com")
+    queue.push(events.dumps(event))
+    env.start("email", SMTP_PORT=str(port), SMTP_HOST="127.0.0.1", SMTP_TIMEOUT="2")
+    wait_for(
+        lambda: queue.stats()["retried"] >= 1, timeout=20, message="a retry while SMTP is down"
+    )
+    sink = Proc(
+        [str(BIN / "smtp-sink")],
+        {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(port), "SMTP_SINK_DIR": str(mail_dir)},
+        env.tmp / "sink.log",
+    )
+    env.procs.append(sink)
+    wait_for(lambda: updates(bredis), timeout=30, message="the email sent")
+    [eml] = list(mail_dir.glob("*.eml"))
+    msg = email.message_from_bytes(eml.read_bytes(), policy=default_policy)
+    assert msg["Message-ID"] == f"<{event['id']}.confirmation@example.com>"
+    assert msg["To"] == "bob@example.com"
+    html = msg.get_body(("html",))
+    assert html is not None and "&lt;i&gt;SKU&lt;/i&gt;" in html.get_content()
+    [sent] = updates(bredis)
+    assert sent["type"] == events.CONFIRMATION_EMAIL_SENT
+    assert sent["data"] == {
+        "order_id": 7,
+        "to": "bob@example.com",
+        "message_id": msg["Message-ID"],
+    }
+    assert rows(env.engine(), store.EmailSent) == 1
+    sink.wait_output("smtp-sink: stored")
+
+
+def test_worker_survives_a_redis_restart(
+    tmp_path: Path, redis_server_factory: Callable[..., RedisServer]
+) -> None:
+    server = redis_server_factory(appendonly=True, appendfsync="always")
+    client = redis_lib.Redis.from_url(server.url)
+    queue = RedisQueue(client, "invoice")
+    env = Env(tmp_path, server.url)
+    try:
+        proc = env.start("invoice")
+        queue.push(events.dumps(order_placed(1)))
+        wait_for(lambda: queue.stats()["processed"] == 1, timeout=20, message="first invoice")
+        server.restart()
+        queue.push(events.dumps(order_placed(2)))
+        wait_for(lambda: queue.stats()["processed"] == 2, timeout=30, message="second invoice")
+        assert rows(env.engine(), store.Invoice) == 2
+        assert "lost Redis" in proc.output()
+        assert "Redis is back" in proc.output()
+    finally:
+        env.stop_all()
+        client.close()
+
+
+def test_noop_consumer_drains_and_counts(env: Env, bredis: redis_lib.Redis) -> None:
+    queue = RedisQueue(bredis, keys.NOOP_QUEUE)
+    queue.push(*(events.dumps(order_placed(i)) for i in range(1, 501)))
+    env.start("noop", CONSUMER_BATCH_SIZE="100", LOG_LEVEL="WARNING")
+    wait_for(lambda: queue.stats()["processed"] == 500, timeout=30, message="500 no-op jobs")
+    assert queue.stats()["in_flight"] == 0

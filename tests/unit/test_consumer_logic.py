@@ -1,0 +1,269 @@
+"""Consumers without Redis: backoff, failure classification, parsing, idempotent handlers.
+
+The handlers run against a real SQLite file in tmp_path (no Redis, no network).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import smtplib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from consumers import store
+from consumers.email import message_id, render
+from consumers.handler import order_of
+from consumers.invoice import InvoiceHandler
+from consumers.payment import GatewayUnavailable, PaymentHandler, SimulatedGateway
+from consumers.queue import (
+    MalformedMessage,
+    PermanentError,
+    RetryableError,
+    backoff,
+    classify,
+    parse,
+)
+from orders import events
+from orders.config import ConfigError, ConsumerSettings
+
+
+def order_placed(order_id: int = 1, email: str = "ann@example.com", **data: Any) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "order_id": order_id,
+        "customer_email": email,
+        "currency": "EUR",
+        "lines": [
+            {"sku": "<b>A&B</b>", "quantity": 2, "unit_price": "5.00", "line_total": "10.00"}
+        ],
+        "total": "10.00",
+        **data,
+    }
+    return events.envelope(
+        events.ORDER_PLACED, payload, message="placed", sender="orders-api", count=order_id
+    )
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    engine = store.make_engine(f"sqlite:///{tmp_path / 'consumers.db'}")
+    store.create_tables(engine)
+    return engine
+
+
+def count(engine: Engine, model: Any) -> int:
+    with Session(engine) as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+# --- backoff -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attempt", "ceiling"), [(1, 1.0), (2, 2.0), (3, 4.0), (6, 32.0), (7, 60.0), (50, 60.0)]
+)
+def test_backoff_is_exponential_with_full_jitter_and_capped(attempt: int, ceiling: float) -> None:
+    assert backoff(attempt, 1.0, 60.0, rand=lambda: 0.0) == 0.0
+    assert backoff(attempt, 1.0, 60.0, rand=lambda: 0.999999) == pytest.approx(ceiling, rel=1e-5)
+    rng = random.Random(attempt)
+    draws = [backoff(attempt, 1.0, 60.0, rand=rng.random) for _ in range(200)]
+    assert all(0.0 <= d <= ceiling for d in draws)
+    assert max(draws) > ceiling / 2 > min(draws)  # spread over the range, not fixed
+
+
+def test_backoff_rejects_attempt_zero() -> None:
+    with pytest.raises(ValueError):
+        backoff(0)
+
+
+# --- what is retried, what is dead-lettered -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "verdict"),
+    [
+        (PermanentError("invalid data"), "dead"),
+        (MalformedMessage("not JSON"), "dead"),
+        (RetryableError("later"), "retry"),
+        (GatewayUnavailable("timeout"), "retry"),
+        (OSError("connection refused"), "retry"),
+        (smtplib.SMTPServerDisconnected("gone"), "retry"),
+        (KeyError("a bug"), "retry"),  # retried, then dead after the last attempt
+    ],
+)
+def test_classify(exc: BaseException, verdict: str) -> None:
+    assert classify(exc) == verdict
+
+
+ACCEPTS = frozenset({events.ORDER_PLACED})
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (b"\xc3\x28", "not UTF-8"),
+        (b"{", "not JSON"),
+        (b'"a string"', "JSON str, not an object"),
+        (b"null", "JSON NoneType, not an object"),
+        (b'{"type":"OrderPlaced","version":1,"data":{}}', "no id"),
+        (b'{"id":"","type":"OrderPlaced","version":1,"data":{}}', "no id"),
+        (b'{"id":"x","version":1,"data":{}}', "no type"),
+        (b'{"id":"x","type":"InvoiceIssued","version":1,"data":{}}', "unknown event type"),
+        (b'{"id":"x","type":"OrderPlaced","data":{}}', "unsupported version None"),
+        (b'{"id":"x","type":"OrderPlaced","version":"1","data":{}}', "unsupported version '1'"),
+        (b'{"id":"x","type":"OrderPlaced","version":1,"data":[]}', "no data object"),
+    ],
+)
+def test_parse_classifies_malformed_messages(raw: bytes, error: str) -> None:
+    with pytest.raises(MalformedMessage, match=error):
+        parse(raw, ACCEPTS)
+
+
+def test_parse_accepts_a_valid_envelope() -> None:
+    event = order_placed(3)
+    assert parse(events.dumps(event).encode(), ACCEPTS) == event
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        ({"order_id": "1"}, "order_id"),
+        ({"order_id": True}, "order_id"),
+        ({"customer_email": "nobody"}, "customer_email"),
+        ({"currency": "eur"}, "currency"),
+        ({"total": 10.0}, "total"),
+        ({"lines": []}, "lines"),
+    ],
+)
+def test_invalid_order_data_is_permanent(data: dict[str, Any], error: str) -> None:
+    event = order_placed(1)
+    event["data"].update(data)
+    with pytest.raises(PermanentError, match=error):
+        order_of(event)
+
+
+# --- configuration ---------------------------------------------------------------
+
+
+def test_consumer_settings_defaults() -> None:
+    s = ConsumerSettings.from_env({})
+    assert (s.concurrency, s.batch_size, s.max_attempts, s.heartbeat_ttl) == (1, 10, 5, 10)
+    assert (s.smtp_host, s.smtp_port, s.email_from) == ("localhost", 1025, "orders@example.com")
+    assert s.database_url == "sqlite:///var/orders.db"
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"CONSUMER_CONCURRENCY": "0"}, "invalid CONSUMER_CONCURRENCY '0'"),
+        ({"CONSUMER_MAX_ATTEMPTS": "many"}, "invalid CONSUMER_MAX_ATTEMPTS 'many'"),
+        ({"PAYMENT_DECLINE_RATE": "1.5"}, "invalid PAYMENT_DECLINE_RATE '1.5'"),
+        ({"SMTP_PORT": "0"}, "invalid SMTP_PORT"),
+        ({"EMAIL_FROM": "orders"}, "invalid EMAIL_FROM"),
+        ({"DATABASE_URL": "mysql://x"}, "invalid DATABASE_URL"),
+        ({"PATTERN": "nope"}, "invalid PATTERN"),
+    ],
+)
+def test_consumer_settings_bad_values_are_one_line(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        ConsumerSettings.from_env(env)
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+# --- idempotent handlers ---------------------------------------------------------
+
+
+def test_payment_twice_charges_once_and_returns_the_stored_outcome(engine: Engine) -> None:
+    handler = PaymentHandler(engine, SimulatedGateway(engine))
+    event = order_placed(1)
+    first = handler.handle(event)
+    second = handler.handle(event)
+    assert first == second  # the same outcome event, same id: re-emitted, not redone
+    [captured] = first
+    assert captured["type"] == events.PAYMENT_CAPTURED
+    assert captured["data"]["amount"] == "10.00"
+    assert captured["count"] == 1
+    assert count(engine, store.GatewayCharge) == 1
+    with Session(engine) as session:
+        assert session.get(store.GatewayCharge, event["id"]).calls == 1  # type: ignore[union-attr]
+
+
+def test_gateway_ledger_answers_a_repeated_key_without_charging_again(engine: Engine) -> None:
+    """A crash after the charge but before our commit: the retry gets the first answer."""
+    gateway = SimulatedGateway(engine)
+    one = gateway.charge("key-1", order_id=1, amount="1.00", currency="EUR", email="a@b.c")
+    two = gateway.charge("key-1", order_id=1, amount="1.00", currency="EUR", email="a@b.c")
+    assert one == two and one.status == "captured"
+    assert count(engine, store.GatewayCharge) == 1
+
+
+def test_payment_magic_emails(engine: Engine) -> None:
+    handler = PaymentHandler(engine, SimulatedGateway(engine, flaky_calls=2))
+    [declined] = handler.handle(order_placed(1, email="decline@example.com"))
+    assert declined["type"] == events.PAYMENT_DECLINED
+    assert declined["data"] == {"order_id": 1, "reason": "card declined by issuer"}
+    flaky = order_placed(2, email="flaky@example.com")
+    for _ in range(2):
+        with pytest.raises(GatewayUnavailable):
+            handler.handle(flaky)
+    [captured] = handler.handle(flaky)
+    assert captured["type"] == events.PAYMENT_CAPTURED
+
+
+def test_seeded_gateway_decisions_are_deterministic(tmp_path: Path) -> None:
+    def outcomes(name: str) -> list[str]:
+        engine = store.make_engine(f"sqlite:///{tmp_path / name}")
+        store.create_tables(engine)
+        gateway = SimulatedGateway(engine, decline_rate=0.5, seed="s1")
+        return [
+            gateway.charge(f"k{i}", order_id=i, amount="1.00", currency="EUR", email="a@b.c").status
+            for i in range(40)
+        ]
+
+    first, second = outcomes("a.db"), outcomes("b.db")
+    assert first == second
+    assert 5 < first.count("declined") < 35  # the rate is honoured, roughly
+
+
+def test_invoice_twice_issues_one_invoice(engine: Engine) -> None:
+    handler = InvoiceHandler(engine)
+    event = order_placed(9)
+    first = handler.handle(event)
+    assert handler.handle(event) == first
+    # Another event for the same order (never expected) still yields the one invoice.
+    [other] = handler.handle(order_placed(9))
+    assert other["data"]["invoice_number"] == first[0]["data"]["invoice_number"]
+    assert count(engine, store.Invoice) == 1
+    assert first[0]["data"]["invoice_number"].endswith("-000001")
+
+
+def test_invoice_numbers_are_consecutive(engine: Engine) -> None:
+    handler = InvoiceHandler(engine)
+    numbers = [handler.handle(order_placed(i))[0]["data"]["invoice_number"] for i in range(1, 6)]
+    assert [int(n.rsplit("-", 1)[1]) for n in numbers] == [1, 2, 3, 4, 5]
+
+
+def test_email_is_rendered_escaped_with_a_stable_message_id() -> None:
+    event = order_placed(4)
+    msg = render(order_of(event), event_id=event["id"], sender="orders@example.com")
+    assert msg["Message-ID"] == f"<{event['id']}.confirmation@example.com>"
+    assert message_id(event["id"], "orders@example.com") == msg["Message-ID"]
+    html_part = msg.get_body(("html",))
+    text_part = msg.get_body(("plain",))
+    assert html_part is not None and text_part is not None
+    assert "&lt;b&gt;A&amp;B&lt;/b&gt;" in html_part.get_content()
+    assert "<b>A&B</b>" in text_part.get_content()  # plain text is not HTML
+    assert "Total: 10.00 EUR" in text_part.get_content()
+
+
+def test_process_once_keeps_the_first_outcome(engine: Engine) -> None:
+    event = order_placed(1)
+    first, new = store.process_once(engine, "q", event, lambda _s: [{"n": 1}])
+    second, again = store.process_once(engine, "q", event, lambda _s: [{"n": 2}])
+    assert (first, new, second, again) == ([{"n": 1}], True, [{"n": 1}], False)
+    assert json.loads(json.dumps(second)) == [{"n": 1}]
