@@ -63,6 +63,9 @@ def main() -> int:
         print(f"smtp-sink: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     logs.configure(settings.base.log_format, settings.base.log_level)
+    # aiosmtpd logs every connection at INFO (its own readiness probe included);
+    # our one line per stored message is what a reader of `make up` wants.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
     stop = threading.Event()
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
