@@ -8,7 +8,7 @@ export PATTERN ?= both
 export REDIS_PORT ?= 6379
 
 .DEFAULT_GOAL := help
-.PHONY: help up down test lint bench go-build install-local install-dev clean
+.PHONY: help up down test lint bench bench-full go-build install-local install-dev clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -48,8 +48,28 @@ lint: install-dev ## ruff, mypy, gofmt, go vet
 	$(BIN)/mypy
 	cd go-subscriber && test -z "$$(gofmt -l .)" && go vet ./...
 
-bench: install-dev ## Consumer drain benchmark: 50,000 no-op jobs, jobs/s table
-	$(BIN)/python benchmarks/consumer_drain.py
+bench: install-dev ## Benchmark suite, quick mode (< 2 min); table + bench-results/latest.json
+	$(BIN)/python -m benchmarks --mode $${BENCH_MODE:-quick}
+
+bench-full: install-dev ## Benchmark suite, full sizes (about 10 min)
+	$(BIN)/python -m benchmarks --mode full
+
+lock: install-dev ## Regenerate requirements.lock (hash-pinned deps of the Docker image)
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml
+
+# Vulnerability audits need the internet's advisory databases: PyPI's per-version JSON
+# API (pip-audit) and vuln.go.dev (govulncheck). --strict: a package that could not be
+# checked is a failure, never a silent pass.
+audit: install-dev ## pip-audit of requirements.lock and govulncheck of go-subscriber
+	$(BIN)/pip-audit --strict --require-hashes --disable-pip -r requirements.lock
+	cd go-subscriber && go run golang.org/x/vuln/cmd/govulncheck@v1.1.4 ./...
+
+chaos: install-dev ## Fault scoreboard: every scenario against the real stack, a table of figures
+	$(BIN)/python -m chaos
+
+chaos-quick: install-dev ## The short scoreboard CI runs (tests/e2e/test_scoreboard.py)
+	$(BIN)/python -m chaos --quick
 
 clean: ## Remove the virtual environment, build output and local data
 	rm -rf $(VENV) var go-subscriber/bin

@@ -20,7 +20,7 @@ from types import FrameType
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from consumers import store
+from consumers import metrics, store
 from consumers.email import EmailHandler
 from consumers.handler import Handler
 from consumers.invoice import InvoiceHandler
@@ -108,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NO_DATABASE
 
     handler = HANDLERS[args.name](engine, settings)
+    if settings.metrics_port:
+        try:
+            metrics.serve(settings.metrics_port)
+        except OSError as exc:
+            print(f"consumer: cannot serve metrics on METRICS_PORT: {exc}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
     queue = RedisQueue(
         client,
         keys.ORDER_UPDATES_QUEUE if args.name == "updates" else handler.queue,
@@ -118,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(
         queue,
         handler,
-        EventPublisher(client, settings.base.pattern),
+        EventPublisher(
+            client, settings.base.pattern, wait_replicas=settings.base.redis_wait_replicas
+        ),
         concurrency=args.concurrency or settings.concurrency,
         batch_size=settings.batch_size,
         heartbeat_ttl=settings.heartbeat_ttl,

@@ -100,6 +100,8 @@ def parse(raw: bytes, accepted: Collection[str]) -> dict[str, Any]:
         event = json.loads(text)
     except ValueError as exc:
         raise MalformedMessage(f"message is not JSON: {exc}") from None
+    except RecursionError:  # hostile nesting ([[[[...]]]]) deeper than the parser's stack
+        raise MalformedMessage("message is JSON nested too deeply") from None
     if not isinstance(event, dict):
         raise MalformedMessage(f"message is a JSON {type(event).__name__}, not an object")
     for field in ("id", "type"):
@@ -121,7 +123,7 @@ def event_id_of(raw: bytes) -> str:
     """The envelope id of a raw message, or '' when it has none (used as attempts key)."""
     try:
         event = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return ""
     value = event.get("id") if isinstance(event, dict) else None
     return value if isinstance(value, str) else ""
@@ -273,6 +275,19 @@ end
 return 0
 """
 
+# One script, not a MULTI pipeline: same slot, and redis-py's cluster transactions
+# mishandle a failover (a ClusterDownError poisons the client's slot cache).
+_HEARTBEAT = """
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
+return redis.call('SADD', KEYS[2], ARGV[1])
+"""
+
+_PURGE = """
+local n = redis.call('LLEN', KEYS[1])
+redis.call('DEL', KEYS[1])
+return n
+"""
+
 _REQUEUE = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
@@ -320,6 +335,8 @@ class RedisQueue:
         self._release = client.register_script(_RELEASE)
         self._deregister = client.register_script(_DEREGISTER)
         self._requeue = client.register_script(_REQUEUE)
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._purge = client.register_script(_PURGE)
 
     # --- producing -------------------------------------------------------------
 
@@ -427,10 +444,9 @@ class RedisQueue:
         while it was alive, e.g. frozen or cut off from Redis): its messages may be
         handled twice, which idempotent handlers tolerate.
         """
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(keys.heartbeat(self.name, worker), b"1", ex=ttl)
-        pipe.sadd(self.workers_key, worker)
-        _ok, added = pipe.execute()
+        added = self._heartbeat(
+            keys=[keys.heartbeat(self.name, worker), self.workers_key], args=[worker, ttl]
+        )
         return not added
 
     def deregister(self, worker: str) -> bool:
@@ -508,11 +524,7 @@ class RedisQueue:
 
     def purge_dead(self) -> int:
         """Delete every dead letter; returns how many there were."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.llen(self.dead_key)
-        pipe.delete(self.dead_key)
-        count, _ = pipe.execute()
-        return int(count)
+        return int(self._purge(keys=[self.dead_key]))
 
     # --- observing -------------------------------------------------------------
 

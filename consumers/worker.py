@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import redis
 
+from consumers import metrics
 from consumers.handler import Handler
 from consumers.queue import MalformedMessage, RedisQueue, classify, parse
 from orders.config import EXIT_OK
@@ -44,7 +45,16 @@ TAKE_TIMEOUT = 1.0
 """Seconds a thread blocks waiting for work before it checks the stop flag again."""
 HOUSEKEEPING_INTERVAL = 0.5
 """Seconds between heartbeat/promote/reap rounds (capped at a quarter of the TTL)."""
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+REDIS_ERRORS = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,
+    # Redis Cluster during a failover: slots briefly unserved, or retries exhausted.
+    redis.exceptions.ClusterError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.SlotNotCoveredError,
+)
 """Errors that mean "Redis is not there right now": back off and try again."""
 
 
@@ -152,18 +162,33 @@ class Worker:
             verdict = classify(exc)
             error = f"{type(exc).__name__}: {exc}"
             result = self.queue.fail(self.id, raw, error, permanent=verdict == "dead")
+            metrics.observe_failed(name)
             log.warning(
-                "%s: event %s order #%s failed (%s), %s", name, event["id"], order_id, error, result
-            )
+                "%s: event %s order #%s failed (%s), %s",
+                name, event["id"], order_id, error, result,
+                extra=self._extra(event, order_id),
+            )  # fmt: skip
             return False
         for outcome in outcomes:
             self.publisher.publish(outcome)
+        metrics.observe_handled(name, event)
         log.info(
             "%s: handled event %s order #%s%s",
             name, event["id"], order_id,
             "".join(f" -> {o['type']}" for o in outcomes),
+            extra=self._extra(event, order_id),
         )  # fmt: skip
         return True
+
+    def _extra(self, event: dict[str, Any], order_id: Any) -> dict[str, Any]:
+        """Fields of the JSON log line (LOG_FORMAT=json) for one event."""
+        return {
+            "event_id": event["id"],
+            "order_id": order_id,
+            "event_type": event["type"],
+            "queue": self.queue.name,
+            "worker": self.id,
+        }
 
     # --- threads -------------------------------------------------------------------
 

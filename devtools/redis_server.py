@@ -114,11 +114,15 @@ class RedisServer:
         raise RuntimeError(f"redis-server on port {self.port} did not answer in {timeout}s")
 
     def ping(self) -> bool:
-        """True if the server answers PING (a raw socket: no client library needed)."""
+        """True if the server answers PING (a raw socket: no client library needed).
+
+        A server that requires a password (``requirepass``, ACL users) answers NOAUTH:
+        it is up all the same.
+        """
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 
@@ -142,6 +146,167 @@ class RedisServer:
         """Stop and start again on the same port and data directory."""
         self.stop()
         return self.start()
+
+
+def free_cluster_port() -> int:
+    """A free port below 55536 whose cluster bus port (port + 10000) is free too."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def _info(port: int, section: str) -> dict[str, str]:
+    """INFO section (or ``cluster`` for CLUSTER INFO) of a node as text values; {} if down."""
+    import redis
+
+    try:
+        with redis.Redis(port=port, socket_timeout=2, decode_responses=True) as client:
+            if section == "cluster":
+                reply = client.execute_command("CLUSTER INFO")
+            else:
+                reply = client.info(section)
+    except (redis.RedisError, OSError):
+        return {}
+    if isinstance(reply, str):
+        return dict(line.split(":", 1) for line in reply.splitlines() if ":" in line)
+    return {str(k): str(v) for k, v in dict(reply).items()}
+
+
+@dataclass
+class RedisCluster:
+    """A real Redis Cluster of ``masters * (1 + replicas)`` local redis-server nodes.
+
+    Each node has its own directory (``cluster-config-file``, AOF). ``redis-cli
+    --cluster create`` (the one next to the server binary) assigns slots and replicas.
+    A small ``cluster-node-timeout`` makes a killed master's replica take over in a
+    few seconds, and ``cluster-replica-validity-factor 0`` lets any replica do it.
+    """
+
+    masters: int = 3
+    replicas: int = 1
+    root: Path | None = None
+    node_timeout_ms: int = 2000
+    appendfsync: str = "everysec"
+    nodes: list[RedisServer] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.root is None:
+            self.root = Path(tempfile.mkdtemp(prefix="redis-cluster-"))
+
+    @property
+    def addrs(self) -> list[str]:
+        """host:port of every node (the seed list; any one of them is enough)."""
+        return [f"127.0.0.1:{node.port}" for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """The first node as a redis:// URL: the seed of REDIS_CLUSTER=1 clients."""
+        return f"redis://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self, timeout: float = 60.0) -> RedisCluster:
+        """Start every node, create the cluster, wait until it is healthy."""
+        root = Path(str(self.root))
+        for i in range(self.masters * (1 + self.replicas)):
+            node_dir = root / f"node-{i}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            node = RedisServer(
+                port=free_cluster_port(),
+                data_dir=node_dir,
+                appendonly=True,
+                appendfsync=self.appendfsync,
+                extra_args=[
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", str(node_dir / "nodes.conf"),
+                    "--cluster-node-timeout", str(self.node_timeout_ms),
+                    "--cluster-replica-validity-factor", "0",
+                ],
+            )  # fmt: skip
+            self.nodes.append(node)
+            node.start()
+        cli = Path(self.nodes[0].binary).parent / "redis-cli"
+        created = subprocess.run(
+            [
+                str(cli) if cli.exists() else "redis-cli",
+                "--cluster", "create", *self.addrs,
+                "--cluster-replicas", str(self.replicas), "--cluster-yes",
+            ],
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        if created.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout[-2000:]}")
+        self.wait_healthy(timeout)
+        return self
+
+    def live(self) -> list[RedisServer]:
+        """The nodes whose process runs."""
+        return [n for n in self.nodes if n.process is not None and n.process.poll() is None]
+
+    def role(self, node: RedisServer) -> str:
+        """'master', 'slave' or '' when the node does not answer."""
+        return _info(node.port, "replication").get("role", "")
+
+    def masters_now(self) -> list[RedisServer]:
+        """The live nodes that are masters right now."""
+        return [n for n in self.live() if self.role(n) == "master"]
+
+    def healthy(self) -> bool:
+        """Every live node says cluster_state:ok and knows every node; every master of
+        a slot range has a connected replica when the cluster has replicas."""
+        live = self.live()
+        for node in live:
+            info = _info(node.port, "cluster")
+            if info.get("cluster_state") != "ok" or info.get("cluster_slots_ok") != "16384":
+                return False
+        roles = [_info(n.port, "replication") for n in live]
+        masters = [r for r in roles if r.get("role") == "master"]
+        if len(masters) != self.masters:
+            return False
+        if self.replicas:
+            return all(
+                r.get("master_link_status") == "up" for r in roles if r.get("role") == "slave"
+            ) and all(int(m.get("connected_slaves", "0")) >= 1 for m in masters)
+        return True
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        """Poll until :meth:`healthy` or raise RuntimeError at the deadline."""
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Redis Cluster not healthy after {timeout}s")
+            time.sleep(0.1)
+
+    def kill_master(self, index: int = 0) -> RedisServer:
+        """SIGKILL the ``index``-th live master; returns it (restart it with ``start()``)."""
+        victim = self.masters_now()[index]
+        victim.kill()
+        return victim
+
+    def wait_failover(self, timeout: float = 60.0) -> None:
+        """Wait until a replica has replaced every dead master (all slots served again)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            live = self.live()
+            if len(self.masters_now()) == self.masters and all(
+                _info(n.port, "cluster").get("cluster_state") == "ok" for n in live
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no failover after {timeout}s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop every node (SIGTERM)."""
+        for node in self.nodes:
+            node.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,6 +67,8 @@ type Config struct {
 	DB int
 	// URL, when set, replaces Addr and DB (REDIS_URL: redis://, rediss:// or unix://).
 	URL string
+	// Cluster means Redis Cluster (REDIS_CLUSTER=1): Addr or URL is one seed node.
+	Cluster bool
 	// Pattern is pubsub, queue or both (PATTERN).
 	Pattern string
 	// Channel is the Hello pub/sub channel (CHANNEL).
@@ -147,6 +149,13 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 		}
 	}
 
+	switch cluster := get("REDIS_CLUSTER", "0"); cluster {
+	case "0", "1":
+		cfg.Cluster = cluster == "1"
+	default:
+		return Config{}, &ConfigError{"REDIS_CLUSTER", cluster, "must be 0 or 1"}
+	}
+
 	cfg.Channel = get("CHANNEL", DefaultChannel)
 	cfg.Queue = get("QUEUE", DefaultQueue)
 	cfg.OrderChannel = get("ORDER_CHANNEL", "")
@@ -225,4 +234,26 @@ func (c Config) RedisOptions() *redis.Options {
 	// since v9.12) would make one failed attempt take seconds against a closed port.
 	opts.DialerRetries = 1
 	return opts
+}
+
+// NewClient builds the Redis client: a single-node client, or with Cluster a cluster
+// client seeded by the one configured node (it discovers the others). Both carry the
+// options of RedisOptions (timeouts, credentials, TLS); a cluster has no databases.
+// Classic pub/sub works on a cluster (PUBLISH reaches every node), and the Hello list
+// is a single key, so BLPOP needs no hash tag.
+func (c Config) NewClient() redis.UniversalClient {
+	opts := c.RedisOptions()
+	if !c.Cluster {
+		return redis.NewClient(opts)
+	}
+	return redis.NewClusterClient(&redis.ClusterOptions{
+		Addrs:         []string{opts.Addr},
+		Username:      opts.Username,
+		Password:      opts.Password,
+		TLSConfig:     opts.TLSConfig,
+		DialTimeout:   opts.DialTimeout,
+		ReadTimeout:   opts.ReadTimeout,
+		WriteTimeout:  opts.WriteTimeout,
+		DialerRetries: opts.DialerRetries,
+	})
 }

@@ -24,6 +24,7 @@ func TestLoadConfig(t *testing.T) {
 		{"pattern queue, spaces trimmed", map[string]string{"PATTERN": " queue "}, func(c *Config) { c.Pattern = PatternQueue }},
 		{"port bounds", map[string]string{"REDIS_PORT": "65535"}, func(c *Config) { c.Addr = "localhost:65535" }},
 		{"db", map[string]string{"REDIS_DB": "15"}, func(c *Config) { c.DB = 15 }},
+		{"cluster", map[string]string{"REDIS_CLUSTER": "1"}, func(c *Config) { c.Cluster = true }},
 		{"channel and queue names", map[string]string{"CHANNEL": "hello", "QUEUE": "hello_list"}, func(c *Config) {
 			c.Channel, c.Queue = "hello", "hello_list"
 		}},
@@ -90,6 +91,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"port negative", map[string]string{"REDIS_PORT": "-1"}, `invalid REDIS_PORT "-1": must be between 1 and 65535`},
 		{"port with host", map[string]string{"REDIS_PORT": "localhost:6379"}, `invalid REDIS_PORT "localhost:6379": must be an integer`},
 		{"db", map[string]string{"REDIS_DB": "one"}, `invalid REDIS_DB "one": must be an integer`},
+		{"cluster", map[string]string{"REDIS_CLUSTER": "yes"}, `invalid REDIS_CLUSTER "yes": must be 0 or 1`},
 		{"log format", map[string]string{"LOG_FORMAT": "xml"}, `invalid LOG_FORMAT "xml": must be text or json`},
 		{"attempts", map[string]string{"REDIS_CONNECT_ATTEMPTS": "0"}, `invalid REDIS_CONNECT_ATTEMPTS "0": must be between 1 and 1000`},
 		{"delay", map[string]string{"REDIS_CONNECT_RETRY_DELAY": "NaN"}, `invalid REDIS_CONNECT_RETRY_DELAY "NaN": must be between 0 and 3600`},

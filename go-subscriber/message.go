@@ -105,8 +105,13 @@ func DisplayLine(msg Message, received int, source string, receivedAt time.Time)
 		t.Format(displayTimeLayout), clean(msg.Sender), clean(msg.Message), clean(msg.ID), received, source)
 }
 
-// clean escapes control characters and truncates s to maxFieldBytes (on a rune boundary).
+// clean escapes control characters, replaces bytes that are not UTF-8 with U+FFFD (a
+// terminal or a JSON log collector must never see raw invalid bytes) and truncates s
+// to maxFieldBytes (on a rune boundary).
 func clean(s string) string {
+	if !utf8.ValidString(s) {
+		s = strings.ToValidUTF8(s, "\uFFFD")
+	}
 	truncated := false
 	if len(s) > maxFieldBytes {
 		cut := maxFieldBytes

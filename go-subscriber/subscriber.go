@@ -15,9 +15,9 @@ import (
 // lists. Build it with NewSubscriber, then call Run once.
 type Subscriber struct {
 	cfg    Config
-	client *redis.Client
-	addr   string    // host:port for log lines, never a password
-	out    io.Writer // display lines
+	client redis.UniversalClient // *redis.Client, or *redis.ClusterClient (REDIS_CLUSTER=1)
+	addr   string                // host:port for log lines, never a password
+	out    io.Writer             // display lines
 	log    Logger
 	now    func() time.Time
 
@@ -31,7 +31,7 @@ func NewSubscriber(cfg Config, out io.Writer, logger Logger) *Subscriber {
 	opts := cfg.RedisOptions()
 	return &Subscriber{
 		cfg:    cfg,
-		client: redis.NewClient(opts),
+		client: cfg.NewClient(),
 		addr:   opts.Addr,
 		out:    out,
 		log:    logger,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -18,6 +18,7 @@ from orders.app import problem_response, services
 from orders.invoice import invoice_number, render_invoice
 from orders.openapi import openapi_document
 from orders.outbox import publish_now
+from orders.ratelimit import RateLimiter
 from orders.service import list_orders, load_order, order_to_dict, place_order
 from orders.validation import Problem
 
@@ -26,6 +27,44 @@ api = Blueprint("orders", __name__)
 
 MAX_ID = 2**63 - 1
 """Larger ids cannot exist (and SQLite cannot even bind them)."""
+
+RATE_LIMITER = "orders.ratelimit"
+"""Key of the app's :class:`~orders.ratelimit.RateLimiter` in ``app.extensions``."""
+
+UNLIMITED_ENDPOINTS = frozenset({"orders.healthz", "orders.readyz"})
+"""Probes are never rate limited (a load balancer polls them from one address)."""
+
+
+def _limiter() -> RateLimiter:
+    limiter = current_app.extensions.get(RATE_LIMITER)
+    if limiter is None:
+        svc = services()
+        limiter = current_app.extensions.setdefault(
+            RATE_LIMITER, RateLimiter(svc.redis, svc.settings.rate_limit_per_minute)
+        )
+    return limiter  # type: ignore[no-any-return]
+
+
+@api.before_request
+def rate_limit() -> Response | None:
+    """429 problem JSON with Retry-After once a client IP has used its tokens."""
+    if request.endpoint in UNLIMITED_ENDPOINTS:
+        return None
+    limiter = _limiter()
+    decision = limiter.check(request.remote_addr)
+    if decision.allowed:
+        return None
+    response = problem_response(
+        Problem(
+            429,
+            "rate-limited",
+            "Too many requests",
+            f"more than {limiter.per_minute} requests a minute from {request.remote_addr}; "
+            f"retry after {decision.retry_after} s",
+        )
+    )
+    response.headers["Retry-After"] = str(decision.retry_after)
+    return response
 
 
 def _not_found(order_id: int) -> Problem:

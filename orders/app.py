@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Response, current_app, json
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from werkzeug.exceptions import HTTPException
 
 from orders.bootstrap import OrderServices, order_services
@@ -56,6 +58,23 @@ def _http_error(exc: HTTPException) -> Response:
     return response
 
 
+def _database_unavailable(exc: Exception) -> Response:
+    # A locked SQLite file (past its busy timeout) or an unreachable PostgreSQL: a
+    # passing condition, so 503 + Retry-After, and the client retries (with its
+    # Idempotency-Key, a retry never makes a second order).
+    log.warning("Database unavailable: %s", str(exc).strip().splitlines()[0] if str(exc) else exc)
+    response = problem_response(
+        Problem(
+            503,
+            "database-unavailable",
+            "Database unavailable",
+            "the database is busy or unreachable; retry shortly",
+        )
+    )
+    response.headers["Retry-After"] = "1"
+    return response
+
+
 def _internal_error(exc: Exception) -> Response:
     original = getattr(exc, "original_exception", None) or exc
     log.error("Unhandled error: %r", original, exc_info=original)
@@ -86,6 +105,8 @@ def create_app(
         ConfigError: A setting is invalid.
     """
     from orders.api import api
+    from orders.dashboard import dashboard
+    from orders.metrics import metrics
 
     settings = services.settings if services is not None else _settings(test_config)
     app = Flask(__name__)
@@ -95,7 +116,11 @@ def create_app(
     app.config.update({k: v for k, v in (test_config or {}).items() if k not in env_names})
     app.extensions[EXTENSION] = services or order_services(settings)
     app.register_blueprint(api)
+    app.register_blueprint(dashboard)  # /, /events/stream, /api/queues...
+    app.register_blueprint(metrics)  # /metrics and the request counters
     app.register_error_handler(Problem, problem_response)
     app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(OperationalError, _database_unavailable)
+    app.register_error_handler(SQLAlchemyTimeoutError, _database_unavailable)
     app.register_error_handler(Exception, _internal_error)
     return app

@@ -43,6 +43,12 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("REDIS_URL", "", "Full Redis URL (redis:// or rediss://, user, password, db)."),
     EnvVar("REDIS_CONNECT_ATTEMPTS", "5", "Connection attempts at start before exit 1."),
     EnvVar("REDIS_CONNECT_RETRY_DELAY", "5.0", "Seconds between connection attempts."),
+    EnvVar(
+        "REDIS_CLUSTER", "0", "1: Redis Cluster; REDIS_URL or REDIS_HOST:PORT is one seed node."
+    ),
+    EnvVar(
+        "REDIS_WAIT_REPLICAS", "0", "Replicas that must ack each published event (WAIT); 0: none."
+    ),
     EnvVar("PATTERN", "both", "pubsub, queue or both: how messages and events are emitted."),
     EnvVar("PUBLISH_INTERVAL", "2.0", "Seconds between two Hello messages."),
     EnvVar("LOG_FORMAT", "text", "text (the original '[timestamp] line') or json."),
@@ -52,9 +58,16 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("HOST", "127.0.0.1", "orders-api listen address (compose sets 0.0.0.0)."),
     EnvVar("PORT", "8000", "orders-api listen port."),
     EnvVar("WEB_CONCURRENCY", "2", "orders-api gunicorn worker processes."),
-    EnvVar("WEB_THREADS", "4", "Threads per orders-api worker (gunicorn gthread)."),
+    EnvVar(
+        "WEB_THREADS", "8", "Threads per orders-api worker (gthread; a dashboard stream holds one)."
+    ),
     EnvVar("MAX_BODY_BYTES", "65536", "Largest accepted request body; larger is 413."),
     EnvVar("MAX_LINES", "100", "Most lines (items) in one order."),
+    EnvVar(
+        "RATE_LIMIT_PER_MINUTE",
+        "600",
+        "orders-api requests per client IP per minute (token bucket in Redis); 0 = off.",
+    ),
     EnvVar("RELAY_IN_PROCESS", "1", "1: each orders-api worker runs an outbox relay thread."),
     EnvVar("RELAY_INTERVAL", "0.5", "Seconds between two outbox polls of the relay."),
     EnvVar("RELAY_BATCH", "100", "Most outbox rows the relay publishes per poll."),
@@ -76,6 +89,19 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("SMTP_TIMEOUT", "10.0", "Seconds before an SMTP connection or command times out."),
     EnvVar("EMAIL_FROM", "orders@example.com", "From address of confirmation emails."),
     EnvVar("SMTP_SINK_DIR", "var/mail", "Where smtp-sink stores each message as a .eml file."),
+    # --- dashboard, metrics, admin ---
+    EnvVar("METRICS_PORT", "0", "Consumer: serve Prometheus metrics on this port (0 = off)."),
+    EnvVar(
+        "PROMETHEUS_MULTIPROC_DIR",
+        "",
+        "orders-api metrics files of its workers (empty: a temp dir).",
+    ),
+    EnvVar(
+        "STREAM_MAX_SECONDS",
+        "300",
+        "Dashboard event stream lifetime before the browser reconnects.",
+    ),
+    EnvVar("STREAM_KEEPALIVE_SECONDS", "15", "Seconds between keep-alive comments on the stream."),
 )
 """The documented variables. Later features append theirs here, nowhere else."""
 
@@ -138,6 +164,10 @@ class Settings:
     publish_interval: float
     log_format: str
     log_level: str
+    redis_cluster: bool = False
+    """REDIS_CLUSTER=1: talk to a Redis Cluster (docs/cluster.md)."""
+    redis_wait_replicas: int = 0
+    """REDIS_WAIT_REPLICAS: publishes WAIT for this many replicas (0: do not wait)."""
 
     @property
     def publishes(self) -> bool:
@@ -178,6 +208,8 @@ class Settings:
             publish_interval=_float(env, "PUBLISH_INTERVAL", 0.001, 86400.0),
             log_format=_choice(env, "LOG_FORMAT", ("text", "json")),
             log_level=_choice(env, "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
+            redis_cluster=_choice(env, "REDIS_CLUSTER", ("0", "1")) == "1",
+            redis_wait_replicas=_int(env, "REDIS_WAIT_REPLICAS", 0, 16),
         )
 
 
@@ -217,6 +249,11 @@ class OrderServiceSettings:
     relay_interval: float
     relay_batch: int
     relay_claim_seconds: float
+    stream_max_seconds: float = 300.0
+    stream_keepalive_seconds: float = 15.0
+    metrics_dir: str = ""
+    rate_limit_per_minute: int = 600
+    """RATE_LIMIT_PER_MINUTE: per client IP (burst of the same size); 0 turns it off."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OrderServiceSettings:
@@ -238,6 +275,10 @@ class OrderServiceSettings:
             relay_interval=_float(env, "RELAY_INTERVAL", 0.01, 3600.0),
             relay_batch=_int(env, "RELAY_BATCH", 1, 10000),
             relay_claim_seconds=_float(env, "RELAY_CLAIM_SECONDS", 1.0, 3600.0),
+            stream_max_seconds=_float(env, "STREAM_MAX_SECONDS", 1.0, 86400.0),
+            stream_keepalive_seconds=_float(env, "STREAM_KEEPALIVE_SECONDS", 0.1, 3600.0),
+            metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR", "").strip(),
+            rate_limit_per_minute=_int(env, "RATE_LIMIT_PER_MINUTE", 0, 1_000_000),
         )
 
 
@@ -263,6 +304,7 @@ class ConsumerSettings:
     smtp_timeout: float
     email_from: str
     smtp_sink_dir: str
+    metrics_port: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ConsumerSettings:
@@ -299,4 +341,5 @@ class ConsumerSettings:
             smtp_timeout=_float(env, "SMTP_TIMEOUT", 0.1, 600.0),
             email_from=email_from,
             smtp_sink_dir=_get(env, "SMTP_SINK_DIR") or "var/mail",
+            metrics_port=_int(env, "METRICS_PORT", 0, 65535),
         )

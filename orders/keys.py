@@ -73,3 +73,13 @@ def stats(queue: str) -> str:
 
 NOOP_QUEUE = "noop"
 """Queue of the ``consumer noop`` worker (benchmarks and smoke tests only)."""
+
+
+def rate_limit(client: str) -> str:
+    """Hash of one client's token bucket (tokens, last refill time) for the API's rate limit.
+
+    ``client`` is the remote IP address (IPv6 colons are fine in a key name).
+    """
+    if not client or any(c in client for c in "{} \r\n"):
+        raise ValueError(f"invalid rate-limit client {client!r}")
+    return f"ratelimit:{client}"

@@ -149,6 +149,7 @@ def openapi_document(settings: OrderServiceSettings) -> dict[str, Any]:
                     },
                 }
             },
+            **_monitoring_paths(),
             "/openapi.json": {
                 "get": {
                     "summary": "This document",
@@ -161,7 +162,7 @@ def openapi_document(settings: OrderServiceSettings) -> dict[str, Any]:
                 }
             },
         },
-        "components": {"schemas": _schemas(settings)},
+        "components": {"schemas": {**_schemas(settings), **_monitoring_schemas()}},
     }
 
 
@@ -301,6 +302,176 @@ def _schemas(settings: OrderServiceSettings) -> dict[str, Any]:
                         },
                     },
                 }
+            },
+        },
+    }
+
+
+# --- dashboard, metrics, admin (orders/dashboard.py, orders/metrics.py) -----------------
+
+QUEUE_NAME = {
+    "name": "queue",
+    "in": "path",
+    "required": True,
+    "schema": {"enum": ["payment", "invoice", "email", "order-updates"]},
+}
+LETTER_ID = {
+    "name": "letter_id",
+    "in": "path",
+    "required": True,
+    "description": "The letter's id (12 hex digits, from the list) or its index in the list",
+    "schema": {"type": "string", "pattern": r"^([0-9a-f]{12}|[0-9]{1,11})$"},
+}
+
+
+def _settle_operation(summary: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "parameters": [QUEUE_NAME, LETTER_ID],
+        "requestBody": {
+            "required": True,
+            "description": "application/json only (an empty object), so no form can send it",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        "responses": {
+            "200": _json("Done", "LetterAction"),
+            "404": _problem("No such queue or dead letter"),
+            "415": _problem("Not application/json"),
+            "503": _problem("Redis unavailable"),
+        },
+    }
+
+
+def _monitoring_paths() -> dict[str, Any]:
+    html = {"text/html": {"schema": {"type": "string"}}}
+    return {
+        "/": {
+            "get": {
+                "summary": "The live dashboard (HTML)",
+                "responses": {"200": {"description": "The page", "content": html}},
+            }
+        },
+        "/events/stream": {
+            "get": {
+                "summary": "Server-Sent Events: the order event channel, live only",
+                "description": (
+                    "Each connection subscribes to the pub/sub channel; events published "
+                    "before it are not replayed. Keep-alive comments every "
+                    "STREAM_KEEPALIVE_SECONDS; the stream ends after STREAM_MAX_SECONDS "
+                    "or on a Redis error, with a retry: field, and the client reconnects."
+                ),
+                "responses": {
+                    "200": {
+                        "description": "An endless event stream",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/api/queues": {
+            "get": {
+                "summary": "Every queue's figures",
+                "responses": {
+                    "200": _json("The queues", "Queues"),
+                    "503": _problem("Redis unavailable"),
+                },
+            }
+        },
+        "/api/queues/{queue}/dead-letters": {
+            "get": {
+                "summary": "The oldest dead letters of a queue (up to 100)",
+                "parameters": [QUEUE_NAME],
+                "responses": {
+                    "200": _json("The dead letters", "DeadLetters"),
+                    "404": _problem("No such queue"),
+                    "503": _problem("Redis unavailable"),
+                },
+            }
+        },
+        "/api/queues/{queue}/dead-letters/{letter_id}/requeue": {
+            "post": _settle_operation("Put a dead letter back on its queue (attempts reset)")
+        },
+        "/api/queues/{queue}/dead-letters/{letter_id}/discard": {
+            "post": _settle_operation("Delete a dead letter")
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (text exposition format)",
+                "responses": {
+                    "200": {
+                        "description": "Metrics",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+    }
+
+
+LETTER_FIELDS = ["id", "index", "queue", "error", "attempts", "failed_at", "message"]
+
+
+def _monitoring_schemas() -> dict[str, Any]:
+    count = {"type": "integer", "minimum": 0}
+    figures = [
+        "pending", "in_flight", "delayed", "dead", "processed", "failed", "retried",
+        "workers", "workers_alive",
+    ]  # fmt: skip
+    return {
+        "Queues": {
+            "type": "object",
+            "required": ["time", "queues"],
+            "properties": {
+                "time": {"type": "number", "description": "UNIX time of the reading"},
+                "queues": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name", *figures, "processed_per_second"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string"},
+                            **dict.fromkeys(figures, count),
+                            "processed_per_second": {
+                                "type": ["number", "null"],
+                                "description": "since this worker's previous answer",
+                            },
+                        },
+                    },
+                },
+            },
+        },
+        "DeadLetters": {
+            "type": "object",
+            "required": ["queue", "items"],
+            "properties": {
+                "queue": {"type": "string"},
+                "items": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": LETTER_FIELDS,
+                        "additionalProperties": False,
+                        "properties": {
+                            "id": {"type": "string", "pattern": "^[0-9a-f]{12}$"},
+                            "index": count,
+                            "queue": {"type": "string"},
+                            "error": {"type": "string"},
+                            "attempts": count,
+                            "failed_at": {"type": "string"},
+                            "message": {"type": "string"},
+                        },
+                    },
+                },
+            },
+        },
+        "LetterAction": {
+            "type": "object",
+            "required": ["queue", "id", "action"],
+            "properties": {
+                "queue": {"type": "string"},
+                "id": {"type": "string"},
+                "action": {"enum": ["requeue", "discard"]},
             },
         },
     }

@@ -9,8 +9,17 @@ Routing (PATTERN decides the paths, the event type the queues):
   to ``pending(ORDER_UPDATES_QUEUE)`` (queue, both).
 
 The script runs the PUBLISH and the pushes as one unit: a subscriber never sees an
-event that a queue did not get. It is not cluster-safe across queues (each queue has its
-own hash tag); on Redis Cluster publish per queue instead.
+event that a queue did not get.
+
+On Redis Cluster (REDIS_CLUSTER=1) the three queues live in three slots, so no script
+can touch them all. There a batch is one RPUSH per queue (all of the batch's events for
+that queue, in order: atomic per queue), sent through one cluster pipeline, and only
+when every push succeeded the PUBLISHes follow. A failure part way raises: the outbox
+keeps the rows unpublished and the relay sends them again, so a queue that already got
+them gets a duplicate, which consumers drop by event id. See docs/cluster.md.
+
+REDIS_WAIT_REPLICAS=N adds ``WAIT N`` after the pushes on the same connection, so an
+event counts as published (and its outbox row is marked) only once N replicas have it.
 """
 
 from __future__ import annotations
@@ -19,9 +28,18 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from orders import events, keys
 from orders.config import Pattern
+
+WAIT_TIMEOUT_MS = 2000
+"""How long a publish waits for REDIS_WAIT_REPLICAS replicas before it counts as failed."""
+
+
+class ReplicaAckError(redis.RedisError):
+    """Fewer replicas than REDIS_WAIT_REPLICAS acknowledged a publish in time."""
+
 
 PUBLISH_SCRIPT = """
 -- ARGV[1]: the event JSON; ARGV[2]: channel to PUBLISH to, or '' for none.
@@ -47,19 +65,38 @@ def route(event_type: str, pattern: Pattern) -> tuple[str, list[str]]:
 
 
 class EventPublisher:
-    """Sends events to the order channel and queues per PATTERN, one script call each."""
+    """Sends events to the order channel and queues per PATTERN, one script call each.
 
-    def __init__(self, redis_client: redis.Redis, pattern: Pattern) -> None:
+    Args:
+        redis_client: a ``redis.Redis``, or a ``RedisCluster`` (then per-queue pushes).
+        pattern: PATTERN.
+        wait_replicas: REDIS_WAIT_REPLICAS; when > 0 every publish ends with ``WAIT``
+            and raises :class:`ReplicaAckError` if fewer replicas acknowledged.
+    """
+
+    def __init__(
+        self, redis_client: redis.Redis | RedisCluster, pattern: Pattern, wait_replicas: int = 0
+    ) -> None:
         self.redis = redis_client
         self.pattern = pattern
-        self._script = redis_client.register_script(PUBLISH_SCRIPT)
+        self.wait_replicas = wait_replicas
+        self.cluster = isinstance(redis_client, RedisCluster)
+        # Cluster: never used (cross-slot); registering would connect a lazy client.
+        self._script = (
+            None if isinstance(redis_client, RedisCluster) else
+            redis_client.register_script(PUBLISH_SCRIPT)
+        )  # fmt: skip
 
     def _call(self, event_type: str, payload: str, client: Any) -> Any:
         channel, list_keys = route(event_type, self.pattern)
+        assert self._script is not None  # single node only
         return self._script(keys=list_keys, args=[payload, channel], client=client)
 
     def publish(self, event: dict[str, Any]) -> None:
         """Publish one event. Raises redis.RedisError."""
+        if self.cluster or self.wait_replicas:
+            self.publish_serialized([(event["type"], events.dumps(event))])
+            return
         self._call(event["type"], events.dumps(event), self.redis)
 
     def publish_many(self, batch: Iterable[dict[str, Any]]) -> None:
@@ -72,10 +109,52 @@ class EventPublisher:
         The pipeline is not a transaction: after an error some events may have gone out,
         which the outbox turns into a duplicate on retry, never a loss.
         """
+        if self.cluster:
+            self._publish_cluster(list(batch))
+            return
         with self.redis.pipeline(transaction=False) as pipe:
             count = 0
             for event_type, payload in batch:
                 self._call(event_type, payload, pipe)
                 count += 1
+            if count and self.wait_replicas:
+                # Same connection as the scripts: WAIT counts exactly their writes.
+                pipe.execute_command("WAIT", self.wait_replicas, WAIT_TIMEOUT_MS)
             if count:
-                pipe.execute()
+                results = pipe.execute()
+                self._check_wait(results[-1:] if self.wait_replicas else [])
+
+    def _publish_cluster(self, batch: list[tuple[str, str]]) -> None:
+        """Cluster: one RPUSH per queue (+ WAIT on its node), then the PUBLISHes."""
+        pushes: dict[str, list[str]] = {}
+        published: list[tuple[str, str]] = []
+        for event_type, payload in batch:
+            channel, list_keys = route(event_type, self.pattern)
+            for key in list_keys:
+                pushes.setdefault(key, []).append(payload)
+            if channel:
+                published.append((channel, payload))
+        if pushes:
+            cluster: RedisCluster = self.redis  # type: ignore[assignment]
+            with cluster.pipeline(transaction=False) as pipe:
+                for key, payloads in pushes.items():
+                    pipe.rpush(key, *payloads)
+                    if self.wait_replicas:
+                        # Routed to the key's node: the pipeline sends both on one connection.
+                        pipe.execute_command(
+                            "WAIT", self.wait_replicas, WAIT_TIMEOUT_MS,
+                            target_nodes=cluster.get_node_from_key(key),
+                        )  # fmt: skip
+                results = pipe.execute()
+            self._check_wait(results[1::2] if self.wait_replicas else [])
+        # Only after every queue has the events: a subscriber never sees one a queue lacks.
+        for channel, payload in published:
+            self.redis.publish(channel, payload)
+
+    def _check_wait(self, acks: list[Any]) -> None:
+        for acked in acks:
+            if int(acked) < self.wait_replicas:
+                raise ReplicaAckError(
+                    f"{acked} of {self.wait_replicas} replica(s) acknowledged within "
+                    f"{WAIT_TIMEOUT_MS} ms (REDIS_WAIT_REPLICAS)"
+                )

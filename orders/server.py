@@ -10,8 +10,13 @@ relays' row claims keep the workers from publishing the same event twice.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import signal
 import sys
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 from flask import Flask
@@ -33,6 +38,50 @@ def _worker_exit(_server: Any, _worker: Any) -> None:
         _relay_stop.set()
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""Where each worker's prometheus_client writes its samples (read by any /metrics)."""
+
+
+def _post_worker_init(_worker: Any) -> None:
+    # gunicorn's SIGTERM handler only stops accepting; an open dashboard event stream
+    # would keep its thread until graceful_timeout. Chain a handler that ends them too.
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: Any) -> None:
+        from orders.dashboard import stop_streams
+
+        stop_streams()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def _child_exit(_server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # drops its live-gauge files
+
+
+def prepare_metrics_dir(configured: str) -> tuple[Path, bool]:
+    """Set PROMETHEUS_MULTIPROC_DIR for the workers; returns (dir, created by us).
+
+    Must run before prometheus_client is imported (it picks its storage at import).
+    A configured directory is emptied: samples of a previous run would add up.
+    """
+    if configured:
+        path = Path(configured)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink()
+        created = False
+    else:
+        path = Path(tempfile.mkdtemp(prefix="orders-api-metrics-"))
+        created = True
+    os.environ[MULTIPROC_ENV] = str(path)
+    return path, created
+
+
 class OrdersServer(BaseApplication):  # type: ignore[misc]
     """gunicorn configured from :class:`OrderServiceSettings`, not from argv."""
 
@@ -51,6 +100,8 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
         self.cfg.set("loglevel", s.base.log_level.lower())
         self.cfg.set("proc_name", "orders-api")
         self.cfg.set("worker_exit", _worker_exit)
+        self.cfg.set("post_worker_init", _post_worker_init)
+        self.cfg.set("child_exit", _child_exit)
 
     def load(self) -> Flask:
         """Runs in each worker after the fork: build the app (and the relay thread)."""
@@ -87,7 +138,12 @@ def main() -> int:
         settings.host, settings.port, settings.web_concurrency, settings.web_threads,
         settings.base.pattern, "in process" if settings.relay_in_process else "separate",
     )  # fmt: skip
-    OrdersServer(settings).run()
+    metrics_dir, created = prepare_metrics_dir(settings.metrics_dir)
+    try:
+        OrdersServer(settings).run()
+    finally:
+        if created:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

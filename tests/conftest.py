@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
-from devtools.redis_server import RedisNotFound, RedisServer
+from devtools.redis_server import RedisCluster, RedisNotFound, RedisServer
+from tests.orders_app import PostgresCluster, find_postgres_bin
+from tests.topology import Topology
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -76,6 +78,73 @@ def redis_server_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A real Redis Cluster for the session: 3 masters, each with a replica (6 nodes)."""
+    cluster = RedisCluster(root=tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+    except (RedisNotFound, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        cluster.stop()
+        _no_redis(f"Redis Cluster did not start: {exc}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_factory(tmp_path: Path) -> Iterator[Callable[..., RedisCluster]]:
+    """Start dedicated Redis Clusters (for tests that kill their masters)."""
+    started: list[RedisCluster] = []
+
+    def start(**options: object) -> RedisCluster:
+        cluster = RedisCluster(root=tmp_path / f"cluster-{len(started)}", **options)  # type: ignore[arg-type]
+        started.append(cluster)
+        try:
+            cluster.start()
+        except (RedisNotFound, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            _no_redis(f"Redis Cluster did not start: {exc}")
+        return cluster
+
+    yield start
+    for cluster in started:
+        cluster.stop()
+
+
+@pytest.fixture(params=["single", "cluster"])
+def topology(request: pytest.FixtureRequest) -> Iterator[Topology]:
+    """Each Redis topology in turn (one node, then the cluster), flushed before and after."""
+    if request.param == "single":
+        topo = Topology("single", request.getfixturevalue("redis_url"), cluster=False)
+    else:
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        topo = Topology("cluster", cluster.url, cluster=True)
+    try:
+        topo.flush()
+    except redis_lib.ConnectionError as exc:
+        _no_redis(str(exc))
+    yield topo
+    topo.flush()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A real PostgreSQL server for the session (skipped locally without binaries)."""
+    bin_dir = find_postgres_bin()
+    if bin_dir is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL binaries (initdb, pg_ctl) are required in CI")
+        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl)")
+    cluster = PostgresCluster(bin_dir)
+    try:
+        cluster.start()
+    except (subprocess.CalledProcessError, OSError) as exc:
+        output = getattr(exc, "stderr", b"") or b""
+        cluster.stop()
+        pytest.fail(f"PostgreSQL did not start: {exc}\n{output.decode(errors='replace')}")
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,12 @@ again once midway; poison messages are pushed straight onto every queue. Then we
 - every order's history holds its three outcomes; nothing is left in a processing
   list, pending or delayed; the poison messages, and only they, are dead letters.
 
+It runs on two topologies. ``single``: one redis-server, SQLite, 500 orders, Redis
+SIGKILLed and restarted. ``cluster``: a Redis Cluster of 3 masters with a replica each,
+PostgreSQL, 300 orders (two cores), and instead of the restart one master is SIGKILLed:
+its replica is promoted (we wait for the failover), then the old master comes back as
+a replica. Every process gets REDIS_CLUSTER=1 and only the seed node's URL.
+
 Run with ``pytest -s tests/e2e/test_chaos.py`` to see the counts.
 """
 
@@ -40,14 +46,18 @@ from sqlalchemy.orm import Session
 
 from consumers import store
 from consumers.queue import RedisQueue
-from devtools.redis_server import RedisServer, free_port
+from consumers.worker import REDIS_ERRORS
+from devtools.redis_server import RedisCluster, RedisServer, free_port
 from orders import events, keys
 from orders.models import Order, OrderHistory
 from tests.helpers import BIN, Proc, wait_for
+from tests.orders_app import PostgresCluster
+from tests.topology import Topology
 
 pytestmark = pytest.mark.e2e
 
-ORDERS = 500
+ORDERS = {"single": 500, "cluster": 300}
+"""Orders placed per topology (the cluster run also pays for six Redis nodes)."""
 WORKERS_PER_QUEUE = 2
 MAX_KILLS = 30
 """SIGKILLs during placement (each restart costs a Python start-up on 2 cores)."""
@@ -145,16 +155,42 @@ class Cluster:
         return codes
 
 
-def test_chaos(tmp_path: Path, redis_server_factory: Callable[..., RedisServer]) -> None:
+@pytest.mark.parametrize("topology_name", ["single", "cluster"])
+def test_chaos(topology_name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     rng = random.Random(20261128)
-    server = redis_server_factory(appendonly=True, appendfsync="always")
-    client = redis_lib.Redis.from_url(server.url)
-    db_url = f"sqlite:///{tmp_path / 'chaos.db'}"
+    n_orders = ORDERS[topology_name]
+    crash: Callable[[], None]
+    if topology_name == "single":
+        server_factory: Callable[..., RedisServer] = request.getfixturevalue("redis_server_factory")
+        server = server_factory(appendonly=True, appendfsync="always")
+        topology = Topology("single", server.url, cluster=False)
+        db_url = f"sqlite:///{tmp_path / 'chaos.db'}"
+
+        def crash() -> None:
+            server.kill()  # a crash, not a clean shutdown: AOF (always) keeps it all
+            server.start()
+
+    else:
+        cluster_factory: Callable[..., RedisCluster] = request.getfixturevalue(
+            "redis_cluster_factory"
+        )
+        redis_cluster = cluster_factory(appendfsync="always")
+        topology = Topology("cluster", redis_cluster.url, cluster=True)
+        postgres: PostgresCluster = request.getfixturevalue("postgres_cluster")
+        db_url = postgres.create_database()
+
+        def crash() -> None:
+            victim = redis_cluster.kill_master(rng.randrange(redis_cluster.masters))
+            redis_cluster.wait_failover()  # a replica took over its slots
+            victim.start()  # comes back as a replica of its successor
+            redis_cluster.wait_healthy()
+
+    client = topology.client(decode_responses=False)
     mail_dir = tmp_path / "mail"
     smtp_port = free_port()
     api_port = free_port()
     common = {
-        "REDIS_URL": server.url,
+        **topology.env,
         "DATABASE_URL": db_url,
         "PATTERN": "both",
         "REDIS_CONNECT_ATTEMPTS": "100",
@@ -175,6 +211,7 @@ def test_chaos(tmp_path: Path, redis_server_factory: Callable[..., RedisServer])
             "WEB_CONCURRENCY": "2",
             "RELAY_IN_PROCESS": "1",
             "RELAY_INTERVAL": "0.2",
+            "RATE_LIMIT_PER_MINUTE": "0",  # one client places every order
         },
         tmp_path / "api.log",
     )
@@ -208,8 +245,7 @@ def test_chaos(tmp_path: Path, redis_server_factory: Callable[..., RedisServer])
             while not placing_done.wait(rng.uniform(0.5, 1.5)) and cluster.kills < MAX_KILLS:
                 cluster.kill_one(rng)
                 if not redis_restarted.is_set() and cluster.kills >= MAX_KILLS // 3:
-                    server.kill()  # a crash, not a clean shutdown: AOF (always) keeps it all
-                    server.start()
+                    crash()
                     redis_restarted.set()
 
         def place(n: int) -> int:
@@ -225,18 +261,18 @@ def test_chaos(tmp_path: Path, redis_server_factory: Callable[..., RedisServer])
         chaos_thread.start()
         try:
             with ThreadPoolExecutor(8) as pool:
-                futures = [pool.submit(place, n) for n in range(ORDERS)]
+                futures = [pool.submit(place, n) for n in range(n_orders)]
                 for i, poison in enumerate(POISON):
                     # Midway, garbage straight onto every queue.
-                    futures[ORDERS * (i + 1) // (len(POISON) + 1)].result()
+                    futures[n_orders * (i + 1) // (len(POISON) + 1)].result()
                     for name in CONSUMERS:
                         _retry(lambda p=poison, q=QUEUE_OF[name]: client.rpush(keys.pending(q), p))
                 order_ids = sorted(f.result() for f in futures)
         finally:
             placing_done.set()
             chaos_thread.join()
-        assert redis_restarted.is_set(), "the chaos thread never restarted Redis"
-        assert len(set(order_ids)) == ORDERS
+        assert redis_restarted.is_set(), "the chaos thread never crashed Redis"
+        assert len(set(order_ids)) == n_orders
         cluster.top_up()
 
         # --- wait until everything settles ---------------------------------------
@@ -245,7 +281,7 @@ def test_chaos(tmp_path: Path, redis_server_factory: Callable[..., RedisServer])
         def settled() -> bool:
             with Session(engine) as s:
                 history = s.scalar(select(func.count()).select_from(OrderHistory)) or 0
-            if history < 3 * ORDERS:
+            if history < 3 * n_orders:
                 return False
             for q in queues:
                 st = q.stats()
@@ -292,7 +328,7 @@ def test_chaos(tmp_path: Path, redis_server_factory: Callable[..., RedisServer])
         for eml in mail_dir.glob("*.eml"):
             msg = email.message_from_bytes(eml.read_bytes(), policy=default_policy)
             message_ids.append(str(msg["Message-ID"]))
-        assert len(set(message_ids)) == ORDERS, "one distinct Message-ID per order"
+        assert len(set(message_ids)) == n_orders, "one distinct Message-ID per order"
 
         for name, q in zip(CONSUMERS, queues, strict=True):
             dead = sorted(letter.raw for letter in q.dead_letters())
@@ -301,8 +337,9 @@ def test_chaos(tmp_path: Path, redis_server_factory: Callable[..., RedisServer])
 
         stats = {q.name: q.stats() for q in queues}
         summary = (
-            f"chaos summary: orders={ORDERS} kills={cluster.kills} "
-            f"processes_started={cluster.started} redis_restarts=1 "
+            f"chaos summary: topology={topology_name} orders={n_orders} kills={cluster.kills} "
+            f"processes_started={cluster.started} "
+            f"{'master_failovers' if topology.cluster else 'redis_restarts'}=1 "
             f"payments={len(charges)} "
             f"captured={sum(1 for _, st in charges if st == 'captured')} "
             f"declined={sum(1 for _, st in charges if st == 'declined')} "
@@ -337,6 +374,6 @@ def _retry(action: Callable[[], object], tries: int = 100) -> None:
         try:
             action()
             return
-        except redis_lib.ConnectionError:
+        except REDIS_ERRORS:  # a restart, or a cluster failover in progress
             threading.Event().wait(0.1)
     raise AssertionError("Redis did not come back")

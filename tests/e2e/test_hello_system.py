@@ -1,7 +1,9 @@
 """The original system end to end: the real hello-publisher and the real Go binary.
 
 For each PATTERN we start both processes against a real Redis server and read what the
-Go subscriber prints: only pub-sub lines, only queue lines, or every message twice.
+Go subscriber prints: only pub-sub lines, only queue lines, or every message twice. The
+same runs again on a Redis Cluster (REDIS_CLUSTER=1 for both processes, the seed node
+as REDIS_HOST/REDIS_PORT): PUBLISH on one node reaches the subscriber on another.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import pytest
 
 from devtools.redis_server import free_port
 from tests.helpers import BIN, Proc, wait_for
+from tests.topology import Topology
 
 pytestmark = pytest.mark.e2e
 
@@ -37,12 +40,11 @@ def _env(redis_url: str, pattern: str) -> dict[str, str]:
 @pytest.mark.parametrize("pattern", ["pubsub", "queue", "both"])
 def test_publisher_to_go_subscriber(
     pattern: str,
-    redis,
-    redis_url: str,
+    topology: Topology,
     go_subscriber_binary: Path,
-    tmp_path: Path,  # noqa: ANN001
+    tmp_path: Path,
 ) -> None:
-    env = _env(redis_url, pattern)
+    env = {**_env(topology.redis_url, pattern), "REDIS_CLUSTER": topology.env["REDIS_CLUSTER"]}
     sub = Proc([str(go_subscriber_binary)], env, tmp_path / "sub.log")
     # The pub/sub path is live-only: start publishing once the subscriber listens.
     if pattern != "queue":

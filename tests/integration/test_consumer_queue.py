@@ -1,4 +1,8 @@
-"""The reliable queue on a real Redis: ack, retry, promote, dead letters, reap, release."""
+"""The reliable queue on a real Redis: ack, retry, promote, dead letters, reap, release.
+
+Every test runs on one redis-server and on a Redis Cluster (the ``topology`` fixture):
+each script's keys share the queue's hash tag, so each runs in one slot.
+"""
 
 from __future__ import annotations
 
@@ -17,14 +21,15 @@ from consumers.updates import NoopHandler
 from consumers.worker import Worker
 from orders import events, keys
 from tests.helpers import wait_for
+from tests.topology import Topology
 
 Q = "testq"
 
 
 @pytest.fixture
-def bredis(redis: redis_lib.Redis, redis_url: str) -> Iterator[redis_lib.Redis]:
-    """A bytes client on the (flushed) session server."""
-    client = redis_lib.Redis.from_url(redis_url)
+def bredis(topology: Topology) -> Iterator[redis_lib.Redis]:
+    """A bytes client (as the consumers build it) on the flushed server or cluster."""
+    client = topology.client(decode_responses=False)
     yield client
     client.close()
 

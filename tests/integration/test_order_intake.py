@@ -3,7 +3,10 @@
 What is proven here: an accepted order is emitted per PATTERN; Redis down during POSTs
 loses nothing and, once Redis is back, the relay emits each event exactly once; two
 relays never publish the same row; concurrent retries with one Idempotency-Key create
-one order and one event.
+one order and one event; a publish that fails part way is sent again whole by the relay.
+
+Tests taking ``topology`` run on one redis-server and on a Redis Cluster, where the
+three queues of an OrderPlaced live in three slots (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from orders.models import Order, Outbox
 from orders.outbox import Relay
 from tests.helpers import wait_for
 from tests.orders_app import ORDER, order
+from tests.topology import Topology
 
 QUEUE_KEYS = [keys.pending(q) for q in keys.CONSUMER_QUEUES]
 
@@ -45,9 +49,10 @@ def _relay(app: Flask, batch: int = 100) -> Relay:
 
 @pytest.mark.parametrize("pattern", ["pubsub", "queue", "both"])
 def test_post_stores_and_emits_per_pattern(
-    pattern: str, redis: redis_lib.Redis, redis_url: str, make_app: Callable[..., Flask]
+    pattern: str, topology: Topology, make_app: Callable[..., Flask]
 ) -> None:
-    app = make_app(redis_url, pattern)
+    app = make_app(topology.redis_url, pattern, **topology.env)
+    redis = topology.client()
     pubsub = redis.pubsub()
     pubsub.subscribe(keys.ORDER_EVENTS_CHANNEL)
     wait_for(lambda: pubsub.get_message(timeout=0.1), message="subscribe confirmation")
@@ -74,6 +79,7 @@ def test_post_stores_and_emits_per_pattern(
         assert all(json.loads(redis.lindex(k, 0)) == stored for k in QUEUE_KEYS)
     assert redis.llen(keys.pending(keys.ORDER_UPDATES_QUEUE)) == 0
     pubsub.close()
+    redis.close()
 
 
 def test_redis_down_loses_nothing_and_relay_emits_each_once(
@@ -123,8 +129,7 @@ def test_redis_down_loses_nothing_and_relay_emits_each_once(
 
 
 def test_two_relays_never_publish_the_same_row(
-    redis: redis_lib.Redis,
-    redis_url: str,
+    topology: Topology,
     redis_server_factory: Callable[..., Any],
     make_app: Callable[..., Flask],
 ) -> None:
@@ -134,7 +139,8 @@ def test_two_relays_never_publish_the_same_row(
     for n in range(40):
         assert intake.test_client().post("/orders", json=order(currency="USD")).status_code == 201
         del n
-    relays = [_relay(make_app(redis_url, "queue"), batch=3) for _ in range(2)]
+    relays = [_relay(make_app(topology.redis_url, "queue", **topology.env), batch=3)]
+    relays.append(_relay(make_app(topology.redis_url, "queue", **topology.env), batch=3))
     stop = threading.Event()
     threads = [threading.Thread(target=r.run, args=(stop,)) for r in relays]
     for thread in threads:
@@ -145,15 +151,18 @@ def test_two_relays_never_publish_the_same_row(
         stop.set()
         for thread in threads:
             thread.join(10)
+    redis = topology.client()
     for key in QUEUE_KEYS:
         ids = [json.loads(j)["id"] for j in redis.lrange(key, 0, -1)]
         assert len(ids) == 40 and len(set(ids)) == 40
+    redis.close()
 
 
 def test_concurrent_retries_with_one_key_create_one_order(
-    redis: redis_lib.Redis, redis_url: str, make_app: Callable[..., Flask]
+    topology: Topology, make_app: Callable[..., Flask]
 ) -> None:
-    app = make_app(redis_url, "both")
+    app = make_app(topology.redis_url, "both", **topology.env)
+    redis = topology.client()
     barrier = threading.Barrier(8)
     results: list[tuple[int, int]] = []
 
@@ -174,12 +183,14 @@ def test_concurrent_retries_with_one_key_create_one_order(
     assert _count_orders(app) == 1
     assert len(_outbox(app)) == 1
     assert [redis.llen(k) for k in QUEUE_KEYS] == [1, 1, 1]
+    redis.close()
 
 
 def test_same_key_other_body_is_422_and_emits_nothing(
-    redis: redis_lib.Redis, redis_url: str, make_app: Callable[..., Flask]
+    topology: Topology, make_app: Callable[..., Flask]
 ) -> None:
-    client = make_app(redis_url, "queue").test_client()
+    redis = topology.client()
+    client = make_app(topology.redis_url, "queue", **topology.env).test_client()
     first = client.post("/orders", json=ORDER, headers={"Idempotency-Key": "k"})
     other = client.post("/orders", json=order(currency="USD"), headers={"Idempotency-Key": "k"})
     assert first.status_code == 201
@@ -187,6 +198,49 @@ def test_same_key_other_body_is_422_and_emits_nothing(
     assert other.content_type == "application/problem+json"
     assert other.get_json()["title"] == "Idempotency-Key reused with a different body"
     assert [redis.llen(k) for k in QUEUE_KEYS] == [1, 1, 1]
+    redis.close()
+
+
+def test_a_publish_failing_part_way_is_resent_whole_by_the_relay(
+    topology: Topology, make_app: Callable[..., Flask]
+) -> None:
+    """One queue refuses the push (its key holds a string: WRONGTYPE), the others take it.
+
+    The event is not marked published, so the relay sends it again once the queue is
+    fixed: the queues that had it get a duplicate (same event id, dropped by the
+    consumers), the one that failed gets it once. Nothing is lost. On a cluster the
+    pushes go first and PUBLISH only after all succeeded; the single-node script
+    publishes first, and Redis does not roll back a script's earlier writes on error.
+    """
+    app = make_app(topology.redis_url, "both", **topology.env)
+    redis = topology.client()
+    broken = keys.pending(keys.CONSUMER_QUEUES[-1])
+    redis.set(broken, "not a list")
+    pubsub = redis.pubsub()
+    pubsub.subscribe(keys.ORDER_EVENTS_CHANNEL)
+    wait_for(lambda: pubsub.get_message(timeout=0.1), message="subscribe confirmation")
+
+    assert app.test_client().post("/orders", json=ORDER).status_code == 201
+    [row] = _outbox(app)
+    assert row.published_at is None  # the fast path failed: left to the relay
+    event_id = json.loads(row.payload)["id"]
+    if topology.cluster:
+        assert pubsub.get_message(timeout=0.2) is None, "published before every queue had it"
+    assert all(redis.llen(k) == 1 for k in QUEUE_KEYS if k != broken)
+
+    relay = _relay(app)
+    assert relay.run_once() == 0  # still broken: released again, not marked
+    redis.delete(broken)
+    assert relay.run_once() == 1
+    assert relay.run_once() == 0
+    [row] = _outbox(app)
+    assert row.published_at is not None
+    for key in QUEUE_KEYS:
+        ids = [json.loads(j)["id"] for j in redis.lrange(key, 0, -1)]
+        expected = 1 if key == broken else 3  # fast path + failed relay poll + good poll
+        assert ids == [event_id] * expected, key
+    pubsub.close()
+    redis.close()
 
 
 def test_list_is_newest_first_with_a_cursor(redis_url: str, make_app: Callable[..., Flask]) -> None:

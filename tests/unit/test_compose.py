@@ -118,3 +118,59 @@ def test_images_are_small_and_run_as_non_root() -> None:
     go = (GO_DIR / "Dockerfile").read_text()
     assert len(re.findall(r"^FROM ", go, re.M)) >= 2, "the Go image must be a multi-stage build"
     assert re.search(r"(^USER (?!root)\S+|nonroot)", go, re.M)
+
+
+# --- docker-compose.cluster.yml: the scale-out override ------------------------------
+
+CLUSTER_COMPOSE = ROOT / "docker-compose.cluster.yml"
+
+
+def _cluster_services() -> dict[str, dict[str, Any]]:
+    return yaml.safe_load(CLUSTER_COMPOSE.read_text())["services"]
+
+
+def test_cluster_override_matches_the_compose_specification() -> None:
+    schema = json.loads((ROOT / "tests" / "schemas" / "compose-spec.json").read_text())
+    override = yaml.safe_load(CLUSTER_COMPOSE.read_text())
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(override), key=str)
+    assert not errors, "\n".join(e.message for e in errors)
+    # Only services of the base file are overridden, besides the new cluster nodes.
+    new = set(override["services"]) - set(_services())
+    assert new == {"redis-2", "redis-3", "redis-4", "redis-5", "redis-6", "redis-cluster-init"}
+
+
+def test_cluster_override_runs_six_cluster_nodes_and_creates_the_cluster_once() -> None:
+    services = _cluster_services()
+    nodes = ["redis", *(f"redis-{i}" for i in range(2, 7))]
+    volumes = set()
+    for name in nodes:
+        command = services[name]["command"]
+        assert command[command.index("--cluster-enabled") + 1] == "yes", name
+        assert "--appendonly" in command
+        volumes.add(services[name]["volumes"][0].split(":")[0])
+    assert len(volumes) == 6, "each node needs its own data volume (nodes.conf, AOF)"
+    init = services["redis-cluster-init"]
+    assert set(init["depends_on"]) == set(nodes)
+    assert all(d["condition"] == "service_healthy" for d in init["depends_on"].values())
+    script = init["command"][0]
+    assert "--cluster create" in script and "--cluster-replicas 1" in script
+    assert "--cluster-yes" in script and "cluster_state:ok" in script
+
+
+def test_cluster_override_points_every_client_at_the_cluster() -> None:
+    python_vars = {v.name for v in ENV_VARS}
+    go_vars = go_env_vars()
+    clients = {n: s for n, s in _cluster_services().items() if n in _services() and n != "redis"}
+    assert set(clients) == {
+        n for n, s in _services().items() if "REDIS_HOST" in str(s.get("environment", {}))
+    }
+    for name, service in clients.items():
+        env = service["environment"]
+        assert env["REDIS_CLUSTER"] == "1", name
+        known = go_vars if name == "go-subscriber" else python_vars
+        assert set(env) <= known, f"{name} is given variables it never reads"
+        assert service["depends_on"]["redis-cluster-init"] == {
+            "condition": "service_completed_successfully"
+        }
+    for name in ("payment", "invoice", "email", "updates"):
+        assert clients[name]["deploy"]["replicas"] >= 2, name

@@ -1,0 +1,232 @@
+"""1. Consumer drain: how fast ``consumer noop`` processes empty a pre-filled queue.
+
+The jobs (small valid OrderPlaced envelopes) are pushed to a staging list first; once
+every consumer process has registered, one RENAME makes them the pending list, and the
+clock runs until the queue's ``processed`` counter (incremented by the ack) reaches N.
+Process start-up is therefore not measured, and several processes start together.
+
+Limits, measured on the same Redis in the same run, by a single redis-py client in
+this process: one BLMOVE + one LREM per job (the textbook reliable-queue loop), and
+the batched form (one Lua call moves B jobs, one pipeline LREMs them).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import redis
+
+from benchmarks.harness import BIN, Context, Process, Row, repeat, wait_until
+from consumers.queue import RedisQueue
+from orders import events, keys
+
+QUEUE = keys.NOOP_QUEUE
+STAGING = "bench:staging"
+SECTION = "1"
+
+
+def job(n: int) -> bytes:
+    """A small valid OrderPlaced envelope (what the noop handler accepts)."""
+    return events.dumps(
+        events.envelope(
+            events.ORDER_PLACED,
+            {
+                "order_id": n,
+                "customer_email": "bench@example.com",
+                "currency": "EUR",
+                "lines": [{"sku": "B", "quantity": 1, "unit_price": "1.00", "line_total": "1.00"}],
+                "total": "1.00",
+            },
+            message=f"Order #{n} placed",
+            sender="benchmark",
+            count=n,
+        )
+    ).encode()
+
+
+def stage(client: redis.Redis, jobs: list[bytes]) -> None:
+    """Reset the queue's counters and RPUSH every job to the staging list (pipelined)."""
+    client.delete(STAGING, keys.stats(QUEUE), keys.processing(QUEUE, "raw"))
+    pipe = client.pipeline(transaction=False)
+    for i in range(0, len(jobs), 1000):
+        pipe.rpush(STAGING, *jobs[i : i + 1000])
+    pipe.execute()
+
+
+def release_jobs(client: redis.Redis) -> float:
+    """Make the staged jobs pending in one step; returns the start time."""
+    client.rename(STAGING, keys.pending(QUEUE))
+    return time.perf_counter()
+
+
+def consumers_drain(
+    ctx: Context,
+    jobs: list[bytes],
+    *,
+    processes: int,
+    batch: int,
+    repeats: int,
+    log_level: str = "WARNING",
+) -> list[float]:
+    """Seconds for ``processes`` real ``consumer noop`` processes to process and ack all.
+
+    The processes start once and drain the queue ``repeats`` times.
+    """
+    client = redis.Redis.from_url(ctx.redis_url)
+    client.flushdb()
+    env = {
+        "REDIS_URL": ctx.redis_url,
+        "CONSUMER_BATCH_SIZE": str(batch),
+        "LOG_LEVEL": log_level,
+        "DATABASE_URL": "sqlite:///:memory:",
+    }
+    logs = ctx.scratch("drain")
+    procs = [
+        Process([str(BIN / "consumer"), "noop"], env, logs / f"consumer-{i}.log")
+        for i in range(processes)
+    ]
+    times: list[float] = []
+    try:
+
+        def registered() -> bool:
+            for proc in procs:
+                proc.check_alive()
+            return client.scard(keys.workers(QUEUE)) >= processes
+
+        wait_until(registered, 60, "the consumers to register")
+
+        def drained() -> bool:
+            return int(client.hget(keys.stats(QUEUE), "processed") or 0) >= len(jobs)
+
+        for _ in range(repeats):
+            stage(client, jobs)
+            start = release_jobs(client)
+            wait_until(drained, 120 + len(jobs) / 1000, f"{len(jobs)} acks", interval=0.002)
+            times.append(time.perf_counter() - start)
+            left = client.llen(keys.pending(QUEUE))
+            if left:
+                raise RuntimeError(f"{left} jobs still pending after the drain")
+    finally:
+        for proc in procs:
+            proc.stop()
+    client.close()
+    return times
+
+
+def raw_single(ctx: Context, jobs: list[bytes]) -> float:
+    """One BLMOVE and one LREM per job, in this process."""
+    client = redis.Redis.from_url(ctx.redis_url)
+    client.flushdb()
+    stage(client, jobs)
+    pending, processing = keys.pending(QUEUE), keys.processing(QUEUE, "raw")
+    start = release_jobs(client)
+    for _ in range(len(jobs)):
+        message = client.blmove(pending, processing, 1, "LEFT", "RIGHT")
+        client.lrem(processing, 1, message)
+    elapsed = time.perf_counter() - start
+    client.close()
+    return elapsed
+
+
+def raw_batched(ctx: Context, jobs: list[bytes], batch: int) -> float:
+    """One Lua call moves up to ``batch`` jobs; one pipeline LREMs them."""
+    client = redis.Redis.from_url(ctx.redis_url)
+    client.flushdb()
+    stage(client, jobs)
+    queue = RedisQueue(client, QUEUE)
+    processing = keys.processing(QUEUE, "raw")
+    start = release_jobs(client)
+    done = 0
+    while done < len(jobs):
+        taken = queue.take("raw", batch, timeout=1)
+        if not taken:
+            raise RuntimeError(f"queue empty after {done} of {len(jobs)} jobs")
+        pipe = client.pipeline(transaction=False)
+        for message in taken:
+            pipe.lrem(processing, 1, message)
+        pipe.execute()
+        done += len(taken)
+    elapsed = time.perf_counter() - start
+    client.close()
+    return elapsed
+
+
+def run(ctx: Context) -> list[Row]:
+    """Every drain row: batch sizes against their raw limit, then the scaling curve.
+
+    Rows that pay one round trip per job (batch 1) use a fifth of the jobs: their rate
+    is steady long before, and the quick mode stays quick.
+    """
+    mode = ctx.mode
+    all_jobs = [job(i) for i in range(1, mode.drain_jobs + 1)]
+
+    def jobs_for(batch: int) -> list[bytes]:
+        return all_jobs if batch > 1 else all_jobs[: max(1000, len(all_jobs) // 5)]
+
+    def rates(batch: int, seconds: list[float]) -> list[float]:
+        return [len(jobs_for(batch)) / s for s in seconds]
+
+    rows: list[Row] = []
+    ctx.log(f"drain: raw loops, {mode.drain_jobs} jobs")
+    raw: dict[int, list[float]] = {}
+    for batch in mode.drain_batches:
+        jobs = jobs_for(batch)
+        if batch == 1:
+            measure = functools.partial(raw_single, ctx, jobs)
+        else:
+            measure = functools.partial(raw_batched, ctx, jobs, batch)
+        raw[batch] = rates(batch, repeat(mode.repeats, measure))
+    big = max(mode.drain_batches)
+    one_process: list[float] = []
+    for batch in mode.drain_batches:
+        ctx.log(f"drain: 1 consumer process, batch {batch}")
+        seconds = consumers_drain(
+            ctx, jobs_for(batch), processes=1, batch=batch, repeats=mode.repeats
+        )
+        values = rates(batch, seconds)
+        if batch == big:
+            one_process = values
+        limit = f"raw Lua move {batch} + pipelined LREM" if batch > 1 else "raw BLMOVE + LREM"
+        rows.append(
+            Row(
+                SECTION,
+                f"consumer noop, 1 process, batch {batch}, ack on",
+                "jobs/s",
+                values,
+                limit,
+                raw[batch],
+                f"{len(jobs_for(batch)):,} jobs",
+            )
+        )
+    if mode.drain_info_logs:
+        ctx.log(f"drain: 1 consumer process, batch {big}, INFO log line per job")
+        seconds = consumers_drain(
+            ctx, all_jobs, processes=1, batch=big, repeats=mode.repeats, log_level="INFO"
+        )
+        rows.append(
+            Row(
+                SECTION,
+                f"consumer noop, 1 process, batch {big}, INFO line per job",
+                "jobs/s",
+                rates(big, seconds),
+                f"same, WARNING logs (batch {big})",
+                one_process,
+            )
+        )
+    for count in mode.drain_processes:
+        if count == 1:
+            continue
+        ctx.log(f"drain: {count} consumer processes, batch {big}")
+        seconds = consumers_drain(ctx, all_jobs, processes=count, batch=big, repeats=mode.repeats)
+        rows.append(
+            Row(
+                SECTION,
+                f"consumer noop, {count} processes on one queue, batch {big}",
+                "jobs/s",
+                rates(big, seconds),
+                f"1 process, batch {big} (ratio = speed-up)",
+                one_process,
+            )
+        )
+    return rows

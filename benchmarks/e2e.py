@@ -1,0 +1,213 @@
+"""4. End to end: POST to every consumer's effect, at a fixed offered rate.
+
+The whole pipeline runs as ``make up`` runs it, on one SQLite WAL database and the
+suite's Redis: orders-api (2 workers, relay threads), ``consumer payment``,
+``consumer invoice``, ``consumer email`` (sending to ``smtp-sink``) and
+``consumer updates`` (records the outcome events in the order history). hey offers a
+fixed rate (clients x per-client rate) for a fixed time.
+
+The observable: each order's ``created_at`` (stamped in the request's transaction)
+and, in its history, the timestamps of the outcome events PaymentCaptured,
+InvoiceIssued and ConfirmationEmailSent, which each consumer stamps right after its
+effect is committed (the charge, the invoice row, the SMTP send). Latency = outcome
+timestamp - created_at; "all effects" = the last of the three. After the load, every
+order must get all three within the deadline: the rest are reported as lost.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime
+
+import redis
+from sqlalchemy import func, select
+
+from benchmarks import hey
+from benchmarks.harness import BIN, Context, Process, Row, percentile, wait_until
+from benchmarks.intake import body_file, start_api
+from devtools.redis_server import free_port
+from orders import events, keys
+from orders.bootstrap import create_schema, database_engine
+from orders.models import Order, OrderHistory
+
+SECTION = "4"
+EFFECTS = (events.PAYMENT_CAPTURED, events.INVOICE_ISSUED, events.CONFIRMATION_EMAIL_SENT)
+CONSUMERS = ("payment", "invoice", "email", "updates")
+RATE_PER_CLIENT = 10
+
+
+def one_run(ctx: Context) -> dict[str, list[float] | float]:
+    """Start the pipeline, offer the load, wait for every effect; latencies in ms."""
+    mode = ctx.mode
+    work = ctx.scratch("e2e")
+    database_url = f"sqlite:///{work / 'orders.db'}"
+    engine = database_engine(database_url)
+    create_schema(engine)
+    client = redis.Redis.from_url(ctx.redis_url)
+    client.flushdb()
+    smtp_port = free_port()
+    env = {
+        "REDIS_URL": ctx.redis_url,
+        "DATABASE_URL": database_url,
+        "PATTERN": "both",
+        "LOG_LEVEL": "WARNING",
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(smtp_port),
+        "SMTP_SINK_DIR": str(work / "mail"),
+    }
+    procs = [Process([str(BIN / "smtp-sink")], env, work / "smtp-sink.log")]
+    procs += [
+        Process([str(BIN / "consumer"), name], env, work / f"consumer-{name}.log")
+        for name in CONSUMERS
+    ]
+    api = None
+    try:
+        queues = [*keys.CONSUMER_QUEUES, keys.ORDER_UPDATES_QUEUE]
+
+        def ready() -> bool:
+            for proc in procs:
+                proc.check_alive()
+            return all(client.scard(keys.workers(q)) for q in queues)
+
+        wait_until(ready, 60, "the consumers to register", 0.05)
+        api, base = start_api(ctx, database_url)
+        clients = max(1, mode.e2e_rate // RATE_PER_CLIENT)
+        load = hey.post(
+            f"{base}/orders",
+            body_file(ctx),
+            seconds=mode.e2e_seconds,
+            clients=clients,
+            rate_per_client=mode.e2e_rate / clients,
+        )
+        ctx.log(f"e2e: {load.ok} orders accepted in {load.seconds:.1f}s, waiting for effects")
+
+        def completed() -> int:
+            with engine.connect() as conn:
+                return int(
+                    conn.execute(
+                        select(func.count(func.distinct(OrderHistory.order_id))).where(
+                            OrderHistory.type == events.CONFIRMATION_EMAIL_SENT
+                        )
+                    ).scalar_one()
+                )
+
+        def all_done() -> bool:
+            for proc in procs:
+                proc.check_alive()
+            return _complete(engine) >= load.ok
+
+        try:
+            wait_until(all_done, mode.e2e_deadline, "every order's effects", 0.2)
+        except TimeoutError:
+            ctx.log(f"e2e: deadline reached with {completed()} of {load.ok} confirmed")
+        dead = sum(int(client.llen(keys.dead(q))) for q in queues)
+    finally:
+        if api is not None:
+            api.stop()
+        for proc in procs:
+            proc.stop()
+        client.close()
+    result = _latencies(engine)
+    engine.dispose()
+    result["offered"] = float(mode.e2e_rate)
+    result["accepted_rate"] = load.ok / load.seconds if load.seconds else 0.0
+    result["post_ms"] = load.latencies_ms
+    result["dead_letters"] = float(dead)
+    result["accepted"] = float(load.ok)
+    return result
+
+
+def _complete(engine: object) -> int:
+    """Orders that have all three effects recorded."""
+    with engine.connect() as conn:
+        done = (
+            select(OrderHistory.order_id)
+            .where(OrderHistory.type.in_(EFFECTS))
+            .group_by(OrderHistory.order_id)
+            .having(func.count(func.distinct(OrderHistory.type)) == len(EFFECTS))
+            .subquery()
+        )
+        return int(conn.execute(select(func.count()).select_from(done)).scalar_one())
+
+
+def _latencies(engine: object) -> dict[str, list[float] | float]:
+    """ms from each order's created_at to each effect; lost = orders missing one."""
+    from sqlalchemy.orm import Session
+
+    with Session(engine) as session:
+        created: dict[int, datetime] = dict(
+            session.execute(select(Order.id, Order.created_at)).all()
+        )
+        seen: dict[int, dict[str, datetime]] = defaultdict(dict)
+        for order_id, kind, at in session.execute(
+            select(OrderHistory.order_id, OrderHistory.type, OrderHistory.occurred_at)
+        ):
+            seen[order_id][kind] = at
+    out: dict[str, list[float] | float] = {kind: [] for kind in EFFECTS}
+    out["all"] = []
+    lost = 0
+    for order_id, start in created.items():
+        effects = seen.get(order_id, {})
+        if any(kind not in effects for kind in EFFECTS):
+            lost += 1
+            continue
+        ms = {kind: (effects[kind] - start).total_seconds() * 1000 for kind in EFFECTS}
+        for kind, value in ms.items():
+            out[kind].append(value)
+        out["all"].append(max(ms.values()))
+    out["lost"] = float(lost)
+    out["orders"] = float(len(created))
+    return out
+
+
+def run(ctx: Context) -> list[Row]:
+    """Latency rows (median over runs of each run's percentile) and the loss count."""
+    mode = ctx.mode
+    hey.ensure_hey()
+    runs = []
+    for i in range(mode.e2e_repeats):
+        ctx.log(f"e2e: run {i + 1}, {mode.e2e_rate} orders/s offered for {mode.e2e_seconds:g}s")
+        runs.append(one_run(ctx))
+    label = f"{mode.e2e_rate}/s for {mode.e2e_seconds:g}s"
+    rows = [
+        Row(
+            SECTION,
+            f"orders accepted, {label} offered",
+            "orders/s",
+            [r["accepted_rate"] for r in runs],
+            "offered rate",
+            [float(mode.e2e_rate)] * len(runs),
+        ),
+    ]
+    for q in (50, 95, 99, 100):
+        stat = "max" if q == 100 else f"p{q}"
+        rows.append(
+            Row(
+                SECTION,
+                f"POST to all 3 effects done, {stat}",
+                "ms",
+                [percentile(r["all"], q) for r in runs],
+                f"POST response {stat}",
+                [percentile(r["post_ms"], q) for r in runs],
+            )
+        )
+    for kind in EFFECTS:
+        for q in (50, 99):
+            rows.append(
+                Row(SECTION, f"POST to {kind}, p{q}", "ms", [percentile(r[kind], q) for r in runs])
+            )
+    lost_note = ", ".join(
+        f"run {i + 1}: {int(r['lost'])} of {int(r['orders'])} orders incomplete,"
+        f" {int(r['dead_letters'])} dead letters"
+        for i, r in enumerate(runs)
+    )
+    rows.append(
+        Row(
+            SECTION,
+            "orders missing an effect at the deadline (lost)",
+            "orders",
+            [r["lost"] for r in runs],
+            note=lost_note,
+        )
+    )
+    return rows

@@ -1,0 +1,316 @@
+"""What every benchmark shares: modes, repeated measurements, child processes, the table.
+
+A benchmark module exposes ``run(ctx) -> list[Row]``. A :class:`Row` holds every
+repeat's value of one figure and, beside it, the values of its limit measured in the
+same run (the raw Redis loop, the bare web stack ...), so the table shows medians and
+their ratio. Nothing here asserts a timing: the suite prints and exits 0 unless
+something actually broke.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RESULTS_DIR = ROOT / "bench-results"
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Sizes of one suite run. ``quick`` is what CI runs (< 2 minutes on 2 cores)."""
+
+    name: str
+    repeats: int
+    """Runs of each throughput figure (the table shows the median)."""
+    drain_jobs: int
+    drain_batches: tuple[int, ...]
+    drain_processes: tuple[int, ...]
+    drain_info_logs: bool
+    publish_events: int
+    http_seconds: float
+    http_clients: int
+    http_repeats: int
+    postgres: bool
+    e2e_rate: int
+    e2e_seconds: float
+    e2e_repeats: int
+    e2e_deadline: float
+    """Seconds after the load stops within which every order must have every effect."""
+    sub_messages: int
+
+
+MODES = {
+    "quick": Mode(
+        name="quick",
+        repeats=3,
+        drain_jobs=10_000,
+        drain_batches=(100, 1),
+        drain_processes=(1, 2, 4),
+        drain_info_logs=False,
+        publish_events=3_000,
+        http_seconds=1.5,
+        http_clients=16,
+        http_repeats=2,
+        postgres=True,
+        e2e_rate=50,
+        e2e_seconds=5.0,
+        e2e_repeats=1,
+        e2e_deadline=30.0,
+        sub_messages=5_000,
+    ),
+    "full": Mode(
+        name="full",
+        repeats=5,
+        drain_jobs=50_000,
+        drain_batches=(100, 10, 1),
+        drain_processes=(1, 2, 4),
+        drain_info_logs=True,
+        publish_events=20_000,
+        http_seconds=10.0,
+        http_clients=16,
+        http_repeats=3,
+        postgres=True,
+        e2e_rate=200,
+        e2e_seconds=30.0,
+        e2e_repeats=2,
+        e2e_deadline=90.0,
+        sub_messages=50_000,
+    ),
+}
+
+
+@dataclass
+class Row:
+    """One figure of the table: every run's value, and its limit's values from this run."""
+
+    section: str
+    name: str
+    unit: str
+    values: list[float]
+    limit_name: str = ""
+    limit_values: list[float] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
+
+    @property
+    def limit_median(self) -> float | None:
+        return statistics.median(self.limit_values) if self.limit_values else None
+
+    @property
+    def ratio(self) -> float | None:
+        """median / limit median (for latencies above 1 means slower than the limit)."""
+        limit = self.limit_median
+        if not limit:
+            return None
+        return self.median / limit
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(median=self.median, limit_median=self.limit_median, ratio=self.ratio)
+        return data
+
+
+@dataclass
+class Context:
+    """What a benchmark gets: the mode, a scratch directory, the Redis URL, a log."""
+
+    mode: Mode
+    work: Path
+    redis_url: str
+    _postgres: Any = None
+    _postgres_error: str = ""
+    _databases: int = 0
+
+    def postgres_url(self) -> str | None:
+        """A new empty PostgreSQL database, or None (see :attr:`postgres_skipped`).
+
+        The cluster (tests/orders_app.py's throwaway one: fsync off, trust auth) starts
+        on first use and stops with :meth:`close`.
+        """
+        if not self.mode.postgres or self._postgres_error:
+            return None
+        if self._postgres is None:
+            from tests.orders_app import PostgresCluster, find_postgres_bin
+
+            bin_dir = find_postgres_bin()
+            if bin_dir is None:
+                self._postgres_error = "no PostgreSQL binaries (initdb, pg_ctl) found"
+                return None
+            cluster = PostgresCluster(bin_dir)
+            try:
+                cluster.start()
+            except (subprocess.CalledProcessError, OSError) as exc:
+                cluster.stop()
+                self._postgres_error = f"PostgreSQL did not start: {exc}"
+                self.log(self._postgres_error)
+                return None
+            self._postgres = cluster
+        return str(self._postgres.create_database())
+
+    @property
+    def postgres_skipped(self) -> str:
+        """Why PostgreSQL rows are missing ('' when they are not)."""
+        return self._postgres_error or ("" if self.mode.postgres else "off in this mode")
+
+    def close(self) -> None:
+        """Stop what the context started (the PostgreSQL cluster)."""
+        if self._postgres is not None:
+            self._postgres.stop()
+            self._postgres = None
+
+    def log(self, text: str) -> None:
+        """Progress on stderr (the table is the only thing on stdout)."""
+        print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    def scratch(self, name: str) -> Path:
+        """A new empty directory under the run's work directory."""
+        path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.work))
+        return path
+
+
+def repeat(times: int, measure: Callable[[], float]) -> list[float]:
+    """Run ``measure`` ``times`` times; the values in run order."""
+    return [measure() for _ in range(times)]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100), nearest-rank on the sorted values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.005
+) -> Any:
+    """Poll until ``predicate()`` is truthy; raise TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Process:
+    """A child process whose output goes to a file (read it after a failure)."""
+
+    def __init__(
+        self, argv: Sequence[str], env: dict[str, str], log_path: Path, cwd: Path | None = None
+    ) -> None:
+        self.argv = list(argv)
+        self.log_path = log_path
+        with open(log_path, "wb") as out:
+            self.popen = subprocess.Popen(
+                self.argv,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+            )
+
+    def check_alive(self) -> None:
+        """Raise RuntimeError with the output's tail when the process has exited."""
+        if self.popen.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{self.argv[0]} exited {self.popen.returncode}:\n{tail}")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, wait, SIGKILL if it does not stop; returns the exit code."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                return self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+        return self.popen.wait()
+
+
+def wait_http_ok(url: str, proc: Process, timeout: float = 30.0) -> None:
+    """Poll ``url`` until it answers 200 (the server is up)."""
+
+    def ok() -> bool:
+        proc.check_alive()
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 (loopback)
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    wait_until(ok, timeout, f"{url} to answer 200", interval=0.05)
+
+
+def fmt(value: float | None, unit: str = "") -> str:
+    """A number for the table: thousands separators, sensible decimals."""
+    if value is None or value != value:  # None or nan
+        return "-"
+    if unit == "x" or abs(value) < 10:
+        return f"{value:,.2f}"
+    if abs(value) < 100:
+        return f"{value:,.1f}"
+    return f"{value:,.0f}"
+
+
+def markdown(rows: Sequence[Row], header: str) -> str:
+    """The results as a Markdown table (medians, limits, ratios)."""
+    lines = [
+        header,
+        "",
+        "| # | measurement | median | unit | limit (same run) | limit median | ratio | runs |",
+        "|---|---|---:|---|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        name = row.name + (f" ({row.note})" if row.note else "")
+        ratio = row.ratio
+        lines.append(
+            f"| {row.section} | {name} | {fmt(row.median)} | {row.unit} | {row.limit_name or '-'}"
+            f" | {fmt(row.limit_median)} | {fmt(ratio, 'x') if ratio is not None else '-'}"
+            f" | {len(row.values)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def environment() -> dict[str, Any]:
+    """What the figures depend on: machine, Python, Redis binary."""
+    from devtools.redis_server import find_binary
+
+    redis_version = subprocess.run(
+        [find_binary(), "--version"], capture_output=True, text=True
+    ).stdout.strip()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "redis": redis_version,
+        "loadavg_at_start": load,
+    }
+
+
+def write_results(rows: Sequence[Row], table: str, meta: dict[str, Any]) -> Path:
+    """bench-results/latest.json and latest.md (the directory is gitignored)."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / "latest.md").write_text(table)
+    path = RESULTS_DIR / "latest.json"
+    path.write_text(json.dumps({**meta, "rows": [r.to_json() for r in rows]}, indent=2) + "\n")
+    return path

@@ -1,0 +1,200 @@
+"""Profile the two hot paths with pyinstrument: a POST /orders and the consumer loop.
+
+``python -m benchmarks.profiling post [--count 2000] [--database sqlite|postgresql]``
+profiles POST /orders through the real Flask app (test client: no HTTP server, so the
+profile is our code, Flask, SQLAlchemy, the driver and Redis) and prints where the time
+goes by layer, then pyinstrument's tree; ``drain`` profiles one consumer thread
+draining no-op jobs (take, parse, handle, ack) in this process. Both start their own
+Redis server; the HTML profiles go to ``bench-results/profile-*.html``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import redis
+from pyinstrument import Profiler
+
+from benchmarks.harness import RESULTS_DIR
+from devtools.redis_server import RedisServer
+
+LAYERS = (
+    # (layer, substring of the frame's file path or function); the first match wins,
+    # walking from the sampled frame up to the root, so driver calls count as database
+    # even when SQLAlchemy called them.
+    (
+        "database driver (sqlite3/psycopg: execute, commit)",
+        (
+            "do_execute",
+            "do_commit",
+            "do_executemany",
+            "psycopg/",
+            "_sqlite",
+            "sqlite3/",
+            "do_begin",
+            "do_rollback",
+        ),
+    ),
+    ("Redis (redis-py, socket)", ("redis/", "hiredis")),
+    ("SQLAlchemy (ORM/Core, Python)", ("sqlalchemy/",)),
+    ("Flask/Werkzeug", ("flask/", "werkzeug/")),
+    ("our code (orders/, consumers/)", ("/orders/", "/consumers/")),
+    ("json", ("json/",)),
+)
+
+
+def layer_split(profiler: Profiler) -> dict[str, float]:
+    """Seconds per layer: each leaf's self time goes to the innermost matching frame."""
+    totals: dict[str, float] = defaultdict(float)
+    session = profiler.last_session
+    assert session is not None
+    root = session.root_frame()
+    if root is None:
+        return {}
+
+    def walk(frame: Any, stack: list[Any]) -> None:
+        stack.append(frame)
+        own = frame.time - sum(child.time for child in frame.children)
+        if own > 0:
+            totals[_layer(stack)] += own
+        for child in frame.children:
+            walk(child, stack)
+        stack.pop()
+
+    walk(root, [])
+    return dict(totals)
+
+
+def _layer(stack: list[Any]) -> str:
+    for frame in reversed(stack):
+        where = f"{frame.file_path or ''}:{frame.function or ''}"
+        for layer, needles in LAYERS:
+            if any(needle in where for needle in needles):
+                return layer
+    return "other (stdlib, interpreter)"
+
+
+def print_split(title: str, totals: dict[str, float], count: int) -> None:
+    """The per-layer table: share of the time and microseconds per request or job."""
+    total = sum(totals.values()) or 1.0
+    print(f"\n{title}\n")
+    print("| layer | share | µs per item |")
+    print("|---|---:|---:|")
+    for layer, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"| {layer} | {seconds / total:.0%} | {seconds / count * 1e6:,.0f} |")
+
+
+def profile_post(redis_url: str, database_url: str, count: int) -> None:
+    """POST ``count`` orders through the app's test client under pyinstrument."""
+    from benchmarks.intake import ORDER
+    from tests.orders_app import build_app
+
+    app = build_app(database_url, redis_url, "both")
+    client = app.test_client()
+    for _ in range(50):  # warm up: connections, statement caches
+        client.post("/orders", json=ORDER)
+    profiler = Profiler(interval=0.0005)
+    start = time.perf_counter()
+    profiler.start()
+    for _ in range(count):
+        response = client.post("/orders", json=ORDER)
+        if response.status_code != 201:
+            raise RuntimeError(f"POST /orders answered {response.status_code}")
+    profiler.stop()
+    elapsed = time.perf_counter() - start
+    app.extensions["orders"].close()
+    print(f"{count} POST /orders in {elapsed:.2f}s: {count / elapsed:,.0f}/s in one thread")
+    print_split("POST /orders, time by layer", layer_split(profiler), count)
+    _save(profiler, "post")
+
+
+def profile_drain(redis_url: str, count: int, batch: int) -> None:
+    """One Worker thread drains ``count`` no-op jobs in this process, under pyinstrument."""
+    from benchmarks.drain import job
+    from consumers.queue import RedisQueue
+    from consumers.updates import NoopHandler
+    from consumers.worker import Worker
+    from orders import keys
+    from orders.publisher import EventPublisher
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    jobs = [job(i) for i in range(1, count + 1)]
+    for i in range(0, count, 1000):
+        client.rpush(keys.pending(keys.NOOP_QUEUE), *jobs[i : i + 1000])
+    stop = threading.Event()
+    worker = Worker(
+        RedisQueue(client, keys.NOOP_QUEUE),
+        NoopHandler(),
+        EventPublisher(client, "both"),
+        batch_size=batch,
+        stop=stop,
+    )
+
+    def watch() -> None:  # stops the loop once every job is acked
+        while int(client.hget(keys.stats(keys.NOOP_QUEUE), "processed") or 0) < count:
+            time.sleep(0.005)
+        stop.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    profiler = Profiler(interval=0.0005)
+    start = time.perf_counter()
+    profiler.start()
+    worker._consume()  # the thread body, here in the profiled main thread
+    profiler.stop()
+    elapsed = time.perf_counter() - start
+    print(f"{count} no-op jobs, batch {batch}, in {elapsed:.2f}s: {count / elapsed:,.0f} jobs/s")
+    print_split("consumer loop, time by layer", layer_split(profiler), count)
+    _save(profiler, "drain")
+
+
+def _save(profiler: Profiler, name: str) -> None:
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"profile-{name}.html"
+    path.write_text(profiler.output_html())
+    print(profiler.output_text(unicode=True, color=False, show_all=False))
+    print(f"HTML profile: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one profile."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profiling")
+    parser.add_argument("target", choices=["post", "drain"])
+    parser.add_argument("--count", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="bench-profile-"))
+    server = RedisServer(data_dir=work).start()
+    cluster = None
+    try:
+        if args.target == "drain":
+            profile_drain(server.url, args.count or 50_000, args.batch)
+        else:
+            database_url = f"sqlite:///{work / 'orders.db'}"
+            if args.database == "postgresql":
+                from tests.orders_app import PostgresCluster, find_postgres_bin
+
+                bin_dir = find_postgres_bin()
+                if bin_dir is None:
+                    print("no PostgreSQL binaries", file=sys.stderr)
+                    return 1
+                cluster = PostgresCluster(bin_dir).start()
+                database_url = cluster.create_database()
+            profile_post(server.url, database_url, args.count or 2000)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

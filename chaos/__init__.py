@@ -1,0 +1,1 @@
+"""Fault scenarios against the real stack and the scoreboard they print (``make chaos``)."""

@@ -1,0 +1,581 @@
+"""The real system as child processes, for fault scenarios (``make chaos``, tests/e2e).
+
+:class:`Stack` runs a dedicated ``redis-server`` with AOF, ``orders-api`` (gunicorn, in-
+process outbox relays), ``smtp-sink`` and ``consumer`` processes for payment, invoice,
+email and updates, all on one SQLite database, and offers the faults: SIGKILL any of
+them, stop or kill Redis, cut one consumer's network to Redis (:class:`TcpProxy`), lock
+the database. It also places orders like a careful client (each with an
+Idempotency-Key, retried until it gets an answer) and counts what the system did with
+them, straight from the database: outcomes, charges, invoices, emails.
+
+Nothing here is simulated except where a docstring says so.
+"""
+
+from __future__ import annotations
+
+import email
+import json
+import os
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from email.policy import default as default_policy
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis as redis_lib
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from consumers import store
+from consumers.queue import RedisQueue
+from devtools.redis_server import RedisServer, free_port
+from orders import keys
+from orders.models import Order, OrderHistory
+from orders.reconcile import SLOTS
+
+BIN = Path(sys.executable).parent
+T = TypeVar("T")
+
+CONSUMERS = ("payment", "invoice", "email", "updates")
+QUEUE_OF = {"payment": "payment", "invoice": "invoice", "email": "email"}
+QUEUE_OF["updates"] = keys.ORDER_UPDATES_QUEUE
+
+
+class Timeout(RuntimeError):
+    """A deadline passed while waiting for a condition."""
+
+
+def wait_until(
+    predicate: Callable[[], T], timeout: float, interval: float = 0.05, what: str = "condition"
+) -> T:
+    """Poll ``predicate`` until it is truthy (returned) or raise :class:`Timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise Timeout(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Proc:
+    """A child process in its own session, output to a file."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str], log_path: Path) -> None:
+        self.argv = list(argv)
+        self.log_path = log_path
+        with open(log_path, "ab") as out:
+            self.popen = subprocess.Popen(
+                self.argv,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (gunicorn's workers too): no goodbye."""
+        if self.alive:
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.popen.wait()
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM, wait; SIGKILL at the deadline. Returns the exit code."""
+        if self.alive:
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.popen.returncode
+
+
+class TcpProxy:
+    """A loopback TCP forwarder between one client and Redis, whose link can be cut.
+
+    ``cut()`` is a partition as the client sees it: open connections go silent (bytes
+    are no longer forwarded either way) and new connections are accepted but never
+    answered, so the client runs into its socket timeouts, as behind a dead switch.
+    ``restore()`` closes the silent connections (as TCP would once the timeouts fire)
+    and forwards new ones again.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self._cut = threading.Event()
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._closed = False
+        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conns.append(client)
+            if self._cut.is_set():
+                continue  # held open, never answered
+            try:
+                upstream = socket.create_connection(self.target, timeout=2)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._conns.append(upstream)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if self._cut.is_set():
+                    continue  # the partition swallows it
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        """Partition: stop forwarding; new connections hang."""
+        self._cut.set()
+
+    def restore(self) -> None:
+        """Heal: drop the silent connections, forward new ones."""
+        with self._lock:
+            conns, self._conns = self._conns, []
+        self._cut.clear()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
+        self.restore()
+
+
+@dataclass
+class Slot:
+    """One consumer process position: its name, extra environment and current process."""
+
+    name: str
+    env: dict[str, str] = field(default_factory=dict)
+    proc: Proc | None = None
+
+
+@dataclass
+class IntakeStats:
+    """What the client saw while placing orders."""
+
+    ids: dict[str, int] = field(default_factory=dict)
+    """Idempotency-Key -> order id, for every order the API confirmed."""
+    statuses: Counter[str] = field(default_factory=Counter)
+    """Answers that made the client retry: HTTP codes and connection errors."""
+    gave_up: list[str] = field(default_factory=list)
+
+
+class Stack:
+    """The running system. ``start()`` it, use it, ``stop()`` it."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        workers_per_queue: int = 2,
+        appendfsync: str = "always",
+        consumer_env: dict[str, str] | None = None,
+    ) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.redis = RedisServer(
+            data_dir=root / "redis", appendonly=True, appendfsync=appendfsync
+        )  # fmt: skip
+        Path(str(self.redis.data_dir)).mkdir(parents=True, exist_ok=True)
+        self.db_path = root / "orders.db"
+        self.db_url = f"sqlite:///{self.db_path}"
+        self.mail_dir = root / "mail"
+        self.smtp_port = free_port()
+        self.api_port = free_port()
+        self.base = f"http://127.0.0.1:{self.api_port}"
+        self.common: dict[str, str] = {}
+        self.consumer_env = consumer_env or {}
+        self.workers_per_queue = workers_per_queue
+        self.slots: list[Slot] = []
+        self.proxy: TcpProxy | None = None
+        self.api: Proc | None = None
+        self.sink: Proc | None = None
+        self.started = 0
+        self.engine: Engine | None = None
+        self.client: redis_lib.Redis | None = None
+        self._lock = threading.Lock()
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> Stack:
+        self.redis.start()
+        self.client = redis_lib.Redis.from_url(self.redis.url, socket_timeout=5)
+        self.common = {
+            "REDIS_URL": self.redis.url,
+            "DATABASE_URL": self.db_url,
+            "PATTERN": "both",
+            "REDIS_CONNECT_ATTEMPTS": "300",
+            "REDIS_CONNECT_RETRY_DELAY": "0.2",
+            "LOG_LEVEL": "WARNING",
+        }
+        self.sink = Proc(
+            [str(BIN / "smtp-sink")],
+            {
+                "SMTP_HOST": "127.0.0.1",
+                "SMTP_PORT": str(self.smtp_port),
+                "SMTP_SINK_DIR": str(self.mail_dir),
+            },
+            self.root / "sink.log",
+        )
+        self.start_api()
+        self.proxy = TcpProxy(self.redis.port)
+        for name in CONSUMERS:
+            for i in range(self.workers_per_queue):
+                env: dict[str, str] = {}
+                if name == "payment" and i == 0:
+                    env["REDIS_URL"] = self.proxy.url  # the partition scenario cuts this one
+                self.slots.append(Slot(name, env))
+        for slot in self.slots:
+            self.start_slot(slot)
+        wait_until(lambda: "listening on" in self.sink.output(), 30, what="smtp-sink")  # type: ignore[union-attr]
+        self.engine = store.make_engine(self.db_url)
+        wait_until(self.workers_registered, 60, 0.1, "every consumer registered")
+        return self
+
+    def workers_registered(self) -> bool:
+        try:
+            return all(
+                self.client.scard(keys.workers(QUEUE_OF[name])) >= self.workers_per_queue  # type: ignore[union-attr]
+                for name in CONSUMERS
+            )
+        except redis_lib.RedisError:
+            return False
+
+    def start_api(self) -> None:
+        self.api = Proc(
+            [str(BIN / "orders-api")],
+            {
+                **self.common,
+                "HOST": "127.0.0.1",
+                "PORT": str(self.api_port),
+                "WEB_CONCURRENCY": "2",
+                "RELAY_IN_PROCESS": "1",
+                "RELAY_INTERVAL": "0.2",
+                "RELAY_CLAIM_SECONDS": "2",
+                # One client (this process) places every order: do not throttle it.
+                "RATE_LIMIT_PER_MINUTE": "0",
+            },
+            self.root / "api.log",
+        )
+        wait_until(lambda: self.healthy(), 60, 0.1, "orders-api /healthz")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.base + "/healthz", timeout=2) as response:
+                return int(response.status) == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def consumer_environment(self, slot: Slot) -> dict[str, str]:
+        return {
+            **self.common,
+            "SMTP_HOST": "127.0.0.1",
+            "SMTP_PORT": str(self.smtp_port),
+            "CONSUMER_HEARTBEAT_TTL": "2",
+            "CONSUMER_BACKOFF_BASE": "0.1",
+            "CONSUMER_BACKOFF_MAX": "1.0",
+            "CONSUMER_MAX_ATTEMPTS": "12",
+            "CONSUMER_BATCH_SIZE": "5",
+            "PAYMENT_TRANSIENT_ERROR_RATE": "0.05",
+            **self.consumer_env,
+            **slot.env,
+        }
+
+    def start_slot(self, slot: Slot) -> None:
+        with self._lock:
+            self.started += 1
+            n = self.started
+        log = self.root / f"{slot.name}-{n}.log"
+        slot.proc = Proc([str(BIN / "consumer"), slot.name], self.consumer_environment(slot), log)
+
+    def restart_slots(self, name: str, env: dict[str, str]) -> None:
+        """Stop (SIGTERM) every consumer of ``name`` and start it with ``env`` added."""
+        for slot in self.slots:
+            if slot.name == name and slot.proc is not None:
+                slot.proc.terminate()
+                slot.env = {k: v for k, v in slot.env.items() if k == "REDIS_URL"} | env
+                self.start_slot(slot)
+
+    def kill_random_consumer(self, rng: random.Random) -> None:
+        """SIGKILL one consumer at random and start its replacement at once."""
+        slot = rng.choice(self.slots)
+        if slot.proc is not None:
+            slot.proc.kill()
+        self.start_slot(slot)
+
+    def stop(self) -> list[int]:
+        codes = []
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.alive:
+                codes.append(slot.proc.terminate())
+        if self.api is not None:
+            self.api.terminate()
+        if self.sink is not None:
+            self.sink.terminate()
+        if self.proxy is not None:
+            self.proxy.close()
+        if self.engine is not None:
+            self.engine.dispose()
+        if self.client is not None:
+            self.client.close()
+        self.redis.stop()
+        return codes
+
+    # --- faults on Redis ------------------------------------------------------------
+
+    def set_appendfsync(self, policy: str) -> None:
+        self.redis.appendfsync = policy  # survives the restarts below
+        self.client.config_set("appendfsync", policy)  # type: ignore[union-attr]
+
+    @property
+    def aof_path(self) -> Path:
+        return Path(str(self.redis.data_dir)) / "appendonly.aof"
+
+    def restart_redis(self) -> None:
+        self.redis.start(timeout=60)
+
+    # --- the database ---------------------------------------------------------------
+
+    def lock_database(self, seconds: float, stop: threading.Event | None = None) -> None:
+        """Hold SQLite's exclusive lock from another connection for ``seconds``."""
+        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            conn.execute("BEGIN EXCLUSIVE")
+            (stop or threading.Event()).wait(seconds)
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+
+    # --- placing orders -------------------------------------------------------------
+
+    def post_order(
+        self, key: str, body: dict[str, Any], stats: IntakeStats, give_up: float
+    ) -> None:
+        """POST until the API confirms (201/200) or ``give_up`` seconds passed."""
+        data = json.dumps(body).encode()
+        deadline = time.monotonic() + give_up
+        delay = 0.05
+        while time.monotonic() < deadline:
+            request = urllib.request.Request(
+                self.base + "/orders",
+                data=data,
+                headers={"Content-Type": "application/json", "Idempotency-Key": key},
+                method="POST",
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    order_id = int(json.loads(response.read())["id"])
+                with self._lock:
+                    stats.ids[key] = order_id
+                return
+            except urllib.error.HTTPError as exc:
+                if exc.code < 500 and exc.code != 429:
+                    raise AssertionError(f"POST /orders: {exc.code} {exc.read()!r}") from exc
+                outcome = str(exc.code)
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+                outcome = type(getattr(exc, "reason", exc)).__name__
+            with self._lock:
+                stats.statuses[outcome] += 1
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        with self._lock:
+            stats.gave_up.append(key)
+
+    def place(
+        self, prefix: str, count: int, seconds: float, threads: int = 4, give_up: float = 120.0
+    ) -> IntakeStats:
+        """Place ``count`` orders spread over about ``seconds``, ``threads`` at a time."""
+        stats = IntakeStats()
+        gap = seconds / max(count, 1)
+        start = time.monotonic()
+
+        def one(n: int) -> None:
+            # Pace the submissions, so faults land while orders are arriving.
+            delay = start + n * gap - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self.post_order(f"{prefix}-{n}", order_body(n), stats, give_up)
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, range(count)))
+        return stats
+
+    # --- counting -------------------------------------------------------------------
+
+    def queues(self) -> list[RedisQueue]:
+        return [RedisQueue(self.client, QUEUE_OF[name]) for name in CONSUMERS]  # type: ignore[arg-type]
+
+    def backlog(self) -> int:
+        """Messages pending or delayed on every queue (-1 when Redis does not answer)."""
+        try:
+            return sum(q.stats()["pending"] + q.stats()["delayed"] for q in self.queues())
+        except redis_lib.RedisError:
+            return -1
+
+    def dead_letters(self) -> int:
+        try:
+            return sum(int(self.client.llen(keys.dead(QUEUE_OF[n]))) for n in CONSUMERS)  # type: ignore[union-attr]
+        except redis_lib.RedisError:
+            return -1
+
+    def in_flight(self) -> int:
+        total = 0
+        for name in CONSUMERS:
+            pattern = keys.processing(QUEUE_OF[name], "*")
+            for key in self.client.scan_iter(match=pattern):  # type: ignore[union-attr]
+                total += int(self.client.llen(key))  # type: ignore[union-attr]
+        return total
+
+    def completed(self, order_ids: Sequence[int]) -> set[int]:
+        """The orders among ``order_ids`` whose history has all three outcomes."""
+        if not order_ids:
+            return set()
+        slots: dict[int, set[str]] = {}
+        with Session(self.engine) as s:
+            rows = s.execute(
+                select(OrderHistory.order_id, OrderHistory.type).where(
+                    OrderHistory.order_id.between(min(order_ids), max(order_ids))
+                )
+            ).all()
+        for order_id, event_type in rows:
+            if event_type in SLOTS:
+                slots.setdefault(order_id, set()).add(SLOTS[event_type])
+        full = set(SLOTS.values())
+        return {o for o in order_ids if slots.get(o) == full}
+
+    def max_order_id(self) -> int:
+        with Session(self.engine) as s:
+            return int(s.scalar(select(func.max(Order.id))) or 0)
+
+    def effects(self, first_id: int, last_id: int) -> dict[str, int]:
+        """Duplicate effects among orders ``first_id..last_id``, from the database and mail.
+
+        ``orders``: orders the database holds in that id range; the others are counts
+        of orders with more than one charge, invoice, email row or recorded outcome of
+        one kind, and ``smtp_resends``: emails delivered again with the same Message-ID
+        (the documented SMTP window; receivers drop them by Message-ID).
+        """
+        with Session(self.engine) as s:
+
+            def in_range(column: Any) -> Any:
+                return column.between(first_id, last_id)
+
+            orders = s.scalar(select(func.count()).select_from(Order).where(in_range(Order.id)))
+            charges = Counter(
+                s.scalars(
+                    select(store.GatewayCharge.order_id).where(
+                        in_range(store.GatewayCharge.order_id)
+                    )
+                ).all()
+            )
+            invoices = Counter(
+                s.scalars(
+                    select(store.Invoice.order_id).where(in_range(store.Invoice.order_id))
+                ).all()
+            )
+            emails = Counter(
+                s.scalars(
+                    select(store.EmailSent.order_id).where(in_range(store.EmailSent.order_id))
+                ).all()
+            )
+            history = Counter(
+                (oid, SLOTS.get(t, t))
+                for oid, t in s.execute(
+                    select(OrderHistory.order_id, OrderHistory.type).where(
+                        in_range(OrderHistory.order_id)
+                    )
+                ).all()
+            )
+        dup = {
+            "charges": sum(1 for n in charges.values() if n > 1),
+            "invoices": sum(1 for n in invoices.values() if n > 1),
+            "emails": sum(1 for n in emails.values() if n > 1),
+            "outcomes": sum(1 for n in history.values() if n > 1),
+        }
+        return {"orders": int(orders or 0), **dup}
+
+    def mail_files(self) -> set[Path]:
+        return set(self.mail_dir.glob("*.eml")) if self.mail_dir.exists() else set()
+
+    @staticmethod
+    def smtp_resends(files: set[Path]) -> int:
+        """Emails among ``files`` that repeat an earlier one's Message-ID."""
+        ids = [
+            str(email.message_from_bytes(f.read_bytes(), policy=default_policy)["Message-ID"])
+            for f in files
+        ]
+        return len(ids) - len(set(ids))
+
+    def count_orders(self) -> int:
+        with Session(self.engine) as s:
+            return int(s.scalar(select(func.count()).select_from(Order)) or 0)
+
+
+def order_body(n: int) -> dict[str, Any]:
+    """An order; some customers trigger the gateway's scripted outcomes."""
+    who = {0: "decline@example.com", 1: "flaky@example.com"}.get(n % 10, f"c{n}@example.com")
+    return {
+        "customer_email": who,
+        "currency": "EUR",
+        "items": [
+            {"sku": f"SKU-{n % 7}", "quantity": 1 + n % 3, "unit_price": "9.99"},
+            {"sku": "GIFT-WRAP", "quantity": 1, "unit_price": "0.50"},
+        ],
+    }

@@ -1,0 +1,108 @@
+"""The API under pressure: rate limit (429), a database that is down (503), reconciliation.
+
+Real Redis and real SQLite/PostgreSQL through the Flask app.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import pytest
+import redis as redis_lib
+from flask import Flask
+
+from devtools.redis_server import free_port
+from orders import events, keys
+from orders.app import create_app
+from orders.history import record_event
+from orders.reconcile import reconcile
+from tests.orders_app import ORDER, order
+
+NO_REDIS = "redis://127.0.0.1:1/0"
+
+
+def test_a_client_over_its_limit_gets_429_with_retry_after(
+    make_app: Callable[..., Flask], redis_url: str, redis: redis_lib.Redis
+) -> None:
+    client = make_app(redis_url, RATE_LIMIT_PER_MINUTE="3").test_client()
+    for _ in range(3):
+        assert client.get("/orders").status_code == 200
+    response = client.post("/orders", json=ORDER)
+    assert response.status_code == 429
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert int(response.headers["Retry-After"]) >= 1  # 1 token per 20 s
+    body = response.get_json()
+    assert body["status"] == 429 and body["type"].endswith("/rate-limited")
+    assert client.get("/healthz").status_code == 200, "probes are never limited"
+    other = client.get("/orders", environ_base={"REMOTE_ADDR": "192.0.2.7"})
+    assert other.status_code == 200, "each client IP has its own bucket"
+    assert redis.exists(keys.rate_limit("127.0.0.1"))
+    assert 0 < redis.pttl(keys.rate_limit("127.0.0.1")) <= 61_000, "idle buckets expire"
+
+
+def test_rate_limit_zero_is_off(
+    make_app: Callable[..., Flask], redis_url: str, redis: redis_lib.Redis
+) -> None:
+    client = make_app(redis_url, RATE_LIMIT_PER_MINUTE="0").test_client()
+    for _ in range(20):
+        assert client.get("/orders").status_code == 200
+    assert not redis.exists(keys.rate_limit("127.0.0.1"))
+
+
+def test_the_limiter_fails_open_when_redis_is_down(make_app: Callable[..., Flask]) -> None:
+    client = make_app(NO_REDIS, RATE_LIMIT_PER_MINUTE="1").test_client()
+    for n in range(3):  # over the limit, but nobody can count: orders are still taken
+        response = client.post("/orders", json=order(customer_email=f"c{n}@example.com"))
+        assert response.status_code == 201, response.get_json()
+
+
+def test_an_unreachable_database_is_503_problem_json(redis_url: str) -> None:
+    down = f"postgresql+psycopg://orders:pw@127.0.0.1:{free_port()}/orders"
+    flask_app = create_app({"DATABASE_URL": down, "REDIS_URL": redis_url, "TESTING": True})
+    client = flask_app.test_client()
+    for response in (client.get("/orders"), client.post("/orders", json=ORDER)):
+        assert response.status_code == 503, response.get_data(as_text=True)
+        assert response.headers["Content-Type"] == "application/problem+json"
+        assert response.headers["Retry-After"] == "1"
+        assert response.get_json()["type"].endswith("/database-unavailable")
+    flask_app.extensions["orders"].close()
+
+
+def _outcome(event_type: str, order_id: int) -> dict[str, object]:
+    return events.envelope(
+        event_type,
+        {"order_id": order_id},
+        message=event_type,
+        sender="test",
+        count=order_id,
+        timestamp=datetime.now(UTC).isoformat(),
+    )
+
+
+@pytest.mark.usefixtures("redis")
+def test_reconcile_republishes_the_stored_event_of_incomplete_orders_only(
+    make_app: Callable[..., Flask], redis_url: str, redis: redis_lib.Redis
+) -> None:
+    app = make_app(redis_url, RATE_LIMIT_PER_MINUTE="0")
+    client = app.test_client()
+    done = client.post("/orders", json=order(customer_email="done@example.com")).get_json()["id"]
+    lost = client.post("/orders", json=order(customer_email="lost@example.com")).get_json()["id"]
+    first_publish = [json.loads(m) for m in redis.lrange(keys.pending("payment"), 0, -1)]
+    assert [e["data"]["order_id"] for e in first_publish] == [done, lost]
+    svc = app.extensions["orders"]
+    with svc.sessions.begin() as session:
+        for event_type in (events.PAYMENT_CAPTURED, events.INVOICE_ISSUED):
+            record_event(session, _outcome(event_type, done))
+        record_event(session, _outcome(events.CONFIRMATION_EMAIL_SENT, done))
+        record_event(session, _outcome(events.PAYMENT_DECLINED, lost))  # only one of three
+    redis.flushdb()  # Redis lost the jobs (say, the AOF tail of a power cut)
+
+    result = reconcile(svc.engine, svc.publisher, older_than=0, window=3600)
+
+    assert result.checked == 2 and result.incomplete == [lost] and result.republished == 1
+    for queue in keys.CONSUMER_QUEUES:
+        again = [json.loads(m) for m in redis.lrange(keys.pending(queue), 0, -1)]
+        assert again == [first_publish[1]], "the stored event, same id, to every queue"
+    assert reconcile(svc.engine, svc.publisher, older_than=3600, window=7200).checked == 0

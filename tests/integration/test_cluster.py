@@ -1,0 +1,63 @@
+"""What only matters on Redis Cluster: REDIS_WAIT_REPLICAS, and a client that connects late.
+
+The behaviour shared with one node (publishing, the queue, the relay) is tested on both
+topologies by the other integration tests through the ``topology`` fixture.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis as redis_lib
+
+from devtools.redis_server import free_cluster_port
+from orders import events, keys
+from orders.bootstrap import connect_with_retries, redis_client
+from orders.config import Settings
+from orders.publisher import EventPublisher, ReplicaAckError
+from tests.topology import Topology
+
+
+def _placed(order_id: int) -> dict[str, object]:
+    return events.envelope(
+        events.ORDER_PLACED,
+        {"order_id": order_id},
+        message=f"Order #{order_id} placed",
+        sender="test",
+        count=order_id,
+    )
+
+
+def test_wait_replicas_holds_a_publish_until_a_replica_has_it(topology: Topology) -> None:
+    client = topology.client()
+    event = _placed(1)
+    publisher = EventPublisher(client, "queue", wait_replicas=1)
+    if topology.cluster:  # every master has a replica: WAIT 1 is satisfied
+        publisher.publish(event)
+        for queue in keys.CONSUMER_QUEUES:
+            assert [json.loads(m)["id"] for m in client.lrange(keys.pending(queue), 0, -1)] == [
+                event["id"]
+            ]
+    else:  # a lone server has no replica: the publish fails, so the outbox would retry
+        with pytest.raises(ReplicaAckError, match="0 of 1 replica"):
+            publisher.publish(event)
+    with pytest.raises(ReplicaAckError, match="of 2 replica"):
+        EventPublisher(client, "queue", wait_replicas=2).publish(_placed(2))
+    client.close()
+
+
+def test_cluster_client_connects_on_first_use_and_retries() -> None:
+    settings = Settings.from_env(
+        {
+            "REDIS_CLUSTER": "1",
+            "REDIS_PORT": str(free_cluster_port()),
+            "REDIS_CONNECT_ATTEMPTS": "2",
+            "REDIS_CONNECT_RETRY_DELAY": "0",
+        }
+    )
+    client = redis_client(settings)  # nothing listens: building it must not raise
+    with pytest.raises(redis_lib.ConnectionError):
+        client.ping()
+    assert connect_with_retries(client, settings) is False
+    client.close()
