@@ -563,10 +563,6 @@ class Stack:
         ]
         return len(ids) - len(set(ids))
 
-    def count_orders(self) -> int:
-        with Session(self.engine) as s:
-            return int(s.scalar(select(func.count()).select_from(Order)) or 0)
-
 
 def order_body(n: int) -> dict[str, Any]:
     """An order; some customers trigger the gateway's scripted outcomes."""

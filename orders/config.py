@@ -343,3 +343,19 @@ class ConsumerSettings:
             smtp_sink_dir=_get(env, "SMTP_SINK_DIR") or "var/mail",
             metrics_port=_int(env, "METRICS_PORT", 0, 65535),
         )
+
+
+def markdown_table() -> str:
+    """The README's configuration table, generated from :data:`ENV_VARS`.
+
+    ``python -m orders.config`` prints it; a test keeps the README's copy in step.
+    """
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for var in ENV_VARS:
+        default = f"`{var.default}`" if var.default else "(empty)"
+        rows.append(f"| `{var.name}` | {default} | {var.doc.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -28,5 +28,7 @@ def test_quick_scoreboard(tmp_path: Path) -> None:
         if result.scenario.promises_zero:
             assert result.lost == 0, (result.scenario.name, result.notes)
             assert result.duplicated == 0, (result.scenario.name, result.notes)
-    power_loss = next(r for r in results if "power loss" in r.scenario.name)
-    assert power_loss.lost_before_reconcile is not None or power_loss.lost == 0
+    names = " ".join(r.scenario.name for r in results)
+    for fault in ("consumers SIGKILLed", "power loss", "Redis down", "orders-api SIGKILLed",
+                  "database locked", "slow consumer", "partitioned"):  # fmt: skip
+        assert fault in names
