@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -255,6 +256,10 @@ def event_line(raw: bytes | str, received: datetime | None = None) -> str:
 
 
 def cmd_watch(_args: argparse.Namespace, settings: Settings) -> int:
+    # Ctrl-C (and SIGTERM) must stop it even when started with SIGINT ignored, as a
+    # shell does for background jobs and Python then leaves it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     pubsub = _client(settings).pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.ORDER_EVENTS_CHANNEL)
     print(
