@@ -17,8 +17,9 @@ import time
 
 import redis
 
-from benchmarks.harness import BIN, Context, Process, Row, repeat, wait_until
+from benchmarks.harness import BIN, Context, Row, repeat
 from consumers.queue import RedisQueue
+from devtools.procs import Proc, wait_until
 from orders import events, keys
 
 QUEUE = keys.NOOP_QUEUE
@@ -83,7 +84,7 @@ def consumers_drain(
     }
     logs = ctx.scratch("drain")
     procs = [
-        Process([str(BIN / "consumer"), "noop"], env, logs / f"consumer-{i}.log")
+        Proc([str(BIN / "consumer"), "noop"], env, logs / f"consumer-{i}.log")
         for i in range(processes)
     ]
     times: list[float] = []
@@ -94,7 +95,7 @@ def consumers_drain(
                 proc.check_alive()
             return client.scard(keys.workers(QUEUE)) >= processes
 
-        wait_until(registered, 60, "the consumers to register")
+        wait_until(registered, 60, 0.005, "the consumers to register")
 
         def drained() -> bool:
             return int(client.hget(keys.stats(QUEUE), "processed") or 0) >= len(jobs)
@@ -102,14 +103,14 @@ def consumers_drain(
         for _ in range(repeats):
             stage(client, jobs)
             start = release_jobs(client)
-            wait_until(drained, 120 + len(jobs) / 1000, f"{len(jobs)} acks", interval=0.002)
+            wait_until(drained, 120 + len(jobs) / 1000, 0.002, f"{len(jobs)} acks")
             times.append(time.perf_counter() - start)
             left = client.llen(keys.pending(QUEUE))
             if left:
                 raise RuntimeError(f"{left} jobs still pending after the drain")
     finally:
         for proc in procs:
-            proc.stop()
+            proc.terminate(15.0)
     client.close()
     return times
 

@@ -23,8 +23,9 @@ import redis
 from sqlalchemy import func, select
 
 from benchmarks import hey
-from benchmarks.harness import BIN, Context, Process, Row, percentile, wait_until
+from benchmarks.harness import BIN, Context, Row, percentile
 from benchmarks.intake import body_file, start_api
+from devtools.procs import Proc, Timeout, wait_until
 from devtools.redis_server import free_port
 from orders import events, keys
 from orders.bootstrap import create_schema, database_engine
@@ -55,9 +56,9 @@ def one_run(ctx: Context) -> dict[str, list[float] | float]:
         "SMTP_PORT": str(smtp_port),
         "SMTP_SINK_DIR": str(work / "mail"),
     }
-    procs = [Process([str(BIN / "smtp-sink")], env, work / "smtp-sink.log")]
+    procs = [Proc([str(BIN / "smtp-sink")], env, work / "smtp-sink.log")]
     procs += [
-        Process([str(BIN / "consumer"), name], env, work / f"consumer-{name}.log")
+        Proc([str(BIN / "consumer"), name], env, work / f"consumer-{name}.log")
         for name in CONSUMERS
     ]
     api = None
@@ -69,7 +70,7 @@ def one_run(ctx: Context) -> dict[str, list[float] | float]:
                 proc.check_alive()
             return all(client.scard(keys.workers(q)) for q in queues)
 
-        wait_until(ready, 60, "the consumers to register", 0.05)
+        wait_until(ready, 60, 0.05, "the consumers to register")
         api, base = start_api(ctx, database_url)
         clients = max(1, mode.e2e_rate // RATE_PER_CLIENT)
         load = hey.post(
@@ -97,15 +98,15 @@ def one_run(ctx: Context) -> dict[str, list[float] | float]:
             return _complete(engine) >= load.ok
 
         try:
-            wait_until(all_done, mode.e2e_deadline, "every order's effects", 0.2)
-        except TimeoutError:
+            wait_until(all_done, mode.e2e_deadline, 0.2, "every order's effects")
+        except Timeout:
             ctx.log(f"e2e: deadline reached with {completed()} of {load.ok} confirmed")
         dead = sum(int(client.llen(keys.dead(q))) for q in queues)
     finally:
         if api is not None:
-            api.stop()
+            api.terminate(15.0)
         for proc in procs:
-            proc.stop()
+            proc.terminate(15.0)
         client.close()
     result = _latencies(engine)
     engine.dispose()

@@ -17,11 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from devtools.procs import Proc, http_ok, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -198,66 +199,14 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.005
-) -> Any:
-    """Poll until ``predicate()`` is truthy; raise TimeoutError naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
-
-
-class Process:
-    """A child process whose output goes to a file (read it after a failure)."""
-
-    def __init__(
-        self, argv: Sequence[str], env: dict[str, str], log_path: Path, cwd: Path | None = None
-    ) -> None:
-        self.argv = list(argv)
-        self.log_path = log_path
-        with open(log_path, "wb") as out:
-            self.popen = subprocess.Popen(
-                self.argv,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-            )
-
-    def check_alive(self) -> None:
-        """Raise RuntimeError with the output's tail when the process has exited."""
-        if self.popen.poll() is not None:
-            tail = self.log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{self.argv[0]} exited {self.popen.returncode}:\n{tail}")
-
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM, wait, SIGKILL if it does not stop; returns the exit code."""
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                return self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-        return self.popen.wait()
-
-
-def wait_http_ok(url: str, proc: Process, timeout: float = 30.0) -> None:
-    """Poll ``url`` until it answers 200 (the server is up)."""
+def wait_http_ok(url: str, proc: Proc, timeout: float = 30.0) -> None:
+    """Poll ``url`` until it answers 200 (the server is up); fail early if ``proc`` exits."""
 
     def ok() -> bool:
         proc.check_alive()
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 (loopback)
-                return bool(response.status == 200)
-        except OSError:
-            return False
+        return http_ok(url, timeout=1)
 
-    wait_until(ok, timeout, f"{url} to answer 200", interval=0.05)
+    wait_until(ok, timeout, 0.05, f"{url} to answer 200")
 
 
 def fmt(value: float | None, unit: str = "") -> str:

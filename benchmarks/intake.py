@@ -24,7 +24,8 @@ import redis
 from sqlalchemy import func, select
 
 from benchmarks import hey
-from benchmarks.harness import BIN, Context, Process, Row, wait_http_ok, wait_until
+from benchmarks.harness import BIN, Context, Row, wait_http_ok
+from devtools.procs import Proc, wait_until
 from devtools.redis_server import free_port
 from orders import keys
 from orders.bootstrap import database_engine
@@ -62,13 +63,11 @@ def server_env(port: int, database_url: str, redis_url: str) -> dict[str, str]:
     }
 
 
-def start_api(
-    ctx: Context, database_url: str, argv: list[str] | None = None
-) -> tuple[Process, str]:
+def start_api(ctx: Context, database_url: str, argv: list[str] | None = None) -> tuple[Proc, str]:
     """Start orders-api (or ``argv`` with its environment); returns it and its base URL."""
     port = free_port()
     logs = ctx.scratch("api")
-    proc = Process(
+    proc = Proc(
         argv or [str(BIN / "orders-api")],
         server_env(port, database_url, ctx.redis_url),
         logs / "server.log",
@@ -77,7 +76,7 @@ def start_api(
     try:
         wait_http_ok(f"{base}/healthz", proc)
     except Exception:
-        proc.stop()
+        proc.terminate(15.0)
         raise
     return proc, base
 
@@ -112,7 +111,7 @@ def check_queued(ctx: Context, database_url: str) -> int:
         return all(client.llen(keys.pending(q)) >= stored for q in keys.CONSUMER_QUEUES)
 
     try:
-        wait_until(all_queued, 30, f"{stored} OrderPlaced events in every consumer queue", 0.05)
+        wait_until(all_queued, 30, 0.05, f"{stored} OrderPlaced events in every consumer queue")
     finally:
         client.close()
     return stored
@@ -162,7 +161,7 @@ def run(ctx: Context) -> list[Row]:
     try:
         bare = measure(ctx, base, body)
     finally:
-        proc.stop()
+        proc.terminate(15.0)
     rows: list[Row] = []
     note = f"{WORKERS} workers x {THREADS} threads, hey -c {mode.http_clients}"
     databases = {
@@ -183,7 +182,7 @@ def run(ctx: Context) -> list[Row]:
             loads = measure(ctx, base, body)
             proc.check_alive()
         finally:
-            proc.stop()
+            proc.terminate(15.0)
         stored = check_queued(ctx, database_url)
         accepted = sum(load.ok for load in loads)
         ctx.log(

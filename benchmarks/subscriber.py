@@ -22,7 +22,8 @@ from pathlib import Path
 
 import redis
 
-from benchmarks.harness import BIN, ROOT, Context, Process, Row, wait_until
+from benchmarks.harness import BIN, ROOT, Context, Row
+from devtools.procs import Proc, wait_until
 from orders import events
 
 SECTION = "5"
@@ -81,7 +82,7 @@ class Counter:
         return self.count
 
 
-def _start(ctx: Context, argv: list[str], pattern: str, name: str) -> tuple[Process, Counter]:
+def _start(ctx: Context, argv: list[str], pattern: str, name: str) -> tuple[Proc, Counter]:
     env = {
         "REDIS_URL": ctx.redis_url,
         "PATTERN": pattern,
@@ -90,13 +91,13 @@ def _start(ctx: Context, argv: list[str], pattern: str, name: str) -> tuple[Proc
         "LOG_LEVEL": "WARNING",
     }
     log = ctx.scratch("sub") / f"{name}.out"
-    proc = Process(argv, env, log)
+    proc = Proc(argv, env, log)
     return proc, Counter(log)
 
 
-def _stop(proc: Process, counter: Counter) -> int:
+def _stop(proc: Proc, counter: Counter) -> int:
     """SIGTERM; check the subscriber's own total against the count; returns it."""
-    code = proc.stop()
+    code = proc.terminate(15.0)
     counted = counter.poll()
     found = TOTAL.findall(proc.log_path.read_bytes())
     if code != 0 or not found:
@@ -123,7 +124,7 @@ def one_run(
             proc.check_alive()
             return bool(client.pubsub_numsub(CHANNEL)[0][1])
 
-        wait_until(subscribed, 30, f"{name} to subscribe", 0.01)
+        wait_until(subscribed, 30, 0.01, f"{name} to subscribe")
         start = time.perf_counter()
         for i in range(0, len(payloads), 100):
             pipe = client.pipeline(transaction=False)
@@ -150,8 +151,8 @@ def one_run(
         wait_until(
             lambda: counter.poll() >= from_channel + len(payloads),
             60 + len(payloads) / 500,
-            f"{name} to pop {len(payloads)} messages",
             0.002,
+            f"{name} to pop {len(payloads)} messages",
         )
         queue_rate = len(payloads) / (time.perf_counter() - start)
     finally:

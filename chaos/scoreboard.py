@@ -30,7 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chaos.stack import BIN, Stack, Timeout, wait_until
+from chaos.stack import BIN, Stack
+from devtools.procs import Timeout, wait_until
 
 
 @dataclass(frozen=True)

@@ -15,24 +15,21 @@ from __future__ import annotations
 
 import email
 import json
-import os
 import random
-import signal
 import socket
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.policy import default as default_policy
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import redis as redis_lib
 from sqlalchemy import Engine, func, select
@@ -40,77 +37,28 @@ from sqlalchemy.orm import Session
 
 from consumers import store
 from consumers.queue import RedisQueue
+from devtools.procs import Proc, http_ok, wait_until
 from devtools.redis_server import RedisServer, free_port
 from orders import keys
 from orders.models import Order, OrderHistory
 from orders.reconcile import SLOTS
 
 BIN = Path(sys.executable).parent
-T = TypeVar("T")
 
 CONSUMERS = ("payment", "invoice", "email", "updates")
 QUEUE_OF = {"payment": "payment", "invoice": "invoice", "email": "email"}
 QUEUE_OF["updates"] = keys.ORDER_UPDATES_QUEUE
-
-
-class Timeout(RuntimeError):
-    """A deadline passed while waiting for a condition."""
-
-
-def wait_until(
-    predicate: Callable[[], T], timeout: float, interval: float = 0.05, what: str = "condition"
-) -> T:
-    """Poll ``predicate`` until it is truthy (returned) or raise :class:`Timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise Timeout(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
-
-
-class Proc:
-    """A child process in its own session, output to a file."""
-
-    def __init__(self, argv: Sequence[str], env: dict[str, str], log_path: Path) -> None:
-        self.argv = list(argv)
-        self.log_path = log_path
-        with open(log_path, "ab") as out:
-            self.popen = subprocess.Popen(
-                self.argv,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    @property
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (gunicorn's workers too): no goodbye."""
-        if self.alive:
-            try:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.popen.wait()
-
-    def terminate(self, timeout: float = 20.0) -> int:
-        """SIGTERM, wait; SIGKILL at the deadline. Returns the exit code."""
-        if self.alive:
-            self.popen.send_signal(signal.SIGTERM)
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return self.popen.returncode
+CHAOS_API_ENV = {
+    "RELAY_CLAIM_SECONDS": "2",
+    # One client (this process) places every order: do not throttle it.
+    "RATE_LIMIT_PER_MINUTE": "0",
+}
+CHAOS_TUNING = {
+    "CONSUMER_HEARTBEAT_TTL": "2",
+    "CONSUMER_MAX_ATTEMPTS": "12",
+    "CONSUMER_BATCH_SIZE": "5",
+    "PAYMENT_TRANSIENT_ERROR_RATE": "0.05",
+}
 
 
 class TcpProxy:
@@ -227,13 +175,33 @@ class Stack:
         workers_per_queue: int = 2,
         appendfsync: str = "always",
         consumer_env: dict[str, str] | None = None,
+        redis: RedisServer | None = None,
+        proxy: bool = True,
+        common_env: dict[str, str] | None = None,
+        api_env: dict[str, str] | None = None,
+        tuning: dict[str, str] | None = None,
+        slot_env: dict[str, dict[str, str]] | None = None,
     ) -> None:
+        """The defaults are the fault scenarios' setup; tests/e2e passes its own.
+
+        ``redis``: an already running server to use (else a dedicated one with AOF is
+        started); ``proxy``: route the first payment consumer through a :class:`TcpProxy`;
+        ``common_env``, ``api_env``: added to every process's / the API's environment;
+        ``tuning``: replaces :data:`CHAOS_TUNING` in the consumers' environment;
+        ``slot_env``: extra environment for every consumer of a name.
+        """
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self.redis = RedisServer(
+        self.own_redis = redis is None
+        self.redis = redis or RedisServer(
             data_dir=root / "redis", appendonly=True, appendfsync=appendfsync
         )  # fmt: skip
         Path(str(self.redis.data_dir)).mkdir(parents=True, exist_ok=True)
+        self.use_proxy = proxy
+        self.common_env = common_env or {}
+        self.api_env = CHAOS_API_ENV if api_env is None else api_env
+        self.tuning = CHAOS_TUNING if tuning is None else tuning
+        self.slot_env = slot_env or {}
         self.db_path = root / "orders.db"
         self.db_url = f"sqlite:///{self.db_path}"
         self.mail_dir = root / "mail"
@@ -254,8 +222,13 @@ class Stack:
 
     # --- lifecycle ------------------------------------------------------------------
 
+    @property
+    def base_url(self) -> str:
+        return self.base
+
     def start(self) -> Stack:
-        self.redis.start()
+        if self.own_redis:
+            self.redis.start()
         self.client = redis_lib.Redis.from_url(self.redis.url, socket_timeout=5)
         self.common = {
             "REDIS_URL": self.redis.url,
@@ -264,6 +237,7 @@ class Stack:
             "REDIS_CONNECT_ATTEMPTS": "300",
             "REDIS_CONNECT_RETRY_DELAY": "0.2",
             "LOG_LEVEL": "WARNING",
+            **self.common_env,
         }
         self.sink = Proc(
             [str(BIN / "smtp-sink")],
@@ -273,18 +247,20 @@ class Stack:
                 "SMTP_SINK_DIR": str(self.mail_dir),
             },
             self.root / "sink.log",
+            append=True,
         )
         self.start_api()
-        self.proxy = TcpProxy(self.redis.port)
+        if self.use_proxy:
+            self.proxy = TcpProxy(self.redis.port)
         for name in CONSUMERS:
             for i in range(self.workers_per_queue):
-                env: dict[str, str] = {}
-                if name == "payment" and i == 0:
+                env: dict[str, str] = dict(self.slot_env.get(name, {}))
+                if self.proxy is not None and name == "payment" and i == 0:
                     env["REDIS_URL"] = self.proxy.url  # the partition scenario cuts this one
                 self.slots.append(Slot(name, env))
         for slot in self.slots:
             self.start_slot(slot)
-        wait_until(lambda: "listening on" in self.sink.output(), 30, what="smtp-sink")  # type: ignore[union-attr]
+        wait_until(lambda: "listening on" in self.sink.output(), 30, message="smtp-sink")  # type: ignore[union-attr]
         self.engine = store.make_engine(self.db_url)
         wait_until(self.workers_registered, 60, 0.1, "every consumer registered")
         return self
@@ -308,32 +284,24 @@ class Stack:
                 "WEB_CONCURRENCY": "2",
                 "RELAY_IN_PROCESS": "1",
                 "RELAY_INTERVAL": "0.2",
-                "RELAY_CLAIM_SECONDS": "2",
-                # One client (this process) places every order: do not throttle it.
-                "RATE_LIMIT_PER_MINUTE": "0",
+                **self.api_env,
             },
             self.root / "api.log",
+            append=True,
         )
-        wait_until(lambda: self.healthy(), 60, 0.1, "orders-api /healthz")
+        wait_until(self.healthy, 60, 0.1, "orders-api /healthz")
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.base + "/healthz", timeout=2) as response:
-                return int(response.status) == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            return False
+        return http_ok(self.base + "/healthz")
 
     def consumer_environment(self, slot: Slot) -> dict[str, str]:
         return {
             **self.common,
             "SMTP_HOST": "127.0.0.1",
             "SMTP_PORT": str(self.smtp_port),
-            "CONSUMER_HEARTBEAT_TTL": "2",
             "CONSUMER_BACKOFF_BASE": "0.1",
             "CONSUMER_BACKOFF_MAX": "1.0",
-            "CONSUMER_MAX_ATTEMPTS": "12",
-            "CONSUMER_BATCH_SIZE": "5",
-            "PAYMENT_TRANSIENT_ERROR_RATE": "0.05",
+            **self.tuning,
             **self.consumer_env,
             **slot.env,
         }
@@ -343,13 +311,14 @@ class Stack:
             self.started += 1
             n = self.started
         log = self.root / f"{slot.name}-{n}.log"
-        slot.proc = Proc([str(BIN / "consumer"), slot.name], self.consumer_environment(slot), log)
+        env = self.consumer_environment(slot)
+        slot.proc = Proc([str(BIN / "consumer"), slot.name], env, log, append=True)
 
     def restart_slots(self, name: str, env: dict[str, str]) -> None:
         """Stop (SIGTERM) every consumer of ``name`` and start it with ``env`` added."""
         for slot in self.slots:
             if slot.name == name and slot.proc is not None:
-                slot.proc.terminate()
+                slot.proc.terminate(20.0)
                 slot.env = {k: v for k, v in slot.env.items() if k == "REDIS_URL"} | env
                 self.start_slot(slot)
 
@@ -360,15 +329,25 @@ class Stack:
             slot.proc.kill()
         self.start_slot(slot)
 
+    def logs(self) -> str:
+        """Every process's output (the tail of each), for failure messages."""
+        procs = {"api": self.api, "sink": self.sink}
+        procs |= {f"{slot.name}-{i}": slot.proc for i, slot in enumerate(self.slots)}
+        return "\n".join(
+            f"--- {name}\n{proc.output()[-3000:]}"
+            for name, proc in procs.items()
+            if proc is not None
+        )
+
     def stop(self) -> list[int]:
         codes = []
         for slot in self.slots:
-            if slot.proc is not None and slot.proc.alive:
-                codes.append(slot.proc.terminate())
+            if slot.proc is not None and slot.proc.alive():
+                codes.append(slot.proc.terminate(20.0))
         if self.api is not None:
-            self.api.terminate()
+            self.api.terminate(20.0)
         if self.sink is not None:
-            self.sink.terminate()
+            self.sink.terminate(20.0)
         if self.proxy is not None:
             self.proxy.close()
         if self.engine is not None:
@@ -409,19 +388,11 @@ class Stack:
         self, key: str, body: dict[str, Any], stats: IntakeStats, give_up: float
     ) -> None:
         """POST until the API confirms (201/200) or ``give_up`` seconds passed."""
-        data = json.dumps(body).encode()
         deadline = time.monotonic() + give_up
         delay = 0.05
         while time.monotonic() < deadline:
-            request = urllib.request.Request(
-                self.base + "/orders",
-                data=data,
-                headers={"Content-Type": "application/json", "Idempotency-Key": key},
-                method="POST",
-            )
             try:
-                with urllib.request.urlopen(request, timeout=30) as response:
-                    order_id = int(json.loads(response.read())["id"])
+                order_id = post_order(self.base + "/orders", body, key)
                 with self._lock:
                     stats.ids[key] = order_id
                 return
@@ -562,6 +533,21 @@ class Stack:
             for f in files
         ]
         return len(ids) - len(set(ids))
+
+
+def post_order(url: str, body: dict[str, Any], key: str, timeout: float = 30.0) -> int:
+    """POST ``body`` (JSON) with an Idempotency-Key once; returns the order's id.
+
+    Raises ``urllib.error.HTTPError`` on an error answer, ``OSError`` on a network error.
+    """
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Idempotency-Key": key},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return int(json.loads(response.read())["id"])
 
 
 def order_body(n: int) -> dict[str, Any]:

@@ -53,6 +53,11 @@ def find_binary() -> str:
     return str(bundled)
 
 
+def binary_version(binary: str | None = None) -> tuple[int, int]:
+    """(major, minor) of ``binary``, by default of the one :func:`find_binary` picks."""
+    return _version(binary or find_binary())
+
+
 def free_port() -> int:
     """Ask the kernel for a free TCP port on the loopback interface."""
     with socket.socket() as sock:

@@ -1,8 +1,12 @@
 package main
 
 import (
+	"crypto/x509"
+	"errors"
 	"fmt"
+	"io/fs"
 	"net"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -67,6 +71,11 @@ type Config struct {
 	DB int
 	// URL, when set, replaces Addr and DB (REDIS_URL: redis://, rediss:// or unix://).
 	URL string
+	// TLSCAFile is a PEM file of CA certificates that verify a rediss:// server
+	// (REDIS_TLS_CA_FILE); empty means the system's CAs. Verification is always on.
+	TLSCAFile string
+	// rootCAs is TLSCAFile's certificates, read once in LoadConfig.
+	rootCAs *x509.CertPool
 	// Cluster means Redis Cluster (REDIS_CLUSTER=1): Addr or URL is one seed node.
 	Cluster bool
 	// Pattern is pubsub, queue or both (PATTERN).
@@ -143,9 +152,23 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 		return Config{}, err
 	}
 	if cfg.URL = get("REDIS_URL", ""); cfg.URL != "" {
-		if _, err := redis.ParseURL(cfg.URL); err != nil {
+		parsed, err := redis.ParseURL(cfg.URL)
+		if err != nil {
 			// Not the parser's message: it may echo the URL's password.
 			return Config{}, &ConfigError{"REDIS_URL", redactURL(cfg.URL), "must be redis://, rediss:// or unix:// URL"}
+		}
+		if parsed.TLSConfig != nil && parsed.TLSConfig.InsecureSkipVerify {
+			return Config{}, &ConfigError{"REDIS_URL", redactURL(cfg.URL), "TLS verification cannot be turned off (skip_verify)"}
+		}
+	}
+
+	if cfg.TLSCAFile = get("REDIS_TLS_CA_FILE", ""); cfg.TLSCAFile != "" {
+		if !strings.HasPrefix(cfg.URL, "rediss://") {
+			// Never a silent plain-text connection to a server meant to be verified.
+			return Config{}, &ConfigError{"REDIS_TLS_CA_FILE", cfg.TLSCAFile, "needs a rediss:// REDIS_URL"}
+		}
+		if cfg.rootCAs, err = loadCAs(cfg.TLSCAFile); err != nil {
+			return Config{}, err
 		}
 	}
 
@@ -201,6 +224,22 @@ func secondsVar(get func(string, string) string, name string, def time.Duration,
 	return time.Duration(v * float64(time.Second)), nil
 }
 
+// loadCAs reads a PEM file of CA certificates (REDIS_TLS_CA_FILE).
+func loadCAs(path string) (*x509.CertPool, error) {
+	pem, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, &ConfigError{"REDIS_TLS_CA_FILE", path, "no such file"}
+	}
+	if err != nil {
+		return nil, &ConfigError{"REDIS_TLS_CA_FILE", path, "cannot be read"}
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, &ConfigError{"REDIS_TLS_CA_FILE", path, "no PEM certificate in it"}
+	}
+	return pool, nil
+}
+
 // redactURL hides the password of a Redis URL for error and log lines.
 func redactURL(raw string) string {
 	scheme, rest, ok := strings.Cut(raw, "://")
@@ -225,6 +264,11 @@ func (c Config) RedisOptions() *redis.Options {
 		if parsed, err := redis.ParseURL(c.URL); err == nil { // validated in LoadConfig
 			opts = parsed
 		}
+	}
+	if opts.TLSConfig != nil && c.rootCAs != nil {
+		// rediss://: ParseURL's config verifies the server's name; the chain is
+		// verified against REDIS_TLS_CA_FILE instead of the system's CAs.
+		opts.TLSConfig.RootCAs = c.rootCAs
 	}
 	opts.DialTimeout = DialTimeout
 	opts.ReadTimeout = ReadTimeout

@@ -96,6 +96,10 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"attempts", map[string]string{"REDIS_CONNECT_ATTEMPTS": "0"}, `invalid REDIS_CONNECT_ATTEMPTS "0": must be between 1 and 1000`},
 		{"delay", map[string]string{"REDIS_CONNECT_RETRY_DELAY": "NaN"}, `invalid REDIS_CONNECT_RETRY_DELAY "NaN": must be between 0 and 3600`},
 		{"url scheme, password hidden", map[string]string{"REDIS_URL": "http://u:pw@host"}, `invalid REDIS_URL "http://u:xxxxx@host": must be redis://, rediss:// or unix:// URL`},
+		{"tls verification off", map[string]string{"REDIS_URL": "rediss://u:pw@host?skip_verify=true"}, `invalid REDIS_URL "rediss://u:xxxxx@host?skip_verify=true": TLS verification cannot be turned off (skip_verify)`},
+		{"ca file without tls", map[string]string{"REDIS_URL": "redis://host", "REDIS_TLS_CA_FILE": "ca.pem"}, `invalid REDIS_TLS_CA_FILE "ca.pem": needs a rediss:// REDIS_URL`},
+		{"ca file missing", map[string]string{"REDIS_URL": "rediss://host", "REDIS_TLS_CA_FILE": "/nonexistent/ca.pem"}, `invalid REDIS_TLS_CA_FILE "/nonexistent/ca.pem": no such file`},
+		{"ca file not pem", map[string]string{"REDIS_URL": "rediss://host", "REDIS_TLS_CA_FILE": "config_test.go"}, `invalid REDIS_TLS_CA_FILE "config_test.go": no PEM certificate in it`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -43,6 +43,12 @@ def redis_client(settings: Settings, **overrides: object) -> redis.Redis:
         "socket_timeout": 5,
         "health_check_interval": 30,
     }
+    if settings.redis_url.startswith("rediss://"):
+        # TLS always verifies the server: its certificate chain (against REDIS_TLS_CA_FILE,
+        # or the system's CAs when empty) and that it names the URL's host.
+        options.update(ssl_cert_reqs="required", ssl_check_hostname=True)
+        if settings.redis_tls_ca_file:
+            options["ssl_ca_certs"] = settings.redis_tls_ca_file
     options.update(overrides)
     if settings.redis_cluster:
         if settings.redis_url:

@@ -41,6 +41,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("REDIS_HOST", "localhost", "Redis host (ignored when REDIS_URL is set)."),
     EnvVar("REDIS_PORT", "6379", "Redis port (ignored when REDIS_URL is set)."),
     EnvVar("REDIS_URL", "", "Full Redis URL (redis:// or rediss://, user, password, db)."),
+    EnvVar(
+        "REDIS_TLS_CA_FILE",
+        "",
+        "PEM CA bundle verifying the server's certificate with rediss:// (empty: system CAs).",
+    ),
     EnvVar("REDIS_CONNECT_ATTEMPTS", "5", "Connection attempts at start before exit 1."),
     EnvVar("REDIS_CONNECT_RETRY_DELAY", "5.0", "Seconds between connection attempts."),
     EnvVar(
@@ -151,6 +156,15 @@ def parse_pattern(raw: str) -> Pattern:
     return value  # type: ignore[return-value]
 
 
+def _turns_verification_off(redis_url: str) -> bool:
+    """True if a rediss:// URL's query asks redis-py not to check the server's name."""
+    from urllib.parse import parse_qs, urlsplit
+
+    query = parse_qs(urlsplit(redis_url).query, keep_blank_values=True)
+    values = query.get("ssl_check_hostname", [])  # redis-py reads an empty value as off
+    return any(v.strip().lower() in ("", "0", "f", "false", "n", "no", "off") for v in values)
+
+
 @dataclass(frozen=True)
 class Settings:
     """The configuration of a process, read once from the environment."""
@@ -168,6 +182,9 @@ class Settings:
     """REDIS_CLUSTER=1: talk to a Redis Cluster (docs/cluster.md)."""
     redis_wait_replicas: int = 0
     """REDIS_WAIT_REPLICAS: publishes WAIT for this many replicas (0: do not wait)."""
+    redis_tls_ca_file: str = ""
+    """REDIS_TLS_CA_FILE: CA certificates (PEM) that verify a rediss:// server; empty:
+    the system's. Verification (certificate and host name) is always on."""
 
     @property
     def publishes(self) -> bool:
@@ -195,9 +212,22 @@ class Settings:
         env = os.environ if env is None else env
         redis_url = _get(env, "REDIS_URL")
         if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(
-                f"invalid REDIS_URL {redis_url!r}: must start with redis://, rediss:// or unix://"
+            scheme = redis_url.split("://", 1)[0] if "://" in redis_url else "(none)"
+            raise ConfigError(  # only the scheme: the rest of the URL may hold a password
+                f"invalid REDIS_URL scheme {scheme!r}: must start with redis://, rediss:// or unix://"
             )
+        if redis_url.startswith("rediss://") and _turns_verification_off(redis_url):
+            raise ConfigError(  # no URL in the message: it may hold a password
+                "invalid REDIS_URL: TLS verification cannot be turned off (ssl_check_hostname)"
+            )
+        redis_tls_ca_file = _get(env, "REDIS_TLS_CA_FILE")
+        if redis_tls_ca_file and not redis_url.startswith("rediss://"):
+            # Never a silent plain-text connection to a server the user meant to verify.
+            raise ConfigError(
+                f"invalid REDIS_TLS_CA_FILE {redis_tls_ca_file!r}: needs a rediss:// REDIS_URL"
+            )
+        if redis_tls_ca_file and not os.path.isfile(redis_tls_ca_file):
+            raise ConfigError(f"invalid REDIS_TLS_CA_FILE {redis_tls_ca_file!r}: no such file")
         return cls(
             redis_host=_get(env, "REDIS_HOST"),
             redis_port=_int(env, "REDIS_PORT", 1, 65535),
@@ -210,6 +240,7 @@ class Settings:
             log_level=_choice(env, "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
             redis_cluster=_choice(env, "REDIS_CLUSTER", ("0", "1")) == "1",
             redis_wait_replicas=_int(env, "REDIS_WAIT_REPLICAS", 0, 16),
+            redis_tls_ca_file=redis_tls_ca_file,
         )
 
 

@@ -27,7 +27,6 @@ Run with ``pytest -s tests/e2e/test_chaos.py`` to see the counts.
 from __future__ import annotations
 
 import email
-import json
 import random
 import threading
 import urllib.error
@@ -44,9 +43,11 @@ import redis as redis_lib
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from chaos.stack import order_body, post_order
 from consumers import store
 from consumers.queue import RedisQueue
 from consumers.worker import REDIS_ERRORS
+from devtools.procs import http_ok
 from devtools.redis_server import RedisCluster, RedisServer, free_port
 from orders import events, keys
 from orders.models import Order, OrderHistory
@@ -73,42 +74,14 @@ POISON = [
 
 
 def _post(url: str, body: dict[str, Any], key: str) -> int:
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "Idempotency-Key": key},
-        method="POST",
-    )
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return int(json.loads(response.read())["id"])
+        return post_order(url, body, key)
     except urllib.error.HTTPError as exc:
         if exc.code < 500:  # our request is wrong: retrying will not help
             raise AssertionError(f"POST /orders: {exc.code} {exc.read()!r}") from exc
         return 0
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return 0
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return int(response.status) == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
-
-
-def _order_body(n: int) -> dict[str, Any]:
-    # Some customers trigger the gateway's scripted outcomes (see consumers/payment.py).
-    who = {0: "decline@example.com", 1: "flaky@example.com"}.get(n % 10, f"c{n}@example.com")
-    return {
-        "customer_email": who,
-        "currency": "EUR",
-        "items": [
-            {"sku": f"SKU-{n % 7}", "quantity": 1 + n % 3, "unit_price": "9.99"},
-            {"sku": "GIFT-WRAP", "quantity": 1, "unit_price": "0.50"},
-        ],
-    }
 
 
 class Cluster:
@@ -233,7 +206,7 @@ def test_chaos(topology_name: str, tmp_path: Path, request: pytest.FixtureReques
     base = f"http://127.0.0.1:{api_port}"
     engine = store.make_engine(db_url)
     try:
-        wait_for(lambda: _healthy(base + "/healthz"), timeout=30, message="orders-api up")
+        wait_for(lambda: http_ok(base + "/healthz"), timeout=30, message="orders-api up")
         sink.wait_output("listening on")
         cluster.top_up()
 
@@ -251,7 +224,7 @@ def test_chaos(topology_name: str, tmp_path: Path, request: pytest.FixtureReques
         def place(n: int) -> int:
             deadline_tries = 60
             for _ in range(deadline_tries):
-                order_id = _post(base + "/orders", _order_body(n), f"chaos-{n}")
+                order_id = _post(base + "/orders", order_body(n), f"chaos-{n}")
                 if order_id:
                     return order_id
                 placing_done.wait(0.5)  # the API may be busy while Redis restarts

@@ -41,6 +41,18 @@ def test_pattern_selects_paths(pattern: str, publishes: bool, queues: bool) -> N
         ({"PUBLISH_INTERVAL": "nan"}, "invalid PUBLISH_INTERVAL 'nan'"),
         ({"REDIS_URL": "http://x"}, "invalid REDIS_URL"),
         ({"LOG_FORMAT": "xml"}, "invalid LOG_FORMAT"),
+        (
+            {"REDIS_URL": "redis://h:6379/0", "REDIS_TLS_CA_FILE": __file__},
+            "needs a rediss:// REDIS_URL",
+        ),
+        (
+            {"REDIS_URL": "rediss://h:6379/0", "REDIS_TLS_CA_FILE": "/nonexistent/ca.pem"},
+            "invalid REDIS_TLS_CA_FILE '/nonexistent/ca.pem': no such file",
+        ),
+        (
+            {"REDIS_URL": "rediss://:pw@h:6379/0?ssl_check_hostname=False"},
+            "invalid REDIS_URL: TLS verification cannot be turned off",
+        ),
     ],
 )
 def test_bad_values_are_one_line_errors(env: dict[str, str], needle: str) -> None:
@@ -64,3 +76,25 @@ def test_every_env_var_is_documented_once() -> None:
 def test_redis_location_hides_credentials() -> None:
     s = Settings.from_env({"REDIS_URL": "redis://user:secret@cache.local:6390/0"})
     assert s.redis_location == "cache.local:6390"
+
+
+def test_tls_client_always_verifies_the_server() -> None:
+    from orders.bootstrap import redis_client
+
+    url = "rediss://:pw@cache.local:6380/0"
+    with_ca = redis_client(Settings.from_env({"REDIS_URL": url, "REDIS_TLS_CA_FILE": __file__}))
+    system = redis_client(Settings.from_env({"REDIS_URL": url}))
+    kwargs = with_ca.connection_pool.connection_kwargs
+    assert (kwargs["ssl_ca_certs"], kwargs["ssl_cert_reqs"]) == (__file__, "required")
+    assert kwargs["ssl_check_hostname"] is True
+    assert "ssl_ca_certs" not in system.connection_pool.connection_kwargs  # system CAs
+    assert system.connection_pool.connection_kwargs["ssl_cert_reqs"] == "required"
+    plain = redis_client(Settings.from_env({"REDIS_URL": "redis://cache.local:6379/0"}))
+    assert "ssl_cert_reqs" not in plain.connection_pool.connection_kwargs
+
+
+def test_bad_redis_url_does_not_echo_the_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"REDIS_URL": "http://user:s3cret@cache:6379/0"})
+    assert "s3cret" not in str(info.value)
+    assert "invalid REDIS_URL scheme 'http'" in str(info.value)

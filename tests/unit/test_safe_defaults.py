@@ -82,3 +82,13 @@ def test_acl_names_exactly_the_project_keys_and_channels() -> None:
     assert rules.index("-@all") < rules.index("+ping")
     for dangerous in ("flushall", "flushdb", "config", "keys", "debug", "shutdown", "acl"):
         assert f"+{dangerous}" not in rules
+
+
+def test_acl_names_only_subcommands_the_server_has() -> None:
+    # Redis 7+ refuses to start on a rule naming a subcommand it lacks; 6.2 needs them.
+    newest, seven, six = acl.rules(), acl.rules((7, 0)), acl.rules((6, 2))
+    assert "+client|setinfo" in newest and "+client|maint_notifications" not in newest
+    assert not any(r.startswith("+client|") and r != "+client|setname" for r in seven)
+    assert {"+client|setinfo", "+client|maint_notifications"} <= set(six)
+    assert acl.parse_version("7.0.15") == (7, 0)
+    assert acl.main(["orders", "pw", "seven"]) == 2
