@@ -24,7 +24,7 @@ import sys
 from orders import keys
 
 KEY_PATTERNS: tuple[str, ...] = (
-    "queue:*",  # every key of every reliable queue (keys.pending, processing, ...)
+    keys.QUEUE_KEYS_PATTERN,  # every key of every reliable queue (pending, processing, ...)
     keys.HELLO_QUEUE,
     keys.rate_limit("*"),
 )

@@ -25,6 +25,10 @@ ORDER_UPDATES_QUEUE = "order-updates"
 """Queue of outcome events (PaymentCaptured, InvoiceIssued, ...) the order service records."""
 
 
+QUEUE_KEYS_PATTERN = "queue:*"
+"""Glob matching every key of every reliable queue (for ACLs and SCAN)."""
+
+
 def _tag(queue: str) -> str:
     if not queue or any(c in queue for c in "{}: "):
         raise ValueError(f"invalid queue name {queue!r}")
