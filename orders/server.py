@@ -109,6 +109,10 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
         from orders.app import create_app
 
         logs.configure(self.settings.base.log_format, self.settings.base.log_level)
+        # A worker that boots while the master shuts down can find the metrics directory
+        # already cleaned; recreate it rather than fail the boot (gunicorn's exit code 3).
+        if os.environ.get(MULTIPROC_ENV):
+            Path(os.environ[MULTIPROC_ENV]).mkdir(parents=True, exist_ok=True)
         services = order_services(self.settings)
         app = create_app(services=services)
         if self.settings.relay_in_process:
