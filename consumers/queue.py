@@ -425,6 +425,10 @@ class RedisQueue:
         )
         return {0: "lost", 1: "retried", 2: "dead"}[int(outcome)]
 
+    def in_flight(self, worker: str) -> list[bytes]:
+        """The messages in ``worker``'s processing list, oldest first."""
+        return list(self.client.lrange(keys.processing(self.name, worker), 0, -1))  # type: ignore[arg-type]
+
     def release(self, worker: str, messages: Sequence[bytes]) -> int:
         """Put taken-but-not-started messages back at the head of pending, in order."""
         if not messages:

@@ -23,6 +23,7 @@ rest.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
@@ -106,6 +107,12 @@ class Worker:
         self.stop = stop or threading.Event()
         self._down_lock = threading.Lock()
         self._redis_down = False
+        # Messages some thread holds (taken, not yet acked or released). A take whose
+        # reply is lost in a Redis blip leaves messages in our processing list that no
+        # thread holds; the housekeeping thread returns those to pending.
+        self._held: collections.Counter[bytes] = collections.Counter()
+        self._held_lock = threading.Lock()
+        self._sweep_orphans = threading.Event()
         self.handled = 0
 
     # --- Redis outages: log once, back off --------------------------------------
@@ -204,6 +211,8 @@ class Worker:
                 return
             try:
                 todo = self.queue.take(self.id, self.batch_size, TAKE_TIMEOUT)
+                with self._held_lock:
+                    self._held.update(todo)
                 self._recovered()
                 while todo:
                     if self.stop.is_set():
@@ -215,6 +224,7 @@ class Worker:
                 self._settle(done, todo)
             except REDIS_ERRORS as exc:
                 self._outage(exc)
+                self._sweep_orphans.set()
                 self.stop.wait(0.1)
             except Exception:  # a bug in the loop itself: keep the thread alive
                 log.exception("%s: unexpected error in worker loop", self.queue.name)
@@ -224,10 +234,30 @@ class Worker:
         """Ack the handled, release the un-started; clears both lists when it succeeds."""
         if done:
             self.queue.ack(self.id, done)
+            with self._held_lock:
+                self._held.subtract(done)
             done.clear()
         if todo:
             self.queue.release(self.id, todo)
+            with self._held_lock:
+                self._held.subtract(todo)
             todo.clear()
+
+    def _release_orphans(self) -> None:
+        """Return to pending what sits in our processing list but no thread holds.
+
+        A message whose take is in flight at this instant may be returned too: it is
+        then delivered twice, which the handlers' event-id check absorbs. Never lost.
+        """
+        in_list = collections.Counter(self.queue.in_flight(self.id))
+        with self._held_lock:
+            orphans = in_list - +self._held
+        if orphans:
+            moved = self.queue.release(self.id, list(orphans.elements()))
+            log.warning(
+                "%s: returned %d message(s) whose take was cut off by a Redis outage",
+                self.queue.name, moved,
+            )  # fmt: skip
 
     def _housekeeping(self) -> None:
         """Heartbeat, promote due retries, reap dead workers; until stopped."""
@@ -241,6 +271,9 @@ class Worker:
                     )  # fmt: skip
                 self.queue.promote()
                 self.queue.reap()
+                if self._sweep_orphans.is_set():
+                    self._release_orphans()
+                    self._sweep_orphans.clear()  # only once it succeeded
                 self._recovered()
             except REDIS_ERRORS as exc:
                 self._outage(exc)

@@ -232,3 +232,21 @@ def test_worker_dead_letters_malformed_messages_and_goes_on(
 class _NoPublisher:
     def publish(self, event: dict[str, Any]) -> None:
         raise AssertionError("the noop handler emits nothing")
+
+
+def test_worker_returns_messages_whose_take_reply_was_lost(bredis: redis_lib.Redis) -> None:
+    """A take that moved messages but whose reply never arrived (a Redis blip) leaves
+    them in the live worker's processing list; the sweep puts them back, and leaves
+    alone what a thread still holds."""
+    q = RedisQueue(bredis, keys.NOOP_QUEUE)
+    worker = Worker(q, NoopHandler(), _NoPublisher(), worker_id=f"t-{uuid.uuid4().hex}")
+    q.push(raw(1), raw(2), raw(3))
+    held = q.take(worker.id, 1, 0)  # a thread holds this one
+    worker._held.update(held)
+    lost = q.take(worker.id, 2, 0)  # the reply to this take was "lost"
+    assert len(lost) == 2 and q.in_flight(worker.id) == held + lost
+
+    worker._release_orphans()
+
+    assert q.in_flight(worker.id) == held
+    assert bredis.lrange(keys.pending(keys.NOOP_QUEUE), 0, -1) == lost
