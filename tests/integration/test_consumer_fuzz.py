@@ -23,7 +23,6 @@ import pytest
 import redis as redis_lib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy.orm import sessionmaker
 
 from consumers import store
 from consumers.__main__ import HANDLERS
@@ -166,7 +165,7 @@ def test_garbage_on_every_queue_never_crashes_a_worker(
     create_schema(engine)
     store.create_tables(engine)
     order = validate_order(ORDER)
-    order_id = place_order(sessionmaker(engine), order, "hash").order_id
+    order_id = place_order(engine, order, "hash").order_id
     handler = HANDLERS[queue](engine, consumer_settings)
     rq = RedisQueue(bclient, keys.ORDER_UPDATES_QUEUE if queue == "updates" else queue)
     worker = Worker(rq, handler, _Publisher(), worker_id=f"fuzz-{uuid.uuid4().hex}")

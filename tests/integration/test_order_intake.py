@@ -63,8 +63,11 @@ def test_post_stores_and_emits_per_pattern(
     body = response.get_json()
     assert response.headers["Location"] == f"/orders/{body['id']}"
     assert (body["total"], body["status"], body["history"]) == ("25.00", "placed", [])
-    [row] = _outbox(app)
-    assert row.published_at is not None and row.claimed_until is None
+    # Marked in a batch shortly after the publish (orders.outbox.PublishedMarker).
+    [row] = wait_for(
+        lambda: [r for r in _outbox(app) if r.published_at is not None], message="row marked"
+    )
+    assert row.claimed_until is None
     stored = json.loads(row.payload)
     assert stored["data"]["order_id"] == body["id"]
 
