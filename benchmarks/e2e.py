@@ -3,7 +3,7 @@
 The whole pipeline runs as ``make up`` runs it, on one SQLite WAL database and the
 suite's Redis: orders-api (2 workers, relay threads), ``consumer payment``,
 ``consumer invoice``, ``consumer email`` (sending to ``smtp-sink``) and
-``consumer updates`` (records the outcome events in the order history). vegeta offers
+``orders-updates`` (records the outcome events in the order history). vegeta offers
 a fixed rate, open loop (a request starts on schedule whether or not the earlier ones
 have answered), for a fixed time, a new Idempotency-Key on every request.
 
@@ -26,14 +26,16 @@ from sqlalchemy import func, select
 from benchmarks import vegeta
 from benchmarks.harness import BIN, Context, Row, percentile
 from benchmarks.intake import body_file, start_api
+from devtools import databases
 from devtools.procs import Proc, Timeout, wait_until
 from devtools.redis_server import free_port
-from orders import events, keys
-from orders.bootstrap import create_schema, database_engine
+from messaging import envelope, keys
+from messaging.database import database_engine
+from orders.bootstrap import create_schema
 from orders.models import Order, OrderHistory
 
 SECTION = "4"
-EFFECTS = (events.PAYMENT_CAPTURED, events.INVOICE_ISSUED, events.CONFIRMATION_EMAIL_SENT)
+EFFECTS = (envelope.PAYMENT_CAPTURED, envelope.INVOICE_ISSUED, envelope.CONFIRMATION_EMAIL_SENT)
 CONSUMERS = ("payment", "invoice", "email", "updates")
 WORKERS = 16
 """Initial vegeta workers (it adds more when requests outlast the schedule)."""
@@ -43,7 +45,8 @@ def one_run(ctx: Context) -> dict[str, list[float] | float]:
     """Start the pipeline, offer the load, wait for every effect; latencies in ms."""
     mode = ctx.mode
     work = ctx.scratch("e2e")
-    database_url = f"sqlite:///{work / 'orders.db'}"
+    urls = databases.sqlite_urls(work / "db")  # each service its own, as `make up`
+    database_url = urls["orders"]
     engine = database_engine(database_url)
     create_schema(engine)
     client = redis.Redis.from_url(ctx.redis_url)
@@ -51,7 +54,7 @@ def one_run(ctx: Context) -> dict[str, list[float] | float]:
     smtp_port = free_port()
     env = {
         "REDIS_URL": ctx.redis_url,
-        "DATABASE_URL": database_url,
+        **databases.environment(urls),
         "PATTERN": "both",
         "LOG_LEVEL": "WARNING",
         "SMTP_HOST": "127.0.0.1",
@@ -60,7 +63,7 @@ def one_run(ctx: Context) -> dict[str, list[float] | float]:
     }
     procs = [Proc([str(BIN / "smtp-sink")], env, work / "smtp-sink.log")]
     procs += [
-        Proc([str(BIN / "consumer"), name], env, work / f"consumer-{name}.log")
+        Proc(databases.worker_command(BIN, name), env, work / f"consumer-{name}.log")
         for name in CONSUMERS
     ]
     api = None
@@ -88,7 +91,7 @@ def one_run(ctx: Context) -> dict[str, list[float] | float]:
                 return int(
                     conn.execute(
                         select(func.count(func.distinct(OrderHistory.order_id))).where(
-                            OrderHistory.type == events.CONFIRMATION_EMAIL_SENT
+                            OrderHistory.type == envelope.CONFIRMATION_EMAIL_SENT
                         )
                     ).scalar_one()
                 )
