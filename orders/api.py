@@ -13,7 +13,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from orders import validation
+from orders import faults, validation
 from orders.app import problem_response, services
 from orders.invoice import invoice_number, render_invoice
 from orders.openapi import openapi_document
@@ -99,6 +99,7 @@ def create_order() -> Response:
         svc.settings.relay_claim_seconds,
     )
     if result.event is not None:
+        faults.hit("api.after_commit")
         publish_now(svc.engine, svc.publisher, result.event)
     if result.body is not None:
         response = jsonify(result.body)

@@ -37,7 +37,7 @@ import redis
 from sqlalchemy import Engine, bindparam, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from orders import logs
+from orders import faults, logs
 from orders.bootstrap import OrderServices, create_schema, order_services
 from orders.config import (
     EXIT_BAD_CONFIG,
@@ -204,6 +204,7 @@ class Relay:
         if self._redis_down:
             log.info("Redis is back; outbox relay resumed")
             self._redis_down = False
+        faults.hit("relay.after_publish")
         try:
             mark_published(self.engine, ids)
         except SQLAlchemyError:
