@@ -13,8 +13,9 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from orders import faults, validation
-from orders.app import problem_response, services
+from messaging import faults
+from orders import validation
+from orders.extensions import problem_response, services
 from orders.invoice import invoice_number, render_invoice
 from orders.openapi import openapi_document
 from orders.outbox import publish_now

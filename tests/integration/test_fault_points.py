@@ -1,4 +1,4 @@
-"""Each crash window of the delivery promise, hit on purpose (see orders/faults.py).
+"""Each crash window of the delivery promise, hit on purpose (see messaging/faults.py).
 
 A real process (``consumer payment``, ``orders-api``, ``orders-relay``) runs with
 ``FAULT_POINT=<point>:exit`` on a real Redis and SQLite, dies at exactly that point
@@ -29,11 +29,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from chaos.stack import order_body, post_order
 from consumers import store
-from consumers.queue import RedisQueue
 from devtools.procs import http_ok
 from devtools.redis_server import free_port
-from orders import events, faults, keys
-from orders.bootstrap import create_schema, database_engine
+from messaging import envelope as events
+from messaging import faults, keys
+from messaging.database import database_engine
+from messaging.queue import RedisQueue
+from orders.bootstrap import create_schema
 from orders.models import Outbox
 from orders.service import place_order
 from orders.validation import request_hash, validate_order
@@ -85,10 +87,7 @@ class Procs:
         return proc
 
     def payment(self, **env: str) -> Proc:
-        # Both names: PAYMENT_DATABASE_URL is the consumer's own database once services
-        # own their databases; DATABASE_URL before.
-        db = {"DATABASE_URL": self.payment_db, "PAYMENT_DATABASE_URL": self.payment_db}
-        return self.start("consumer", "payment", **db, **env)
+        return self.start("consumer", "payment", PAYMENT_DATABASE_URL=self.payment_db, **env)
 
     def orders(self, script: str, **env: str) -> Proc:
         return self.start(script, DATABASE_URL=self.orders_db, **env)
@@ -290,7 +289,7 @@ def test_every_point_has_one_hit_in_the_code() -> None:
     root = Path(__file__).resolve().parents[2]
     calls = Counter(
         match
-        for package in ("orders", "consumers", "messaging")
+        for package in ("messaging", "orders", "consumers", "hello", "ops")
         for path in (root / package).rglob("*.py")
         for match in re.findall(r'faults\.hit\("([^"]+)"\)', path.read_text())
     )

@@ -43,8 +43,11 @@ import os
 import sys
 import threading
 
+from messaging.config import env_str
+
 ENV = "FAULT_POINT"
-"""The environment variable that arms one point: ``name:action``."""
+"""The environment variable that arms one point: ``name:action`` (declared in
+:data:`messaging.config.ENV_VARS`, so the README's table lists it)."""
 EXIT_STATUS = 137
 """What ``exit`` returns: 128 + SIGKILL, as if the process had been killed."""
 POINTS = frozenset(
@@ -78,7 +81,7 @@ def parse(value: str) -> tuple[str, str] | None:
 
 
 try:
-    _ARMED = parse(os.environ.get(ENV, ""))
+    _ARMED = parse(env_str(os.environ, ENV))
 except ValueError as _exc:
     print(f"{ENV}: {_exc}", file=sys.stderr)
     raise SystemExit(2) from None
