@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
-from consumers.queue import RedisQueue
 from devtools.redis_server import free_port
-from orders import events, keys
+from messaging import envelope, keys
+from messaging.queue import RedisQueue
 from tests.helpers import BIN, Proc, wait_for
 
 ATTACKS = [
@@ -46,8 +46,8 @@ GOOD = "grace@example.com"
 
 
 def order_placed(order_id: int, email_to: str) -> dict[str, Any]:
-    return events.envelope(
-        events.ORDER_PLACED,
+    return envelope.envelope(
+        envelope.ORDER_PLACED,
         {
             "order_id": order_id,
             "customer_email": email_to,
@@ -88,13 +88,12 @@ def test_hostile_addresses_from_the_queue_reach_nobody(
         client = redis_lib.Redis.from_url(redis_url)
         queue = RedisQueue(client, "email")
         for n, address in enumerate(ATTACKS, start=1):
-            queue.push(events.dumps(order_placed(n, address)))
-        queue.push(events.dumps(order_placed(100, GOOD)))
+            queue.push(envelope.dumps(order_placed(n, address)))
+        queue.push(envelope.dumps(order_placed(100, GOOD)))
         consumer = Proc(
             [str(BIN / "consumer"), "email"],
             {
                 "REDIS_URL": redis_url,
-                "DATABASE_URL": f"sqlite:///{tmp_path / 'email.db'}",
                 "EMAIL_DATABASE_URL": f"sqlite:///{tmp_path / 'email.db'}",
                 "REDIS_CONNECT_ATTEMPTS": "1",
                 "CONSUMER_BACKOFF_BASE": "0.05",
