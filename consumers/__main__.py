@@ -3,7 +3,7 @@
 NAME is ``payment``, ``invoice``, ``email``, ``updates`` (records outcome events in
 the order service's history) or ``noop`` (benchmarks). Exit codes: 0 stopped by a
 signal, 1 Redis (or the database) unreachable at start, 2 bad configuration (one line
-on stderr).
+on stderr), 3 unhealthy (a handler thread died or got stuck: restart it).
 """
 
 from __future__ import annotations
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=args.concurrency or settings.concurrency,
         batch_size=settings.batch_size,
         heartbeat_ttl=settings.heartbeat_ttl,
+        stuck_seconds=settings.stuck_seconds,
         stop=stop,
     )
     try:

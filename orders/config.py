@@ -84,6 +84,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CONSUMER_BACKOFF_BASE", "1.0", "Seconds of the first retry delay (doubles each time)."),
     EnvVar("CONSUMER_BACKOFF_MAX", "60.0", "Cap of the retry delay in seconds (full jitter)."),
     EnvVar("CONSUMER_HEARTBEAT_TTL", "10", "Seconds a worker's heartbeat lives; gone = reaped."),
+    EnvVar(
+        "CONSUMER_STUCK_SECONDS",
+        "300",
+        "One message holding a handler thread this long: the worker gives up and exits 3.",
+    ),
     EnvVar("PAYMENT_DECLINE_RATE", "0.0", "Share of payments the simulated gateway declines."),
     EnvVar("PAYMENT_TRANSIENT_ERROR_RATE", "0.0", "Share of gateway calls that fail transiently."),
     EnvVar("PAYMENT_LATENCY_MS", "0", "Simulated gateway latency per call, in milliseconds."),
@@ -325,6 +330,7 @@ class ConsumerSettings:
     backoff_base: float
     backoff_max: float
     heartbeat_ttl: int
+    stuck_seconds: float
     payment_decline_rate: float
     payment_transient_error_rate: float
     payment_latency_ms: int
@@ -362,6 +368,7 @@ class ConsumerSettings:
             backoff_base=_float(env, "CONSUMER_BACKOFF_BASE", 0.0, 3600.0),
             backoff_max=_float(env, "CONSUMER_BACKOFF_MAX", 0.0, 86400.0),
             heartbeat_ttl=_int(env, "CONSUMER_HEARTBEAT_TTL", 1, 3600),
+            stuck_seconds=_float(env, "CONSUMER_STUCK_SECONDS", 1.0, 86400.0),
             payment_decline_rate=_float(env, "PAYMENT_DECLINE_RATE", 0.0, 1.0),
             payment_transient_error_rate=_float(env, "PAYMENT_TRANSIENT_ERROR_RATE", 0.0, 1.0),
             payment_latency_ms=_int(env, "PAYMENT_LATENCY_MS", 0, 600_000),
