@@ -12,18 +12,18 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
-from consumers.queue import RedisQueue
-from consumers.worker import EXIT_UNHEALTHY, Worker
+from messaging.queue import RedisQueue
+from messaging.worker import EXIT_UNHEALTHY, Worker
 from devtools.redis_server import Failover, RedisServer
-from orders import events, keys
+from messaging import envelope, keys
 from tests.helpers import wait_for
 
 Q = "faults"
 
 
 def message(n: int) -> bytes:
-    event = events.envelope(
-        events.ORDER_PLACED,
+    event = envelope.envelope(
+        envelope.ORDER_PLACED,
         {"order_id": n},
         message=f"Order #{n} placed",
         sender="test",
@@ -31,14 +31,14 @@ def message(n: int) -> bytes:
         event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"faults/{n}")),
         timestamp="2026-01-01T00:00:00+00:00",
     )
-    return events.dumps(event).encode()
+    return envelope.dumps(event).encode()
 
 
 class Recorder:
     """A handler that records what it handled; ``gate`` holds the first message."""
 
     queue = Q
-    accepts = frozenset({events.ORDER_PLACED})
+    accepts = frozenset({envelope.ORDER_PLACED})
 
     def __init__(self, on_first: Callable[[], None] | None = None) -> None:
         self.handled: list[int] = []
@@ -110,7 +110,7 @@ class Dies:
     """A handler whose thread dies without an exception the loop would catch."""
 
     queue = Q
-    accepts = frozenset({events.ORDER_PLACED})
+    accepts = frozenset({envelope.ORDER_PLACED})
 
     def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         raise SystemExit("a library called sys.exit() in a worker thread")
@@ -118,7 +118,7 @@ class Dies:
 
 class Hangs:
     queue = Q
-    accepts = frozenset({events.ORDER_PLACED})
+    accepts = frozenset({envelope.ORDER_PLACED})
 
     def __init__(self) -> None:
         self.forever = threading.Event()
