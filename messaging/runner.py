@@ -4,8 +4,8 @@ Every worker process (the consumer services' ``consumer NAME`` and the order ser
 ``orders-updates``) starts the same way; only the handler differs. Exit codes: 0
 stopped by a signal, 1 Redis (or the service's database) unreachable at start, 2 bad
 configuration (one line on stderr), 3 unhealthy (a handler thread died or hung: the
-worker dropped its heartbeat so its messages return; restart it). The first SIGTERM/SIGINT lets the current
-messages finish; a second exits at once.
+worker dropped its heartbeat so its messages return; restart it). The first
+SIGTERM/SIGINT lets the current messages finish; a second exits at once.
 """
 
 from __future__ import annotations

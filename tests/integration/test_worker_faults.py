@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
-from messaging.queue import RedisQueue
-from messaging.worker import EXIT_UNHEALTHY, Worker
 from devtools.redis_server import Failover, RedisServer
 from messaging import envelope, keys
+from messaging.queue import RedisQueue
+from messaging.worker import EXIT_UNHEALTHY, Worker
 from tests.helpers import wait_for
 
 Q = "faults"
