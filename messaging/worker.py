@@ -45,7 +45,7 @@ from typing import Any, Protocol
 
 import redis
 
-from messaging import metrics
+from messaging import faults, metrics
 from messaging.config import EXIT_OK
 from messaging.handler import Handler
 from messaging.queue import MalformedMessage, RedisQueue, classify, parse
@@ -248,8 +248,10 @@ class Worker:
                 extra=self._extra(event, order_id),
             )  # fmt: skip
             return False
+        faults.hit("worker.after_commit")
         for outcome in outcomes:
             self.publisher.publish(outcome)
+        faults.hit("worker.after_emit")
         metrics.observe_handled(name, event)
         log.info(
             "%s: handled event %s order #%s%s",
@@ -286,6 +288,7 @@ class Worker:
                 todo = self.queue.take(self.id, self.batch_size, TAKE_TIMEOUT)
                 with self._held_lock:
                     self._held.update(todo)
+                faults.hit("worker.after_take")
                 self._recovered()
                 while todo:
                     if self.stop.is_set():
@@ -307,6 +310,7 @@ class Worker:
     def _settle(self, done: list[bytes], todo: list[bytes]) -> None:
         """Ack the handled, release the un-started; clears both lists when it succeeds."""
         if done:
+            faults.hit("worker.before_ack")
             self.queue.ack(self.id, done)
             with self._held_lock:
                 self._held.subtract(done)
