@@ -44,24 +44,6 @@ class UpdatesHandler:
             raise PermanentError(f"cannot record {event.get('type')}: {exc}") from exc
         return []
 
-    def handle_batch(self, events: list[dict[str, Any]]) -> list[list[dict[str, Any]] | None]:
-        """Record a taken batch in ONE transaction (one commit, not one per event).
-
-        An event :func:`~orders.history.record_event` rejects (bad data, unknown order)
-        raises before it writes anything, so the others still commit; it is returned
-        as not done, and :meth:`handle` dead-letters it alone.
-        """
-        results: list[list[dict[str, Any]] | None] = []
-        with Session(self.engine) as session, session.begin():
-            for event in events:
-                try:
-                    history.record_event(session, event)
-                except (ValueError, history.UnknownOrder):
-                    results.append(None)
-                else:
-                    results.append([])
-        return results
-
 
 def main(argv: list[str] | None = None) -> int:
     """Console script ``orders-updates``: record outcome events until SIGTERM/SIGINT."""
