@@ -9,6 +9,7 @@ relays' row claims keep the workers from publishing the same event twice.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -120,8 +121,15 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
         return app
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Console script ``orders-api``."""
+    argparse.ArgumentParser(
+        prog="orders-api",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Configuration: environment variables only; the README's Configuration table "
+        "lists each with its default.",
+    ).parse_args(argv)  # only --help: nothing starts before this
     try:
         settings = OrderServiceSettings.from_env()
     except ConfigError as exc:
