@@ -23,10 +23,11 @@ from typing import Any
 from sqlalchemy import Engine
 
 from consumers import store
-from consumers.handler import Order, order_of, outcome
-from consumers.queue import PermanentError, RetryableError
-from orders import events
-from orders.config import ConsumerSettings
+from consumers.config import ConsumerSettings
+from consumers.handler import Order, order_of
+from messaging import envelope
+from messaging.handler import outcome
+from messaging.queue import PermanentError, RetryableError
 
 QUEUE = "email"
 SENDER = "email-service"
@@ -79,7 +80,7 @@ class EmailHandler:
     """Sends each order's confirmation once and reports ConfirmationEmailSent."""
 
     queue = QUEUE
-    accepts = frozenset({events.ORDER_PLACED})
+    accepts = frozenset({envelope.ORDER_PLACED})
 
     def __init__(
         self, engine: Engine, *, host: str, port: int, sender: str, timeout: float = 10.0
@@ -128,7 +129,7 @@ class EmailHandler:
         self.send(msg)
         mid = str(msg["Message-ID"])
         result = outcome(
-            events.CONFIRMATION_EMAIL_SENT,
+            envelope.CONFIRMATION_EMAIL_SENT,
             {"order_id": order.order_id, "to": order.customer_email, "message_id": mid},
             order_id=order.order_id,
             sender=SENDER,

@@ -1,29 +1,18 @@
-"""What every consumer handler shares: the protocol, OrderPlaced checks, outcome events."""
+"""What the consumer services share beyond the messaging core: reading OrderPlaced.
+
+The handler protocol and outcome events are :mod:`messaging.handler`'s.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from consumers.queue import PermanentError
-from orders import events
+from messaging.queue import PermanentError
 
 _MONEY = re.compile(r"^-?\d{1,12}\.\d{2}$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
-
-
-class Handler(Protocol):
-    """One consumer's work. ``handle`` must be idempotent by event id."""
-
-    queue: str
-    """The queue it drains."""
-    accepts: frozenset[str]
-    """Event types it handles; any other type is a malformed message on its queue."""
-
-    def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
-        """Do the work once and return the outcome events to emit (the stored ones on
-        a duplicate). Raise RetryableError/PermanentError (or anything: retried)."""
 
 
 @dataclass(frozen=True)
@@ -56,10 +45,3 @@ def order_of(event: dict[str, Any]) -> Order:
     if not isinstance(lines, list) or not lines or not all(isinstance(x, dict) for x in lines):
         raise PermanentError("invalid OrderPlaced data: lines must be a non-empty list")
     return Order(order_id, email, currency, total, lines)
-
-
-def outcome(
-    event_type: str, data: dict[str, Any], *, order_id: int, sender: str, message: str
-) -> dict[str, Any]:
-    """An outcome event envelope (new id, now), counted by order id."""
-    return events.envelope(event_type, data, message=message, sender=sender, count=order_id)

@@ -26,6 +26,7 @@ SCRIPTS = [
     "consumer",
     "orders-admin",
     "local-redis",
+    "orders-updates",
 ]
 
 

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_lib
 
 from devtools.procs import http_ok
 from devtools.redis_server import free_port
+from messaging import monitor
 from tests.helpers import Proc, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -182,13 +184,25 @@ def queue_row(lab: Lab, queue: str) -> dict[str, int]:
     return {"pending": int(row[1]), "in flight": int(row[2]), "dead": int(row[4])}
 
 
+def in_flight(client: redis_lib.Redis, queue: str) -> int:
+    """Messages of ``queue`` held by workers, as the dashboard and orders-admin count them."""
+    return next(f.in_flight for f in monitor.all_figures(client) if f.name == queue)
+
+
 def test_kill_the_payment_worker_and_its_message_comes_back(new_lab: Callable[..., Lab]) -> None:
     """README "Try the guarantees": kill -9 payment mid-job; the rest keeps running;
     ``make start s=payment`` and the reaper returns the message: paid once."""
-    lab = new_lab(PAYMENT_LATENCY_MS="3000", CONSUMER_HEARTBEAT_TTL="3").start()
+    # 8 s of gateway latency (the README says 3000): room for the kill on a busy machine.
+    lab = new_lab(PAYMENT_LATENCY_MS="8000", CONSUMER_HEARTBEAT_TTL="3").start()
     order = lab.order("ada@example.com", "order-2026-0001")
 
-    wait_for(lambda: queue_row(lab, "payment")["in flight"] == 1, 30, 0.2, "payment in flight")
+    # The moment payment holds the message (read straight from Redis: the gateway call
+    # lasts PAYMENT_LATENCY_MS, and the kill must land inside it).
+    client = redis_lib.Redis(port=lab.redis_port)
+    try:
+        wait_for(lambda: in_flight(client, "payment") == 1, 30, 0.05, "payment in flight")
+    finally:
+        client.close()
     killed = lab.make("kill", "s=payment")
     assert killed.returncode == 0, killed.stdout + killed.stderr
 
