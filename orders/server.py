@@ -105,6 +105,11 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
         self.cfg.set("worker_exit", _worker_exit)
         self.cfg.set("post_worker_init", _post_worker_init)
         self.cfg.set("child_exit", _child_exit)
+        if "control_socket_disable" in self.cfg.settings:
+            # gunicorn 25+ binds one control socket per user ($HOME/.gunicorn/gunicorn.ctl):
+            # every orders-api on the machine would share it, and `gunicornc shutdown`
+            # could stop another checkout's API. Nothing here uses it.
+            self.cfg.set("control_socket_disable", True)
 
     def load(self) -> Flask:
         """Runs in each worker after the fork: build the app (and the relay thread)."""

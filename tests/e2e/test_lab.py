@@ -229,21 +229,21 @@ def test_kill_the_payment_worker_and_its_message_comes_back(new_lab: Callable[..
     assert queue_row(lab, "payment") == {"pending": 0, "in flight": 0, "dead": 0}
 
     # `make logs s=payment` follows that one program's log file.
-    follow = subprocess.Popen(
+    with subprocess.Popen(
         ["make", "--no-print-directory", "logs", "s=payment"],
         cwd=ROOT,
         env=lab.env,
         stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
         start_new_session=True,
-    )
-    try:
+    ) as follow:
         assert follow.stdout is not None
-        seen = [follow.stdout.readline() for _ in range(3)]
-        assert any("payment" in line for line in seen), seen
-    finally:
-        os.killpg(follow.pid, signal.SIGTERM)
-        follow.wait(10)
+        try:
+            seen = [follow.stdout.readline() for _ in range(3)]
+        finally:
+            os.killpg(follow.pid, signal.SIGTERM)
+        assert any("payment: worker" in line for line in seen), seen
 
     # `make down` of another checkout stops nothing here.
     other = new_lab("other")
