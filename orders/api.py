@@ -13,6 +13,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from messaging import faults
 from orders import validation
 from orders.extensions import problem_response, services
 from orders.invoice import invoice_number, render_invoice
@@ -99,6 +100,7 @@ def create_order() -> Response:
         svc.settings.relay_claim_seconds,
     )
     if result.event is not None:
+        faults.hit("api.after_commit")
         publish_now(svc.engine, svc.publisher, result.event)
     if result.body is not None:
         response = jsonify(result.body)

@@ -37,7 +37,7 @@ import redis
 from sqlalchemy import Engine, bindparam, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from messaging import logs
+from messaging import faults, logs
 from messaging.config import EXIT_BAD_CONFIG, EXIT_NO_REDIS, EXIT_OK, ConfigError
 from messaging.publisher import EventPublisher
 from orders.bootstrap import OrderServices, create_schema, order_services
@@ -199,6 +199,7 @@ class Relay:
         if self._redis_down:
             log.info("Redis is back; outbox relay resumed")
             self._redis_down = False
+        faults.hit("relay.after_publish")
         try:
             mark_published(self.engine, ids)
         except SQLAlchemyError:
