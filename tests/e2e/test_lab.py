@@ -239,8 +239,10 @@ def test_kill_the_payment_worker_and_its_message_comes_back(new_lab: Callable[..
         start_new_session=True,
     ) as follow:
         assert follow.stdout is not None
-        try:
-            seen = [follow.stdout.readline() for _ in range(3)]
+        seen: list[str] = []
+        try:  # the file's last 50 lines come at once; the worker's start line is among them
+            while len(seen) < 50 and not any("payment: worker" in line for line in seen):
+                seen.append(follow.stdout.readline())
         finally:
             os.killpg(follow.pid, signal.SIGTERM)
         assert any("payment: worker" in line for line in seen), seen
