@@ -60,6 +60,12 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("PUBLISH_INTERVAL", "2.0", "Seconds between two Hello messages."),
     EnvVar("LOG_FORMAT", "text", "text (the original '[timestamp] line') or json."),
     EnvVar("LOG_LEVEL", "INFO", "Python logging level."),
+    EnvVar(
+        "FAULT_POINT",
+        "",
+        "Tests only: name:exit or name:raise fails at a named crash window "
+        "(messaging/faults.py); empty: off.",
+    ),
 )
 """The variables every process reads (Redis, PATTERN, logging). Each service declares
 its own beside its settings class; :func:`markdown_table` renders any of them."""
@@ -123,6 +129,18 @@ def env_choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> s
     if raw not in choices:
         raise ConfigError(f"invalid {name} {raw!r}: must be {', '.join(choices)}")
     return raw
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+"""LOG_LEVEL's values, in any case (``info`` is ``INFO``, as Python's logging reads them)."""
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    raw = env_str(env, "LOG_LEVEL")
+    if raw.upper() not in LOG_LEVELS:
+        choices = ", ".join(LOG_LEVELS)
+        raise ConfigError(f"invalid LOG_LEVEL {raw!r}: must be one of {choices} (any case)")
+    return raw.upper()
 
 
 def parse_pattern(raw: str) -> Pattern:
@@ -214,9 +232,7 @@ class Settings:
             pattern=parse_pattern(env_str(env, "PATTERN")),
             publish_interval=env_float(env, "PUBLISH_INTERVAL", 0.001, 86400.0),
             log_format=env_choice(env, "LOG_FORMAT", ("text", "json")),
-            log_level=env_choice(
-                env, "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-            ),
+            log_level=_log_level(env),
             redis_cluster=env_choice(env, "REDIS_CLUSTER", ("0", "1")) == "1",
             redis_wait_replicas=env_int(env, "REDIS_WAIT_REPLICAS", 0, 16),
             redis_tls_ca_file=redis_tls_ca_file,
@@ -235,6 +251,11 @@ WORKER_ENV_VARS: tuple[EnvVar, ...] = declare(
     EnvVar("CONSUMER_BACKOFF_BASE", "1.0", "Seconds of the first retry delay (doubles each time)."),
     EnvVar("CONSUMER_BACKOFF_MAX", "60.0", "Cap of the retry delay in seconds (full jitter)."),
     EnvVar("CONSUMER_HEARTBEAT_TTL", "10", "Seconds a worker's heartbeat lives; gone = reaped."),
+    EnvVar(
+        "CONSUMER_STUCK_SECONDS",
+        "300",
+        "One message holding a handler thread this long: the worker gives up and exits 3.",
+    ),
     EnvVar("METRICS_PORT", "0", "Consumer: serve Prometheus metrics on this port (0 = off)."),
 )
 """The variables of every queue worker process (the consumers and orders-updates)."""
@@ -251,6 +272,7 @@ class WorkerSettings:
     backoff_base: float
     backoff_max: float
     heartbeat_ttl: int
+    stuck_seconds: float = 300.0
     metrics_port: int = 0
 
     @classmethod
@@ -265,6 +287,7 @@ class WorkerSettings:
             backoff_base=env_float(env, "CONSUMER_BACKOFF_BASE", 0.0, 3600.0),
             backoff_max=env_float(env, "CONSUMER_BACKOFF_MAX", 0.0, 86400.0),
             heartbeat_ttl=env_int(env, "CONSUMER_HEARTBEAT_TTL", 1, 3600),
+            stuck_seconds=env_float(env, "CONSUMER_STUCK_SECONDS", 1.0, 86400.0),
             metrics_port=env_int(env, "METRICS_PORT", 0, 65535),
         )
 

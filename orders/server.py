@@ -9,6 +9,7 @@ relays' row claims keep the workers from publishing the same event twice.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -36,9 +37,18 @@ log = logging.getLogger("orders-api")
 _relay_stop: threading.Event | None = None
 
 
+_app: Flask | None = None
+
+
 def _worker_exit(_server: Any, _worker: Any) -> None:
     if _relay_stop is not None:
         _relay_stop.set()
+    if _app is not None:
+        from orders.api import MARKER
+
+        marker = _app.extensions.get(MARKER)
+        if marker is not None:
+            marker.close()  # mark what this worker published (else: the relay resends)
 
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -105,10 +115,15 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
         self.cfg.set("worker_exit", _worker_exit)
         self.cfg.set("post_worker_init", _post_worker_init)
         self.cfg.set("child_exit", _child_exit)
+        if "control_socket_disable" in self.cfg.settings:
+            # gunicorn 25+ binds one control socket per user ($HOME/.gunicorn/gunicorn.ctl):
+            # every orders-api on the machine would share it, and `gunicornc shutdown`
+            # could stop another checkout's API. Nothing here uses it.
+            self.cfg.set("control_socket_disable", True)
 
     def load(self) -> Flask:
         """Runs in each worker after the fork: build the app (and the relay thread)."""
-        global _relay_stop
+        global _relay_stop, _app
         from orders.app import create_app
 
         logs.configure(self.settings.base.log_format, self.settings.base.log_level)
@@ -117,14 +132,21 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
         if os.environ.get(MULTIPROC_ENV):
             Path(os.environ[MULTIPROC_ENV]).mkdir(parents=True, exist_ok=True)
         services = order_services(self.settings)
-        app = create_app(services=services)
+        app = _app = create_app(services=services)
         if self.settings.relay_in_process:
             _, _relay_stop = start_relay_thread(services)
         return app
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Console script ``orders-api``."""
+    argparse.ArgumentParser(
+        prog="orders-api",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Configuration: environment variables only; the README's Configuration table "
+        "lists each with its default.",
+    ).parse_args(argv)  # only --help: nothing starts before this
     try:
         settings = OrderServiceSettings.from_env()
     except ConfigError as exc:
