@@ -20,7 +20,7 @@ from consumers.config import ConsumerSettings
 from consumers.email import message_id, render
 from consumers.handler import order_of
 from consumers.invoice import InvoiceHandler
-from consumers.payment import GatewayUnavailable, PaymentHandler, SimulatedGateway
+from consumers.payment import GatewayUnavailable, PaymentHandler, SimulatedGateway, payment_key
 from messaging import envelope
 from messaging.config import ConfigError
 from messaging.queue import (
@@ -197,7 +197,7 @@ def test_payment_twice_charges_once_and_returns_the_stored_outcome(engine: Engin
     assert captured["count"] == 1
     assert count(engine, store.GatewayCharge) == 1
     with Session(engine) as session:
-        assert session.get(store.GatewayCharge, event["id"]).calls == 1  # type: ignore[union-attr]
+        assert session.get(store.GatewayCharge, payment_key(1)).calls == 1  # type: ignore[union-attr]
 
 
 def test_gateway_ledger_answers_a_repeated_key_without_charging_again(engine: Engine) -> None:
@@ -258,8 +258,8 @@ def test_invoice_numbers_are_consecutive(engine: Engine) -> None:
 def test_email_is_rendered_escaped_with_a_stable_message_id() -> None:
     event = order_placed(4)
     msg = render(order_of(event), event_id=event["id"], sender="orders@example.com")
-    assert msg["Message-ID"] == f"<{event['id']}.confirmation@example.com>"
-    assert message_id(event["id"], "orders@example.com") == msg["Message-ID"]
+    assert msg["Message-ID"] == "<order-4.confirmation@example.com>"  # per order and step
+    assert message_id(event["data"]["order_id"], "orders@example.com") == msg["Message-ID"]
     html_part = msg.get_body(("html",))
     text_part = msg.get_body(("plain",))
     assert html_part is not None and text_part is not None
