@@ -107,6 +107,14 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "Dashboard event stream lifetime before the browser reconnects.",
     ),
     EnvVar("STREAM_KEEPALIVE_SECONDS", "15", "Seconds between keep-alive comments on the stream."),
+    EnvVar("STREAM_PORT", "8100", "orders-stream listen port (the dashboard's live feed)."),
+    EnvVar(
+        "STREAM_URL",
+        "",
+        "Where the dashboard page opens its feed (empty: the page's host on STREAM_PORT).",
+    ),
+    EnvVar("STREAM_MAX_PER_CLIENT", "8", "Open event streams per client address; beyond: 429."),
+    EnvVar("STREAM_MAX_CONNECTIONS", "2000", "Open event streams per orders-stream; beyond: 503."),
 )
 """The documented variables. Later features append theirs here, nowhere else."""
 
@@ -264,6 +272,15 @@ def _database_url(env: Mapping[str, str]) -> str:
     return raw
 
 
+def _stream_url(env: Mapping[str, str]) -> str:
+    raw = _get(env, "STREAM_URL")
+    if raw and not raw.startswith(("http://", "https://", "/")):
+        raise ConfigError(
+            f"invalid STREAM_URL {raw!r}: must be an http(s):// URL or a path starting with /"
+        )
+    return raw
+
+
 @dataclass(frozen=True)
 class OrderServiceSettings:
     """Configuration of orders-api and orders-relay: the common Settings plus their own."""
@@ -282,6 +299,11 @@ class OrderServiceSettings:
     relay_claim_seconds: float
     stream_max_seconds: float = 300.0
     stream_keepalive_seconds: float = 15.0
+    stream_port: int = 8100
+    stream_url: str = ""
+    """STREAM_URL: the page's EventSource URL; empty: same host, STREAM_PORT."""
+    stream_max_per_client: int = 8
+    stream_max_connections: int = 2000
     metrics_dir: str = ""
     rate_limit_per_minute: int = 600
     """RATE_LIMIT_PER_MINUTE: per client IP (burst of the same size); 0 turns it off."""
@@ -308,6 +330,10 @@ class OrderServiceSettings:
             relay_claim_seconds=_float(env, "RELAY_CLAIM_SECONDS", 1.0, 3600.0),
             stream_max_seconds=_float(env, "STREAM_MAX_SECONDS", 1.0, 86400.0),
             stream_keepalive_seconds=_float(env, "STREAM_KEEPALIVE_SECONDS", 0.1, 3600.0),
+            stream_port=_int(env, "STREAM_PORT", 1, 65535),
+            stream_url=_stream_url(env),
+            stream_max_per_client=_int(env, "STREAM_MAX_PER_CLIENT", 1, 10_000),
+            stream_max_connections=_int(env, "STREAM_MAX_CONNECTIONS", 1, 1_000_000),
             metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR", "").strip(),
             rate_limit_per_minute=_int(env, "RATE_LIMIT_PER_MINUTE", 0, 1_000_000),
         )
