@@ -11,6 +11,13 @@ idempotency key; the Message-ID is the closest thing it has.
 
 An SMTP server that cannot be reached, times out or answers 4xx is a retryable error;
 a 5xx answer (recipient refused) is permanent.
+
+Recipients: exactly one per message, the order's ``customer_email``, checked again here
+with the order service's rule (one addr-spec, :func:`recipient`): whatever sits on the
+queue may not have come through the API. An address that fails is a permanent error
+(dead-lettered with the reason), never mailed. The envelope recipient is passed to SMTP
+explicitly (``to_addrs=[address]``): smtplib would otherwise read the recipients from
+the ``To:`` header, where one string with commas or encoded-words becomes many.
 """
 
 from __future__ import annotations
@@ -18,18 +25,42 @@ from __future__ import annotations
 import html
 import smtplib
 from email.message import EmailMessage
+from email.utils import parseaddr
 from typing import Any
 
+import email_validator
 from sqlalchemy import Engine
 
 from consumers import store
-from consumers.handler import Order, order_of, outcome
-from consumers.queue import PermanentError, RetryableError
-from orders import events
-from orders.config import ConsumerSettings
+from consumers.config import ConsumerSettings
+from consumers.handler import Order, order_of
+from messaging import envelope
+from messaging.handler import outcome
+from messaging.queue import PermanentError, RetryableError
 
 QUEUE = "email"
 SENDER = "email-service"
+MAX_ADDRESS_LENGTH = 254
+
+
+def recipient(address: str) -> str:
+    """The one envelope recipient for ``address``, or PermanentError saying why not.
+
+    The same rule as ``POST /orders`` (orders/validation.py): exactly one addr-spec
+    (no list, display name, comment, quoted local part, IP literal, encoded-word or
+    control character; a domain with a dot), returned in its ASCII form.
+    """
+    if len(address) > MAX_ADDRESS_LENGTH or "=?" in address:
+        raise PermanentError(f"refused recipient {address[:300]!r}: not one plain address")
+    try:
+        checked = email_validator.validate_email(
+            address, check_deliverability=False, allow_smtputf8=False
+        )
+    except email_validator.EmailNotValidError as exc:
+        raise PermanentError(f"refused recipient {address[:300]!r}: {exc}") from None
+    if not checked.ascii_email or len(checked.ascii_email) > MAX_ADDRESS_LENGTH:
+        raise PermanentError(f"refused recipient {address[:300]!r}: too long in ASCII form")
+    return checked.ascii_email
 
 
 def message_id(event_id: str, sender: str) -> str:
@@ -39,11 +70,11 @@ def message_id(event_id: str, sender: str) -> str:
 
 
 def render(order: Order, *, event_id: str, sender: str) -> EmailMessage:
-    """The confirmation email: plain text and HTML alternatives."""
+    """The confirmation email: plain text and HTML alternatives (one checked recipient)."""
     msg = EmailMessage()
     msg["Subject"] = f"Your order #{order.order_id} is confirmed"
     msg["From"] = sender
-    msg["To"] = order.customer_email
+    msg["To"] = recipient(order.customer_email)
     msg["Message-ID"] = message_id(event_id, sender)
     rows = [
         (
@@ -79,7 +110,7 @@ class EmailHandler:
     """Sends each order's confirmation once and reports ConfirmationEmailSent."""
 
     queue = QUEUE
-    accepts = frozenset({events.ORDER_PLACED})
+    accepts = frozenset({envelope.ORDER_PLACED})
 
     def __init__(
         self, engine: Engine, *, host: str, port: int, sender: str, timeout: float = 10.0
@@ -101,11 +132,11 @@ class EmailHandler:
             timeout=settings.smtp_timeout,
         )
 
-    def send(self, msg: EmailMessage) -> None:
-        """Hand the message to the SMTP server; classify failures."""
+    def send(self, msg: EmailMessage, to: str) -> None:
+        """Hand the message to the SMTP server for exactly ``to``; classify failures."""
         try:
             with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
-                smtp.send_message(msg)
+                smtp.send_message(msg, from_addr=parseaddr(self.sender)[1], to_addrs=[to])
         except smtplib.SMTPRecipientsRefused as exc:
             codes = [code for code, _ in exc.recipients.values()]
             if all(code >= 500 for code in codes):
@@ -124,11 +155,12 @@ class EmailHandler:
         if stored is not None:
             return stored
         order = order_of(event)
+        to = recipient(order.customer_email)
         msg = render(order, event_id=event["id"], sender=self.sender)
-        self.send(msg)
+        self.send(msg, to)
         mid = str(msg["Message-ID"])
         result = outcome(
-            events.CONFIRMATION_EMAIL_SENT,
+            envelope.CONFIRMATION_EMAIL_SENT,
             {"order_id": order.order_id, "to": order.customer_email, "message_id": mid},
             order_id=order.order_id,
             sender=SENDER,

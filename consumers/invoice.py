@@ -18,8 +18,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from consumers import store
-from consumers.handler import order_of, outcome
-from orders import events
+from consumers.handler import order_of
+from messaging import envelope
+from messaging.handler import outcome
 
 QUEUE = "invoice"
 SENDER = "invoice-service"
@@ -50,7 +51,7 @@ class InvoiceHandler:
     """Issues each order's invoice once and reports InvoiceIssued."""
 
     queue = QUEUE
-    accepts = frozenset({events.ORDER_PLACED})
+    accepts = frozenset({envelope.ORDER_PLACED})
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -78,7 +79,7 @@ class InvoiceHandler:
                 session.flush()
             return [
                 outcome(
-                    events.INVOICE_ISSUED,
+                    envelope.INVOICE_ISSUED,
                     {
                         "order_id": order.order_id,
                         "invoice_number": invoice.invoice_number,

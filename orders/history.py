@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from orders import events
+from messaging import envelope
 from orders.models import (
     STATUS_COMPLETED,
     STATUS_PAYMENT_DECLINED,
@@ -30,13 +30,13 @@ from orders.models import (
 )
 
 OUTCOME_TYPES = (
-    events.PAYMENT_CAPTURED,
-    events.PAYMENT_DECLINED,
-    events.INVOICE_ISSUED,
-    events.CONFIRMATION_EMAIL_SENT,
+    envelope.PAYMENT_CAPTURED,
+    envelope.PAYMENT_DECLINED,
+    envelope.INVOICE_ISSUED,
+    envelope.CONFIRMATION_EMAIL_SENT,
 )
 COMPLETION = frozenset(
-    {events.PAYMENT_CAPTURED, events.INVOICE_ISSUED, events.CONFIRMATION_EMAIL_SENT}
+    {envelope.PAYMENT_CAPTURED, envelope.INVOICE_ISSUED, envelope.CONFIRMATION_EMAIL_SENT}
 )
 
 
@@ -46,7 +46,7 @@ class UnknownOrder(LookupError):
 
 def status_for(types: set[str]) -> str:
     """The order status implied by the set of outcome types recorded."""
-    if events.PAYMENT_DECLINED in types:
+    if envelope.PAYMENT_DECLINED in types:
         return STATUS_PAYMENT_DECLINED
     if COMPLETION <= types:
         return STATUS_COMPLETED

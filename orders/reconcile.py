@@ -28,17 +28,17 @@ from datetime import timedelta
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from orders import events
+from messaging import envelope
+from messaging.publisher import EventPublisher
 from orders.models import Order, OrderHistory, Outbox, utc_now
-from orders.publisher import EventPublisher
 
 log = logging.getLogger("orders-relay")
 
 SLOTS = {
-    events.PAYMENT_CAPTURED: "payment",
-    events.PAYMENT_DECLINED: "payment",
-    events.INVOICE_ISSUED: "invoice",
-    events.CONFIRMATION_EMAIL_SENT: "email",
+    envelope.PAYMENT_CAPTURED: "payment",
+    envelope.PAYMENT_DECLINED: "payment",
+    envelope.INVOICE_ISSUED: "invoice",
+    envelope.CONFIRMATION_EMAIL_SENT: "email",
 }
 """Outcome type -> the consumer it comes from; an order is settled with all three."""
 
@@ -90,7 +90,7 @@ def stored_order_placed(engine: Engine, order_ids: list[int]) -> dict[int, str]:
         created = session.scalars(select(Order.created_at).where(Order.id == min(wanted))).one()
         rows = session.execute(
             select(Outbox.payload).where(
-                Outbox.type == events.ORDER_PLACED, Outbox.created_at >= created
+                Outbox.type == envelope.ORDER_PLACED, Outbox.created_at >= created
             )
         )
         for (payload,) in rows:
@@ -119,7 +119,7 @@ def reconcile(
     todo = [payloads[i] for i in incomplete if i in payloads]
     for start in range(0, len(todo), batch):
         publisher.publish_serialized(
-            (events.ORDER_PLACED, payload) for payload in todo[start : start + batch]
+            (envelope.ORDER_PLACED, payload) for payload in todo[start : start + batch]
         )
     log.info(
         "Reconcile: %d orders checked, %d incomplete, %d OrderPlaced re-published",

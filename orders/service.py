@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from orders import events
+from messaging import envelope
 from orders.models import Order, OrderLine, Outbox, utc_now
 from orders.money import format_money, line_total, order_total
 from orders.validation import OrderRequest, Problem
@@ -48,8 +48,8 @@ def order_placed_event(order: Order) -> dict[str, Any]:
     """The OrderPlaced envelope of an order (``data`` is the schema's OrderPlacedV1)."""
     items = sum(line.quantity for line in order.lines)
     total = format_money(order.total)
-    return events.envelope(
-        events.ORDER_PLACED,
+    return envelope.envelope(
+        envelope.ORDER_PLACED,
         {
             "order_id": order.id,
             "customer_email": order.customer_email,
@@ -142,7 +142,7 @@ def place_order(
                 Outbox(
                     event_id=event["id"],
                     type=event["type"],
-                    payload=events.dumps(event),
+                    payload=envelope.dumps(event),
                     created_at=now,
                     claimed_until=now + timedelta(seconds=claim_seconds),
                     attempts=0,

@@ -10,8 +10,8 @@ of them leave orders-api's capacity untouched. The order service's page points i
 never holds a thread either.
 
 - One Redis subscription per process, not one per client: a hub thread SUBSCRIBEs to
-  :data:`~orders.keys.ORDER_EVENTS_CHANNEL` (the synchronous client from
-  :mod:`orders.bootstrap`, so TLS and Redis Cluster work as everywhere else) and fans
+  :data:`~messaging.keys.ORDER_EVENTS_CHANNEL` (the synchronous client from
+  :mod:`messaging.connection`, so TLS and Redis Cluster work as everywhere else) and fans
   each message out to every open stream's bounded buffer. A client too slow to keep up
   is disconnected (its browser reconnects) rather than buffered without bound.
 - Limits: at most ``STREAM_MAX_PER_CLIENT`` open streams per client address (beyond:
@@ -43,9 +43,10 @@ from urllib.parse import urlsplit
 import redis
 from aiohttp import web
 
-from orders import keys, logs
-from orders.bootstrap import redis_client
-from orders.config import EXIT_BAD_CONFIG, ConfigError, OrderServiceSettings
+from messaging import keys, logs
+from messaging.connection import redis_client
+from messaging.config import EXIT_BAD_CONFIG, ConfigError
+from orders.config import OrderServiceSettings
 
 log = logging.getLogger("orders-stream")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import jsonschema
 
+from messaging.publisher import route
 from orders.models import Order, OrderLine
-from orders.publisher import route
 from orders.service import order_placed_event
 
 CONTRACTS = Path(__file__).resolve().parents[2] / "contracts"

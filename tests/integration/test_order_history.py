@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from orders import events
+from messaging import envelope
 from orders.history import UnknownOrder, record_event
 from tests.orders_app import ORDER, order
 
@@ -17,7 +17,7 @@ NO_REDIS = "redis://127.0.0.1:1/0"
 
 
 def _outcome(event_type: str, order_id: int, timestamp: str, **data: Any) -> dict[str, Any]:
-    return events.envelope(
+    return envelope.envelope(
         event_type,
         {"order_id": order_id, **data},
         message=f"{event_type} for order {order_id}",
@@ -45,15 +45,15 @@ def test_status_follows_the_outcomes_and_duplicates_change_nothing(
     order_id = _place(app)
     client = app.test_client()
     email = _outcome(
-        events.CONFIRMATION_EMAIL_SENT, order_id, "2026-11-28T10:00:03+00:00",
+        envelope.CONFIRMATION_EMAIL_SENT, order_id, "2026-11-28T10:00:03+00:00",
         to="ada@example.com", message_id="m-1",
     )  # fmt: skip
     paid = _outcome(
-        events.PAYMENT_CAPTURED, order_id, "2026-11-28T10:00:01+00:00",
+        envelope.PAYMENT_CAPTURED, order_id, "2026-11-28T10:00:01+00:00",
         payment_id="p-1", amount="25.00", currency="EUR",
     )  # fmt: skip
     invoiced = _outcome(
-        events.INVOICE_ISSUED, order_id, "2026-11-28T10:00:02Z",
+        envelope.INVOICE_ISSUED, order_id, "2026-11-28T10:00:02Z",
         invoice_number="INV-2026-000001", total="25.00", currency="EUR",
     )  # fmt: skip
 
@@ -67,9 +67,9 @@ def test_status_follows_the_outcomes_and_duplicates_change_nothing(
     assert body["status"] == "completed"
     # In order of occurrence, not of arrival; the duplicate is not there.
     assert [h["type"] for h in body["history"]] == [
-        events.PAYMENT_CAPTURED,
-        events.INVOICE_ISSUED,
-        events.CONFIRMATION_EMAIL_SENT,
+        envelope.PAYMENT_CAPTURED,
+        envelope.INVOICE_ISSUED,
+        envelope.CONFIRMATION_EMAIL_SENT,
     ]
     assert body["history"][1]["occurred_at"] == "2026-11-28T10:00:02.000000+00:00"
     assert body["history"][1]["data"]["invoice_number"] == "INV-2026-000001"
@@ -79,7 +79,7 @@ def test_payment_declined(make_app: Callable[..., Flask]) -> None:
     app = make_app(NO_REDIS)
     order_id = _place(app)
     declined = _outcome(
-        events.PAYMENT_DECLINED, order_id, "2026-11-28T10:00:01+00:00", reason="card expired"
+        envelope.PAYMENT_DECLINED, order_id, "2026-11-28T10:00:01+00:00", reason="card expired"
     )
     assert _record(app, declined)
     assert app.test_client().get(f"/orders/{order_id}").get_json()["status"] == "payment_declined"
@@ -88,7 +88,7 @@ def test_payment_declined(make_app: Callable[..., Flask]) -> None:
 @pytest.mark.parametrize(
     ("change", "error"),
     [
-        ({"type": events.ORDER_PLACED}, ValueError),
+        ({"type": envelope.ORDER_PLACED}, ValueError),
         ({"data": {"order_id": 999}}, UnknownOrder),
         ({"data": {"order_id": True}}, ValueError),
         ({"timestamp": "2026-11-28T10:00:00"}, ValueError),
@@ -100,7 +100,7 @@ def test_bad_events_are_rejected(
 ) -> None:
     app = make_app(NO_REDIS)
     order_id = _place(app)
-    event = {**_outcome(events.PAYMENT_DECLINED, order_id, "2026-11-28T10:00:00Z", reason="x")}
+    event = {**_outcome(envelope.PAYMENT_DECLINED, order_id, "2026-11-28T10:00:00Z", reason="x")}
     event.update(change)
     with pytest.raises(error):
         _record(app, event)
@@ -117,7 +117,7 @@ def test_invoice_is_html_escaped_and_only_after_invoice_issued(
     assert missing.status_code == 404
     assert missing.content_type == "application/problem+json"
     invoiced = _outcome(
-        events.INVOICE_ISSUED, order_id, "2026-11-28T10:00:02Z",
+        envelope.INVOICE_ISSUED, order_id, "2026-11-28T10:00:02Z",
         invoice_number="INV-2026-000042", total="25.00", currency="EUR",
     )  # fmt: skip
     invoiced["id"] = str(uuid.uuid4())

@@ -16,11 +16,14 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from consumers import store
+from consumers.config import ConsumerSettings
 from consumers.email import message_id, render
 from consumers.handler import order_of
 from consumers.invoice import InvoiceHandler
 from consumers.payment import GatewayUnavailable, PaymentHandler, SimulatedGateway
-from consumers.queue import (
+from messaging import envelope
+from messaging.config import ConfigError
+from messaging.queue import (
     MalformedMessage,
     PermanentError,
     RetryableError,
@@ -28,8 +31,6 @@ from consumers.queue import (
     classify,
     parse,
 )
-from orders import events
-from orders.config import ConfigError, ConsumerSettings
 
 
 def order_placed(order_id: int = 1, email: str = "ann@example.com", **data: Any) -> dict[str, Any]:
@@ -43,15 +44,16 @@ def order_placed(order_id: int = 1, email: str = "ann@example.com", **data: Any)
         "total": "10.00",
         **data,
     }
-    return events.envelope(
-        events.ORDER_PLACED, payload, message="placed", sender="orders-api", count=order_id
+    return envelope.envelope(
+        envelope.ORDER_PLACED, payload, message="placed", sender="orders-api", count=order_id
     )
 
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Engine:
     engine = store.make_engine(f"sqlite:///{tmp_path / 'consumers.db'}")
-    store.create_tables(engine)
+    for service in store.SERVICE_TABLES:  # one file for these unit tests
+        store.create_tables(engine, service)
     return engine
 
 
@@ -99,7 +101,7 @@ def test_classify(exc: BaseException, verdict: str) -> None:
     assert classify(exc) == verdict
 
 
-ACCEPTS = frozenset({events.ORDER_PLACED})
+ACCEPTS = frozenset({envelope.ORDER_PLACED})
 
 
 @pytest.mark.parametrize(
@@ -125,7 +127,7 @@ def test_parse_classifies_malformed_messages(raw: bytes, error: str) -> None:
 
 def test_parse_accepts_a_valid_envelope() -> None:
     event = order_placed(3)
-    assert parse(events.dumps(event).encode(), ACCEPTS) == event
+    assert parse(envelope.dumps(event).encode(), ACCEPTS) == event
 
 
 @pytest.mark.parametrize(
@@ -150,10 +152,15 @@ def test_invalid_order_data_is_permanent(data: dict[str, Any], error: str) -> No
 
 
 def test_consumer_settings_defaults() -> None:
-    s = ConsumerSettings.from_env({})
-    assert (s.concurrency, s.batch_size, s.max_attempts, s.heartbeat_ttl) == (1, 10, 5, 10)
+    s = ConsumerSettings.from_env({}, service="payment")
+    w = s.worker
+    assert (w.concurrency, w.batch_size, w.max_attempts, w.heartbeat_ttl) == (1, 10, 5, 10)
     assert (s.smtp_host, s.smtp_port, s.email_from) == ("localhost", 1025, "orders@example.com")
-    assert s.database_url == "sqlite:///var/orders.db"
+    assert s.database_url == "sqlite:///var/payment.db"  # its own, not the order service's
+    assert ConsumerSettings.from_env({}, service="invoice").database_url == (
+        "sqlite:///var/invoice.db"
+    )
+    assert ConsumerSettings.from_env({}, service="noop").database_url == ""
 
 
 @pytest.mark.parametrize(
@@ -164,13 +171,13 @@ def test_consumer_settings_defaults() -> None:
         ({"PAYMENT_DECLINE_RATE": "1.5"}, "invalid PAYMENT_DECLINE_RATE '1.5'"),
         ({"SMTP_PORT": "0"}, "invalid SMTP_PORT"),
         ({"EMAIL_FROM": "orders"}, "invalid EMAIL_FROM"),
-        ({"DATABASE_URL": "mysql://x"}, "invalid DATABASE_URL"),
+        ({"PAYMENT_DATABASE_URL": "mysql://x"}, "invalid PAYMENT_DATABASE_URL"),
         ({"PATTERN": "nope"}, "invalid PATTERN"),
     ],
 )
 def test_consumer_settings_bad_values_are_one_line(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError) as info:
-        ConsumerSettings.from_env(env)
+        ConsumerSettings.from_env(env, service="payment")
     assert needle in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -185,7 +192,7 @@ def test_payment_twice_charges_once_and_returns_the_stored_outcome(engine: Engin
     second = handler.handle(event)
     assert first == second  # the same outcome event, same id: re-emitted, not redone
     [captured] = first
-    assert captured["type"] == events.PAYMENT_CAPTURED
+    assert captured["type"] == envelope.PAYMENT_CAPTURED
     assert captured["data"]["amount"] == "10.00"
     assert captured["count"] == 1
     assert count(engine, store.GatewayCharge) == 1
@@ -205,20 +212,20 @@ def test_gateway_ledger_answers_a_repeated_key_without_charging_again(engine: En
 def test_payment_magic_emails(engine: Engine) -> None:
     handler = PaymentHandler(engine, SimulatedGateway(engine, flaky_calls=2))
     [declined] = handler.handle(order_placed(1, email="decline@example.com"))
-    assert declined["type"] == events.PAYMENT_DECLINED
+    assert declined["type"] == envelope.PAYMENT_DECLINED
     assert declined["data"] == {"order_id": 1, "reason": "card declined by issuer"}
     flaky = order_placed(2, email="flaky@example.com")
     for _ in range(2):
         with pytest.raises(GatewayUnavailable):
             handler.handle(flaky)
     [captured] = handler.handle(flaky)
-    assert captured["type"] == events.PAYMENT_CAPTURED
+    assert captured["type"] == envelope.PAYMENT_CAPTURED
 
 
 def test_seeded_gateway_decisions_are_deterministic(tmp_path: Path) -> None:
     def outcomes(name: str) -> list[str]:
         engine = store.make_engine(f"sqlite:///{tmp_path / name}")
-        store.create_tables(engine)
+        store.create_tables(engine, "payment")
         gateway = SimulatedGateway(engine, decline_rate=0.5, seed="s1")
         return [
             gateway.charge(f"k{i}", order_id=i, amount="1.00", currency="EUR", email="a@b.c").status

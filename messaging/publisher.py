@@ -2,8 +2,8 @@
 
 Routing (PATTERN decides the paths, the event type the queues):
 
-- ``OrderPlaced``: PUBLISH to :data:`~orders.keys.ORDER_EVENTS_CHANNEL` (pubsub, both)
-  and RPUSH to ``pending(q)`` for every q in :data:`~orders.keys.CONSUMER_QUEUES`
+- ``OrderPlaced``: PUBLISH to :data:`~messaging.keys.ORDER_EVENTS_CHANNEL` (pubsub, both)
+  and RPUSH to ``pending(q)`` for every q in :data:`~messaging.keys.CONSUMER_QUEUES`
   (queue, both);
 - every other type (the outcomes): PUBLISH to the same channel (pubsub, both) and RPUSH
   to ``pending(ORDER_UPDATES_QUEUE)`` (queue, both).
@@ -30,8 +30,8 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
-from orders import events, keys
-from orders.config import Pattern
+from messaging import envelope, keys
+from messaging.config import Pattern
 
 WAIT_TIMEOUT_MS = 2000
 """How long a publish waits for REDIS_WAIT_REPLICAS replicas before it counts as failed."""
@@ -59,7 +59,7 @@ def route(event_type: str, pattern: Pattern) -> tuple[str, list[str]]:
     channel = keys.ORDER_EVENTS_CHANNEL if pattern in ("pubsub", "both") else ""
     if pattern not in ("queue", "both"):
         return channel, []
-    if event_type == events.ORDER_PLACED:
+    if event_type == envelope.ORDER_PLACED:
         return channel, [keys.pending(q) for q in keys.CONSUMER_QUEUES]
     return channel, [keys.pending(keys.ORDER_UPDATES_QUEUE)]
 
@@ -95,13 +95,13 @@ class EventPublisher:
     def publish(self, event: dict[str, Any]) -> None:
         """Publish one event. Raises redis.RedisError."""
         if self.cluster or self.wait_replicas:
-            self.publish_serialized([(event["type"], events.dumps(event))])
+            self.publish_serialized([(event["type"], envelope.dumps(event))])
             return
-        self._call(event["type"], events.dumps(event), self.redis)
+        self._call(event["type"], envelope.dumps(event), self.redis)
 
     def publish_many(self, batch: Iterable[dict[str, Any]]) -> None:
         """Publish events in order through one pipeline. Raises redis.RedisError."""
-        self.publish_serialized((event["type"], events.dumps(event)) for event in batch)
+        self.publish_serialized((event["type"], envelope.dumps(event)) for event in batch)
 
     def publish_serialized(self, batch: Iterable[tuple[str, str]]) -> None:
         """Publish ``(type, JSON text)`` pairs in order through one pipeline.

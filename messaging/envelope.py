@@ -12,7 +12,7 @@ import json
 import uuid
 from typing import Any
 
-from orders.logs import utc_now_iso
+from messaging.logs import utc_now_iso
 
 ORDER_PLACED = "OrderPlaced"
 PAYMENT_CAPTURED = "PaymentCaptured"
