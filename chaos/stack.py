@@ -210,12 +210,15 @@ class Stack:
         self.smtp_port = free_port()
         self.api_port = free_port()
         self.base = f"http://127.0.0.1:{self.api_port}"
+        self.stream_port = free_port()
+        self.stream_base = f"http://127.0.0.1:{self.stream_port}"
         self.common: dict[str, str] = {}
         self.consumer_env = consumer_env or {}
         self.workers_per_queue = workers_per_queue
         self.slots: list[Slot] = []
         self.proxy: TcpProxy | None = None
         self.api: Proc | None = None
+        self.stream: Proc | None = None
         self.sink: Proc | None = None
         self.started = 0
         self.engine: Engine | None = None
@@ -253,6 +256,7 @@ class Stack:
             append=True,
         )
         self.start_api()
+        self.start_stream()
         if self.use_proxy:
             self.proxy = TcpProxy(self.redis.port)
         for name in CONSUMERS:
@@ -288,12 +292,23 @@ class Stack:
                 "WEB_CONCURRENCY": "2",
                 "RELAY_IN_PROCESS": "1",
                 "RELAY_INTERVAL": "0.2",
+                "STREAM_PORT": str(self.stream_port),
                 **self.api_env,
             },
             self.root / "api.log",
             append=True,
         )
         wait_until(self.healthy, 60, 0.1, "orders-api /healthz")
+
+    def start_stream(self) -> None:
+        """``orders-stream``, the dashboard's live feed (the page finds it on stream_port)."""
+        self.stream = Proc(
+            [str(BIN / "orders-stream")],
+            {**self.common, "HOST": "127.0.0.1", "STREAM_PORT": str(self.stream_port)},
+            self.root / "stream.log",
+            append=True,
+        )
+        wait_until(lambda: http_ok(self.stream_base + "/healthz"), 60, 0.1, "orders-stream")
 
     def healthy(self) -> bool:
         return http_ok(self.base + "/healthz")
@@ -335,7 +350,7 @@ class Stack:
 
     def logs(self) -> str:
         """Every process's output (the tail of each), for failure messages."""
-        procs = {"api": self.api, "sink": self.sink}
+        procs = {"api": self.api, "stream": self.stream, "sink": self.sink}
         procs |= {f"{slot.name}-{i}": slot.proc for i, slot in enumerate(self.slots)}
         return "\n".join(
             f"--- {name}\n{proc.output()[-3000:]}"
@@ -350,6 +365,8 @@ class Stack:
                 codes.append(slot.proc.terminate(20.0))
         if self.api is not None:
             self.api.terminate(20.0)
+        if self.stream is not None:
+            self.stream.terminate(20.0)
         if self.sink is not None:
             self.sink.terminate(20.0)
         if self.proxy is not None:

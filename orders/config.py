@@ -34,6 +34,11 @@ ENV_VARS: tuple[EnvVar, ...] = declare(
     EnvVar("PORT", "8000", "orders-api listen port."),
     EnvVar("WEB_CONCURRENCY", "2", "orders-api gunicorn worker processes."),
     EnvVar("WEB_THREADS", "8", "Threads per orders-api worker (gthread)."),
+    EnvVar(
+        "REQUEST_QUEUE_TIMEOUT_SECONDS",
+        "10",
+        "orders-api: a request that waited longer for a thread is answered 503, not run.",
+    ),
     EnvVar("MAX_BODY_BYTES", "65536", "Largest accepted request body; larger is 413."),
     EnvVar("MAX_LINES", "100", "Most lines (items) in one order."),
     EnvVar(
@@ -96,6 +101,7 @@ class OrderServiceSettings:
     stream_max_seconds: float = 300.0
     stream_keepalive_seconds: float = 15.0
     stream_port: int = 8100
+    request_queue_timeout: float = 10.0
     stream_url: str = ""
     """STREAM_URL: the page's EventSource URL; empty: same host, STREAM_PORT."""
     stream_max_per_client: int = 8
@@ -127,6 +133,7 @@ class OrderServiceSettings:
             stream_max_seconds=env_float(env, "STREAM_MAX_SECONDS", 1.0, 86400.0),
             stream_keepalive_seconds=env_float(env, "STREAM_KEEPALIVE_SECONDS", 0.1, 3600.0),
             stream_port=env_int(env, "STREAM_PORT", 1, 65535),
+            request_queue_timeout=env_float(env, "REQUEST_QUEUE_TIMEOUT_SECONDS", 0.1, 3600.0),
             stream_url=_stream_url(env),
             stream_max_per_client=env_int(env, "STREAM_MAX_PER_CLIENT", 1, 10_000),
             stream_max_connections=env_int(env, "STREAM_MAX_CONNECTIONS", 1, 1_000_000),

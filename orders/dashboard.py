@@ -2,14 +2,11 @@
 
 - ``GET /``: the page (server-rendered; ``static/dashboard.js`` does the rest: place an
   order, the live feed, the queue table, recent orders, dead letters).
-- ``GET /events/stream``: Server-Sent Events. Each connection SUBSCRIBEs to
-  :data:`~messaging.keys.ORDER_EVENTS_CHANNEL` and forwards every message as it comes.
-  Pub/sub is live only: what was published before the page opened is not replayed.
-  A stream holds a gunicorn thread, so it sends a keep-alive comment every
-  ``STREAM_KEEPALIVE_SECONDS`` and ends after ``STREAM_MAX_SECONDS`` (the browser's
-  EventSource reconnects by itself). On a Redis error it ends at once, telling the
-  browser when to reconnect (``retry:``); it never answers an error status, which would
-  make EventSource give up.
+- ``GET /events/stream``: a 307 redirect to the live feed's own server
+  (:mod:`orders.stream`, ``orders-stream``). A stream lives for minutes; held by a
+  gunicorn thread, twenty of them stopped intake, so none is served here. The page
+  opens the feed there directly (its URL is in ``<body data-stream-url>``, and the
+  Content-Security-Policy's ``connect-src`` names that origin).
 - ``GET /api/queues``: every queue's figures (see :mod:`messaging.monitor`) plus processed
   per second since this worker's previous answer.
 - ``GET /api/queues/<queue>/dead-letters``, ``POST .../dead-letters/<id>/requeue`` and
@@ -24,12 +21,12 @@ Every dashboard response carries a Content-Security-Policy without inline script
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import redis
-from flask import Blueprint, Response, jsonify, render_template, request
+from flask import Blueprint, Response, g, jsonify, redirect, render_template, request
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from messaging import keys, monitor
 from orders.extensions import services
@@ -42,27 +39,37 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 )
+"""The policy of every dashboard response; the page's adds the feed's origin to connect-src."""
 SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
-RECONNECT_MS = 2000
-"""What ``retry:`` tells the browser: milliseconds before it reconnects the stream."""
-POLL_SECONDS = 1.0
-"""How long one wait for a pub/sub message lasts (the stop checks run in between)."""
 MAX_DEAD_LETTERS_SHOWN = 100
-
-_stopping = threading.Event()
-"""Set when this worker process shuts down: open streams end within POLL_SECONDS."""
 
 _rates = monitor.RateMeter()
 
 
-def stop_streams() -> None:
-    """End every open event stream of this process (called on worker shutdown)."""
-    _stopping.set()
+def stream_url() -> str:
+    """Where this request's page opens the live feed (STREAM_URL, else host:STREAM_PORT)."""
+    settings = services().settings
+    if settings.stream_url:
+        return settings.stream_url
+    host = urlsplit(f"//{request.host}").hostname or "localhost"
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    return f"{request.scheme}://{host}:{settings.stream_port}/events/stream"
+
+
+def content_security_policy(feed_url: str) -> str:
+    """The page's policy: :data:`CONTENT_SECURITY_POLICY` plus the feed's origin."""
+    parts = urlsplit(feed_url)
+    if not parts.scheme:
+        return CONTENT_SECURITY_POLICY
+    return CONTENT_SECURITY_POLICY.replace(
+        "connect-src 'self'", f"connect-src 'self' {parts.scheme}://{parts.netloc}"
+    )
 
 
 def monitor_redis() -> redis.Redis:
@@ -76,6 +83,8 @@ def _security_headers(response: Response) -> Response:
     if endpoint == "static" or endpoint.startswith("dashboard."):
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
+        if "content_security_policy" in g:
+            response.headers["Content-Security-Policy"] = g.content_security_policy
     return response
 
 
@@ -104,8 +113,11 @@ def _require_json() -> None:
 @dashboard.get("/")
 def page() -> str:
     """The dashboard page."""
+    feed = stream_url()
+    g.content_security_policy = content_security_policy(feed)
     return render_template(
         "dashboard.html",
+        stream_url=feed,
         queues=monitor.QUEUES,
         channel=keys.ORDER_EVENTS_CHANNEL,
         pattern=services().settings.base.pattern,
@@ -115,61 +127,10 @@ def page() -> str:
 # --- the event stream -----------------------------------------------------------------
 
 
-def sse_event(data: str, event: str | None = None) -> str:
-    """One SSE event; every line of ``data`` becomes its own ``data:`` field."""
-    head = f"event: {event}\n" if event else ""
-    lines = data.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    return head + "".join(f"data: {line}\n" for line in lines) + "\n"
-
-
-def _stream(client: redis.Redis, max_seconds: float, keepalive: float) -> Iterator[str]:
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    try:
-        try:
-            pubsub.subscribe(keys.ORDER_EVENTS_CHANNEL)
-        except redis.RedisError as exc:
-            log.warning("dashboard stream: cannot subscribe: %s", exc)
-            yield f"retry: {RECONNECT_MS}\n" + sse_event("redis unavailable", "down")
-            return
-        yield f"retry: {RECONNECT_MS}\n" + sse_event(keys.ORDER_EVENTS_CHANNEL, "subscribed")
-        started = last_sent = time.monotonic()
-        while not _stopping.is_set():
-            now = time.monotonic()
-            if now - started >= max_seconds:
-                # Recycle the thread; the browser reconnects at once (new subscription).
-                yield "retry: 100\n" + sse_event("stream lifetime reached", "bye")
-                return
-            if now - last_sent >= keepalive:
-                yield ": keep-alive\n\n"
-                last_sent = now
-            try:
-                message = pubsub.get_message(timeout=min(POLL_SECONDS, keepalive))
-            except redis.RedisError as exc:
-                log.warning("dashboard stream: lost Redis: %s", exc)
-                yield f"retry: {RECONNECT_MS}\n" + sse_event("redis unavailable", "down")
-                return
-            if message and message.get("type") == "message":
-                raw = message["data"]
-                text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-                yield sse_event(text)
-                last_sent = time.monotonic()
-    finally:
-        try:
-            pubsub.close()
-        except redis.RedisError:
-            pass
-
-
 @dashboard.get("/events/stream")
-def event_stream() -> Response:
-    """Server-Sent Events: the order channel, live (see the module docstring)."""
-    settings = services().settings
-    body = _stream(monitor_redis(), settings.stream_max_seconds, settings.stream_keepalive_seconds)
-    return Response(
-        body,
-        mimetype="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-    )
+def event_stream() -> WerkzeugResponse:
+    """A redirect to the live feed on ``orders-stream`` (it holds no thread here)."""
+    return redirect(stream_url(), code=307)
 
 
 # --- queues and dead letters -------------------------------------------------------------

@@ -44,8 +44,8 @@ import redis
 from aiohttp import web
 
 from messaging import keys, logs
-from messaging.connection import redis_client
 from messaging.config import EXIT_BAD_CONFIG, ConfigError
+from messaging.connection import redis_client
 from orders.config import OrderServiceSettings
 
 log = logging.getLogger("orders-stream")
@@ -58,10 +58,8 @@ CLIENT_BUFFER = 1000
 """Messages buffered for one stream; a client further behind is disconnected."""
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
-_DOWN = object()
-"""Fan-out marker: Redis was lost; the stream says ``down`` and ends."""
-_SLOW = object()
-"""Fan-out marker: the client fell CLIENT_BUFFER messages behind; the stream ends."""
+BATCH = 200
+"""Most pub/sub messages the hub hands to the event loop in one go."""
 
 
 def sse_event(data: str, event: str | None = None) -> str:
@@ -79,18 +77,47 @@ def _problem(status: int, kind: str, title: str, detail: str) -> web.Response:
     return response
 
 
+def _frame(text: str, event: str | None = None, retry_ms: int | None = None) -> bytes:
+    head = f"retry: {retry_ms}\n" if retry_ms is not None else ""
+    return (head + sse_event(text, event)).encode()
+
+
+DOWN = _frame("redis unavailable", "down", RECONNECT_MS)
+"""Last frame of every stream when Redis is lost (the browser retries in 2 s)."""
+SLOW = _frame("client too slow", "bye", 100)
+"""Last frame of a stream that fell CLIENT_BUFFER messages behind."""
+STOPPING = _frame("server stopping", "bye", RECONNECT_MS)
+"""Last frame of every stream when the server shuts down."""
+
+
+@dataclass(eq=False)
+class Client:
+    """One open stream's buffer: frames to write, and the frame that ends it."""
+
+    frames: list[bytes] = field(default_factory=list)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    last: bytes | None = None
+
+    def end(self, frame: bytes) -> None:
+        """Write ``frame`` after what is buffered, then close (first end wins)."""
+        if self.last is None:
+            self.last = frame
+            self.wake.set()
+
+
 @dataclass
 class Hub:
     """The one Redis subscription of this process and the streams it feeds.
 
     The subscriber runs in a thread (a blocking ``get_message``); everything touching
-    ``streams`` runs on the event loop (the thread hands messages over with
-    ``call_soon_threadsafe``).
+    ``clients`` runs on the event loop (the thread hands batches of encoded frames over
+    with ``call_soon_threadsafe``). A message is encoded once, not once per client, and
+    a client woken for several frames writes them in one go: fan-out stays cheap.
     """
 
     client: redis.Redis
     loop: asyncio.AbstractEventLoop
-    streams: set[asyncio.Queue[object]] = field(default_factory=set)
+    clients: set[Client] = field(default_factory=set)
     subscribed: bool = False
     stopping: threading.Event = field(default_factory=threading.Event)
 
@@ -100,22 +127,33 @@ class Hub:
         thread.start()
         return thread
 
-    def _fan_out(self, item: object) -> None:
-        for queue in list(self.streams):
-            if queue.full():
+    def _fan_out(self, frames: list[bytes]) -> None:
+        for client in self.clients:
+            if client.last is not None:
+                continue
+            if len(client.frames) + len(frames) > CLIENT_BUFFER:
                 # Too far behind: drop what it has and tell it to go (its browser
                 # reconnects and starts from the live edge again).
-                while not queue.empty():
-                    queue.get_nowait()
-                queue.put_nowait(_SLOW)
-                self.streams.discard(queue)
+                client.frames.clear()
+                client.end(SLOW)
             else:
-                queue.put_nowait(item)
+                client.frames.extend(frames)
+                client.wake.set()
+
+    def end_all(self, frame: bytes) -> None:
+        """End every open stream with ``frame`` (on the event loop)."""
+        for client in self.clients:
+            client.end(frame)
 
     def _set_subscribed(self, value: bool) -> None:
         self.subscribed = value
         if not value:
-            self._fan_out(_DOWN)
+            self.end_all(DOWN)
+
+    @staticmethod
+    def _text(message: dict[str, object]) -> str:
+        raw = message["data"]
+        return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
     def _run(self) -> None:
         while not self.stopping.is_set():
@@ -126,10 +164,15 @@ class Hub:
                 log.info("subscribed to %s", keys.ORDER_EVENTS_CHANNEL)
                 while not self.stopping.is_set():
                     message = pubsub.get_message(timeout=POLL_SECONDS)
-                    if message and message.get("type") == "message":
-                        raw = message["data"]
-                        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-                        self.loop.call_soon_threadsafe(self._fan_out, text)
+                    frames: list[bytes] = []
+                    while message is not None and len(frames) < BATCH:
+                        if message.get("type") == "message":
+                            frames.append(sse_event(self._text(message)).encode())
+                        message = pubsub.get_message(timeout=0)  # what is already here
+                    if message is not None and message.get("type") == "message":
+                        frames.append(sse_event(self._text(message)).encode())
+                    if frames:
+                        self.loop.call_soon_threadsafe(self._fan_out, frames)
             except (redis.RedisError, OSError) as exc:
                 log.warning("lost Redis: %s; subscribing again in %d ms", exc, RECONNECT_MS)
                 self.loop.call_soon_threadsafe(self._set_subscribed, False)
@@ -149,7 +192,6 @@ class StreamServer:
     hub: Hub | None = None
     per_client: Counter[str] = field(default_factory=Counter)
     open_streams: int = 0
-    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     def app(self) -> web.Application:
         """The routes: ``/events/stream`` and ``/healthz``."""
@@ -166,9 +208,9 @@ class StreamServer:
         self.hub.start()
 
     async def _stop(self, _app: web.Application) -> None:
-        self.stopping.set()
         if self.hub is not None:
             self.hub.stopping.set()
+            self.hub.end_all(STOPPING)
 
     async def healthz(self, _request: web.Request) -> web.Response:
         """Liveness and the number of open streams."""
@@ -236,65 +278,38 @@ class StreamServer:
         await response.prepare(request)
         hub = self.hub
         if hub is None or not hub.subscribed:
-            await response.write(
-                (f"retry: {RECONNECT_MS}\n" + sse_event("redis unavailable", "down")).encode()
-            )
+            await response.write(DOWN)
             return response
-        queue: asyncio.Queue[object] = asyncio.Queue(CLIENT_BUFFER)
-        hub.streams.add(queue)
+        client = Client()
+        hub.clients.add(client)
         try:
-            await response.write(
-                (
-                    f"retry: {RECONNECT_MS}\n" + sse_event(keys.ORDER_EVENTS_CHANNEL, "subscribed")
-                ).encode()
-            )
+            await response.write(_frame(keys.ORDER_EVENTS_CHANNEL, "subscribed", RECONNECT_MS))
             deadline = time.monotonic() + s.stream_max_seconds
-            stop = asyncio.ensure_future(self.stopping.wait())
-            get: asyncio.Future[object] | None = None
-            try:
-                while True:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        # Recycle; the browser reconnects at once (a fresh stream).
-                        await response.write(
-                            ("retry: 100\n" + sse_event("stream lifetime reached", "bye")).encode()
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    # Recycle; the browser reconnects at once (a fresh stream).
+                    await response.write(_frame("stream lifetime reached", "bye", 100))
+                    break
+                if not client.frames and client.last is None:
+                    try:
+                        await asyncio.wait_for(
+                            client.wake.wait(), min(left, s.stream_keepalive_seconds)
                         )
-                        break
-                    if get is None:  # kept across keep-alives: a cancel could drop an item
-                        get = asyncio.ensure_future(queue.get())
-                    done, _ = await asyncio.wait(
-                        {get, stop},
-                        timeout=min(left, s.stream_keepalive_seconds),
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    if stop in done:
-                        await response.write(sse_event("server stopping", "bye").encode())
-                        break
-                    if get not in done:
+                    except TimeoutError:
                         await response.write(b": keep-alive\n\n")
                         continue
-                    item, get = get.result(), None
-                    if item is _DOWN:
-                        await response.write(
-                            (
-                                f"retry: {RECONNECT_MS}\n" + sse_event("redis unavailable", "down")
-                            ).encode()
-                        )
-                        break
-                    if item is _SLOW:
-                        await response.write(
-                            ("retry: 100\n" + sse_event("client too slow", "bye")).encode()
-                        )
-                        break
-                    await response.write(sse_event(str(item)).encode())
-            finally:
-                stop.cancel()
-                if get is not None:
-                    get.cancel()
+                client.wake.clear()
+                frames, client.frames = client.frames, []
+                if frames:
+                    await response.write(b"".join(frames))
+                if client.last is not None:
+                    await response.write(client.last)
+                    break
         except ConnectionResetError:
             pass  # the client went away: nothing to tell it
         finally:
-            hub.streams.discard(queue)
+            hub.clients.discard(client)
         return response
 
 

@@ -77,7 +77,8 @@ function addFeedItem(raw) {
 }
 
 function openStream() {
-  const source = new EventSource("/events/stream");
+  // The feed lives on orders-stream (its own async server), named by the page.
+  const source = new EventSource(document.body.dataset.streamUrl || "/events/stream");
   source.addEventListener("subscribed", () => setStreamState("live", "live"));
   source.addEventListener("down", () => setStreamState("Redis unavailable, reconnecting…", "down"));
   source.addEventListener("message", (e) => addFeedItem(e.data));

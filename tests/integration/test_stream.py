@@ -20,7 +20,7 @@ import redis as redis_lib
 
 from devtools.procs import http_ok
 from devtools.redis_server import RedisServer, free_port
-from orders import keys
+from messaging import keys
 from tests.helpers import BIN, Proc, wait_for
 
 
@@ -208,3 +208,14 @@ def test_redis_lost_and_back(
         back.read_until(b"data: after the restart")
     finally:
         back.close()
+
+
+def test_a_stream_ends_at_its_lifetime(start_stream: Callable[..., tuple[Proc, int]]) -> None:
+    _, port = start_stream(STREAM_MAX_SECONDS="1")
+    stream = Stream(port)
+    try:
+        ended = stream.read_to_end()
+        assert b"event: subscribed" in ended
+        assert b"retry: 100\nevent: bye\ndata: stream lifetime reached\n\n" in ended
+    finally:
+        stream.close()
