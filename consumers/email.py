@@ -12,6 +12,11 @@ idempotency key; the Message-ID is the closest thing it has.
 An SMTP server that cannot be reached, times out or answers 4xx is a retryable error;
 a 5xx answer (recipient refused) is permanent.
 
+Each handler thread keeps one SMTP connection open across messages (connect, EHLO and
+QUIT per message cost more round trips than the message itself); a connection the
+server closed is reopened once at once, any failure drops it (see
+:meth:`EmailHandler.send`).
+
 Recipients: exactly one per message, the order's ``customer_email``, checked again here
 with the order service's rule (one addr-spec, :func:`recipient`): whatever sits on the
 queue may not have come through the API. An address that fails is a permanent error
@@ -22,8 +27,10 @@ the ``To:`` header, where one string with commas or encoded-words becomes many.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import smtplib
+import threading
 from email.message import EmailMessage
 from email.utils import parseaddr
 from typing import Any
@@ -120,6 +127,7 @@ class EmailHandler:
         self.port = port
         self.sender = sender
         self.timeout = timeout
+        self._local = threading.local()  # each handler thread keeps its own connection
 
     @classmethod
     def from_settings(cls, engine: Engine, settings: ConsumerSettings) -> EmailHandler:
@@ -132,22 +140,66 @@ class EmailHandler:
             timeout=settings.smtp_timeout,
         )
 
+    def _connection(self) -> tuple[smtplib.SMTP, bool]:
+        """This thread's open SMTP connection (opened now if none); True if reused."""
+        smtp: smtplib.SMTP | None = getattr(self._local, "smtp", None)
+        if smtp is not None:
+            return smtp, True
+        smtp = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+        self._local.smtp = smtp
+        return smtp, False
+
+    def _drop(self) -> None:
+        """Forget this thread's connection (the next send opens a new one)."""
+        smtp: smtplib.SMTP | None = getattr(self._local, "smtp", None)
+        self._local.smtp = None
+        if smtp is not None:
+            with contextlib.suppress(OSError, smtplib.SMTPException):
+                smtp.close()
+
+    def close(self) -> None:
+        """Say QUIT on this thread's connection, if one is open."""
+        smtp: smtplib.SMTP | None = getattr(self._local, "smtp", None)
+        self._local.smtp = None
+        if smtp is not None:
+            with contextlib.suppress(OSError, smtplib.SMTPException):
+                smtp.quit()
+
     def send(self, msg: EmailMessage, to: str) -> None:
-        """Hand the message to the SMTP server for exactly ``to``; classify failures."""
-        try:
-            with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
+        """Hand the message to the SMTP server for exactly ``to``; classify failures.
+
+        The connection stays open across messages (one per handler thread): a
+        connect + EHLO + QUIT per message cost more than the message itself. A server
+        that closed an idle kept connection is reconnected once, at once; any other
+        failure drops the connection, so the retry starts on a fresh one.
+        """
+        for attempt in (1, 2):
+            try:
+                smtp, reused = self._connection()
                 smtp.send_message(msg, from_addr=parseaddr(self.sender)[1], to_addrs=[to])
-        except smtplib.SMTPRecipientsRefused as exc:
-            codes = [code for code, _ in exc.recipients.values()]
-            if all(code >= 500 for code in codes):
-                raise PermanentError(f"SMTP refused the recipient: {exc.recipients}") from exc
-            raise RetryableError(f"SMTP deferred the recipient: {exc.recipients}") from exc
-        except smtplib.SMTPResponseException as exc:
-            if exc.smtp_code >= 500:
-                raise PermanentError(f"SMTP error {exc.smtp_code}: {exc.smtp_error!r}") from exc
-            raise RetryableError(f"SMTP error {exc.smtp_code}: {exc.smtp_error!r}") from exc
-        except (OSError, smtplib.SMTPException) as exc:
-            raise RetryableError(f"SMTP {self.host}:{self.port} unavailable: {exc}") from exc
+                return
+            except smtplib.SMTPServerDisconnected as exc:
+                self._drop()
+                if reused and attempt == 1:
+                    # Typically the first command on a connection the server timed out.
+                    # Had it already taken the DATA, this resends the same Message-ID:
+                    # the one window the module doc names, no new one.
+                    continue
+                raise RetryableError(f"SMTP {self.host}:{self.port} unavailable: {exc}") from exc
+            except smtplib.SMTPRecipientsRefused as exc:
+                self._drop()
+                codes = [code for code, _ in exc.recipients.values()]
+                if all(code >= 500 for code in codes):
+                    raise PermanentError(f"SMTP refused the recipient: {exc.recipients}") from exc
+                raise RetryableError(f"SMTP deferred the recipient: {exc.recipients}") from exc
+            except smtplib.SMTPResponseException as exc:
+                self._drop()
+                if exc.smtp_code >= 500:
+                    raise PermanentError(f"SMTP error {exc.smtp_code}: {exc.smtp_error!r}") from exc
+                raise RetryableError(f"SMTP error {exc.smtp_code}: {exc.smtp_error!r}") from exc
+            except (OSError, smtplib.SMTPException) as exc:
+                self._drop()
+                raise RetryableError(f"SMTP {self.host}:{self.port} unavailable: {exc}") from exc
 
     def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         """Send (once per event, see the module doc) and return the outcome event."""

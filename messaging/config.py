@@ -131,6 +131,18 @@ def env_choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> s
     return raw
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+"""LOG_LEVEL's values, in any case (``info`` is ``INFO``, as Python's logging reads them)."""
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    raw = env_str(env, "LOG_LEVEL")
+    if raw.upper() not in LOG_LEVELS:
+        choices = ", ".join(LOG_LEVELS)
+        raise ConfigError(f"invalid LOG_LEVEL {raw!r}: must be one of {choices} (any case)")
+    return raw.upper()
+
+
 def parse_pattern(raw: str) -> Pattern:
     """Validate a PATTERN value (exact, lower case, as the original accepted)."""
     value = raw.strip()
@@ -220,9 +232,7 @@ class Settings:
             pattern=parse_pattern(env_str(env, "PATTERN")),
             publish_interval=env_float(env, "PUBLISH_INTERVAL", 0.001, 86400.0),
             log_format=env_choice(env, "LOG_FORMAT", ("text", "json")),
-            log_level=env_choice(
-                env, "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-            ),
+            log_level=_log_level(env),
             redis_cluster=env_choice(env, "REDIS_CLUSTER", ("0", "1")) == "1",
             redis_wait_replicas=env_int(env, "REDIS_WAIT_REPLICAS", 0, 16),
             redis_tls_ca_file=redis_tls_ca_file,

@@ -9,6 +9,7 @@ relays' row claims keep the workers from publishing the same event twice.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -98,6 +99,11 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
         self.cfg.set("proc_name", "orders-api")
         self.cfg.set("worker_exit", _worker_exit)
         self.cfg.set("child_exit", _child_exit)
+        if "control_socket_disable" in self.cfg.settings:
+            # gunicorn 25+ binds one control socket per user ($HOME/.gunicorn/gunicorn.ctl):
+            # every orders-api on the machine would share it, and `gunicornc shutdown`
+            # could stop another checkout's API. Nothing here uses it.
+            self.cfg.set("control_socket_disable", True)
 
     def load(self) -> Flask:
         """Runs in each worker after the fork: build the app (and the relay thread)."""
@@ -119,8 +125,15 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
         return app
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Console script ``orders-api``."""
+    argparse.ArgumentParser(
+        prog="orders-api",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Configuration: environment variables only; the README's Configuration table "
+        "lists each with its default.",
+    ).parse_args(argv)  # only --help: nothing starts before this
     try:
         settings = OrderServiceSettings.from_env()
     except ConfigError as exc:

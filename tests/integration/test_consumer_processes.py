@@ -301,3 +301,36 @@ def test_noop_consumer_drains_and_counts(env: Env, bredis: redis_lib.Redis) -> N
     env.start("noop", CONSUMER_BATCH_SIZE="100", LOG_LEVEL="WARNING")
     wait_for(lambda: queue.stats()["processed"] == 500, timeout=30, message="500 no-op jobs")
     assert queue.stats()["in_flight"] == 0
+
+
+def test_email_keeps_one_smtp_connection_and_reconnects_after_the_server_restarts(
+    tmp_path: Path,
+) -> None:
+    """Real smtp-sink processes: messages share a connection; a restart is reconnected."""
+    from consumers.email import EmailHandler
+
+    port = free_port()
+    mail_dir = tmp_path / "mail"
+    sink_env = {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(port), "SMTP_SINK_DIR": str(mail_dir)}
+    engine = store.make_engine(f"sqlite:///{tmp_path / 'email.db'}")
+    store.create_tables(engine, "email")
+    handler = EmailHandler(engine, host="127.0.0.1", port=port, sender="shop@example.com")
+    sink = Proc([str(BIN / "smtp-sink")], sink_env, tmp_path / "sink.log")
+    try:
+        sink.wait_output("smtp-sink: listening")
+        handler.handle(order_placed(1))
+        first = handler._local.smtp
+        handler.handle(order_placed(2))
+        assert handler._local.smtp is first  # the same connection, not one per message
+        sink.popen.terminate()
+        sink.popen.wait(15)
+        sink = Proc([str(BIN / "smtp-sink")], sink_env, tmp_path / "sink.log", append=True)
+        sink.wait_output("smtp-sink: listening", count=2)
+        handler.handle(order_placed(3))  # the kept connection is dead: reconnects once
+        assert handler._local.smtp is not first
+    finally:
+        handler.close()
+        sink.popen.terminate()
+        sink.popen.wait(15)
+    assert len(list(mail_dir.glob("*.eml"))) == 3
+    assert rows(engine, store.EmailSent) == 3
