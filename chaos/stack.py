@@ -60,6 +60,8 @@ CHAOS_TUNING = {
     "CONSUMER_MAX_ATTEMPTS": "12",
     "CONSUMER_BATCH_SIZE": "5",
     "PAYMENT_TRANSIENT_ERROR_RATE": "0.05",
+    # The crash-looping message's customer: its charge kills the payment process.
+    "PAYMENT_CRASH_EMAIL": "crash@example.com",
 }
 
 
