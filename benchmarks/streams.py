@@ -16,7 +16,7 @@ from benchmarks.harness import BIN, Context, Row, wait_http_ok
 from benchmarks.intake import body_file, start_api
 from devtools.procs import Proc, wait_until
 from devtools.redis_server import free_port
-from devtools.streams import StreamCrowd
+from devtools.streams import StreamCrowd, grant_ticket
 
 SECTION = "7"
 STREAMS = 200
@@ -47,7 +47,7 @@ def run(ctx: Context) -> list[Row]:
             without.append(
                 hey.post(url, body, seconds=mode.http_seconds, clients=mode.http_clients)
             )
-            with StreamCrowd(port, STREAMS) as crowd:
+            with StreamCrowd(port, STREAMS, grant_ticket(ctx.redis_url)) as crowd:
                 wait_until(lambda: crowd.live == STREAMS, 30, 0.05, f"{STREAMS} streams open")
                 with_streams.append(
                     hey.post(url, body, seconds=mode.http_seconds, clients=mode.http_clients)

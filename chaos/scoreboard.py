@@ -40,7 +40,7 @@ from pathlib import Path
 from chaos.stack import BIN, CHAOS_TUNING, Stack
 from devtools.procs import Timeout, http_ok, wait_until
 from devtools.redis_server import Failover, RedisServer, readonly_errors
-from devtools.streams import StreamCrowd
+from devtools.streams import StreamCrowd, grant_ticket
 from messaging import envelope, keys
 from messaging.queue import DeadLetter
 
@@ -388,7 +388,7 @@ def open_streams(stack: Stack, params: Params, done: threading.Event, notes: Not
     figures say how many streams were live during intake and what they received.
     """
     redirects = 0
-    with StreamCrowd(stack.stream_port, STREAMS) as crowd:
+    with StreamCrowd(stack.stream_port, STREAMS, grant_ticket(stack.redis.url)) as crowd:
         for _ in range(20):  # orders-api's /events/stream: a redirect, answered at once
             try:
                 opener = urllib.request.build_opener(_NoRedirect)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import email
 import json
 import random
+import secrets
 import signal
 import socket
 import sqlite3
@@ -220,6 +221,8 @@ class Stack:
         self.base = f"http://127.0.0.1:{self.api_port}"
         self.stream_port = free_port()
         self.stream_base = f"http://127.0.0.1:{self.stream_port}"
+        self.admin_token = secrets.token_urlsafe(32)
+        """The API's ADMIN_TOKEN (operator endpoints: Authorization: Bearer ...)."""
         self.common: dict[str, str] = {}
         self.consumer_env = consumer_env or {}
         self.workers_per_queue = workers_per_queue
@@ -301,6 +304,7 @@ class Stack:
                 "RELAY_IN_PROCESS": "1",
                 "RELAY_INTERVAL": "0.2",
                 "STREAM_PORT": str(self.stream_port),
+                "ADMIN_TOKEN": self.admin_token,
                 **self.api_env,
             },
             self.root / "api.log",

@@ -20,19 +20,38 @@ def source_address(n: int) -> str:
     return f"127.0.{n // 250}.{2 + n % 250}"
 
 
-def open_stream(port: int, n: int, host: str = "127.0.0.1") -> socket.socket:
+def grant_ticket(redis_url: str, seconds: int = 3600) -> str:
+    """Store a feed ticket in Redis, as orders-api does for an operator's page."""
+    import secrets
+
+    import redis
+
+    from messaging import keys
+
+    ticket = secrets.token_urlsafe(24)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.set(keys.stream_ticket(ticket), "1", ex=seconds)
+    finally:
+        client.close()
+    return ticket
+
+
+def open_stream(port: int, n: int, ticket: str, host: str = "127.0.0.1") -> socket.socket:
     """Send ``GET /events/stream`` from :func:`source_address` ``n``; the socket is open."""
     sock = socket.create_connection((host, port), timeout=15, source_address=(source_address(n), 0))
-    sock.sendall(f"GET /events/stream HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    sock.sendall(
+        f"GET /events/stream?ticket={ticket} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    )
     return sock
 
 
 class StreamCrowd:
-    """``count`` open streams on ``port``, read by one thread until :meth:`close`."""
+    """``count`` open streams on ``port`` (one ``ticket``), read by a thread until :meth:`close`."""
 
-    def __init__(self, port: int, count: int) -> None:
+    def __init__(self, port: int, count: int, ticket: str) -> None:
         self.count = count
-        self._socks = [open_stream(port, n) for n in range(count)]
+        self._socks = [open_stream(port, n, ticket) for n in range(count)]
         self._by_fd = {sock.fileno(): sock for sock in self._socks}
         self._selector = selectors.DefaultSelector()
         for sock in self._socks:

@@ -69,6 +69,19 @@ ENV_VARS: tuple[EnvVar, ...] = declare(
     ),
     EnvVar("STREAM_MAX_PER_CLIENT", "8", "Open event streams per client address; beyond: 429."),
     EnvVar("STREAM_MAX_CONNECTIONS", "2000", "Open event streams per orders-stream; beyond: 503."),
+    EnvVar(
+        "ADMIN_TOKEN",
+        "",
+        "Operator credential (16+ characters) for the dashboard, dead letters, GET /orders and "
+        "/metrics: Bearer header, or the dashboard's login. Empty: orders-api generates one "
+        "at start and logs the dashboard URL with it (docs/security.md).",
+    ),
+    EnvVar(
+        "ALLOWED_HOSTS",
+        "localhost,127.0.0.1,[::1]",
+        "Comma-separated host names requests may name in Host (DNS rebinding guard); HOST "
+        "is added; * allows any.",
+    ),
 )
 """The order service's own variables."""
 
@@ -109,6 +122,10 @@ class OrderServiceSettings:
     metrics_dir: str = ""
     rate_limit_per_minute: int = 600
     """RATE_LIMIT_PER_MINUTE: per client IP (burst of the same size); 0 turns it off."""
+    admin_token: str = ""
+    """ADMIN_TOKEN: the operator credential; empty: generated at start (orders.auth)."""
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")
+    """ALLOWED_HOSTS: host names a request's Host may name (HOST is added; * = any)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OrderServiceSettings:
@@ -117,6 +134,19 @@ class OrderServiceSettings:
         host = env_str(env, "HOST")
         if not host:
             raise ConfigError("invalid HOST '': must not be empty")
+        admin_token = env.get("ADMIN_TOKEN", "").strip()
+        if admin_token and (len(admin_token) < 16 or not admin_token.isprintable()):
+            # Never the value in the message: it is a secret.
+            raise ConfigError(
+                "invalid ADMIN_TOKEN: must be at least 16 printable characters "
+                "(or empty: orders-api generates one)"
+            )
+        allowed = tuple(h.strip().lower() for h in env_str(env, "ALLOWED_HOSTS").split(","))
+        if not all(allowed) or any(any(c.isspace() or c in "/@" for c in h) for h in allowed):
+            raise ConfigError(
+                f"invalid ALLOWED_HOSTS {env_str(env, 'ALLOWED_HOSTS')!r}: "
+                "must be comma-separated host names, e.g. localhost,shop.example.com"
+            )
         return cls(
             base=Settings.from_env(env),
             database_url=database_url(env, "DATABASE_URL"),
@@ -139,4 +169,6 @@ class OrderServiceSettings:
             stream_max_connections=env_int(env, "STREAM_MAX_CONNECTIONS", 1, 1_000_000),
             metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR", "").strip(),
             rate_limit_per_minute=env_int(env, "RATE_LIMIT_PER_MINUTE", 0, 1_000_000),
+            admin_token=admin_token,
+            allowed_hosts=allowed,
         )

@@ -6,7 +6,9 @@
   (:mod:`orders.stream`, ``orders-stream``). A stream lives for minutes; held by a
   gunicorn thread, twenty of them stopped intake, so none is served here. The page
   opens the feed there directly (its URL is in ``<body data-stream-url>``, and the
-  Content-Security-Policy's ``connect-src`` names that origin).
+  Content-Security-Policy's ``connect-src`` names that origin). The URL carries a
+  ticket (a random key in Redis, an hour long) that orders-stream checks: only an
+  operator's page gets one. ``GET /api/stream-url`` hands out a fresh URL.
 - ``GET /api/queues``: every queue's figures (see :mod:`messaging.monitor`) plus processed
   per second since this worker's previous answer.
 - ``GET /api/queues/<queue>/dead-letters``, ``POST .../dead-letters/<id>/requeue`` and
@@ -14,58 +16,69 @@
   a cross-site form cannot trigger them (a JSON request from another origin needs a
   CORS preflight, which this service never grants).
 
-Every dashboard response carries a Content-Security-Policy without inline script,
-``X-Content-Type-Options: nosniff`` and a Referrer-Policy.
+Every endpoint here is operator surface: :mod:`orders.auth` lets only requests with
+the operator credential through, and sets the security headers (a CSP without inline
+script, nosniff, Referrer-Policy, frame-ancestors) on every response.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import redis
-from flask import Blueprint, Response, g, jsonify, redirect, render_template, request
+from flask import Blueprint, Response, jsonify, redirect, render_template, request
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from messaging import keys, monitor
+from orders.auth import CONTENT_SECURITY_POLICY
 from orders.extensions import services
 from orders.validation import Problem
 
 log = logging.getLogger("orders-api")
 dashboard = Blueprint("dashboard", __name__)
 
-CONTENT_SECURITY_POLICY = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
-)
-"""The policy of every dashboard response; the page's adds the feed's origin to connect-src."""
-SECURITY_HEADERS = {
-    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-}
 MAX_DEAD_LETTERS_SHOWN = 100
 
 _rates = monitor.RateMeter()
 
 
+STREAM_TICKET_SECONDS = 3600
+"""How long a page's feed ticket opens streams (the page asks for a new one after)."""
+
+
+def _ticket() -> str:
+    # orders-stream cannot check the operator's cookie (it does not know the token, which
+    # orders-api may have generated), so an operator's page gets a random ticket that
+    # orders-stream looks up in Redis. Redis down: no ticket; the page asks again later.
+    ticket = secrets.token_urlsafe(24)
+    try:
+        services().redis.set(keys.stream_ticket(ticket), "1", ex=STREAM_TICKET_SECONDS)
+    except redis.RedisError as exc:
+        log.warning("dashboard: no feed ticket, Redis unreachable: %s", exc)
+        return ""
+    return ticket
+
+
 def stream_url() -> str:
-    """Where this request's page opens the live feed (STREAM_URL, else host:STREAM_PORT)."""
+    """This operator's feed URL (STREAM_URL, else host:STREAM_PORT) with a new ticket."""
     settings = services().settings
     if settings.stream_url:
-        return settings.stream_url
-    host = urlsplit(f"//{request.host}").hostname or "localhost"
-    if ":" in host:  # an IPv6 literal
-        host = f"[{host}]"
-    return f"{request.scheme}://{host}:{settings.stream_port}/events/stream"
+        base = settings.stream_url
+    else:
+        host = urlsplit(f"//{request.host}").hostname or "localhost"
+        if ":" in host:  # an IPv6 literal
+            host = f"[{host}]"
+        base = f"{request.scheme}://{host}:{settings.stream_port}/events/stream"
+    return f"{base}?{urlencode({'ticket': _ticket()})}"
 
 
 def content_security_policy(feed_url: str) -> str:
-    """The page's policy: :data:`CONTENT_SECURITY_POLICY` plus the feed's origin."""
+    """The page's policy: :data:`orders.auth.CONTENT_SECURITY_POLICY` plus the feed's origin."""
     parts = urlsplit(feed_url)
-    if not parts.scheme:
+    if not parts.netloc:
         return CONTENT_SECURITY_POLICY
     return CONTENT_SECURITY_POLICY.replace(
         "connect-src 'self'", f"connect-src 'self' {parts.scheme}://{parts.netloc}"
@@ -75,17 +88,6 @@ def content_security_policy(feed_url: str) -> str:
 def monitor_redis() -> redis.Redis:
     """The current app's monitoring Redis client (bytes: dead letters may be garbage)."""
     return services().monitor
-
-
-@dashboard.after_app_request
-def _security_headers(response: Response) -> Response:
-    endpoint = request.endpoint or ""
-    if endpoint == "static" or endpoint.startswith("dashboard."):
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        if "content_security_policy" in g:
-            response.headers["Content-Security-Policy"] = g.content_security_policy
-    return response
 
 
 def _redis_down(exc: Exception) -> Problem:
@@ -111,17 +113,22 @@ def _require_json() -> None:
 
 
 @dashboard.get("/")
-def page() -> str:
+def page() -> Response:
     """The dashboard page."""
     feed = stream_url()
-    g.content_security_policy = content_security_policy(feed)
-    return render_template(
-        "dashboard.html",
-        stream_url=feed,
-        queues=monitor.QUEUES,
-        channel=keys.ORDER_EVENTS_CHANNEL,
-        pattern=services().settings.base.pattern,
+    response = Response(
+        render_template(
+            "dashboard.html",
+            stream_url=feed,
+            queues=monitor.QUEUES,
+            channel=keys.ORDER_EVENTS_CHANNEL,
+            pattern=services().settings.base.pattern,
+        ),
+        mimetype="text/html",
     )
+    # orders.auth sets the other security headers (setdefault): this policy stays.
+    response.headers["Content-Security-Policy"] = content_security_policy(feed)
+    return response
 
 
 # --- the event stream -----------------------------------------------------------------
@@ -131,6 +138,12 @@ def page() -> str:
 def event_stream() -> WerkzeugResponse:
     """A redirect to the live feed on ``orders-stream`` (it holds no thread here)."""
     return redirect(stream_url(), code=307)
+
+
+@dashboard.get("/api/stream-url")
+def stream_url_api() -> Response:
+    """A fresh feed URL (with a new ticket), for a page whose ticket expired."""
+    return jsonify({"url": stream_url()})
 
 
 # --- queues and dead letters -------------------------------------------------------------

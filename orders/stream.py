@@ -14,6 +14,9 @@ never holds a thread either.
   :mod:`messaging.connection`, so TLS and Redis Cluster work as everywhere else) and fans
   each message out to every open stream's bounded buffer. A client too slow to keep up
   is disconnected (its browser reconnects) rather than buffered without bound.
+- Only operators: a stream needs ``?ticket=``, a random key orders-api stores in Redis
+  for an operator's dashboard page (:func:`orders.dashboard.stream_url`); without one,
+  401 problem+json.
 - Limits: at most ``STREAM_MAX_PER_CLIENT`` open streams per client address (beyond:
   429 problem+json with ``Retry-After``) and ``STREAM_MAX_CONNECTIONS`` in all (503).
 - Pub/sub is live only: what was published before a stream opened is not replayed. A
@@ -219,6 +222,19 @@ class StreamServer:
             {"status": "ok", "streams": self.open_streams, "subscribed": subscribed}
         )
 
+    async def _ticket_valid(self, ticket: str) -> bool | None:
+        """True/False: the ticket is/is not in Redis; None: Redis did not answer."""
+        if self.hub is None or not 16 <= len(ticket) <= 64 or not ticket.isascii():
+            return False
+        key = keys.stream_ticket(ticket)
+        try:  # the sync client, off the event loop (one short round trip)
+            found = await asyncio.get_running_loop().run_in_executor(
+                None, self.hub.client.exists, key
+            )
+        except (redis.RedisError, OSError):
+            return None
+        return bool(found)
+
     def _cors(self, request: web.Request) -> dict[str, str]:
         origin = request.headers.get("Origin")
         if not origin:
@@ -232,6 +248,20 @@ class StreamServer:
         """Server-Sent Events: the order channel, live (see the module docstring)."""
         s = self.settings
         client = request.remote or "unknown"
+        valid = await self._ticket_valid(request.query.get("ticket", ""))
+        if valid is None:  # Redis does not answer: say so, the browser retries
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            response.force_close()
+            await response.prepare(request)
+            await response.write(DOWN)
+            return response
+        if not valid:
+            return _problem(
+                401,
+                "unauthorized",
+                "Feed ticket required",
+                "open the dashboard as an operator: its page carries a ticket for the feed",
+            )
         if self.per_client[client] >= s.stream_max_per_client:
             response = _problem(
                 429,

@@ -28,13 +28,14 @@ from sqlalchemy.orm import Session
 
 from devtools.procs import http_ok
 from devtools.redis_server import free_port
-from devtools.streams import StreamCrowd
+from devtools.streams import StreamCrowd, grant_ticket
 from orders.models import Order
 from tests.helpers import BIN, Proc, wait_for
 from tests.orders_app import ORDER
 
 pytestmark = pytest.mark.e2e
 
+TOKEN = "operator-token-for-the-stream-test"
 STREAMS = 200
 POSTS = 40
 RATIO_LIMIT = 3.0
@@ -45,12 +46,14 @@ class Api:
     def __init__(self, tmp_path: Path, redis_url: str, **env: str) -> None:
         self.port, self.stream_port = free_port(), free_port()
         self.db = tmp_path / "orders.db"
+        self.redis_url = redis_url
         common = {
             "HOST": "127.0.0.1",
             "DATABASE_URL": f"sqlite:///{self.db}",
             "REDIS_URL": redis_url,
             "RATE_LIMIT_PER_MINUTE": "0",
             "STREAM_PORT": str(self.stream_port),
+            "ADMIN_TOKEN": TOKEN,
         }
         self.api = Proc(
             [str(BIN / "orders-api")],
@@ -121,7 +124,7 @@ def test_intake_keeps_its_latency_with_200_open_streams(start_api: type) -> None
     api = start_api(WEB_CONCURRENCY="1", WEB_THREADS="4")
     _p50(api.port)  # warm-up: connections, SQLite pages
     without = _p50(api.port)
-    with StreamCrowd(api.stream_port, STREAMS) as crowd:
+    with StreamCrowd(api.stream_port, STREAMS, grant_ticket(api.redis_url)) as crowd:
         wait_for(lambda: crowd.live == STREAMS, 30, 0.05, f"{STREAMS} streams subscribed")
         health = http.client.HTTPConnection("127.0.0.1", api.stream_port, timeout=10)
         health.request("GET", "/healthz")
@@ -131,11 +134,11 @@ def test_intake_keeps_its_latency_with_200_open_streams(start_api: type) -> None
         held = []
         for _ in range(20):
             conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=10)
-            conn.request("GET", "/events/stream")
+            conn.request("GET", "/events/stream", headers={"Authorization": f"Bearer {TOKEN}"})
             response = conn.getresponse()
             assert response.status == 307
-            assert response.headers["Location"] == (
-                f"http://127.0.0.1:{api.stream_port}/events/stream"
+            assert response.headers["Location"].startswith(
+                f"http://127.0.0.1:{api.stream_port}/events/stream?ticket="
             )
             held.append(conn)
         with_streams = _p50(api.port)

@@ -23,6 +23,7 @@ from messaging import envelope, keys, monitor
 from messaging.queue import RedisQueue
 from orders.history import record_event
 from tests.helpers import BIN, Proc, wait_for
+from tests.orders_app import ADMIN as OPERATOR
 from tests.orders_app import ORDER, build_app
 
 ADMIN = str(BIN / "orders-admin")
@@ -98,7 +99,7 @@ def test_figures_read_from_redis(known: RedisQueue, raw: redis_lib.Redis) -> Non
 
 
 def test_api_queues_shows_the_known_figures(app: Flask, known: RedisQueue) -> None:
-    body = app.test_client().get("/api/queues").get_json()
+    body = app.test_client().get("/api/queues", headers=OPERATOR).get_json()
     by_name = {q["name"]: q for q in body["queues"]}
     assert list(by_name) == ["payment", "invoice", "email", "order-updates"]
     assert {k: by_name["payment"][k] for k in EXPECTED} == EXPECTED
@@ -106,7 +107,7 @@ def test_api_queues_shows_the_known_figures(app: Flask, known: RedisQueue) -> No
 
 
 def test_metrics_shows_the_known_figures(app: Flask, known: RedisQueue) -> None:
-    response = app.test_client().get("/metrics")
+    response = app.test_client().get("/metrics", headers=OPERATOR)
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/plain")
     text = response.get_data(as_text=True)
@@ -158,10 +159,10 @@ def test_metrics_count_requests_orders_and_the_outbox(app: Flask) -> None:
         match = re.search(pattern + r" ([0-9.e+]+)$", text, re.MULTILINE)
         return float(match.group(1)) if match else 0.0
 
-    before = client.get("/metrics").get_data(as_text=True)
+    before = client.get("/metrics", headers=OPERATOR).get_data(as_text=True)
     assert client.post("/orders", json=ORDER).status_code == 201
     assert client.get("/orders/999999").status_code == 404
-    after = client.get("/metrics").get_data(as_text=True)
+    after = client.get("/metrics", headers=OPERATOR).get_data(as_text=True)
     placed = r"^orders_placed_total"
     assert value(after, placed) == value(before, placed) + 1
     not_found = (
@@ -177,12 +178,12 @@ def test_metrics_count_requests_orders_and_the_outbox(app: Flask) -> None:
 def test_metrics_answer_when_redis_is_down(tmp_path: Path) -> None:
     app = build_app(f"sqlite:///{tmp_path / 'o.db'}", "redis://127.0.0.1:1/0")
     try:
-        response = app.test_client().get("/metrics")
+        response = app.test_client().get("/metrics", headers=OPERATOR)
         assert response.status_code == 200
         text = response.get_data(as_text=True)
         assert "orders_redis_up 0.0" in text
         assert "orders_queue_pending" not in text
-        assert app.test_client().get("/api/queues").status_code == 503
+        assert app.test_client().get("/api/queues", headers=OPERATOR).status_code == 503
     finally:
         app.extensions["orders"].close()
 
@@ -194,7 +195,7 @@ def test_dead_letters_list_requeue_and_discard_over_http(
     app: Flask, known: RedisQueue, raw: redis_lib.Redis
 ) -> None:
     client = app.test_client()
-    items = client.get("/api/queues/payment/dead-letters").get_json()["items"]
+    items = client.get("/api/queues/payment/dead-letters", headers=OPERATOR).get_json()["items"]
     assert [(x["index"], x["error"]) for x in items] == [
         (0, "PermanentError: bad"),
         (1, "PermanentError: <b>x</b>"),
@@ -204,27 +205,27 @@ def test_dead_letters_list_requeue_and_discard_over_http(
 
     base = "/api/queues/payment/dead-letters"
     # Only JSON: a cross-site form post cannot requeue.
-    form = client.post(f"{base}/{first['id']}/requeue", data={"x": "1"})
+    form = client.post(f"{base}/{first['id']}/requeue", data={"x": "1"}, headers=OPERATOR)
     assert form.status_code == 415
     assert raw.llen(keys.dead("payment")) == 2
 
-    done = client.post(f"{base}/{first['id']}/requeue", json={})
+    done = client.post(f"{base}/{first['id']}/requeue", json={}, headers=OPERATOR)
     assert done.status_code == 200
     assert done.get_json() == {"queue": "payment", "id": first["id"], "action": "requeue"}
     assert raw.lrange(keys.pending("payment"), -1, -1) == [_message(2)]
     assert raw.llen(keys.pending("payment")) == 4
 
-    again = client.post(f"{base}/{first['id']}/requeue", json={})
+    again = client.post(f"{base}/{first['id']}/requeue", json={}, headers=OPERATOR)
     assert again.status_code == 404
     assert again.headers["Content-Type"] == "application/problem+json"
 
     # By index: the second letter is now at index 0.
-    gone = client.post(f"{base}/0/discard", json={})
+    gone = client.post(f"{base}/0/discard", json={}, headers=OPERATOR)
     assert gone.status_code == 200 and gone.get_json()["id"] == second["id"]
     assert raw.llen(keys.dead("payment")) == 0
     assert raw.llen(keys.pending("payment")) == 4  # discard does not requeue
-    assert client.post(f"{base}/0/discard", json={}).status_code == 404
-    assert client.get("/api/queues/nope/dead-letters").status_code == 404
+    assert client.post(f"{base}/0/discard", json={}, headers=OPERATOR).status_code == 404
+    assert client.get("/api/queues/nope/dead-letters", headers=OPERATOR).status_code == 404
 
 
 # --- the dashboard page and the event stream -------------------------------------------------
@@ -232,12 +233,12 @@ def test_dead_letters_list_requeue_and_discard_over_http(
 
 def test_dashboard_page_has_a_strict_csp_and_no_inline_script(app: Flask) -> None:
     client = app.test_client()
-    page = client.get("/")
+    page = client.get("/", headers=OPERATOR)
     assert page.status_code == 200
     csp = page.headers["Content-Security-Policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp
     assert page.headers["X-Content-Type-Options"] == "nosniff"
-    assert page.headers["Referrer-Policy"] == "no-referrer"
+    assert page.headers["Referrer-Policy"] == "same-origin"
     html = page.get_data(as_text=True)
     scripts = re.findall(r"<script\b([^>]*)>(.*?)</script>", html, re.DOTALL)
     assert scripts and all('src="' in attrs and not body.strip() for attrs, body in scripts)
@@ -250,21 +251,33 @@ def test_dashboard_page_has_a_strict_csp_and_no_inline_script(app: Flask) -> Non
     assert "eval(" not in source
 
 
-def test_event_stream_is_a_redirect_to_orders_stream(tmp_path: Path, redis_url: str) -> None:
-    app = build_app(f"sqlite:///{tmp_path / 'o.db'}", redis_url, STREAM_PORT="8123")
+def test_event_stream_is_a_redirect_to_orders_stream_with_a_ticket(
+    tmp_path: Path, redis_url: str, redis: redis_lib.Redis
+) -> None:
+    app = build_app(
+        f"sqlite:///{tmp_path / 'o.db'}", redis_url, STREAM_PORT="8123", ALLOWED_HOSTS="*"
+    )
     try:
         client = app.test_client()
-        response = client.get("/events/stream", base_url="http://dash.example:8000")
+        base = "http://dash.example:8000"
+        assert client.get("/events/stream", base_url=base).status_code == 401  # operators only
+        response = client.get("/events/stream", base_url=base, headers=OPERATOR)
         # Answered at once: a stream never holds one of orders-api's threads.
         assert response.status_code == 307
-        assert response.headers["Location"] == "http://dash.example:8123/events/stream"
-        page = client.get("/", base_url="http://dash.example:8000")
-        assert 'data-stream-url="http://dash.example:8123/events/stream"' in page.text
+        location = response.headers["Location"]
+        assert location.startswith("http://dash.example:8123/events/stream?ticket=")
+        ticket = location.split("ticket=", 1)[1]
+        assert redis.ttl(keys.stream_ticket(ticket)) > 3000  # orders-stream checks it there
+        page = client.get("/", base_url=base, headers=OPERATOR)
+        assert 'data-stream-url="http://dash.example:8123/events/stream?ticket=' in page.text
         policy = page.headers["Content-Security-Policy"]
         assert "connect-src 'self' http://dash.example:8123;" in policy
         assert "script-src 'self';" in policy and "unsafe-inline" not in policy
-        # Other dashboard responses keep the plain policy.
-        assert client.get("/api/queues").headers["Content-Security-Policy"].count("8123") == 0
+        fresh = client.get("/api/stream-url", base_url=base, headers=OPERATOR).get_json()
+        assert fresh["url"].split("ticket=", 1)[1] != ticket
+        # Other responses keep the plain policy.
+        queues = client.get("/api/queues", base_url=base, headers=OPERATOR)
+        assert "8123" not in queues.headers["Content-Security-Policy"]
     finally:
         app.extensions["orders"].close()
 
@@ -272,8 +285,8 @@ def test_event_stream_is_a_redirect_to_orders_stream(tmp_path: Path, redis_url: 
 def test_stream_url_setting_names_a_proxied_feed(tmp_path: Path, redis_url: str) -> None:
     app = build_app(f"sqlite:///{tmp_path / 'o.db'}", redis_url, STREAM_URL="/feed/stream")
     try:
-        page = app.test_client().get("/")
-        assert 'data-stream-url="/feed/stream"' in page.text
+        page = app.test_client().get("/", headers=OPERATOR)
+        assert 'data-stream-url="/feed/stream?ticket=' in page.text
         assert "connect-src 'self';" in page.headers["Content-Security-Policy"]
     finally:
         app.extensions["orders"].close()

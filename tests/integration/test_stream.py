@@ -23,17 +23,26 @@ from devtools.redis_server import RedisServer, free_port
 from messaging import keys
 from tests.helpers import BIN, Proc, wait_for
 
+TICKET = "a-ticket-orders-api-would-store"
+
 
 class Stream:
     """A raw HTTP client of one event stream (optionally from another loopback address)."""
 
-    def __init__(self, port: int, source: str = "127.0.0.1", origin: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        source: str = "127.0.0.1",
+        origin: str | None = None,
+        ticket: str | None = None,
+    ) -> None:
         self.sock = socket.create_connection(
             ("127.0.0.1", port), timeout=10, source_address=(source, 0)
         )
         extra = f"Origin: {origin}\r\n" if origin else ""
         self.sock.sendall(
-            f"GET /events/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}"
+            f"GET /events/stream?ticket={TICKET if ticket is None else ticket} HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{port}\r\n{extra}"
             "Accept: text/event-stream\r\n\r\n".encode()
         )
         self.buffer = b""
@@ -66,6 +75,7 @@ def start_stream(
     procs: list[Proc] = []
 
     def start(url: str = redis_url, **env: str) -> tuple[Proc, int]:
+        grant(url)
         port = free_port()
         proc = Proc(
             [str(BIN / "orders-stream")],
@@ -87,6 +97,13 @@ def start_stream(
     for proc in procs:
         if proc.alive():
             proc.terminate(10.0)
+
+
+def grant(url: str) -> None:
+    """The ticket orders-api stores for an operator's page."""
+    client = redis_lib.Redis.from_url(url)
+    client.set(keys.stream_ticket(TICKET), "1", ex=600)
+    client.close()
 
 
 def _health(port: int) -> dict[str, object]:
@@ -153,6 +170,18 @@ def test_per_client_limit_answers_429_problem(
         second.close()
 
 
+def test_a_stream_needs_a_ticket_orders_api_stored(
+    start_stream: Callable[..., tuple[Proc, int]],
+) -> None:
+    _, port = start_stream()
+    for ticket in ("", "not-a-ticket-anyone-stored"):
+        refused = Stream(port, ticket=ticket)
+        head, _, body = refused.read_to_end().partition(b"\r\n\r\n")
+        refused.close()
+        assert head.startswith(b"HTTP/1.1 401"), head
+        assert json.loads(body)["status"] == 401
+
+
 def test_cors_only_for_pages_of_the_same_host(
     start_stream: Callable[..., tuple[Proc, int]],
 ) -> None:
@@ -199,6 +228,7 @@ def test_redis_lost_and_back(
         stream.close()
     server.start()
     wait_for(lambda: _health(port)["subscribed"] is True, 30, 0.1, "subscribed again")
+    grant(server.url)  # the restarted Redis lost the old ticket: the page asks for a new one
     back = Stream(port)
     try:
         back.read_until(b"event: subscribed")
