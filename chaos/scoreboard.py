@@ -392,7 +392,11 @@ def open_streams(stack: Stack, params: Params, done: threading.Event, notes: Not
         for _ in range(20):  # orders-api's /events/stream: a redirect, answered at once
             try:
                 opener = urllib.request.build_opener(_NoRedirect)
-                opener.open(stack.base + "/events/stream", timeout=10)
+                request = urllib.request.Request(
+                    stack.base + "/events/stream",
+                    headers={"Authorization": f"Bearer {stack.admin_token}"},
+                )
+                opener.open(request, timeout=10)
             except urllib.error.HTTPError as exc:
                 redirects += exc.code == 307
         peak = 0
@@ -400,8 +404,9 @@ def open_streams(stack: Stack, params: Params, done: threading.Event, notes: Not
             peak = max(peak, crowd.live)
         events = crowd.events
     notes.cleared_at = time.monotonic()
+    notes.fire(peak, "streams open during intake")
     notes.add(
-        f"{peak}/{STREAMS} streams open during intake, {events} events delivered to them; "
+        f"{events} events delivered to them; "
         f"orders-api /events/stream: {redirects}/20 redirected at once"
     )
 
