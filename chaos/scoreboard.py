@@ -35,9 +35,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chaos.stack import BIN, Stack
+from chaos.stack import BIN, CHAOS_TUNING, Stack
 from devtools.procs import Timeout, http_ok, wait_until
 from devtools.redis_server import Failover, RedisServer, readonly_errors
+from messaging import envelope, keys
+from messaging.queue import DeadLetter
 
 
 @dataclass(frozen=True)
@@ -273,6 +275,60 @@ def redis_failover(stack: Stack, params: Params, done: threading.Event, notes: N
     notes.fire(answered, "READONLY replies from the demoted primary")
 
 
+POISON_ORDER_ID = 10**9
+"""The crash-looping message's order id: no order of the database has it."""
+
+
+def crash_loop(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
+    """One OrderPlaced whose charge kills every payment worker that takes it.
+
+    This fault is also the supervisor (as Docker's restart policy would be): it starts
+    each dead payment worker again at once, until the poison is dead-lettered. The
+    innocent orders taken in the same batch are returned by the reaper and paid; the
+    poison comes alone after its first death and is dead-lettered after
+    CONSUMER_MAX_CRASHES deaths ("worker died N times handling it").
+    """
+    start = time.monotonic()
+    _at(0.3, params, start)
+    assert stack.client is not None
+    poison = envelope.envelope(
+        envelope.ORDER_PLACED,
+        {
+            "order_id": POISON_ORDER_ID,
+            "customer_email": CHAOS_TUNING["PAYMENT_CRASH_EMAIL"],
+            "currency": "EUR",
+            "lines": [{"sku": "X", "quantity": 1, "unit_price": "1.00", "line_total": "1.00"}],
+            "total": "1.00",
+        },
+        message="a poison pill",
+        sender="chaos",
+        count=0,
+    )
+    raw = envelope.dumps(poison).encode()
+    stack.client.rpush(keys.pending("payment"), raw)
+    deaths = 0
+    deadline = time.monotonic() + params.settle_timeout
+
+    def dead_lettered() -> str:
+        for entry in stack.client.lrange(keys.dead("payment"), 0, -1):  # type: ignore[union-attr]
+            letter = DeadLetter.load(entry)
+            if letter.raw == raw:
+                return letter.error
+        return ""
+
+    while not (error := dead_lettered()):
+        for slot in stack.slots:
+            if slot.name == "payment" and slot.proc is not None and not slot.proc.alive():
+                deaths += 1
+                stack.start_slot(slot)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the poison was not dead-lettered after {deaths} deaths")
+        time.sleep(0.05)
+    notes.cleared_at = time.monotonic()
+    notes.fire(deaths, "payment workers killed by the poison")
+    notes.add(f"then dead-lettered: {error!r}")
+
+
 def kill_api(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
     start = time.monotonic()
     landed = 0
@@ -351,6 +407,11 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario("Redis down during intake", "none lost, none doubled", redis_down),
     Scenario("Redis failover (READONLY)", "none lost, none doubled", redis_failover),
+    Scenario(
+        "crash-looping message",
+        "poison dead-lettered; none lost, none doubled",
+        crash_loop,
+    ),
     Scenario("orders-api SIGKILLed", "none lost, none doubled", kill_api),
     Scenario("database locked", "none lost, none doubled", lock_database),
     Scenario(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import email
 import json
 import random
+import secrets
 import signal
 import socket
 import sqlite3
@@ -60,6 +61,8 @@ CHAOS_TUNING = {
     "CONSUMER_MAX_ATTEMPTS": "12",
     "CONSUMER_BATCH_SIZE": "5",
     "PAYMENT_TRANSIENT_ERROR_RATE": "0.05",
+    # The crash-looping message's customer: its charge kills the payment process.
+    "PAYMENT_CRASH_EMAIL": "crash@example.com",
 }
 
 
@@ -216,6 +219,8 @@ class Stack:
         self.smtp_port = free_port()
         self.api_port = free_port()
         self.base = f"http://127.0.0.1:{self.api_port}"
+        self.admin_token = secrets.token_urlsafe(32)
+        """The API's ADMIN_TOKEN (operator endpoints: Authorization: Bearer ...)."""
         self.common: dict[str, str] = {}
         self.consumer_env = consumer_env or {}
         self.workers_per_queue = workers_per_queue
@@ -294,6 +299,7 @@ class Stack:
                 "WEB_CONCURRENCY": "2",
                 "RELAY_IN_PROCESS": "1",
                 "RELAY_INTERVAL": "0.2",
+                "ADMIN_TOKEN": self.admin_token,
                 **self.api_env,
             },
             self.root / "api.log",

@@ -71,6 +71,30 @@ class GatewayCharge(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
+class Payment(Base):
+    """One payment outcome per order: the unique key that makes "charge once" data.
+
+    The gateway call is keyed by the order too (:func:`consumers.payment.payment_key`),
+    so a second OrderPlaced for the same order (a new event id: a re-publish, a
+    replay) finds this row and re-emits its stored outcome, with the same event id.
+    """
+
+    __tablename__ = "payments"
+    order_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    event_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[str] = mapped_column(Text)
+    """The outcome events (JSON list) emitted for the order."""
+    paid_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+def order_payment(engine: Engine, order_id: int) -> list[dict[str, Any]] | None:
+    """The stored outcome events of the order's payment, or None when it has none yet."""
+    with Session(engine) as session:
+        row = session.get(Payment, order_id)
+        return None if row is None else json.loads(row.outcome)
+
+
 class InvoiceCounter(Base):
     """The last invoice number issued per year (allocation is gap-free)."""
 
@@ -132,7 +156,7 @@ def make_engine(url: str) -> Engine:
 
 
 SERVICE_TABLES: dict[str, tuple[type[Base], ...]] = {
-    "payment": (Processed, GatewayCharge),
+    "payment": (Processed, GatewayCharge, Payment),
     "invoice": (Processed, InvoiceCounter, Invoice),
     "email": (Processed, EmailSent),
 }

@@ -248,6 +248,11 @@ WORKER_ENV_VARS: tuple[EnvVar, ...] = declare(
     EnvVar("CONSUMER_CONCURRENCY", "1", "Handler threads per consumer process (--concurrency)."),
     EnvVar("CONSUMER_BATCH_SIZE", "10", "Messages a worker thread takes and acks per round trip."),
     EnvVar("CONSUMER_MAX_ATTEMPTS", "5", "Failed attempts before a message is dead-lettered."),
+    EnvVar(
+        "CONSUMER_MAX_CRASHES",
+        "5",
+        "Workers a message may kill (die holding it) before it is dead-lettered.",
+    ),
     EnvVar("CONSUMER_BACKOFF_BASE", "1.0", "Seconds of the first retry delay (doubles each time)."),
     EnvVar("CONSUMER_BACKOFF_MAX", "60.0", "Cap of the retry delay in seconds (full jitter)."),
     EnvVar("CONSUMER_HEARTBEAT_TTL", "10", "Seconds a worker's heartbeat lives; gone = reaped."),
@@ -273,6 +278,7 @@ class WorkerSettings:
     backoff_max: float
     heartbeat_ttl: int
     stuck_seconds: float = 300.0
+    max_crashes: int = 5
     metrics_port: int = 0
 
     @classmethod
@@ -288,6 +294,7 @@ class WorkerSettings:
             backoff_max=env_float(env, "CONSUMER_BACKOFF_MAX", 0.0, 86400.0),
             heartbeat_ttl=env_int(env, "CONSUMER_HEARTBEAT_TTL", 1, 3600),
             stuck_seconds=env_float(env, "CONSUMER_STUCK_SECONDS", 1.0, 86400.0),
+            max_crashes=env_int(env, "CONSUMER_MAX_CRASHES", 1, 1000),
             metrics_port=env_int(env, "METRICS_PORT", 0, 65535),
         )
 

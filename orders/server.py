@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from messaging import logs
 from messaging.config import EXIT_BAD_CONFIG, ConfigError
 from messaging.database import database_engine
+from orders import auth
 from orders.bootstrap import create_schema, order_services
 from orders.config import OrderServiceSettings
 from orders.outbox import EXIT_NO_DATABASE, one_line, start_relay_thread
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.host, settings.port, settings.web_concurrency, settings.web_threads,
         settings.base.pattern, "in process" if settings.relay_in_process else "separate",
     )  # fmt: skip
+    settings = auth.with_token(settings)  # before the fork: one token for every worker
     metrics_dir, created = prepare_metrics_dir(settings.metrics_dir)
     try:
         OrdersServer(settings).run()

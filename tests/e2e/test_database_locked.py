@@ -23,6 +23,7 @@ from chaos.stack import order_body, post_order
 from devtools.procs import http_ok
 from devtools.redis_server import free_port
 from tests.helpers import BIN, Proc, wait_for
+from tests.orders_app import ADMIN, ADMIN_TOKEN
 
 pytestmark = pytest.mark.e2e
 
@@ -40,6 +41,7 @@ def api(tmp_path: Path, redis: redis_lib.Redis, redis_url: str) -> Iterator[tupl
             "PORT": str(port),
             "WEB_CONCURRENCY": "1",
             "RELAY_IN_PROCESS": "0",
+            "ADMIN_TOKEN": ADMIN_TOKEN,
         },
         tmp_path / "api.log",
     )
@@ -75,5 +77,6 @@ def test_a_locked_sqlite_answers_503_never_500_and_the_retry_places_one_order(
         lock.close()
     second = post_order(base + "/orders", order_body(3), "during-lock")
     assert post_order(base + "/orders", order_body(3), "during-lock") == second
-    with urllib.request.urlopen(f"{base}/orders?limit=10", timeout=30) as response:
+    listing = urllib.request.Request(f"{base}/orders?limit=10", headers=ADMIN)
+    with urllib.request.urlopen(listing, timeout=30) as response:
         assert [o["id"] for o in json.loads(response.read())["items"]] == [second, first]

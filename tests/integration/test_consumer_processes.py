@@ -303,6 +303,46 @@ def test_noop_consumer_drains_and_counts(env: Env, bredis: redis_lib.Redis) -> N
     assert queue.stats()["in_flight"] == 0
 
 
+def test_a_message_that_crashes_the_payment_worker_is_dead_lettered_and_the_rest_paid(
+    env: Env, bredis: redis_lib.Redis
+) -> None:
+    """PAYMENT_CRASH_EMAIL makes the charge os._exit(137) (a segfaulting library). A
+    supervisor (this loop, as Docker's restart policy) starts the worker again each
+    time; the reaper counts each death; the innocent orders taken in the same batch
+    are paid; after CONSUMER_MAX_CRASHES deaths the poison is dead-lettered."""
+    queue = RedisQueue(bredis, "payment")
+    poison = events_of([order_placed(1, "boom@example.com")])
+    innocent = events_of([order_placed(n) for n in range(2, 6)])
+    queue.push(*poison, *innocent)
+    extra = {
+        "PAYMENT_CRASH_EMAIL": "boom@example.com",
+        "CONSUMER_MAX_CRASHES": "3",
+        "CONSUMER_HEARTBEAT_TTL": "1",
+        "CONSUMER_BATCH_SIZE": "10",
+    }
+    deaths = 0
+    proc = env.start("payment", **extra)
+
+    def settled() -> bool:
+        nonlocal proc, deaths
+        if not proc.alive():
+            assert proc.popen.returncode == 137, proc.output()
+            deaths += 1
+            proc = env.start("payment", **extra)
+        return queue.stats()["dead_letters"] == 1 and rows(env.engine(), store.Payment) == 4
+
+    wait_for(settled, timeout=90, interval=0.1, message="poison dead-lettered, the rest paid")
+    [letter] = queue.dead_letters()
+    assert letter.raw == poison[0]
+    assert letter.error == "worker died 3 times handling it"
+    assert deaths == 3
+    assert rows(env.engine(), store.GatewayCharge) == 4
+
+
+def events_of(items: list[dict[str, Any]]) -> list[bytes]:
+    return [envelope.dumps(e).encode() for e in items]
+
+
 def test_email_keeps_one_smtp_connection_and_reconnects_after_the_server_restarts(
     tmp_path: Path,
 ) -> None:

@@ -20,7 +20,7 @@ from consumers.config import ConsumerSettings
 from consumers.email import message_id, render
 from consumers.handler import order_of
 from consumers.invoice import InvoiceHandler
-from consumers.payment import GatewayUnavailable, PaymentHandler, SimulatedGateway
+from consumers.payment import GatewayUnavailable, PaymentHandler, SimulatedGateway, payment_key
 from messaging import envelope
 from messaging.config import ConfigError
 from messaging.queue import (
@@ -197,7 +197,7 @@ def test_payment_twice_charges_once_and_returns_the_stored_outcome(engine: Engin
     assert captured["count"] == 1
     assert count(engine, store.GatewayCharge) == 1
     with Session(engine) as session:
-        assert session.get(store.GatewayCharge, event["id"]).calls == 1  # type: ignore[union-attr]
+        assert session.get(store.GatewayCharge, payment_key(1)).calls == 1  # type: ignore[union-attr]
 
 
 def test_gateway_ledger_answers_a_repeated_key_without_charging_again(engine: Engine) -> None:
