@@ -97,7 +97,11 @@ class Lab:
         )
         self.up.check_alive()
         states = wait_for(
-            lambda: (s := self.states()) and all(s.get(n) == "RUNNING" for n in SERVICES) and s,
+            lambda: (
+                (s := self.states())
+                and all(s.get(n) == "RUNNING" for n in ["redis", *SERVICES])
+                and s
+            ),
             60,
             0.2,
             "every program RUNNING in make ps",
