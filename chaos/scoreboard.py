@@ -42,7 +42,7 @@ from devtools.procs import Timeout, http_ok, wait_until
 from devtools.redis_server import Failover, RedisServer, readonly_errors
 from devtools.streams import StreamCrowd, grant_ticket
 from messaging import envelope, keys
-from messaging.queue import DeadLetter
+from messaging.queue import DeadLetter, RedisQueue
 
 
 @dataclass(frozen=True)
@@ -332,6 +332,37 @@ def crash_loop(stack: Stack, params: Params, done: threading.Event, notes: Notes
     notes.add(f"then dead-lettered: {error!r}")
 
 
+def clock_skew(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
+    """Payment workers with clocks one hour ahead and one hour behind (libfaketime).
+
+    They score retries (5% transient gateway errors, flaky@ customers) and promote due
+    ones; on Redis's clock the skew changes nothing. Counted: the retries scheduled
+    while the skewed workers ran.
+    """
+    queue = RedisQueue(stack.client, "payment")  # type: ignore[arg-type]
+    before = queue.stats()["retried"]
+    done.wait()
+    notes.cleared_at = time.monotonic()
+    notes.fire(queue.stats()["retried"] - before, "retries scored while clocks were +1h/-1h")
+
+
+def _skew_payment(stack: Stack, params: Params) -> None:
+    libs = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    if not libs:
+        raise RuntimeError("clock skew needs libfaketime (apt-get install faketime)")
+    offsets = iter(("+1h", "-1h"))
+    for slot in stack.slots:
+        if slot.name == "payment" and slot.proc is not None:
+            slot.proc.terminate(20.0)
+            slot.env = {k: v for k, v in slot.env.items() if k == "REDIS_URL"} | {
+                "LD_PRELOAD": str(libs[0]),
+                "FAKETIME": next(offsets, "+1h"),
+                "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            }
+            stack.start_slot(slot)
+    wait_until(stack.workers_registered, 60, 0.1, "skewed payment workers")
+
+
 def kill_api(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
     start = time.monotonic()
     landed = 0
@@ -453,6 +484,13 @@ SCENARIOS: tuple[Scenario, ...] = (
         "crash-looping message",
         "poison dead-lettered; none lost, none doubled",
         crash_loop,
+    ),
+    Scenario(
+        "clock skew",
+        "none lost, none doubled",
+        clock_skew,
+        before=_skew_payment,
+        after=_normal_payment,
     ),
     Scenario("orders-api SIGKILLed", "none lost, none doubled", kill_api),
     Scenario("database locked", "none lost, none doubled", lock_database),

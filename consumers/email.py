@@ -1,13 +1,23 @@
 """The email consumer: sends each order's confirmation over SMTP, once.
 
 The message has a plain-text and an HTML part (every value HTML-escaped) and a
-``Message-ID`` derived from the event id: ``<{event id}.confirmation@{domain}>``.
+``Message-ID`` derived from the order and the step: ``<order-{id}.confirmation@{domain}>``.
+
+Claim, then send (one email per order and step even with several workers and
+duplicate messages): before talking to SMTP the handler inserts a row in
+``email_claims`` keyed by (order, step), in its own committed transaction
+(:func:`consumers.store.claim_effect`). A worker that finds a live claim of another
+delivery does not send: its message is retried later and then re-emits the outcome
+the first one recorded. A claim is a lease on the database's clock, so a worker that
+dies between claim and send does not lose the email: the lease expires and the next
+delivery takes it over.
 
 The one window no consumer can close: the SMTP server accepts the message, and the
 worker dies before it commits the "processed" row. The message is then redelivered
-and the email sent a second time - with the SAME Message-ID, which is what receiving
-systems (and the tests, which count distinct Message-IDs) deduplicate on. SMTP has no
-idempotency key; the Message-ID is the closest thing it has.
+(after the lease) and the email sent a second time - with the SAME Message-ID, which
+is what receiving systems (and the tests, which count distinct Message-IDs)
+deduplicate on. SMTP has no idempotency key; the Message-ID is the closest thing it
+has.
 
 An SMTP server that cannot be reached, times out or answers 4xx is a retryable error;
 a 5xx answer (recipient refused) is permanent.
@@ -29,8 +39,10 @@ from __future__ import annotations
 
 import contextlib
 import html
+import json
 import smtplib
 import threading
+import uuid
 from email.message import EmailMessage
 from email.utils import parseaddr
 from typing import Any
@@ -70,10 +82,15 @@ def recipient(address: str) -> str:
     return checked.ascii_email
 
 
-def message_id(event_id: str, sender: str) -> str:
-    """The Message-ID of the confirmation for an OrderPlaced event (stable per event)."""
+STEP = "confirmation"
+"""The email step this handler sends (one per order: the claim's key with the order)."""
+
+
+def message_id(order_id: int, sender: str) -> str:
+    """The Message-ID of an order's confirmation: stable per order and step, so even a
+    re-send in the one window left (see the module doc) is dropped by receivers."""
     domain = sender.rsplit("@", 1)[-1] or "localhost"
-    return f"<{event_id}.confirmation@{domain}>"
+    return f"<order-{order_id}.{STEP}@{domain}>"
 
 
 def render(order: Order, *, event_id: str, sender: str) -> EmailMessage:
@@ -82,7 +99,7 @@ def render(order: Order, *, event_id: str, sender: str) -> EmailMessage:
     msg["Subject"] = f"Your order #{order.order_id} is confirmed"
     msg["From"] = sender
     msg["To"] = recipient(order.customer_email)
-    msg["Message-ID"] = message_id(event_id, sender)
+    msg["Message-ID"] = message_id(order.order_id, sender)
     rows = [
         (
             str(line.get("sku", "")),
@@ -120,9 +137,18 @@ class EmailHandler:
     accepts = frozenset({envelope.ORDER_PLACED})
 
     def __init__(
-        self, engine: Engine, *, host: str, port: int, sender: str, timeout: float = 10.0
+        self,
+        engine: Engine,
+        *,
+        host: str,
+        port: int,
+        sender: str,
+        timeout: float = 10.0,
+        claim_seconds: float | None = None,
     ) -> None:
         self.engine = engine
+        # A claim outlives a send that times out at every step (connect, each command).
+        self.claim_seconds = claim_seconds if claim_seconds is not None else 6 * timeout
         self.host = host
         self.port = port
         self.sender = sender
@@ -202,14 +228,36 @@ class EmailHandler:
                 raise RetryableError(f"SMTP {self.host}:{self.port} unavailable: {exc}") from exc
 
     def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
-        """Send (once per event, see the module doc) and return the outcome event."""
+        """Claim the order's confirmation, send it, record it; return the outcome event.
+
+        The claim commits before the send (:func:`consumers.store.claim_effect`): a
+        second worker with a copy of the same OrderPlaced (or another OrderPlaced of the
+        same order) finds it and retries later, then re-emits the first one's outcome.
+        """
         stored = store.lookup(self.engine, QUEUE, event["id"])
         if stored is not None:
             return stored
         order = order_of(event)
         to = recipient(order.customer_email)
+        owner = uuid.uuid4().hex  # this delivery's claim (another thread: another one)
+        state, done = store.claim_effect(
+            self.engine, order.order_id, STEP, event["id"], owner, self.claim_seconds
+        )
+        if state == "done" and done is not None:
+            emitted, _new = store.record_outcome(self.engine, QUEUE, event, done)
+            return emitted
+        if state == "busy":
+            raise RetryableError(
+                f"another worker is sending the {STEP} email of order #{order.order_id}"
+            )
         msg = render(order, event_id=event["id"], sender=self.sender)
-        self.send(msg, to)
+        try:
+            self.send(msg, to)
+        except Exception:
+            # Not sent: free the claim, so this message's retry (or a copy) claims again
+            # at once instead of waiting for the lease.
+            store.release_claim(self.engine, order.order_id, STEP, owner)
+            raise
         mid = str(msg["Message-ID"])
         result = outcome(
             envelope.CONFIRMATION_EMAIL_SENT,
@@ -220,6 +268,9 @@ class EmailHandler:
         )
 
         def record(session: Any) -> list[dict[str, Any]]:
+            claim = session.get(store.EmailClaim, (order.order_id, STEP))
+            if claim is not None:
+                claim.state, claim.outcome = "sent", json.dumps([result])
             if session.get(store.EmailSent, mid) is None:
                 session.add(
                     store.EmailSent(

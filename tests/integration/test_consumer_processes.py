@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from consumers import store
 from consumers.config import DATABASE_VARS
 from devtools.redis_server import RedisServer, free_port
-from messaging import envelope, keys
+from messaging import database, envelope, keys
 from messaging.queue import RedisQueue
 from tests.helpers import BIN, Proc, wait_for
 
@@ -258,7 +258,7 @@ def test_email_goes_over_real_smtp_and_is_retried_while_smtp_is_down(
     wait_for(lambda: updates(bredis), timeout=30, message="the email sent")
     [eml] = list(mail_dir.glob("*.eml"))
     msg = email.message_from_bytes(eml.read_bytes(), policy=default_policy)
-    assert msg["Message-ID"] == f"<{event['id']}.confirmation@example.com>"
+    assert msg["Message-ID"] == "<order-7.confirmation@example.com>"
     assert msg["To"] == "bob@example.com"
     html = msg.get_body(("html",))
     assert html is not None and "&lt;i&gt;SKU&lt;/i&gt;" in html.get_content()
@@ -374,3 +374,65 @@ def test_email_keeps_one_smtp_connection_and_reconnects_after_the_server_restart
         sink.popen.wait(15)
     assert len(list(mail_dir.glob("*.eml"))) == 3
     assert rows(engine, store.EmailSent) == 3
+
+
+def _sink(env: Env, port: int, mail_dir: Path) -> Proc:
+    sink = Proc(
+        [str(BIN / "smtp-sink")],
+        {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(port), "SMTP_SINK_DIR": str(mail_dir)},
+        env.tmp / "sink.log",
+    )
+    env.procs.append(sink)
+    sink.wait_output("smtp-sink: listening")
+    return sink
+
+
+def _message_ids(mail_dir: Path) -> list[str]:
+    return [
+        str(email.message_from_bytes(f.read_bytes(), policy=default_policy)["Message-ID"])
+        for f in mail_dir.glob("*.eml")
+    ]
+
+
+def test_two_email_workers_and_every_order_placed_twice_send_one_email_each(
+    env: Env, bredis: redis_lib.Redis
+) -> None:
+    """The claim commits before the send: the second copy waits (retried) and then
+    re-emits the first one's outcome; no crash needed for a duplicate without it."""
+    port, mail_dir = free_port(), env.tmp / "mail"
+    _sink(env, port, mail_dir)
+    queue = RedisQueue(bredis, "email")
+    orders = [envelope.dumps(order_placed(n, f"c{n}@example.com")) for n in range(1, 31)]
+    queue.push(*(copy for raw in orders for copy in (raw, raw)))  # side by side
+    smtp = {"SMTP_PORT": str(port), "SMTP_HOST": "127.0.0.1", "CONSUMER_BATCH_SIZE": "1"}
+    env.start("email", CONSUMER_CONCURRENCY="2", **smtp)
+    env.start("email", CONSUMER_CONCURRENCY="2", **smtp)
+    wait_for(lambda: queue.stats()["processed"] == 60, timeout=90, message="60 messages acked")
+    ids = _message_ids(mail_dir)
+    assert len(ids) == 30 and len(set(ids)) == 30  # one email per order, no re-send
+    assert rows(env.engine(), store.EmailSent) == 30
+    sent = [u for u in updates(bredis) if u["type"] == envelope.CONFIRMATION_EMAIL_SENT]
+    assert len(sent) == 60 and len({u["id"] for u in sent}) == 30  # the same outcome twice
+
+
+def test_an_email_claimed_by_a_worker_that_died_before_sending_is_still_sent(
+    env: Env, bredis: redis_lib.Redis
+) -> None:
+    """A claim whose owner died (its lease runs out on the database's clock) is taken
+    over by the next delivery: the email is sent once, not lost."""
+    port, mail_dir = free_port(), env.tmp / "mail"
+    _sink(env, port, mail_dir)
+    engine = env.engine()
+    with Session(engine) as session, session.begin():
+        session.add(
+            store.EmailClaim(
+                order_id=9, step="confirmation", owner="dead", event_id="e", state="sending",
+                lease_until_ms=session.scalar(select(database.now_ms("sqlite"))) + 2000,
+            )
+        )  # fmt: skip
+    queue = RedisQueue(bredis, "email")
+    queue.push(envelope.dumps(order_placed(9)))
+    env.start("email", SMTP_PORT=str(port), SMTP_HOST="127.0.0.1")
+    wait_for(lambda: queue.stats()["processed"] == 1, timeout=30, message="the email sent")
+    assert queue.stats()["retried"] >= 1  # it waited for the dead owner's lease
+    assert _message_ids(mail_dir) == ["<order-9.confirmation@example.com>"]

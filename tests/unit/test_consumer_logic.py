@@ -258,8 +258,8 @@ def test_invoice_numbers_are_consecutive(engine: Engine) -> None:
 def test_email_is_rendered_escaped_with_a_stable_message_id() -> None:
     event = order_placed(4)
     msg = render(order_of(event), event_id=event["id"], sender="orders@example.com")
-    assert msg["Message-ID"] == f"<{event['id']}.confirmation@example.com>"
-    assert message_id(event["id"], "orders@example.com") == msg["Message-ID"]
+    assert msg["Message-ID"] == "<order-4.confirmation@example.com>"  # per order and step
+    assert message_id(event["data"]["order_id"], "orders@example.com") == msg["Message-ID"]
     html_part = msg.get_body(("html",))
     text_part = msg.get_body(("plain",))
     assert html_part is not None and text_part is not None
