@@ -448,6 +448,12 @@ def _monitoring_paths() -> dict[str, Any]:
                 "responses": {"307": {"description": "The feed's URL in Location"}},
             }
         },
+        "/api/stream-url": {
+            "get": {
+                "summary": "A fresh live-feed URL with a new ticket (operators only)",
+                "responses": {"200": {"description": "The feed's URL in url"}},
+            }
+        },
         "/api/queues": {
             "get": {
                 "summary": "Every queue's figures",
