@@ -4,14 +4,15 @@ Supervisor starts programs in priority order but does not wait for one to be rea
 before the next, and it writes each program's output to its own log file only. Three
 helpers close those gaps, each a short step supervisor runs or ``make`` calls:
 
-- ``wait-ready -- CMD ...`` waits until Redis answers PING (and a PostgreSQL database,
-  if one is configured, accepts connections), then *execs* CMD: the pid supervisor
-  watches, stops and kills is the service itself, never a wrapper that could leave it
-  orphaned. This is compose's ``condition: service_healthy``.
+- ``wait-ready -- CMD ...`` waits until the lab's Redis program runs and answers PING
+  (and a PostgreSQL database, if one is configured, accepts connections), then *execs*
+  CMD: the pid supervisor watches, stops and kills is the service itself, never a
+  wrapper that could leave it orphaned. This is compose's ``condition: service_healthy``.
 - ``echo-logs`` is a supervisor event listener: every program's output arrives as a
   PROCESS_LOG event and is printed with a time and the program's name, like
   ``docker compose up``, while the per-program files (``var/log/NAME.log``) stay whole
-  for ``make logs s=NAME``.
+  for ``make logs s=NAME``. When Redis cannot start at all (its port taken, say), it
+  shuts the stack down: nothing should run against a Redis that is not ours.
 - ``down`` asks this checkout's supervisord (through its own unix socket, never by
   process name) to shut down, and waits until it is gone.
 
@@ -22,17 +23,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import sys
 import time
 import xmlrpc.client
 from pathlib import Path
+from typing import TextIO
 
 WAIT_TIMEOUT = 60.0
 """Seconds ``wait-ready`` waits for Redis and the database before it gives up (exit 1)."""
 DOWN_TIMEOUT = 180.0
 """Seconds ``down`` waits for supervisord to stop everything (stopwaitsecs add up)."""
+REDIS_PROGRAM = "redis"
+"""The program name of the lab's Redis in supervisord.conf."""
 NAME_WIDTH = 10
 """Width of the program name column in the combined output."""
 
@@ -45,6 +50,47 @@ def redis_answers(host: str, port: int) -> bool:
             return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
+
+
+def redis_pid(host: str, port: int) -> int | None:
+    """The ``process_id`` a Redis server on host:port reports (INFO server); None if none
+    answers (or it wants a password: the lab's Redis has none)."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
+            sock.sendall(b"INFO server\r\n")
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+                head, sep, _ = reply.partition(b"\r\n")
+                if not head.startswith(b"$"):
+                    break  # an error reply (NOAUTH ...): no pid to read
+                if sep and len(reply) >= len(head) + 2 + int(head[1:]):
+                    break  # the whole bulk string is in
+    except (OSError, ValueError):
+        return None
+    match = re.search(rb"process_id:(\d+)", reply)
+    return int(match.group(1)) if match else None
+
+
+def our_redis_ready(host: str, port: int) -> bool:
+    """True when the Redis answering on host:port is the lab's own ``redis`` program.
+
+    Under supervisor (SUPERVISOR_SERVER_URL set) that means: the server's process_id is
+    the pid supervisor started (local-redis execs redis-server, so they are the same).
+    Another Redis already on the port answers PING too, and must not get our traffic.
+    Outside supervisor there is no one to ask: any server answering PING will do.
+    """
+    if not os.environ.get("SUPERVISOR_SERVER_URL"):
+        return redis_answers(host, port)
+    from supervisor import childutils
+
+    try:
+        info = childutils.getRPCInterface(os.environ).supervisor.getProcessInfo(REDIS_PROGRAM)
+    except (OSError, xmlrpc.client.Fault):
+        return False
+    if info["statename"] not in ("STARTING", "RUNNING") or not info["pid"]:
+        return False
+    return redis_pid(host, port) == int(info["pid"])
 
 
 def database_answers(url: str) -> bool:
@@ -82,7 +128,7 @@ def wait_ready(command: list[str], database_envs: list[str], timeout: float) -> 
     started = time.monotonic()
     deadline = started + timeout
     said = False
-    while not redis_answers(host, port):
+    while not our_redis_ready(host, port):
         if not said:
             _say(f"waiting for Redis at {host}:{port}")
             said = True
@@ -109,6 +155,21 @@ def _line(name: str, data: bytes) -> str:
     """One line of the combined output: ``HH:MM:SS name       | text``."""
     text = data.decode("utf-8", "replace").rstrip("\r")
     return f"{time.strftime('%H:%M:%S')} {name:<{NAME_WIDTH}} | {text}\n"
+
+
+def _give_up(out: TextIO) -> None:
+    """Redis could not start: shut the whole stack down rather than run without it."""
+    from supervisor import childutils
+
+    out.write(
+        f"{time.strftime('%H:%M:%S')} {'lab':<{NAME_WIDTH}} | Redis could not start "
+        "(its lines above say why): stopping everything\n"
+    )
+    out.flush()
+    try:
+        childutils.getRPCInterface(os.environ).supervisor.shutdown()
+    except xmlrpc.client.Fault:
+        pass  # already shutting down
 
 
 def echo_logs() -> int:
@@ -143,6 +204,12 @@ def echo_logs() -> int:
         first, _, data = payload.partition(b"\n")
         meta = childutils.get_headers(first.decode("utf-8", "replace"))
         name = meta.get("processname", "?")
+        if headers.get("eventname") == "PROCESS_STATE_FATAL":
+            sys.stdout.write("RESULT 2\nOK")
+            sys.stdout.flush()
+            if name == REDIS_PROGRAM:
+                _give_up(out)
+            continue
         lines = (partial.pop(name, b"") + data).split(b"\n")
         if lines[-1]:
             partial[name] = lines[-1]

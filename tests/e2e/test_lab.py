@@ -25,20 +25,22 @@ import pytest
 import redis as redis_lib
 
 from devtools.procs import http_ok
-from devtools.redis_server import free_port
+from devtools.redis_server import RedisServer, free_port
 from messaging import monitor
 from tests.helpers import Proc, wait_for
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ["mail", "updates", "subscriber", "publisher", "payment", "invoice", "email", "api"]
+SERVICES = [
+    "mail", "updates", "subscriber", "publisher", "payment", "invoice", "email", "stream", "api"
+]  # fmt: skip
 """Every program but Redis (and the log listener), as `make ps` names them."""
 START_TIMEOUT = 240.0
 """`make up` may build the Go subscriber and install the venv first on a busy machine."""
 # Variables of the developer's shell that would point the stack somewhere else.
 _FOREIGN = re.compile(
-    r"^(REDIS_|SMTP_|PAYMENT_|CONSUMER_|METRICS_PORT$|PORT$|HOST$|PATTERN$|LAB_HOME$"
+    r"^(REDIS_|SMTP_|PAYMENT_|CONSUMER_|METRICS_PORT$|PORT$|HOST$|PATTERN$|LAB_HOME$|STREAM_"
     r"|DATABASE_URL$|[A-Z]+_DATABASE_URL$|PROMETHEUS_MULTIPROC_DIR$|MAKE|MFLAGS)"
 )
 
@@ -57,6 +59,7 @@ class Lab:
             PORT=str(self.port),
             REDIS_PORT=str(self.redis_port),
             SMTP_PORT=str(free_port()),
+            STREAM_PORT=str(free_port()),
             **env,
         )
         self.up: Proc | None = None
@@ -97,7 +100,11 @@ class Lab:
         )
         self.up.check_alive()
         states = wait_for(
-            lambda: (s := self.states()) and all(s.get(n) == "RUNNING" for n in SERVICES) and s,
+            lambda: (
+                (s := self.states())
+                and all(s.get(n) == "RUNNING" for n in ["redis", *SERVICES])
+                and s
+            ),
             60,
             0.2,
             "every program RUNNING in make ps",
@@ -316,3 +323,27 @@ def test_pubsub_pattern_subscriber_stopped_misses_what_was_published(
     assert not received(lab, "queue")
 
     assert_graceful(lab.finish("down"))
+
+
+def test_redis_port_taken_stops_the_stack_before_any_service_uses_it(
+    new_lab: Callable[..., Lab], redis_server_factory: Callable[..., RedisServer]
+) -> None:
+    """Another Redis on REDIS_PORT: `make up` says so and stops; no service ever talks
+    to that foreign server (it answers PING, but it is not the lab's)."""
+    lab = new_lab()
+    foreign = redis_server_factory(port=lab.redis_port)
+    client = redis_lib.Redis(port=foreign.port)
+    try:
+        client.config_resetstat()  # count only what `make up` sends from here on
+        up = Proc(["make", "--no-print-directory", "up"], lab.env, lab.home / "up.out", ROOT)
+        wait_for(lambda: not up.alive(), START_TIMEOUT, 0.2, "make up to give up")
+        out = up.output()
+        assert f"127.0.0.1:{lab.redis_port} is already in use" in out
+        assert "Redis could not start" in out
+        assert "with SIGKILL" not in out
+        # The services only asked who it is (INFO: not the lab's pid) and sent nothing else.
+        stats = client.info("commandstats")
+        assert set(stats) <= {"cmdstat_info", "cmdstat_config|resetstat"}, stats
+        assert client.keys("*") == []  # no Hello message, no worker heartbeat
+    finally:
+        client.close()
