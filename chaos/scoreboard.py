@@ -32,6 +32,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,7 @@ from pathlib import Path
 from chaos.stack import BIN, CHAOS_TUNING, Stack
 from devtools.procs import Timeout, http_ok, wait_until
 from devtools.redis_server import Failover, RedisServer, readonly_errors
+from devtools.streams import StreamCrowd, grant_ticket
 from messaging import envelope, keys
 from messaging import worker as worker_module
 from messaging.queue import DeadLetter, RedisQueue
@@ -473,6 +476,45 @@ def slow_consumer(stack: Stack, params: Params, done: threading.Event, notes: No
     notes.fire(peak, "messages of backlog at the peak")
 
 
+STREAMS = 200
+"""Event streams the "open streams" fault holds open during intake."""
+
+
+def open_streams(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
+    """200 dashboard streams held open through intake, plus 20 on orders-api's old URL.
+
+    Before orders-stream, 20 streams took every gunicorn thread and intake stopped; the
+    figures say how many streams were live during intake and what they received.
+    """
+    redirects = 0
+    with StreamCrowd(stack.stream_port, STREAMS, grant_ticket(stack.redis.url)) as crowd:
+        for _ in range(20):  # orders-api's /events/stream: a redirect, answered at once
+            try:
+                opener = urllib.request.build_opener(_NoRedirect)
+                request = urllib.request.Request(
+                    stack.base + "/events/stream",
+                    headers={"Authorization": f"Bearer {stack.admin_token}"},
+                )
+                opener.open(request, timeout=10)
+            except urllib.error.HTTPError as exc:
+                redirects += exc.code == 307
+        peak = 0
+        while not done.wait(0.1):
+            peak = max(peak, crowd.live)
+        events = crowd.events
+    notes.cleared_at = time.monotonic()
+    notes.fire(peak, "streams open during intake")
+    notes.add(
+        f"{events} events delivered to them; "
+        f"orders-api /events/stream: {redirects}/20 redirected at once"
+    )
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
 def _slow_payment(stack: Stack, params: Params) -> None:
     stack.restart_slots("payment", {"PAYMENT_LATENCY_MS": str(params.slow_latency_ms)})
     wait_until(stack.workers_registered, 60, 0.1, "payment workers back")
@@ -535,6 +577,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         after=_normal_payment,
     ),
     Scenario("consumer partitioned from Redis", "none lost, none doubled", partition),
+    Scenario("200 open streams during intake", "none lost, none doubled", open_streams),
 )
 
 

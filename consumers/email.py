@@ -49,6 +49,7 @@ from typing import Any
 
 import email_validator
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from consumers import store
 from consumers.config import ConsumerSettings
@@ -284,3 +285,77 @@ class EmailHandler:
 
         emitted, _new = store.process_once(self.engine, QUEUE, event, record)
         return emitted
+
+    def handle_batch(self, events: list[dict[str, Any]]) -> list[list[dict[str, Any]] | None]:
+        """Send a taken batch's emails on the kept connection, then record them at once.
+
+        One look-up for the batch (what was sent before), each new message sent in
+        order, then ONE transaction records every sent message. A send that fails
+        stops the batch there: the messages already sent are recorded (so they are
+        not sent again), that one and the rest are left to :meth:`handle`, which
+        classifies the failure. An event with bad data is left to it as well. If the
+        recording transaction fails, the sent messages are sent again on redelivery,
+        same Message-ID: the window the module doc names, batch-wide.
+        """
+        stored = store.lookup_many(self.engine, QUEUE, [event["id"] for event in events])
+        results: list[list[dict[str, Any]] | None] = []
+        sent: dict[str, tuple[Order, str, list[dict[str, Any]]]] = {}
+        failed = False
+        for event in events:
+            if event["id"] in stored:
+                results.append(stored[event["id"]])
+                continue
+            if event["id"] in sent:  # the same event twice in one batch: sent once
+                results.append(sent[event["id"]][2])
+                continue
+            if failed:
+                results.append(None)
+                continue
+            try:
+                order = order_of(event)
+                to = recipient(order.customer_email)
+                msg = render(order, event_id=event["id"], sender=self.sender)
+            except PermanentError:  # bad data: handle() dead-letters it; go on
+                results.append(None)
+                continue
+            try:
+                self.send(msg, to)
+            except Exception:  # noqa: BLE001 - handle() sends again and classifies it
+                failed = True
+                results.append(None)
+                continue
+            mid = str(msg["Message-ID"])
+            result = [
+                outcome(
+                    envelope.CONFIRMATION_EMAIL_SENT,
+                    {"order_id": order.order_id, "to": order.customer_email, "message_id": mid},
+                    order_id=order.order_id,
+                    sender=SENDER,
+                    message=f"Confirmation email sent for order #{order.order_id}",
+                )
+            ]
+            sent[event["id"]] = (order, mid, result)
+            results.append(result)
+        if sent:
+
+            def record(session: Session, event: dict[str, Any]) -> list[dict[str, Any]]:
+                order, mid, result = sent[event["id"]]
+                if session.get(store.EmailSent, mid) is None:
+                    session.add(
+                        store.EmailSent(
+                            message_id=mid,
+                            order_id=order.order_id,
+                            event_id=event["id"],
+                            recipient=order.customer_email,
+                        )
+                    )
+                return result
+
+            unique = {event["id"]: event for event in events if event["id"] in sent}
+            recorded = store.process_batch(self.engine, QUEUE, list(unique.values()), record)
+            outcomes = dict(zip(unique, recorded, strict=True))
+            results = [
+                outcomes.get(event["id"], r) if r is not None else None
+                for event, r in zip(events, results, strict=True)
+            ]
+        return results
