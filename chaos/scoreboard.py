@@ -599,7 +599,9 @@ def reconcile(stack: Stack, window: float) -> str:
 
 def _settle(stack: Stack, ids: list[int], timeout: float, quiet: float) -> tuple[bool, float]:
     """Wait until every order is complete (True) or nothing moved for ``quiet`` seconds
-    with empty queues (False). Returns (complete, monotonic time of the last progress)."""
+    with empty queues and nothing in flight (False), or the timeout. A message in
+    flight is work a worker still holds (an email waiting out a dead worker's claim):
+    never "settled". Returns (complete, monotonic time of the last progress)."""
     deadline = time.monotonic() + timeout
     last_count = -1
     last_change = time.monotonic()
@@ -611,7 +613,7 @@ def _settle(stack: Stack, ids: list[int], timeout: float, quiet: float) -> tuple
             last_count, last_change = done, now
         if done == len(ids) and backlog == 0:
             return True, last_change
-        if backlog == 0 and now - last_change > quiet:
+        if backlog == 0 and now - last_change > quiet and stack.in_flight() == 0:
             return False, last_change
         if now > deadline:
             return False, last_change

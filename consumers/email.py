@@ -42,6 +42,7 @@ import html
 import json
 import smtplib
 import threading
+import time
 import uuid
 from email.message import EmailMessage
 from email.utils import parseaddr
@@ -85,6 +86,9 @@ def recipient(address: str) -> str:
 
 STEP = "confirmation"
 """The email step this handler sends (one per order: the claim's key with the order)."""
+
+CLAIM_POLL_SECONDS = 0.2
+"""How often a delivery that found another's live claim looks at it again."""
 
 
 def message_id(order_id: int, sender: str) -> str:
@@ -247,10 +251,23 @@ class EmailHandler:
         if state == "done" and done is not None:
             emitted, _new = store.record_outcome(self.engine, QUEUE, event, done)
             return emitted
-        if state == "busy":
-            raise RetryableError(
-                f"another worker is sending the {STEP} email of order #{order.order_id}"
+        # Another delivery holds a live claim: wait for it to be sent (then re-emit its
+        # outcome) or for its lease to run out (its worker died: claim it ourselves).
+        # Waiting, not failing: a retry per poll would spend the message's attempts
+        # while a dead worker's lease runs, and dead-letter a mail nobody sent.
+        deadline = time.monotonic() + self.claim_seconds + CLAIM_POLL_SECONDS
+        while state == "busy":
+            if time.monotonic() > deadline:
+                raise RetryableError(
+                    f"another worker is sending the {STEP} email of order #{order.order_id}"
+                )
+            time.sleep(CLAIM_POLL_SECONDS)
+            state, done = store.claim_effect(
+                self.engine, order.order_id, STEP, event["id"], owner, self.claim_seconds
             )
+        if state == "done" and done is not None:
+            emitted, _new = store.record_outcome(self.engine, QUEUE, event, done)
+            return emitted
         msg = render(order, event_id=event["id"], sender=self.sender)
         try:
             self.send(msg, to)

@@ -202,6 +202,7 @@ def test_chaos(topology_name: str, tmp_path: Path, request: pytest.FixtureReques
             "CONSUMER_BACKOFF_MAX": "1.0",
             "CONSUMER_MAX_ATTEMPTS": "12",
             "CONSUMER_BATCH_SIZE": "5",
+            "SMTP_TIMEOUT": "3",  # an email claim's lease: 6 x 3 s after a SIGKILL
             "PAYMENT_TRANSIENT_ERROR_RATE": "0.1",
             "PAYMENT_LATENCY_MS": "5",
         },
