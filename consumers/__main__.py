@@ -1,6 +1,6 @@
 """Console script ``consumer NAME`` (also ``python -m consumers NAME``).
 
-NAME is ``payment``, ``invoice``, ``email``, ``updates`` (records outcome events in
+NAME is ``payment``, ``invoice``, ``shipping``, ``email``, ``updates`` (records outcome events in
 the order service's history) or ``noop`` (benchmarks). Exit codes: 0 stopped by a
 signal, 1 Redis (or the database) unreachable at start, 2 bad configuration (one line
 on stderr).
@@ -26,6 +26,7 @@ from consumers.handler import Handler
 from consumers.invoice import InvoiceHandler
 from consumers.payment import PaymentHandler
 from consumers.queue import RedisQueue
+from consumers.shipping import ShippingHandler
 from consumers.updates import NoopHandler, UpdatesHandler
 from consumers.worker import Worker
 from orders import keys, logs
@@ -47,6 +48,7 @@ EXIT_NO_DATABASE = 1
 HANDLERS: dict[str, Callable[[Engine, ConsumerSettings], Handler]] = {
     "payment": PaymentHandler.from_settings,
     "invoice": lambda engine, _settings: InvoiceHandler(engine),
+    "shipping": lambda engine, _settings: ShippingHandler(engine),
     "email": EmailHandler.from_settings,
     "updates": lambda engine, _settings: UpdatesHandler(engine),
     "noop": lambda _engine, _settings: NoopHandler(),

@@ -1,12 +1,24 @@
-"""The email consumer: sends each order's confirmation over SMTP, once.
+"""The email consumer: tells the customer each visible step of an order once, over SMTP.
 
-The message has a plain-text and an HTML part (every value HTML-escaped) and a
-``Message-ID`` derived from the event id: ``<{event id}.confirmation@{domain}>``.
+Steps (event -> email): OrderPlaced -> "received" (the order and its lines),
+PaymentDeclined -> "payment_declined" (the order is cancelled), ShipmentBooked ->
+"shipped" (carrier and tracking number). Each email is reported as
+``CustomerNotified {order_id, step, message_id}``.
+
+Later steps carry no address, so the email service keeps its own copy from OrderPlaced
+(table ``email_recipients``, written before the first send is tried). A
+PaymentDeclined or ShipmentBooked that arrives before its order's OrderPlaced was
+handled (its first send is still being retried) is retried until it is.
+
+Every message has a plain-text and an HTML part (every value HTML-escaped) and a
+``Message-ID`` fixed by the order and the step: ``<order-{id}.{step}@{domain}>``.
+``emails_sent`` is unique per (order, step): once a step's row is committed no event,
+redelivered or new, sends it again.
 
 The one window no consumer can close: the SMTP server accepts the message, and the
-worker dies before it commits the "processed" row. The message is then redelivered
-and the email sent a second time - with the SAME Message-ID, which is what receiving
-systems (and the tests, which count distinct Message-IDs) deduplicate on. SMTP has no
+worker dies before it commits the "sent" row. The message is then redelivered and the
+email sent a second time - with the SAME Message-ID, which is what receiving systems
+(and the tests, which count distinct Message-IDs) deduplicate on. SMTP has no
 idempotency key; the Message-ID is the closest thing it has.
 
 An SMTP server that cannot be reached, times out or answers 4xx is a retryable error;
@@ -17,69 +29,128 @@ from __future__ import annotations
 
 import html
 import smtplib
+from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from consumers import store
-from consumers.handler import Order, order_of, outcome
+from consumers.handler import order_id_of, order_of, outcome, stable_event_id, text_field
 from consumers.queue import PermanentError, RetryableError
-from orders import events
+from orders import events, keys
 from orders.config import ConsumerSettings
 
-QUEUE = "email"
+QUEUE = keys.EMAIL_QUEUE
 SENDER = "email-service"
 
+STEP_RECEIVED = "received"
+STEP_PAYMENT_DECLINED = "payment_declined"
+STEP_SHIPPED = "shipped"
+STEPS: dict[str, str] = {
+    events.ORDER_PLACED: STEP_RECEIVED,
+    events.PAYMENT_DECLINED: STEP_PAYMENT_DECLINED,
+    events.SHIPMENT_BOOKED: STEP_SHIPPED,
+}
+"""Event type -> the customer-visible step it is told as."""
 
-def message_id(event_id: str, sender: str) -> str:
-    """The Message-ID of the confirmation for an OrderPlaced event (stable per event)."""
+
+class RecipientUnknown(RetryableError):
+    """A later step arrived before the order's OrderPlaced was handled here."""
+
+
+def message_id(order_id: int, step: str, sender: str) -> str:
+    """The Message-ID of one step's email (stable per order and step)."""
     domain = sender.rsplit("@", 1)[-1] or "localhost"
-    return f"<{event_id}.confirmation@{domain}>"
+    return f"<order-{order_id}.{step}@{domain}>"
 
 
-def render(order: Order, *, event_id: str, sender: str) -> EmailMessage:
-    """The confirmation email: plain text and HTML alternatives."""
-    msg = EmailMessage()
-    msg["Subject"] = f"Your order #{order.order_id} is confirmed"
-    msg["From"] = sender
-    msg["To"] = order.customer_email
-    msg["Message-ID"] = message_id(event_id, sender)
-    rows = [
-        (
-            str(line.get("sku", "")),
-            str(line.get("quantity", "")),
-            str(line.get("unit_price", "")),
-            str(line.get("line_total", "")),
+@dataclass(frozen=True)
+class Letter:
+    """What one email says: subject, paragraphs and optional table rows."""
+
+    subject: str
+    paragraphs: list[str]
+    rows: list[tuple[str, str, str, str]]
+    footer: str = ""
+
+
+def _letter(event: dict[str, Any], recipient: store.Recipient) -> Letter:
+    """The text of the email for ``event``'s step."""
+    order_id = recipient.order_id
+    if event["type"] == events.ORDER_PLACED:
+        order = order_of(event)
+        rows = [
+            (
+                str(line.get("sku", "")),
+                str(line.get("quantity", "")),
+                str(line.get("unit_price", "")),
+                str(line.get("line_total", "")),
+            )
+            for line in order.lines
+        ]
+        return Letter(
+            f"We received your order #{order_id}",
+            [f"Thank you for your order #{order_id}. We will charge your card now."],
+            rows,
+            f"Total: {order.total} {order.currency}",
         )
-        for line in order.lines
-    ]
-    text = [f"Thank you for your order #{order.order_id}.", ""]
-    text += [f"  {q} x {sku} @ {price} = {total} {order.currency}" for sku, q, price, total in rows]
-    text += ["", f"Total: {order.total} {order.currency}", ""]
-    msg.set_content("\n".join(text))
+    if event["type"] == events.PAYMENT_DECLINED:
+        reason = text_field(event, "reason")
+        return Letter(
+            f"Your order #{order_id} is cancelled: payment declined",
+            [
+                f"Your payment of {recipient.total} {recipient.currency} for order "
+                f"#{order_id} was declined ({reason}).",
+                "The order is cancelled; nothing was charged and nothing will be shipped.",
+            ],
+            [],
+        )
+    carrier = text_field(event, "carrier")
+    tracking = text_field(event, "tracking_number")
+    return Letter(
+        f"Your order #{order_id} has shipped",
+        [f"Your order #{order_id} is on its way with {carrier}.", f"Tracking number: {tracking}"],
+        [],
+    )
+
+
+def render(
+    event: dict[str, Any], recipient: store.Recipient, *, step: str, sender: str
+) -> EmailMessage:
+    """The email of one step: plain text and HTML alternatives (values HTML-escaped)."""
+    letter = _letter(event, recipient)
+    msg = EmailMessage()
+    msg["Subject"] = letter.subject
+    msg["From"] = sender
+    msg["To"] = recipient.email
+    msg["Message-ID"] = message_id(recipient.order_id, step, sender)
+    text = [*letter.paragraphs, ""]
+    text += [f"  {q} x {sku} @ {price} = {total}" for sku, q, price, total in letter.rows]
+    if letter.footer:
+        text += ["", letter.footer]
+    msg.set_content("\n".join(text) + "\n")
     e = html.escape
-    cells = "".join(
-        f"<tr><td>{e(sku)}</td><td>{e(q)}</td><td>{e(price)}</td><td>{e(total)}</td></tr>"
-        for sku, q, price, total in rows
-    )
-    msg.add_alternative(
-        "<!doctype html><html><body>"
-        f"<p>Thank you for your order #{order.order_id}.</p>"
-        "<table><tr><th>Item</th><th>Qty</th><th>Price</th><th>Total</th></tr>"
-        f"{cells}</table>"
-        f"<p><strong>Total: {e(order.total)} {e(order.currency)}</strong></p>"
-        "</body></html>",
-        subtype="html",
-    )
+    body = "".join(f"<p>{e(p)}</p>" for p in letter.paragraphs)
+    if letter.rows:
+        cells = "".join(
+            f"<tr><td>{e(sku)}</td><td>{e(q)}</td><td>{e(price)}</td><td>{e(total)}</td></tr>"
+            for sku, q, price, total in letter.rows
+        )
+        head = "<tr><th>Item</th><th>Qty</th><th>Price</th><th>Total</th></tr>"
+        body += f"<table>{head}{cells}</table>"
+    if letter.footer:
+        body += f"<p><strong>{e(letter.footer)}</strong></p>"
+    msg.add_alternative(f"<!doctype html><html><body>{body}</body></html>", subtype="html")
     return msg
 
 
 class EmailHandler:
-    """Sends each order's confirmation once and reports ConfirmationEmailSent."""
+    """Sends each order's step emails once each and reports CustomerNotified."""
 
     queue = QUEUE
-    accepts = frozenset({events.ORDER_PLACED})
+    accepts = events.accepted_by(QUEUE)
 
     def __init__(
         self, engine: Engine, *, host: str, port: int, sender: str, timeout: float = 10.0
@@ -118,34 +189,63 @@ class EmailHandler:
         except (OSError, smtplib.SMTPException) as exc:
             raise RetryableError(f"SMTP {self.host}:{self.port} unavailable: {exc}") from exc
 
+    def _recipient(self, event: dict[str, Any], order_id: int) -> store.Recipient:
+        """Who to write to: recorded now from OrderPlaced, looked up for later steps."""
+        with Session(self.engine) as session, session.begin():
+            known = session.get(store.Recipient, order_id)
+            if known is None and event["type"] == events.ORDER_PLACED:
+                order = order_of(event)
+                known = store.Recipient(
+                    order_id=order_id,
+                    email=order.customer_email,
+                    currency=order.currency,
+                    total=order.total,
+                )
+                session.add(known)
+                session.flush()
+            if known is None:
+                raise RecipientUnknown(f"order #{order_id}: OrderPlaced not handled here yet")
+            session.expunge(known)
+            return known
+
     def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
-        """Send (once per event, see the module doc) and return the outcome event."""
+        """Send the step's email (once per order and step) and return CustomerNotified."""
         stored = store.lookup(self.engine, QUEUE, event["id"])
         if stored is not None:
             return stored
-        order = order_of(event)
-        msg = render(order, event_id=event["id"], sender=self.sender)
-        self.send(msg)
-        mid = str(msg["Message-ID"])
-        result = outcome(
-            events.CONFIRMATION_EMAIL_SENT,
-            {"order_id": order.order_id, "to": order.customer_email, "message_id": mid},
-            order_id=order.order_id,
-            sender=SENDER,
-            message=f"Confirmation email sent for order #{order.order_id}",
-        )
+        step = STEPS[event["type"]]
+        order_id = order_of(event).order_id if step == STEP_RECEIVED else order_id_of(event)
+        mid = message_id(order_id, step, self.sender)
+        with Session(self.engine) as session:
+            already = session.get(store.EmailSent, mid) is not None
+        if not already:
+            recipient = self._recipient(event, order_id)
+            self.send(render(event, recipient, step=step, sender=self.sender))
 
-        def record(session: Any) -> list[dict[str, Any]]:
-            if session.get(store.EmailSent, mid) is None:
-                session.add(
-                    store.EmailSent(
-                        message_id=mid,
-                        order_id=order.order_id,
-                        event_id=event["id"],
-                        recipient=order.customer_email,
-                    )
+        def record(session: Session) -> list[dict[str, Any]]:
+            sent = session.get(store.EmailSent, mid)
+            if sent is None:
+                recipient = session.get(store.Recipient, order_id)
+                sent = store.EmailSent(
+                    message_id=mid,
+                    order_id=order_id,
+                    step=step,
+                    event_id=event["id"],
+                    recipient=recipient.email if recipient else "",
                 )
-            return [result]
+                session.add(sent)
+                session.flush()
+            return [
+                outcome(
+                    events.CUSTOMER_NOTIFIED,
+                    {"order_id": order_id, "step": step, "message_id": mid},
+                    order_id=order_id,
+                    sender=SENDER,
+                    message=f"Customer notified for order #{order_id}: {step.replace('_', ' ')}",
+                    event_id=stable_event_id(events.CUSTOMER_NOTIFIED, order_id, step),
+                    at=sent.sent_at,
+                )
+            ]
 
         emitted, _new = store.process_once(self.engine, QUEUE, event, record)
         return emitted

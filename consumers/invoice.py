@@ -1,4 +1,7 @@
-"""The invoice consumer: one invoice per order, numbered INV-<year>-<6 digits>, gap-free.
+"""The invoice consumer: one invoice per paid order, numbered INV-<year>-<6 digits>, gap-free.
+
+It works on PaymentCaptured (never on OrderPlaced): an order whose payment was declined
+is never invoiced. The invoice total is the captured amount.
 
 The number comes from a counter row per year, incremented in the SAME transaction as
 the invoice insert: if the insert does not commit, neither does the increment, so no
@@ -18,10 +21,16 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from consumers import store
-from consumers.handler import order_of, outcome
-from orders import events
+from consumers.handler import (
+    currency_field,
+    money_field,
+    order_id_of,
+    outcome,
+    stable_event_id,
+)
+from orders import events, keys
 
-QUEUE = "invoice"
+QUEUE = keys.INVOICE_QUEUE
 SENDER = "invoice-service"
 
 
@@ -47,32 +56,34 @@ def invoice_number(year: int, sequence: int) -> str:
 
 
 class InvoiceHandler:
-    """Issues each order's invoice once and reports InvoiceIssued."""
+    """Issues each paid order's invoice once and reports InvoiceIssued."""
 
     queue = QUEUE
-    accepts = frozenset({events.ORDER_PLACED})
+    accepts = events.accepted_by(QUEUE)
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         """Issue (idempotently) and return the outcome event."""
-        order = order_of(event)
+        order_id = order_id_of(event)
+        amount = money_field(event, "amount")
+        currency = currency_field(event)
 
         def issue(session: Session) -> list[dict[str, Any]]:
             invoice = session.scalars(
-                select(store.Invoice).where(store.Invoice.order_id == order.order_id)
+                select(store.Invoice).where(store.Invoice.order_id == order_id)
             ).first()
-            if invoice is None:  # else: another event for the same order; one invoice
+            if invoice is None:  # else: another capture of the same order; one invoice
                 year = datetime.now(UTC).year
                 counter = _counter(session, year)
                 counter.last += 1
                 invoice = store.Invoice(
-                    order_id=order.order_id,
+                    order_id=order_id,
                     invoice_number=invoice_number(year, counter.last),
                     event_id=event["id"],
-                    total=order.total,
-                    currency=order.currency,
+                    total=amount,
+                    currency=currency,
                 )
                 session.add(invoice)
                 session.flush()
@@ -80,14 +91,16 @@ class InvoiceHandler:
                 outcome(
                     events.INVOICE_ISSUED,
                     {
-                        "order_id": order.order_id,
+                        "order_id": order_id,
                         "invoice_number": invoice.invoice_number,
                         "total": invoice.total,
                         "currency": invoice.currency,
                     },
-                    order_id=order.order_id,
+                    order_id=order_id,
                     sender=SENDER,
-                    message=f"Invoice {invoice.invoice_number} issued for order #{order.order_id}",
+                    message=f"Invoice {invoice.invoice_number} issued for order #{order_id}",
+                    event_id=stable_event_id(events.INVOICE_ISSUED, order_id),
+                    at=invoice.issued_at,
                 )
             ]
 

@@ -3,7 +3,8 @@
 Outcomes, as a real card gateway has them:
 
 - captured: emits ``PaymentCaptured {order_id, payment_id, amount, currency}``;
-- declined (a business answer, never retried): emits ``PaymentDeclined {order_id, reason}``;
+- declined (a business answer, never retried): emits
+  ``PaymentDeclined {order_id, reason, amount, currency}``: the order is cancelled;
 - transient error (timeout, 503): raises :class:`~consumers.queue.RetryableError`, so the
   message is retried with backoff.
 
@@ -35,10 +36,10 @@ from sqlalchemy.orm import Session
 from consumers import store
 from consumers.handler import order_of, outcome
 from consumers.queue import RetryableError
-from orders import events
+from orders import events, keys
 from orders.config import ConsumerSettings
 
-QUEUE = "payment"
+QUEUE = keys.PAYMENT_QUEUE
 SENDER = "payment-service"
 DECLINE_EMAIL = "decline@example.com"
 """Customer email whose payments are always declined."""
@@ -135,7 +136,7 @@ class PaymentHandler:
     """Charges each OrderPlaced once and reports PaymentCaptured or PaymentDeclined."""
 
     queue = QUEUE
-    accepts = frozenset({events.ORDER_PLACED})
+    accepts = events.accepted_by(QUEUE)
 
     def __init__(self, engine: Engine, gateway: SimulatedGateway) -> None:
         self.engine = engine
@@ -185,7 +186,12 @@ class PaymentHandler:
         else:
             result = outcome(
                 events.PAYMENT_DECLINED,
-                {"order_id": order.order_id, "reason": charge.reason or "declined"},
+                {
+                    "order_id": order.order_id,
+                    "reason": charge.reason or "declined",
+                    "amount": charge.amount,
+                    "currency": charge.currency,
+                },
                 order_id=order.order_id,
                 sender=SENDER,
                 message=f"Payment declined for order #{order.order_id}",

@@ -1,13 +1,10 @@
-"""Recording outcome events (payment, invoice, email) in an order's history.
+"""Recording outcome events in an order's history and moving its status on.
 
-The consumers report what they did as events on ``pending(ORDER_UPDATES_QUEUE)``; a
-worker there calls :func:`record_event` for each, in its own transaction, and commits.
-Recording is idempotent by event id, so a redelivered event changes nothing.
-
-Status rules (computed from the whole history, so arrival order does not matter):
-``placed`` until the first outcome, then ``processing``; ``payment_declined`` once a
-PaymentDeclined is recorded; ``completed`` once PaymentCaptured, InvoiceIssued and
-ConfirmationEmailSent are all recorded.
+The consumers report what they did as events; the order service's ``order-updates``
+worker calls :func:`record_event` for each, in its own transaction, and commits.
+Recording is idempotent by event id, so a redelivered event changes nothing. The status
+moves by :data:`orders.lifecycle.TRANSITIONS`, so events that arrive late, twice or out
+of order never move an order backwards (see that module).
 """
 
 from __future__ import annotations
@@ -20,37 +17,14 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from orders import events
-from orders.models import (
-    STATUS_COMPLETED,
-    STATUS_PAYMENT_DECLINED,
-    STATUS_PROCESSING,
-    Order,
-    OrderHistory,
-)
+from orders import lifecycle
+from orders.models import Order, OrderHistory
 
-OUTCOME_TYPES = (
-    events.PAYMENT_CAPTURED,
-    events.PAYMENT_DECLINED,
-    events.INVOICE_ISSUED,
-    events.CONFIRMATION_EMAIL_SENT,
-)
-COMPLETION = frozenset(
-    {events.PAYMENT_CAPTURED, events.INVOICE_ISSUED, events.CONFIRMATION_EMAIL_SENT}
-)
+OUTCOME_TYPES = lifecycle.OUTCOME_TYPES
 
 
 class UnknownOrder(LookupError):
     """The event names an order this service does not have."""
-
-
-def status_for(types: set[str]) -> str:
-    """The order status implied by the set of outcome types recorded."""
-    if events.PAYMENT_DECLINED in types:
-        return STATUS_PAYMENT_DECLINED
-    if COMPLETION <= types:
-        return STATUS_COMPLETED
-    return STATUS_PROCESSING
 
 
 def _occurred_at(raw: Any) -> datetime:
@@ -67,7 +41,7 @@ def record_event(session: Session, event: dict[str, Any]) -> bool:
 
     Call it inside a transaction the caller commits. The order row is locked first
     (``SELECT ... FOR UPDATE`` on PostgreSQL) so two outcomes of one order recorded at
-    once both count towards the status.
+    once are applied one after the other, each to the state the other left.
 
     Args:
         session: An open session; the caller commits.
@@ -114,11 +88,15 @@ def record_event(session: Session, event: dict[str, Any]) -> bool:
     )
     if result.scalar_one_or_none() is None:  # a duplicate: nothing inserted
         return False
-    types = set(
-        session.execute(
-            select(OrderHistory.type).where(OrderHistory.order_id == order_id)
-        ).scalars()
-    )
-    order.status = status_for(types)
+    if order.status in lifecycle.STATES:
+        order.status, _effect = lifecycle.step(order.status, event_type)
+    else:  # a status from before the state machine: replay what was recorded
+        order.status = lifecycle.replay(
+            session.execute(
+                select(OrderHistory.type)
+                .where(OrderHistory.order_id == order_id)
+                .order_by(OrderHistory.id)
+            ).scalars()
+        )
     session.flush()
     return True

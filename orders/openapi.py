@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from orders import events, lifecycle
 from orders.config import OrderServiceSettings
 from orders.money import MAX_UNIT_PRICE
 from orders.validation import (
@@ -230,12 +231,17 @@ def _schemas(settings: OrderServiceSettings) -> dict[str, Any]:
                 "total",
                 "created_at",
                 "history",
+                "timeline",
             ],
             "additionalProperties": False,
             "properties": {
                 "id": {"type": "integer", "minimum": 1},
                 "status": {
-                    "enum": ["placed", "processing", "payment_declined", "completed"],
+                    "description": (
+                        "placed -> paid -> invoiced|shipped -> completed (invoice AND "
+                        "shipment), or placed -> cancelled (payment declined)."
+                    ),
+                    "enum": list(lifecycle.STATES),
                 },
                 "customer_email": {"type": "string"},
                 "currency": {"type": "string", "pattern": CURRENCY_PATTERN},
@@ -243,6 +249,26 @@ def _schemas(settings: OrderServiceSettings) -> dict[str, Any]:
                 "total": money,
                 "created_at": {"type": "string", "format": "date-time"},
                 "history": {"type": "array", "items": _ref("HistoryEntry")},
+                "timeline": {
+                    "description": (
+                        "OrderPlaced, then every recorded outcome in the order it was "
+                        "recorded, with the status it left and what it did."
+                    ),
+                    "type": "array",
+                    "items": _ref("TimelineEntry"),
+                },
+            },
+        },
+        "TimelineEntry": {
+            "type": "object",
+            "required": ["type", "at", "status", "effect"],
+            "additionalProperties": False,
+            "properties": {
+                "type": {"enum": [events.ORDER_PLACED, *lifecycle.OUTCOME_TYPES]},
+                "event_id": {"type": "string"},
+                "at": {"type": "string", "format": "date-time"},
+                "status": {"enum": list(lifecycle.STATES)},
+                "effect": {"enum": ["advanced", "unchanged", "conflict"]},
             },
         },
         "HistoryEntry": {
@@ -251,14 +277,7 @@ def _schemas(settings: OrderServiceSettings) -> dict[str, Any]:
             "additionalProperties": False,
             "properties": {
                 "event_id": {"type": "string"},
-                "type": {
-                    "enum": [
-                        "PaymentCaptured",
-                        "PaymentDeclined",
-                        "InvoiceIssued",
-                        "ConfirmationEmailSent",
-                    ]
-                },
+                "type": {"enum": list(lifecycle.OUTCOME_TYPES)},
                 "occurred_at": {"type": "string", "format": "date-time"},
                 "data": {"type": "object"},
             },

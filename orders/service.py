@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from orders import events
+from orders import events, lifecycle
 from orders.models import Order, OrderLine, Outbox, utc_now
 from orders.money import format_money, line_total, order_total
 from orders.validation import OrderRequest, Problem
@@ -180,8 +180,34 @@ def list_orders(session: Session, limit: int, before_id: int | None) -> list[Ord
     return list(session.execute(query.order_by(Order.id.desc()).limit(limit)).scalars())
 
 
+def order_timeline(order: Order, history: list[Any]) -> list[dict[str, Any]]:
+    """OrderPlaced, then each recorded outcome in recording order, through the state machine."""
+    recorded = sorted(history, key=lambda entry: entry.id)
+    entries: list[dict[str, Any]] = [
+        {
+            "type": events.ORDER_PLACED,
+            "at": _rfc3339(order.created_at),
+            "status": lifecycle.PLACED,
+            "effect": "advanced",
+        }
+    ]
+    steps = lifecycle.timeline(entry.type for entry in recorded)
+    for entry, line in zip(recorded, steps, strict=True):
+        entries.append(
+            {
+                "type": entry.type,
+                "event_id": entry.event_id,
+                "at": _rfc3339(entry.occurred_at),
+                "status": line.status,
+                "effect": line.effect,
+            }
+        )
+    return entries
+
+
 def order_to_dict(order: Order, history: list[Any] | None = None) -> dict[str, Any]:
     """The API representation of an order (``history`` given: skip loading it)."""
+    history = order.history if history is None else history
     return {
         "id": order.id,
         "status": order.status,
@@ -205,6 +231,7 @@ def order_to_dict(order: Order, history: list[Any] | None = None) -> dict[str, A
                 "occurred_at": _rfc3339(entry.occurred_at),
                 "data": json.loads(entry.data),
             }
-            for entry in (order.history if history is None else history)
+            for entry in history
         ],
+        "timeline": order_timeline(order, history),
     }
