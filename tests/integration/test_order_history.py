@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from orders import events
+from orders import events, lifecycle
 from orders.history import UnknownOrder, record_event
 from tests.orders_app import ORDER, order
 
@@ -38,51 +38,101 @@ def _place(app: Flask, body: dict[str, Any] | None = None) -> int:
     return int(response.get_json()["id"])
 
 
-def test_status_follows_the_outcomes_and_duplicates_change_nothing(
-    make_app: Callable[..., Flask],
-) -> None:
+DATA: dict[str, dict[str, Any]] = {
+    events.PAYMENT_CAPTURED: {"payment_id": "p-1", "amount": "25.00", "currency": "EUR"},
+    events.PAYMENT_DECLINED: {"reason": "card expired", "amount": "25.00", "currency": "EUR"},
+    events.INVOICE_ISSUED: {
+        "invoice_number": "INV-2026-000001",
+        "total": "25.00",
+        "currency": "EUR",
+    },
+    events.SHIPMENT_BOOKED: {
+        "shipment_id": "shp_1",
+        "carrier": "SimParcel",
+        "tracking_number": "1Z1",
+    },
+    events.CUSTOMER_NOTIFIED: {"step": "received", "message_id": "<order-1.received@x>"},
+}
+# Events that drive a new order into each state (from placed).
+REACH = {
+    lifecycle.PLACED: [],
+    lifecycle.PAID: [events.PAYMENT_CAPTURED],
+    lifecycle.INVOICED: [events.PAYMENT_CAPTURED, events.INVOICE_ISSUED],
+    lifecycle.SHIPPED: [events.PAYMENT_CAPTURED, events.SHIPMENT_BOOKED],
+    lifecycle.COMPLETED: [events.PAYMENT_CAPTURED, events.INVOICE_ISSUED, events.SHIPMENT_BOOKED],
+    lifecycle.CANCELLED: [events.PAYMENT_DECLINED],
+}
+
+
+def _event(event_type: str, order_id: int, second: int = 1) -> dict[str, Any]:
+    return _outcome(
+        event_type, order_id, f"2026-11-28T10:00:{second:02d}+00:00", **DATA[event_type]
+    )
+
+
+def _status(app: Flask, order_id: int) -> str:
+    return str(app.test_client().get(f"/orders/{order_id}").get_json()["status"])
+
+
+def test_every_state_event_pair_through_the_database(make_app: Callable[..., Flask]) -> None:
+    """record_event applies lifecycle.TRANSITIONS: one order per (state, event) pair."""
+    app = make_app(NO_REDIS)
+    for (state, event_type), (after, _effect) in lifecycle.TRANSITIONS.items():
+        order_id = _place(app)
+        for n, earlier in enumerate(REACH[state]):
+            assert _record(app, _event(earlier, order_id, n))
+        assert _status(app, order_id) == state
+        assert _record(app, _event(event_type, order_id, 30)) is True
+        assert _status(app, order_id) == after, (state, event_type)
+
+
+def test_late_duplicate_and_out_of_order_events(make_app: Callable[..., Flask]) -> None:
     app = make_app(NO_REDIS)
     order_id = _place(app)
     client = app.test_client()
-    email = _outcome(
-        events.CONFIRMATION_EMAIL_SENT, order_id, "2026-11-28T10:00:03+00:00",
-        to="ada@example.com", message_id="m-1",
-    )  # fmt: skip
-    paid = _outcome(
-        events.PAYMENT_CAPTURED, order_id, "2026-11-28T10:00:01+00:00",
-        payment_id="p-1", amount="25.00", currency="EUR",
-    )  # fmt: skip
-    invoiced = _outcome(
-        events.INVOICE_ISSUED, order_id, "2026-11-28T10:00:02Z",
-        invoice_number="INV-2026-000001", total="25.00", currency="EUR",
-    )  # fmt: skip
+    invoiced = _event(events.INVOICE_ISSUED, order_id, 2)
+    paid = _event(events.PAYMENT_CAPTURED, order_id, 1)
+    shipped = _event(events.SHIPMENT_BOOKED, order_id, 3)
+    late_decline = _event(events.PAYMENT_DECLINED, order_id, 4)
 
-    assert _record(app, email) is True
-    assert client.get(f"/orders/{order_id}").get_json()["status"] == "processing"
-    assert _record(app, email) is False  # redelivered
-    assert _record(app, paid) is True
-    assert client.get(f"/orders/{order_id}").get_json()["status"] == "processing"
-    assert _record(app, invoiced) is True
+    assert _record(app, invoiced) is True  # InvoiceIssued before PaymentCaptured
+    assert _status(app, order_id) == "invoiced"
+    assert _record(app, invoiced) is False  # redelivered: same event id
+    assert _record(app, paid) is True  # the late PaymentCaptured
+    assert _status(app, order_id) == "invoiced"
+    assert _record(app, shipped) is True
+    assert _record(app, {**shipped, "id": str(uuid.uuid4())}) is True  # a re-emitted copy
+    assert _status(app, order_id) == "completed"
+    assert _record(app, late_decline) is True  # recorded, but never un-pays the order
     body = client.get(f"/orders/{order_id}").get_json()
     assert body["status"] == "completed"
-    # In order of occurrence, not of arrival; the duplicate is not there.
+    # History in order of occurrence; timeline in order of recording, with effects.
     assert [h["type"] for h in body["history"]] == [
         events.PAYMENT_CAPTURED,
         events.INVOICE_ISSUED,
-        events.CONFIRMATION_EMAIL_SENT,
+        events.SHIPMENT_BOOKED,
+        events.SHIPMENT_BOOKED,
+        events.PAYMENT_DECLINED,
     ]
     assert body["history"][1]["occurred_at"] == "2026-11-28T10:00:02.000000+00:00"
-    assert body["history"][1]["data"]["invoice_number"] == "INV-2026-000001"
+    assert [(t["type"], t["status"], t["effect"]) for t in body["timeline"]] == [
+        (events.ORDER_PLACED, "placed", "advanced"),
+        (events.INVOICE_ISSUED, "invoiced", "advanced"),
+        (events.PAYMENT_CAPTURED, "invoiced", "unchanged"),
+        (events.SHIPMENT_BOOKED, "completed", "advanced"),
+        (events.SHIPMENT_BOOKED, "completed", "unchanged"),
+        (events.PAYMENT_DECLINED, "completed", "conflict"),
+    ]
 
 
-def test_payment_declined(make_app: Callable[..., Flask]) -> None:
+def test_payment_declined_cancels_the_order(make_app: Callable[..., Flask]) -> None:
     app = make_app(NO_REDIS)
     order_id = _place(app)
-    declined = _outcome(
-        events.PAYMENT_DECLINED, order_id, "2026-11-28T10:00:01+00:00", reason="card expired"
-    )
-    assert _record(app, declined)
-    assert app.test_client().get(f"/orders/{order_id}").get_json()["status"] == "payment_declined"
+    assert _record(app, _event(events.PAYMENT_DECLINED, order_id))
+    assert _status(app, order_id) == "cancelled"
+    # A capture after the cancellation (the gateway answering twice) changes nothing.
+    assert _record(app, _event(events.PAYMENT_CAPTURED, order_id, 5))
+    assert _status(app, order_id) == "cancelled"
 
 
 @pytest.mark.parametrize(
@@ -100,7 +150,7 @@ def test_bad_events_are_rejected(
 ) -> None:
     app = make_app(NO_REDIS)
     order_id = _place(app)
-    event = {**_outcome(events.PAYMENT_DECLINED, order_id, "2026-11-28T10:00:00Z", reason="x")}
+    event = _event(events.PAYMENT_DECLINED, order_id)
     event.update(change)
     with pytest.raises(error):
         _record(app, event)
