@@ -7,8 +7,11 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY messaging ./messaging
 COPY orders ./orders
 COPY consumers ./consumers
+COPY hello ./hello
+COPY ops ./ops
 COPY devtools ./devtools
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 

@@ -42,10 +42,11 @@ test: install-dev ## Run ruff, pytest and the Go tests against a real Redis
 	cd go-subscriber && go mod download
 	tools/test.sh
 
-lint: install-dev ## ruff, mypy, gofmt, go vet
+lint: install-dev ## ruff, mypy, the import contract (lint-imports), gofmt, go vet
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	cd go-subscriber && test -z "$$(gofmt -l .)" && go vet ./...
 
 bench: install-dev ## Benchmark suite, quick mode (< 2 min); table + bench-results/latest.json

@@ -25,20 +25,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from consumers.queue import RedisQueue  # noqa: E402
 from devtools.redis_server import RedisCluster  # noqa: E402
-from orders import events, keys  # noqa: E402
-from orders.bootstrap import redis_client  # noqa: E402
-from orders.config import Settings  # noqa: E402
+from messaging import envelope, keys  # noqa: E402
+from messaging.config import Settings  # noqa: E402
+from messaging.connection import redis_client  # noqa: E402
+from messaging.queue import RedisQueue  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
 
 def _jobs(count: int) -> list[str]:
     return [
-        events.dumps(
-            events.envelope(
-                events.ORDER_PLACED, {"order_id": n}, message="bench", sender="bench", count=n
+        envelope.dumps(
+            envelope.envelope(
+                envelope.ORDER_PLACED, {"order_id": n}, message="bench", sender="bench", count=n
             )
         )
         for n in range(count)

@@ -18,9 +18,9 @@ import time
 import redis
 
 from benchmarks.harness import BIN, Context, Row, repeat
-from consumers.queue import RedisQueue
 from devtools.procs import Proc, wait_until
-from orders import events, keys
+from messaging import envelope, keys
+from messaging.queue import RedisQueue
 
 QUEUE = keys.NOOP_QUEUE
 STAGING = "bench:staging"
@@ -29,9 +29,9 @@ SECTION = "1"
 
 def job(n: int) -> bytes:
     """A small valid OrderPlaced envelope (what the noop handler accepts)."""
-    return events.dumps(
-        events.envelope(
-            events.ORDER_PLACED,
+    return envelope.dumps(
+        envelope.envelope(
+            envelope.ORDER_PLACED,
             {
                 "order_id": n,
                 "customer_email": "bench@example.com",

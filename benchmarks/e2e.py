@@ -3,7 +3,7 @@
 The whole pipeline runs as ``make up`` runs it, on one SQLite WAL database and the
 suite's Redis: orders-api (2 workers, relay threads), ``consumer payment``,
 ``consumer invoice``, ``consumer email`` (sending to ``smtp-sink``) and
-``consumer updates`` (records the outcome events in the order history). hey offers a
+``orders-updates`` (records the outcome events in the order history). hey offers a
 fixed rate (clients x per-client rate) for a fixed time.
 
 The observable: each order's ``created_at`` (stamped in the request's transaction)
@@ -25,14 +25,16 @@ from sqlalchemy import func, select
 from benchmarks import hey
 from benchmarks.harness import BIN, Context, Row, percentile
 from benchmarks.intake import body_file, start_api
+from devtools import databases
 from devtools.procs import Proc, Timeout, wait_until
 from devtools.redis_server import free_port
-from orders import events, keys
-from orders.bootstrap import create_schema, database_engine
+from messaging import envelope, keys
+from messaging.database import database_engine
+from orders.bootstrap import create_schema
 from orders.models import Order, OrderHistory
 
 SECTION = "4"
-EFFECTS = (events.PAYMENT_CAPTURED, events.INVOICE_ISSUED, events.CONFIRMATION_EMAIL_SENT)
+EFFECTS = (envelope.PAYMENT_CAPTURED, envelope.INVOICE_ISSUED, envelope.CONFIRMATION_EMAIL_SENT)
 CONSUMERS = ("payment", "invoice", "email", "updates")
 RATE_PER_CLIENT = 10
 
@@ -41,7 +43,8 @@ def one_run(ctx: Context) -> dict[str, list[float] | float]:
     """Start the pipeline, offer the load, wait for every effect; latencies in ms."""
     mode = ctx.mode
     work = ctx.scratch("e2e")
-    database_url = f"sqlite:///{work / 'orders.db'}"
+    urls = databases.sqlite_urls(work / "db")  # each service its own, as `make up`
+    database_url = urls["orders"]
     engine = database_engine(database_url)
     create_schema(engine)
     client = redis.Redis.from_url(ctx.redis_url)
@@ -49,7 +52,7 @@ def one_run(ctx: Context) -> dict[str, list[float] | float]:
     smtp_port = free_port()
     env = {
         "REDIS_URL": ctx.redis_url,
-        "DATABASE_URL": database_url,
+        **databases.environment(urls),
         "PATTERN": "both",
         "LOG_LEVEL": "WARNING",
         "SMTP_HOST": "127.0.0.1",
@@ -58,7 +61,7 @@ def one_run(ctx: Context) -> dict[str, list[float] | float]:
     }
     procs = [Proc([str(BIN / "smtp-sink")], env, work / "smtp-sink.log")]
     procs += [
-        Proc([str(BIN / "consumer"), name], env, work / f"consumer-{name}.log")
+        Proc(databases.worker_command(BIN, name), env, work / f"consumer-{name}.log")
         for name in CONSUMERS
     ]
     api = None
@@ -87,7 +90,7 @@ def one_run(ctx: Context) -> dict[str, list[float] | float]:
                 return int(
                     conn.execute(
                         select(func.count(func.distinct(OrderHistory.order_id))).where(
-                            OrderHistory.type == events.CONFIRMATION_EMAIL_SENT
+                            OrderHistory.type == envelope.CONFIRMATION_EMAIL_SENT
                         )
                     ).scalar_one()
                 )

@@ -27,8 +27,8 @@ from benchmarks import hey
 from benchmarks.harness import BIN, Context, Row, wait_http_ok
 from devtools.procs import Proc, wait_until
 from devtools.redis_server import free_port
-from orders import keys
-from orders.bootstrap import database_engine
+from messaging import keys
+from messaging.database import database_engine
 from orders.models import Order
 
 SECTION = "3"

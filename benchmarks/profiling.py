@@ -118,11 +118,11 @@ def profile_post(redis_url: str, database_url: str, count: int) -> None:
 def profile_drain(redis_url: str, count: int, batch: int) -> None:
     """One Worker thread drains ``count`` no-op jobs in this process, under pyinstrument."""
     from benchmarks.drain import job
-    from consumers.queue import RedisQueue
-    from consumers.updates import NoopHandler
-    from consumers.worker import Worker
-    from orders import keys
-    from orders.publisher import EventPublisher
+    from consumers.noop import NoopHandler
+    from messaging import keys
+    from messaging.publisher import EventPublisher
+    from messaging.queue import RedisQueue
+    from messaging.worker import Worker
 
     client = redis.Redis.from_url(redis_url)
     client.flushdb()

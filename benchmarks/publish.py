@@ -25,11 +25,12 @@ from sqlalchemy import insert
 
 from benchmarks.drain import job
 from benchmarks.harness import Context, Row, repeat
-from orders import events, keys
-from orders.bootstrap import create_schema, database_engine
+from messaging import envelope, keys
+from messaging.database import database_engine
+from messaging.publisher import EventPublisher
+from orders.bootstrap import create_schema
 from orders.models import Outbox, utc_now
 from orders.outbox import Relay
-from orders.publisher import EventPublisher
 
 SECTION = "2"
 BATCH = 100
@@ -101,7 +102,7 @@ def publisher_pipelined(ctx: Context, payloads: list[str]) -> float:
     def send() -> None:
         for i in range(0, len(payloads), BATCH):
             publisher.publish_serialized(
-                (events.ORDER_PLACED, payload) for payload in payloads[i : i + BATCH]
+                (envelope.ORDER_PLACED, payload) for payload in payloads[i : i + BATCH]
             )
 
     seconds = _timed(send)
@@ -122,7 +123,7 @@ def relay(ctx: Context, database_url: str, payloads: list[str]) -> float:
             [
                 {
                     "event_id": f"bench-{i}",
-                    "type": events.ORDER_PLACED,
+                    "type": envelope.ORDER_PLACED,
                     "payload": payload,
                     "created_at": now,
                     "attempts": 0,
@@ -148,7 +149,7 @@ def run(ctx: Context) -> list[Row]:
     mode = ctx.mode
     n = mode.publish_events
     batch = [_load(job(i)) for i in range(1, n + 1)]
-    payloads = [events.dumps(event) for event in batch]
+    payloads = [envelope.dumps(event) for event in batch]
 
     def rate(seconds: list[float]) -> list[float]:
         return [n / s for s in seconds]

@@ -24,7 +24,7 @@ import redis
 
 from benchmarks.harness import BIN, ROOT, Context, Row
 from devtools.procs import Proc, wait_until
-from orders import events
+from messaging import envelope
 
 SECTION = "5"
 CHANNEL = "bench:channel"
@@ -49,7 +49,7 @@ def build_go(ctx: Context) -> Path:
 def messages(count: int) -> list[str]:
     """Hello-style envelopes, as the original publisher sends."""
     return [
-        events.dumps(
+        envelope.dumps(
             {
                 "id": f"00000000-0000-4000-8000-{n:012d}",
                 "timestamp": "2026-11-28T10:15:02.123456+00:00",

@@ -36,10 +36,11 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from consumers import store
-from consumers.queue import RedisQueue
+from devtools import databases
 from devtools.procs import Proc, http_ok, wait_until
 from devtools.redis_server import RedisServer, free_port
-from orders import keys
+from messaging import keys
+from messaging.queue import RedisQueue
 from orders.models import Order, OrderHistory
 from orders.reconcile import SLOTS
 
@@ -202,8 +203,9 @@ class Stack:
         self.api_env = CHAOS_API_ENV if api_env is None else api_env
         self.tuning = CHAOS_TUNING if tuning is None else tuning
         self.slot_env = slot_env or {}
-        self.db_path = root / "orders.db"
-        self.db_url = f"sqlite:///{self.db_path}"
+        self.db_urls = databases.sqlite_urls(root / "db")  # each service its own
+        self.db_path = root / "db" / "orders.db"
+        self.db_url = self.db_urls["orders"]
         self.mail_dir = root / "mail"
         self.smtp_port = free_port()
         self.api_port = free_port()
@@ -217,6 +219,7 @@ class Stack:
         self.sink: Proc | None = None
         self.started = 0
         self.engine: Engine | None = None
+        self.engines: dict[str, Engine] = {}
         self.client: redis_lib.Redis | None = None
         self._lock = threading.Lock()
 
@@ -232,7 +235,7 @@ class Stack:
         self.client = redis_lib.Redis.from_url(self.redis.url, socket_timeout=5)
         self.common = {
             "REDIS_URL": self.redis.url,
-            "DATABASE_URL": self.db_url,
+            **databases.environment(self.db_urls),
             "PATTERN": "both",
             "REDIS_CONNECT_ATTEMPTS": "300",
             "REDIS_CONNECT_RETRY_DELAY": "0.2",
@@ -261,7 +264,8 @@ class Stack:
         for slot in self.slots:
             self.start_slot(slot)
         wait_until(lambda: "listening on" in self.sink.output(), 30, message="smtp-sink")  # type: ignore[union-attr]
-        self.engine = store.make_engine(self.db_url)
+        self.engines = {name: store.make_engine(url) for name, url in self.db_urls.items()}
+        self.engine = self.engines["orders"]
         wait_until(self.workers_registered, 60, 0.1, "every consumer registered")
         return self
 
@@ -312,7 +316,7 @@ class Stack:
             n = self.started
         log = self.root / f"{slot.name}-{n}.log"
         env = self.consumer_environment(slot)
-        slot.proc = Proc([str(BIN / "consumer"), slot.name], env, log, append=True)
+        slot.proc = Proc(databases.worker_command(BIN, slot.name), env, log, append=True)
 
     def restart_slots(self, name: str, env: dict[str, str]) -> None:
         """Stop (SIGTERM) every consumer of ``name`` and start it with ``env`` added."""
@@ -350,8 +354,8 @@ class Stack:
             self.sink.terminate(20.0)
         if self.proxy is not None:
             self.proxy.close()
-        if self.engine is not None:
-            self.engine.dispose()
+        for engine in self.engines.values():
+            engine.dispose()
         if self.client is not None:
             self.client.close()
         self.redis.stop()
@@ -483,29 +487,19 @@ class Stack:
         one kind, and ``smtp_resends``: emails delivered again with the same Message-ID
         (the documented SMTP window; receivers drop them by Message-ID).
         """
+
+        def in_range(column: Any) -> Any:
+            return column.between(first_id, last_id)
+
+        def order_ids(service: str, column: Any) -> Counter[int]:
+            with Session(self.engines[service]) as s:
+                return Counter(s.scalars(select(column).where(in_range(column))).all())
+
+        charges = order_ids("payment", store.GatewayCharge.order_id)
+        invoices = order_ids("invoice", store.Invoice.order_id)
+        emails = order_ids("email", store.EmailSent.order_id)
         with Session(self.engine) as s:
-
-            def in_range(column: Any) -> Any:
-                return column.between(first_id, last_id)
-
             orders = s.scalar(select(func.count()).select_from(Order).where(in_range(Order.id)))
-            charges = Counter(
-                s.scalars(
-                    select(store.GatewayCharge.order_id).where(
-                        in_range(store.GatewayCharge.order_id)
-                    )
-                ).all()
-            )
-            invoices = Counter(
-                s.scalars(
-                    select(store.Invoice.order_id).where(in_range(store.Invoice.order_id))
-                ).all()
-            )
-            emails = Counter(
-                s.scalars(
-                    select(store.EmailSent.order_id).where(in_range(store.EmailSent.order_id))
-                ).all()
-            )
             history = Counter(
                 (oid, SLOTS.get(t, t))
                 for oid, t in s.execute(

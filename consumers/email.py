@@ -37,10 +37,11 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from consumers import store
-from consumers.handler import order_id_of, order_of, outcome, stable_event_id, text_field
-from consumers.queue import PermanentError, RetryableError
-from orders import events, keys
-from orders.config import ConsumerSettings
+from consumers.config import ConsumerSettings
+from consumers.handler import order_id_of, order_of, stable_event_id, text_field
+from messaging import envelope, keys
+from messaging.handler import outcome
+from messaging.queue import PermanentError, RetryableError
 
 QUEUE = keys.EMAIL_QUEUE
 SENDER = "email-service"
@@ -49,9 +50,9 @@ STEP_RECEIVED = "received"
 STEP_PAYMENT_DECLINED = "payment_declined"
 STEP_SHIPPED = "shipped"
 STEPS: dict[str, str] = {
-    events.ORDER_PLACED: STEP_RECEIVED,
-    events.PAYMENT_DECLINED: STEP_PAYMENT_DECLINED,
-    events.SHIPMENT_BOOKED: STEP_SHIPPED,
+    envelope.ORDER_PLACED: STEP_RECEIVED,
+    envelope.PAYMENT_DECLINED: STEP_PAYMENT_DECLINED,
+    envelope.SHIPMENT_BOOKED: STEP_SHIPPED,
 }
 """Event type -> the customer-visible step it is told as."""
 
@@ -79,7 +80,7 @@ class Letter:
 def _letter(event: dict[str, Any], recipient: store.Recipient) -> Letter:
     """The text of the email for ``event``'s step."""
     order_id = recipient.order_id
-    if event["type"] == events.ORDER_PLACED:
+    if event["type"] == envelope.ORDER_PLACED:
         order = order_of(event)
         rows = [
             (
@@ -96,7 +97,7 @@ def _letter(event: dict[str, Any], recipient: store.Recipient) -> Letter:
             rows,
             f"Total: {order.total} {order.currency}",
         )
-    if event["type"] == events.PAYMENT_DECLINED:
+    if event["type"] == envelope.PAYMENT_DECLINED:
         reason = text_field(event, "reason")
         return Letter(
             f"Your order #{order_id} is cancelled: payment declined",
@@ -150,7 +151,7 @@ class EmailHandler:
     """Sends each order's step emails once each and reports CustomerNotified."""
 
     queue = QUEUE
-    accepts = events.accepted_by(QUEUE)
+    accepts = envelope.accepted_by(QUEUE)
 
     def __init__(
         self, engine: Engine, *, host: str, port: int, sender: str, timeout: float = 10.0
@@ -193,7 +194,7 @@ class EmailHandler:
         """Who to write to: recorded now from OrderPlaced, looked up for later steps."""
         with Session(self.engine) as session, session.begin():
             known = session.get(store.Recipient, order_id)
-            if known is None and event["type"] == events.ORDER_PLACED:
+            if known is None and event["type"] == envelope.ORDER_PLACED:
                 order = order_of(event)
                 known = store.Recipient(
                     order_id=order_id,
@@ -237,12 +238,12 @@ class EmailHandler:
                 session.flush()
             return [
                 outcome(
-                    events.CUSTOMER_NOTIFIED,
+                    envelope.CUSTOMER_NOTIFIED,
                     {"order_id": order_id, "step": step, "message_id": mid},
                     order_id=order_id,
                     sender=SENDER,
                     message=f"Customer notified for order #{order_id}: {step.replace('_', ' ')}",
-                    event_id=stable_event_id(events.CUSTOMER_NOTIFIED, order_id, step),
+                    event_id=stable_event_id(envelope.CUSTOMER_NOTIFIED, order_id, step),
                     at=sent.sent_at,
                 )
             ]

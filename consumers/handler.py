@@ -1,31 +1,19 @@
-"""What every consumer handler shares: the protocol, event-data checks, outcome events."""
+"""What the consumer services share beyond the messaging core: reading event data.
+
+The handler protocol and outcome events are :mod:`messaging.handler`'s.
+"""
 
 from __future__ import annotations
 
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
-from consumers.queue import PermanentError
-from orders import events
+from messaging.queue import PermanentError
 
 _MONEY = re.compile(r"^-?\d{1,12}\.\d{2}$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
-
-
-class Handler(Protocol):
-    """One consumer's work. ``handle`` must be idempotent by event id."""
-
-    queue: str
-    """The queue it drains."""
-    accepts: frozenset[str]
-    """Event types it handles; any other type is a malformed message on its queue."""
-
-    def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
-        """Do the work once and return the outcome events to emit (the stored ones on
-        a duplicate). Raise RetryableError/PermanentError (or anything: retried)."""
 
 
 @dataclass(frozen=True)
@@ -97,35 +85,3 @@ def stable_event_id(event_type: str, order_id: int, step: str = "") -> str:
     PaymentCaptured for the same order - is the same event to everyone downstream.
     """
     return str(uuid.uuid5(_OUTCOME_NAMESPACE, f"{event_type}:{order_id}:{step}"))
-
-
-def rfc3339(value: datetime) -> str:
-    """A stored time as UTC RFC 3339 (SQLite hands it back without its zone)."""
-    aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    return aware.isoformat()
-
-
-def outcome(
-    event_type: str,
-    data: dict[str, Any],
-    *,
-    order_id: int,
-    sender: str,
-    message: str,
-    event_id: str | None = None,
-    at: datetime | None = None,
-) -> dict[str, Any]:
-    """An outcome event envelope, counted by order id.
-
-    A new id and the current time unless ``event_id`` and ``at`` (when the effect was
-    stored) are given: then a re-emission is byte for byte the first one.
-    """
-    return events.envelope(
-        event_type,
-        data,
-        message=message,
-        sender=sender,
-        count=order_id,
-        event_id=event_id,
-        timestamp=None if at is None else rfc3339(at),
-    )

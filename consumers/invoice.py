@@ -21,14 +21,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from consumers import store
-from consumers.handler import (
-    currency_field,
-    money_field,
-    order_id_of,
-    outcome,
-    stable_event_id,
-)
-from orders import events, keys
+from consumers.handler import currency_field, money_field, order_id_of, stable_event_id
+from messaging import envelope, keys
+from messaging.handler import outcome
 
 QUEUE = keys.INVOICE_QUEUE
 SENDER = "invoice-service"
@@ -59,7 +54,7 @@ class InvoiceHandler:
     """Issues each paid order's invoice once and reports InvoiceIssued."""
 
     queue = QUEUE
-    accepts = events.accepted_by(QUEUE)
+    accepts = envelope.accepted_by(QUEUE)
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -89,7 +84,7 @@ class InvoiceHandler:
                 session.flush()
             return [
                 outcome(
-                    events.INVOICE_ISSUED,
+                    envelope.INVOICE_ISSUED,
                     {
                         "order_id": order_id,
                         "invoice_number": invoice.invoice_number,
@@ -99,7 +94,7 @@ class InvoiceHandler:
                     order_id=order_id,
                     sender=SENDER,
                     message=f"Invoice {invoice.invoice_number} issued for order #{order_id}",
-                    event_id=stable_event_id(events.INVOICE_ISSUED, order_id),
+                    event_id=stable_event_id(envelope.INVOICE_ISSUED, order_id),
                     at=invoice.issued_at,
                 )
             ]

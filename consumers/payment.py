@@ -5,7 +5,7 @@ Outcomes, as a real card gateway has them:
 - captured: emits ``PaymentCaptured {order_id, payment_id, amount, currency}``;
 - declined (a business answer, never retried): emits
   ``PaymentDeclined {order_id, reason, amount, currency}``: the order is cancelled;
-- transient error (timeout, 503): raises :class:`~consumers.queue.RetryableError`, so the
+- transient error (timeout, 503): raises :class:`~messaging.queue.RetryableError`, so the
   message is retried with backoff.
 
 Decisions: PAYMENT_DECLINE_RATE and PAYMENT_TRANSIENT_ERROR_RATE give the shares; with
@@ -34,10 +34,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from consumers import store
-from consumers.handler import order_of, outcome
-from consumers.queue import RetryableError
-from orders import events, keys
-from orders.config import ConsumerSettings
+from consumers.config import ConsumerSettings
+from consumers.handler import order_of
+from messaging import envelope, keys
+from messaging.handler import outcome
+from messaging.queue import RetryableError
 
 QUEUE = keys.PAYMENT_QUEUE
 SENDER = "payment-service"
@@ -136,7 +137,7 @@ class PaymentHandler:
     """Charges each OrderPlaced once and reports PaymentCaptured or PaymentDeclined."""
 
     queue = QUEUE
-    accepts = events.accepted_by(QUEUE)
+    accepts = envelope.accepted_by(QUEUE)
 
     def __init__(self, engine: Engine, gateway: SimulatedGateway) -> None:
         self.engine = engine
@@ -172,7 +173,7 @@ class PaymentHandler:
         )
         if charge.status == "captured":
             result = outcome(
-                events.PAYMENT_CAPTURED,
+                envelope.PAYMENT_CAPTURED,
                 {
                     "order_id": order.order_id,
                     "payment_id": charge.payment_id,
@@ -185,7 +186,7 @@ class PaymentHandler:
             )
         else:
             result = outcome(
-                events.PAYMENT_DECLINED,
+                envelope.PAYMENT_DECLINED,
                 {
                     "order_id": order.order_id,
                     "reason": charge.reason or "declined",

@@ -23,8 +23,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from consumers import store
-from consumers.handler import order_id_of, outcome, stable_event_id
-from orders import events, keys
+from consumers.handler import order_id_of, stable_event_id
+from messaging import envelope, keys
+from messaging.handler import outcome
 
 QUEUE = keys.SHIPPING_QUEUE
 SENDER = "shipping-service"
@@ -46,7 +47,7 @@ def book(order_id: int) -> tuple[str, str, str]:
 def booked_event(shipment: store.Shipment) -> dict[str, Any]:
     """The ShipmentBooked event of a shipment (the same id every time)."""
     return outcome(
-        events.SHIPMENT_BOOKED,
+        envelope.SHIPMENT_BOOKED,
         {
             "order_id": shipment.order_id,
             "shipment_id": shipment.shipment_id,
@@ -59,7 +60,7 @@ def booked_event(shipment: store.Shipment) -> dict[str, Any]:
             f"Shipment booked for order #{shipment.order_id}: "
             f"{shipment.carrier} {shipment.tracking_number}"
         ),
-        event_id=stable_event_id(events.SHIPMENT_BOOKED, shipment.order_id),
+        event_id=stable_event_id(envelope.SHIPMENT_BOOKED, shipment.order_id),
         at=shipment.booked_at,
     )
 
@@ -68,7 +69,7 @@ class ShippingHandler:
     """Books each paid order's shipment once and reports ShipmentBooked."""
 
     queue = QUEUE
-    accepts = events.accepted_by(QUEUE)
+    accepts = envelope.accepted_by(QUEUE)
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

@@ -23,8 +23,9 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 
-from orders import logs
-from orders.config import EXIT_BAD_CONFIG, EXIT_OK, ConfigError, ConsumerSettings
+from consumers.config import ConsumerSettings
+from messaging import logs
+from messaging.config import EXIT_BAD_CONFIG, EXIT_OK, ConfigError
 
 log = logging.getLogger("smtp-sink")
 

@@ -1,7 +1,9 @@
-"""The consumers' own tables and the idempotent "process once" step.
+"""The consumer services' tables and the idempotent "process once" step.
 
-Each consumer keeps its effects in its own tables of the database named by
-DATABASE_URL (SQLite locally, PostgreSQL in compose). ``consumer_processed`` holds one
+Each service owns its database (``PAYMENT_DATABASE_URL``, ``INVOICE_DATABASE_URL``,
+``SHIPPING_DATABASE_URL``, ``EMAIL_DATABASE_URL``: SQLite files locally, separate
+PostgreSQL databases in compose)
+and creates only its own tables in it (:data:`SERVICE_TABLES`). ``consumer_processed`` holds one
 row per (queue, event id) with the outcome events the handling produced, written in
 the same transaction as the effect: a duplicate delivery finds the row and re-emits
 the stored outcome instead of doing the work again.
@@ -27,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from orders.bootstrap import database_engine
+from messaging import database
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +135,14 @@ class EmailSent(Base):
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for DATABASE_URL (built by orders.bootstrap); SQLite also gets BEGIN IMMEDIATE.
+    """An engine for the service's database URL; SQLite also gets BEGIN IMMEDIATE.
 
-    orders.bootstrap already sets WAL and a busy timeout. BEGIN IMMEDIATE takes
+    messaging.database already sets WAL and a busy timeout. BEGIN IMMEDIATE takes
     SQLite's write lock when a transaction starts, so two processes never both read a
     row and then both write it (the invoice counter): writers queue on the lock
     instead of failing with "database is locked" when a read lock cannot be upgraded.
     """
-    engine = database_engine(url)
+    engine = database.database_engine(url)
     if engine.dialect.name != "sqlite":
         return engine
 
@@ -159,9 +161,19 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def create_tables(engine: Engine) -> None:
-    """Create the consumers' tables if they do not exist."""
-    Base.metadata.create_all(engine)
+SERVICE_TABLES: dict[str, tuple[type[Base], ...]] = {
+    "payment": (Processed, GatewayCharge),
+    "invoice": (Processed, InvoiceCounter, Invoice),
+    "shipping": (Processed, Shipment),
+    "email": (Processed, Recipient, EmailSent),
+}
+"""The tables each service creates in its own database (and nothing else's)."""
+
+
+def create_tables(engine: Engine, service: str) -> None:
+    """Create ``service``'s tables in its database if missing (safe to run concurrently)."""
+    tables = [model.__table__ for model in SERVICE_TABLES[service]]
+    database.create_tables(engine, Base.metadata, tables=tables)
 
 
 def lookup(engine: Engine, queue: str, event_id: str) -> list[dict[str, Any]] | None:

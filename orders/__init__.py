@@ -1,4 +1,8 @@
-"""The order service: HTTP API, outbox relay, and the original Hello publisher."""
+"""The order service: HTTP API, models, outbox + relay, state, history, invoice page, dashboard.
+
+It builds on the messaging core only; the consumer services learn of its orders from
+its events, and it learns of their work from theirs (``orders-updates``).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ if TYPE_CHECKING:
 def create_app(test_config: dict[str, Any] | None = None, **kwargs: Any) -> Flask:
     """The order service's Flask application factory (see :func:`orders.app.create_app`).
 
-    Imported lazily so ``hello-publisher`` does not load Flask and SQLAlchemy.
+    Imported lazily so importing ``orders`` (say, for its config) does not load Flask.
     """
     from orders.app import create_app as factory
 

@@ -14,7 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from orders import validation
-from orders.app import problem_response, services
+from orders.extensions import problem_response, services
 from orders.invoice import invoice_number, render_invoice
 from orders.openapi import openapi_document
 from orders.outbox import publish_now

@@ -15,33 +15,20 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask, Response, current_app, json
+from flask import Flask, Response, current_app
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from werkzeug.exceptions import HTTPException
 
+from orders.api import api
 from orders.bootstrap import OrderServices, order_services
-from orders.config import ENV_VARS, OrderServiceSettings
-from orders.validation import PROBLEM_CONTENT_TYPE, Problem
+from orders.config import OrderServiceSettings
+from orders.dashboard import dashboard
+from orders.extensions import EXTENSION, problem_response
+from orders.metrics import metrics
+from orders.validation import Problem
 
 log = logging.getLogger("orders-api")
-
-EXTENSION = "orders"
-"""Key of the :class:`~orders.bootstrap.OrderServices` in ``app.extensions``."""
-
-
-def services() -> OrderServices:
-    """The current app's services (engine, sessions, Redis, publisher, settings)."""
-    return current_app.extensions[EXTENSION]  # type: ignore[no-any-return]
-
-
-def problem_response(problem: Problem) -> Response:
-    """Render a Problem as ``application/problem+json``."""
-    response = Response(
-        json.dumps(problem.to_dict()), status=problem.status, mimetype=PROBLEM_CONTENT_TYPE
-    )
-    response.headers["Content-Type"] = PROBLEM_CONTENT_TYPE
-    return response
 
 
 def _http_error(exc: HTTPException) -> Response:
@@ -83,8 +70,15 @@ def _internal_error(exc: Exception) -> Response:
     )
 
 
+def _env_names() -> set[str]:
+    """Every declared variable (overrides in ``test_config`` are named like them)."""
+    from messaging.config import declared_names
+
+    return declared_names()
+
+
 def _settings(test_config: Mapping[str, Any] | None) -> OrderServiceSettings:
-    env_names = {var.name for var in ENV_VARS}
+    env_names = _env_names()
     overrides = {k: str(v) for k, v in (test_config or {}).items() if k in env_names}
     return OrderServiceSettings.from_env({**os.environ, **overrides})
 
@@ -104,15 +98,11 @@ def create_app(
     Raises:
         ConfigError: A setting is invalid.
     """
-    from orders.api import api
-    from orders.dashboard import dashboard
-    from orders.metrics import metrics
-
     settings = services.settings if services is not None else _settings(test_config)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    env_names = {var.name for var in ENV_VARS}
+    env_names = _env_names()
     app.config.update({k: v for k, v in (test_config or {}).items() if k not in env_names})
     app.extensions[EXTENSION] = services or order_services(settings)
     app.register_blueprint(api)

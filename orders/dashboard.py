@@ -3,14 +3,14 @@
 - ``GET /``: the page (server-rendered; ``static/dashboard.js`` does the rest: place an
   order, the live feed, the queue table, recent orders, dead letters).
 - ``GET /events/stream``: Server-Sent Events. Each connection SUBSCRIBEs to
-  :data:`~orders.keys.ORDER_EVENTS_CHANNEL` and forwards every message as it comes.
+  :data:`~messaging.keys.ORDER_EVENTS_CHANNEL` and forwards every message as it comes.
   Pub/sub is live only: what was published before the page opened is not replayed.
   A stream holds a gunicorn thread, so it sends a keep-alive comment every
   ``STREAM_KEEPALIVE_SECONDS`` and ends after ``STREAM_MAX_SECONDS`` (the browser's
   EventSource reconnects by itself). On a Redis error it ends at once, telling the
   browser when to reconnect (``retry:``); it never answers an error status, which would
   make EventSource give up.
-- ``GET /api/queues``: every queue's figures (see :mod:`orders.monitor`) plus processed
+- ``GET /api/queues``: every queue's figures (see :mod:`messaging.monitor`) plus processed
   per second since this worker's previous answer.
 - ``GET /api/queues/<queue>/dead-letters``, ``POST .../dead-letters/<id>/requeue`` and
   ``POST .../dead-letters/<id>/discard``. The POSTs take ``application/json`` only, so
@@ -29,20 +29,14 @@ import time
 from collections.abc import Iterator
 
 import redis
-from flask import Blueprint, Response, current_app, jsonify, render_template, request
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from flask import Blueprint, Response, jsonify, render_template, request
 
-from orders import keys, monitor
-from orders.app import services
-from orders.bootstrap import redis_client
+from messaging import keys, monitor
+from orders.extensions import services
 from orders.validation import Problem
 
 log = logging.getLogger("orders-api")
 dashboard = Blueprint("dashboard", __name__)
-
-MONITOR_EXTENSION = "orders.monitor"
-"""Key of the dashboard's Redis client (bytes, not decoded) in ``app.extensions``."""
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -71,23 +65,9 @@ def stop_streams() -> None:
     _stopping.set()
 
 
-@dashboard.record_once
-def _build_client(state: object) -> None:
-    app = state.app  # type: ignore[attr-defined]
-    settings = app.extensions["orders"].settings
-    # Not decoded: dead letters and queue messages are bytes (see consumers.queue).
-    app.extensions[MONITOR_EXTENSION] = redis_client(
-        settings.base,
-        decode_responses=False,
-        socket_connect_timeout=2,
-        socket_timeout=5,
-        retry=Retry(NoBackoff(), 1),
-    )
-
-
 def monitor_redis() -> redis.Redis:
-    """The current app's dashboard Redis client."""
-    return current_app.extensions[MONITOR_EXTENSION]  # type: ignore[no-any-return]
+    """The current app's monitoring Redis client (bytes: dead letters may be garbage)."""
+    return services().monitor
 
 
 @dashboard.after_app_request

@@ -9,7 +9,7 @@ import json
 
 from jinja2 import Environment
 
-from orders import events
+from messaging import envelope
 from orders.models import Order
 from orders.money import format_money
 
@@ -38,7 +38,7 @@ _TEMPLATE = _ENV.from_string(
 def invoice_number(order: Order) -> str | None:
     """The number of the order's recorded invoice, or None if none is recorded."""
     for entry in order.history:
-        if entry.type == events.INVOICE_ISSUED:
+        if entry.type == envelope.INVOICE_ISSUED:
             return str(json.loads(entry.data).get("invoice_number", ""))
     return None
 

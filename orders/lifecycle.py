@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from orders import events
+from messaging import envelope
 
 PLACED = "placed"
 PAID = "paid"
@@ -50,22 +50,22 @@ RANK: dict[str, int] = {PLACED: 0, PAID: 1, INVOICED: 2, SHIPPED: 2, COMPLETED: 
 """How far along a state is; a transition never lowers it."""
 
 OUTCOME_TYPES: tuple[str, ...] = (
-    events.PAYMENT_CAPTURED,
-    events.PAYMENT_DECLINED,
-    events.INVOICE_ISSUED,
-    events.SHIPMENT_BOOKED,
-    events.CUSTOMER_NOTIFIED,
+    envelope.PAYMENT_CAPTURED,
+    envelope.PAYMENT_DECLINED,
+    envelope.INVOICE_ISSUED,
+    envelope.SHIPMENT_BOOKED,
+    envelope.CUSTOMER_NOTIFIED,
 )
 """The events the order service records (every type routed to order-updates)."""
 
 Effect = Literal["advanced", "unchanged", "conflict"]
 """What an event did: moved the order on, nothing (duplicate, email), or contradicted it."""
 
-_CAPTURED = events.PAYMENT_CAPTURED
-_DECLINED = events.PAYMENT_DECLINED
-_INVOICE = events.INVOICE_ISSUED
-_SHIPMENT = events.SHIPMENT_BOOKED
-_NOTIFIED = events.CUSTOMER_NOTIFIED
+_CAPTURED = envelope.PAYMENT_CAPTURED
+_DECLINED = envelope.PAYMENT_DECLINED
+_INVOICE = envelope.INVOICE_ISSUED
+_SHIPMENT = envelope.SHIPMENT_BOOKED
+_NOTIFIED = envelope.CUSTOMER_NOTIFIED
 
 TRANSITIONS: dict[tuple[str, str], tuple[str, Effect]] = {
     (PLACED, _CAPTURED): (PAID, "advanced"),

@@ -40,7 +40,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, case, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from orders import monitor
+from messaging import monitor
+from orders.extensions import services
 from orders.models import Outbox
 
 log = logging.getLogger("orders-api")
@@ -158,11 +159,9 @@ def exposition(client: redis.Redis, engine: Engine) -> bytes:
 @metrics.get("/metrics")
 def scrape() -> Response:
     """Prometheus text format."""
-    from orders.app import services
-    from orders.dashboard import monitor_redis
-
+    svc = services()
     return Response(
-        exposition(monitor_redis(), services().engine),
+        exposition(svc.monitor, svc.engine),
         headers={"Content-Type": CONTENT_TYPE_LATEST, "Cache-Control": "no-store"},
     )
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from orders import events, lifecycle
+from messaging import envelope
+from orders import lifecycle
 from orders.config import OrderServiceSettings
 from orders.money import MAX_UNIT_PRICE
 from orders.validation import (
@@ -264,7 +265,7 @@ def _schemas(settings: OrderServiceSettings) -> dict[str, Any]:
             "required": ["type", "at", "status", "effect"],
             "additionalProperties": False,
             "properties": {
-                "type": {"enum": [events.ORDER_PLACED, *lifecycle.OUTCOME_TYPES]},
+                "type": {"enum": [envelope.ORDER_PLACED, *lifecycle.OUTCOME_TYPES]},
                 "event_id": {"type": "string"},
                 "at": {"type": "string", "format": "date-time"},
                 "status": {"enum": list(lifecycle.STATES)},

@@ -37,17 +37,12 @@ import redis
 from sqlalchemy import Engine, bindparam, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from orders import logs
+from messaging import logs
+from messaging.config import EXIT_BAD_CONFIG, EXIT_NO_REDIS, EXIT_OK, ConfigError
+from messaging.publisher import EventPublisher
 from orders.bootstrap import OrderServices, create_schema, order_services
-from orders.config import (
-    EXIT_BAD_CONFIG,
-    EXIT_NO_REDIS,
-    EXIT_OK,
-    ConfigError,
-    OrderServiceSettings,
-)
+from orders.config import OrderServiceSettings
 from orders.models import Outbox, utc_now
-from orders.publisher import EventPublisher
 
 log = logging.getLogger("orders-relay")
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import redis
 from redis.commands.core import Script
 
-from orders import keys
+from messaging import keys
 
 log = logging.getLogger("orders-api")
 

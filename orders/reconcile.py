@@ -30,9 +30,10 @@ from datetime import timedelta
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from orders import events, lifecycle
+from messaging import envelope
+from messaging.publisher import EventPublisher
+from orders import lifecycle
 from orders.models import Order, OrderHistory, Outbox, utc_now
-from orders.publisher import EventPublisher
 
 log = logging.getLogger("orders-relay")
 
@@ -66,7 +67,7 @@ def incomplete_orders(engine: Engine, older_than: float, window: float) -> tuple
         for order_id, data in session.execute(
             select(OrderHistory.order_id, OrderHistory.data).where(
                 OrderHistory.order_id.between(rows[0].id, rows[-1].id),
-                OrderHistory.type == events.CUSTOMER_NOTIFIED,
+                OrderHistory.type == envelope.CUSTOMER_NOTIFIED,
             )
         ):
             steps[order_id].add(str(json.loads(data).get("step")))
@@ -83,7 +84,7 @@ def stored_order_placed(engine: Engine, order_ids: list[int]) -> dict[int, str]:
         created = session.scalars(select(Order.created_at).where(Order.id == min(wanted))).one()
         rows = session.execute(
             select(Outbox.payload).where(
-                Outbox.type == events.ORDER_PLACED, Outbox.created_at >= created
+                Outbox.type == envelope.ORDER_PLACED, Outbox.created_at >= created
             )
         )
         for (payload,) in rows:
@@ -112,7 +113,7 @@ def reconcile(
     todo = [payloads[i] for i in incomplete if i in payloads]
     for start in range(0, len(todo), batch):
         publisher.publish_serialized(
-            (events.ORDER_PLACED, payload) for payload in todo[start : start + batch]
+            (envelope.ORDER_PLACED, payload) for payload in todo[start : start + batch]
         )
     log.info(
         "Reconcile: %d orders checked, %d incomplete, %d OrderPlaced re-published",

@@ -23,9 +23,11 @@ from flask import Flask
 from gunicorn.app.base import BaseApplication
 from sqlalchemy.exc import SQLAlchemyError
 
-from orders import logs
-from orders.bootstrap import create_schema, database_engine, order_services
-from orders.config import EXIT_BAD_CONFIG, ConfigError, OrderServiceSettings
+from messaging import logs
+from messaging.config import EXIT_BAD_CONFIG, ConfigError
+from messaging.database import database_engine
+from orders.bootstrap import create_schema, order_services
+from orders.config import OrderServiceSettings
 from orders.outbox import EXIT_NO_DATABASE, one_line, start_relay_thread
 
 log = logging.getLogger("orders-api")

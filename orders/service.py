@@ -19,7 +19,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from orders import events, lifecycle
+from messaging import envelope
+from orders import lifecycle
 from orders.models import Order, OrderLine, Outbox, utc_now
 from orders.money import format_money, line_total, order_total
 from orders.validation import OrderRequest, Problem
@@ -48,8 +49,8 @@ def order_placed_event(order: Order) -> dict[str, Any]:
     """The OrderPlaced envelope of an order (``data`` is the schema's OrderPlacedV1)."""
     items = sum(line.quantity for line in order.lines)
     total = format_money(order.total)
-    return events.envelope(
-        events.ORDER_PLACED,
+    return envelope.envelope(
+        envelope.ORDER_PLACED,
         {
             "order_id": order.id,
             "customer_email": order.customer_email,
@@ -142,7 +143,7 @@ def place_order(
                 Outbox(
                     event_id=event["id"],
                     type=event["type"],
-                    payload=events.dumps(event),
+                    payload=envelope.dumps(event),
                     created_at=now,
                     claimed_until=now + timedelta(seconds=claim_seconds),
                     attempts=0,
@@ -185,7 +186,7 @@ def order_timeline(order: Order, history: list[Any]) -> list[dict[str, Any]]:
     recorded = sorted(history, key=lambda entry: entry.id)
     entries: list[dict[str, Any]] = [
         {
-            "type": events.ORDER_PLACED,
+            "type": envelope.ORDER_PLACED,
             "at": _rfc3339(order.created_at),
             "status": lifecycle.PLACED,
             "effect": "advanced",

@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 import redis
 
-from orders.bootstrap import redis_client
-from orders.config import Settings
+from messaging.config import Settings
+from messaging.connection import redis_client
 
 
 @dataclass(frozen=True)

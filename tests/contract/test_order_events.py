@@ -10,9 +10,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from orders import events, keys
+from messaging import envelope, keys
+from messaging.publisher import route
 from orders.models import Order, OrderLine
-from orders.publisher import route
 from orders.service import order_placed_event
 
 CONTRACTS = Path(__file__).resolve().parents[2] / "contracts"
@@ -73,7 +73,7 @@ def test_routing_by_type_and_pattern(event_type: str, queues: list[str]) -> None
 
 
 def test_every_consumer_queue_gets_some_event() -> None:
-    routed = {q for queues in events.ROUTES.values() for q in queues}
+    routed = {q for queues in envelope.ROUTES.values() for q in queues}
     assert routed == {*keys.CONSUMER_QUEUES, keys.ORDER_UPDATES_QUEUE}
 
 

@@ -2,7 +2,7 @@
 
 Setup: a dedicated Redis with AOF (``appendfsync always``), the real ``orders-api``
 (gunicorn, in-process outbox relays), two ``consumer`` processes per queue (payment,
-invoice, email, updates), ``smtp-sink``, all on one SQLite database.
+invoice, email, orders-updates), ``smtp-sink``, each service on its own database.
 
 While at least 500 orders are placed through ``POST /orders`` (a thread pool, each
 request retried with its Idempotency-Key), a chaos thread SIGKILLs a random consumer
@@ -45,11 +45,12 @@ from sqlalchemy.orm import Session
 
 from chaos.stack import order_body, post_order
 from consumers import store
-from consumers.queue import RedisQueue
-from consumers.worker import REDIS_ERRORS
+from devtools import databases
 from devtools.procs import http_ok
 from devtools.redis_server import RedisCluster, RedisServer, free_port
-from orders import events, keys
+from messaging import envelope, keys
+from messaging.queue import RedisQueue
+from messaging.worker import REDIS_ERRORS
 from orders.models import Order, OrderHistory
 from tests.helpers import BIN, Proc, wait_for
 from tests.orders_app import PostgresCluster
@@ -99,7 +100,7 @@ class Cluster:
         with self.lock:
             self.started += 1
             log = self.tmp / f"{name}-{self.started}.log"
-            proc = Proc([str(BIN / "consumer"), name], self.env, log)
+            proc = Proc(databases.worker_command(BIN, name), self.env, log)
             self.procs[name].append(proc)
 
     def live(self, name: str) -> list[Proc]:
@@ -137,7 +138,7 @@ def test_chaos(topology_name: str, tmp_path: Path, request: pytest.FixtureReques
         server_factory: Callable[..., RedisServer] = request.getfixturevalue("redis_server_factory")
         server = server_factory(appendonly=True, appendfsync="always")
         topology = Topology("single", server.url, cluster=False)
-        db_url = f"sqlite:///{tmp_path / 'chaos.db'}"
+        db_urls = databases.sqlite_urls(tmp_path / "db")
 
         def crash() -> None:
             server.kill()  # a crash, not a clean shutdown: AOF (always) keeps it all
@@ -150,7 +151,7 @@ def test_chaos(topology_name: str, tmp_path: Path, request: pytest.FixtureReques
         redis_cluster = cluster_factory(appendfsync="always")
         topology = Topology("cluster", redis_cluster.url, cluster=True)
         postgres: PostgresCluster = request.getfixturevalue("postgres_cluster")
-        db_url = postgres.create_database()
+        db_urls = databases.created_urls(postgres.create_database)
 
         def crash() -> None:
             victim = redis_cluster.kill_master(rng.randrange(redis_cluster.masters))
@@ -164,7 +165,7 @@ def test_chaos(topology_name: str, tmp_path: Path, request: pytest.FixtureReques
     api_port = free_port()
     common = {
         **topology.env,
-        "DATABASE_URL": db_url,
+        **databases.environment(db_urls),
         "PATTERN": "both",
         "REDIS_CONNECT_ATTEMPTS": "100",
         "REDIS_CONNECT_RETRY_DELAY": "0.2",
@@ -204,7 +205,8 @@ def test_chaos(topology_name: str, tmp_path: Path, request: pytest.FixtureReques
         },
     )
     base = f"http://127.0.0.1:{api_port}"
-    engine = store.make_engine(db_url)
+    engines = {name: store.make_engine(url) for name, url in db_urls.items()}
+    engine = engines["orders"]
     try:
         wait_for(lambda: http_ok(base + "/healthz"), timeout=30, message="orders-api up")
         sink.wait_output("listening on")
@@ -265,16 +267,22 @@ def test_chaos(topology_name: str, tmp_path: Path, request: pytest.FixtureReques
         wait_for(settled, timeout=150, interval=0.5, message="every order to settle")
 
         # --- the guarantees --------------------------------------------------------
-        with Session(engine) as s:
-            processed = Counter(
-                s.execute(select(store.Processed.queue, store.Processed.order_id)).all()
-            )
+        processed: Counter[tuple[str, int]] = Counter()
+        for name in ("payment", "invoice", "email"):
+            with Session(engines[name]) as s:
+                processed.update(
+                    s.execute(select(store.Processed.queue, store.Processed.order_id)).all()
+                )
+        with Session(engines["payment"]) as s:
             charges = s.execute(
                 select(store.GatewayCharge.order_id, store.GatewayCharge.status)
             ).all()
+        with Session(engines["invoice"]) as s:
             invoices = s.scalars(select(store.Invoice.invoice_number)).all()
             invoice_orders = s.scalars(select(store.Invoice.order_id)).all()
+        with Session(engines["email"]) as s:
             emails = s.scalars(select(store.EmailSent.order_id)).all()
+        with Session(engine) as s:
             history_rows = s.execute(select(OrderHistory.order_id, OrderHistory.type)).all()
             statuses = Counter(s.scalars(select(Order.status)).all())
             all_orders = s.scalars(select(Order.id)).all()
@@ -283,7 +291,7 @@ def test_chaos(topology_name: str, tmp_path: Path, request: pytest.FixtureReques
         payment_outcomes = Counter(
             oid
             for oid, t in history_rows
-            if t in (events.PAYMENT_CAPTURED, events.PAYMENT_DECLINED)
+            if t in (envelope.PAYMENT_CAPTURED, envelope.PAYMENT_DECLINED)
         )
         assert all(payment_outcomes[o] == 1 for o in order_ids), "one payment outcome each"
         assert Counter(oid for oid, _ in charges) == Counter(order_ids), "one charge each"
@@ -331,7 +339,8 @@ def test_chaos(topology_name: str, tmp_path: Path, request: pytest.FixtureReques
         codes = cluster.stop_all()
         api.terminate(timeout=20)
         sink.terminate()
-        engine.dispose()
+        for each in engines.values():
+            each.dispose()
         client.close()
     assert all(code == 0 for code in codes), codes
 

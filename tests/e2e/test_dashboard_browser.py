@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
-from orders import keys
+from messaging import keys
 from tests.e2e.conftest import Stack
 from tests.helpers import wait_for
 

@@ -13,7 +13,7 @@ import pytest
 import redis as redis_lib
 
 from devtools.redis_server import free_port
-from orders import keys
+from messaging import keys
 from tests.helpers import BIN, Proc, wait_for
 from tests.orders_app import ORDER
 

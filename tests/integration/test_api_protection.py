@@ -14,7 +14,7 @@ import redis as redis_lib
 from flask import Flask
 
 from devtools.redis_server import free_port
-from orders import events, keys
+from messaging import envelope, keys
 from orders.app import create_app
 from orders.history import record_event
 from orders.reconcile import reconcile
@@ -71,7 +71,7 @@ def test_an_unreachable_database_is_503_problem_json(redis_url: str) -> None:
 
 
 def _outcome(event_type: str, order_id: int) -> dict[str, object]:
-    return events.envelope(
+    return envelope.envelope(
         event_type,
         {"order_id": order_id},
         message=event_type,
@@ -93,10 +93,10 @@ def test_reconcile_republishes_the_stored_event_of_incomplete_orders_only(
     assert [e["data"]["order_id"] for e in first_publish] == [done, lost]
     svc = app.extensions["orders"]
     with svc.sessions.begin() as session:
-        for event_type in (events.PAYMENT_CAPTURED, events.INVOICE_ISSUED):
+        for event_type in (envelope.PAYMENT_CAPTURED, envelope.INVOICE_ISSUED):
             record_event(session, _outcome(event_type, done))
-        record_event(session, _outcome(events.CONFIRMATION_EMAIL_SENT, done))
-        record_event(session, _outcome(events.PAYMENT_DECLINED, lost))  # only one of three
+        record_event(session, _outcome(envelope.CONFIRMATION_EMAIL_SENT, done))
+        record_event(session, _outcome(envelope.PAYMENT_DECLINED, lost))  # only one of three
     redis.flushdb()  # Redis lost the jobs (say, the AOF tail of a power cut)
 
     result = reconcile(svc.engine, svc.publisher, older_than=0, window=3600)

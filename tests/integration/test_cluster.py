@@ -12,16 +12,16 @@ import pytest
 import redis as redis_lib
 
 from devtools.redis_server import free_cluster_port
-from orders import events, keys
-from orders.bootstrap import connect_with_retries, redis_client
-from orders.config import Settings
-from orders.publisher import EventPublisher, ReplicaAckError
+from messaging import envelope, keys
+from messaging.config import Settings
+from messaging.connection import connect_with_retries, redis_client
+from messaging.publisher import EventPublisher, ReplicaAckError
 from tests.topology import Topology
 
 
 def _placed(order_id: int) -> dict[str, object]:
-    return events.envelope(
-        events.ORDER_PLACED,
+    return envelope.envelope(
+        envelope.ORDER_PLACED,
         {"order_id": order_id},
         message=f"Order #{order_id} placed",
         sender="test",

@@ -27,13 +27,14 @@ from sqlalchemy.orm import sessionmaker
 
 from consumers import store
 from consumers.__main__ import HANDLERS
-from consumers.queue import RedisQueue
-from consumers.worker import Worker
+from consumers.config import DATABASE_VARS, ConsumerSettings
 from devtools.redis_server import free_port
-from orders import events, keys
+from messaging import envelope, keys
+from messaging.queue import RedisQueue
+from messaging.worker import Worker
 from orders.bootstrap import create_schema
-from orders.config import ConsumerSettings
 from orders.service import place_order
+from orders.updates import UpdatesHandler
 from orders.validation import validate_order
 from tests.orders_app import ORDER
 
@@ -125,15 +126,15 @@ def bclient(redis: redis_lib.Redis, redis_url: str) -> Iterator[redis_lib.Redis]
 
 def _valid(queue: str, order_id: int) -> dict[str, Any]:
     if queue == "updates":
-        return events.envelope(
-            events.PAYMENT_CAPTURED,
+        return envelope.envelope(
+            envelope.PAYMENT_CAPTURED,
             {"order_id": order_id, "payment_id": "pay-1", "amount": "25.00", "currency": "EUR"},
             message="Payment captured",
             sender="payment-service",
             count=order_id,
         )
-    return events.envelope(
-        events.ORDER_PLACED,
+    return envelope.envelope(
+        envelope.ORDER_PLACED,
         {
             "order_id": order_id,
             "customer_email": "ada@example.com",
@@ -156,7 +157,7 @@ def test_garbage_on_every_queue_never_crashes_a_worker(
     db_url = f"sqlite:///{tmp_path / 'fuzz.db'}"
     consumer_settings = ConsumerSettings.from_env(
         {
-            "DATABASE_URL": db_url,
+            **{var: db_url for var in DATABASE_VARS.values()},
             "SMTP_HOST": "127.0.0.1",
             "SMTP_PORT": str(free_port()),  # nobody listens: valid emails are retried
             "SMTP_TIMEOUT": "0.5",
@@ -164,10 +165,14 @@ def test_garbage_on_every_queue_never_crashes_a_worker(
     )
     engine = store.make_engine(db_url)
     create_schema(engine)
-    store.create_tables(engine)
+    for service in store.SERVICE_TABLES:
+        store.create_tables(engine, service)
     order = validate_order(ORDER)
     order_id = place_order(sessionmaker(engine), order, "hash").order_id
-    handler = HANDLERS[queue](engine, consumer_settings)
+    # One database for the test: each handler only touches its own tables in it.
+    handler = (
+        UpdatesHandler(engine) if queue == "updates" else HANDLERS[queue](engine, consumer_settings)
+    )
     rq = RedisQueue(bclient, keys.ORDER_UPDATES_QUEUE if queue == "updates" else queue)
     worker = Worker(rq, handler, _Publisher(), worker_id=f"fuzz-{uuid.uuid4().hex}")
     processing = keys.processing(rq.name, worker.id)

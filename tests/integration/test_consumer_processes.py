@@ -18,17 +18,18 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from consumers import store
-from consumers.queue import RedisQueue
+from consumers.config import DATABASE_VARS
 from devtools.redis_server import RedisServer, free_port
-from orders import events, keys
+from messaging import envelope, keys
+from messaging.queue import RedisQueue
 from tests.helpers import BIN, Proc, wait_for
 
 CONSUMER = str(BIN / "consumer")
 
 
 def order_placed(order_id: int, email_to: str = "ann@example.com") -> dict[str, Any]:
-    return events.envelope(
-        events.ORDER_PLACED,
+    return envelope.envelope(
+        envelope.ORDER_PLACED,
         {
             "order_id": order_id,
             "customer_email": email_to,
@@ -45,8 +46,8 @@ def order_placed(order_id: int, email_to: str = "ann@example.com") -> dict[str, 
 
 
 def payment_captured(order_id: int) -> dict[str, Any]:
-    return events.envelope(
-        events.PAYMENT_CAPTURED,
+    return envelope.envelope(
+        envelope.PAYMENT_CAPTURED,
         {
             "order_id": order_id,
             "payment_id": f"pay_{order_id}",
@@ -60,7 +61,11 @@ def payment_captured(order_id: int) -> dict[str, Any]:
 
 
 class Env:
-    """Starts consumer processes against one Redis and one SQLite database."""
+    """Starts consumer processes against one Redis and one database.
+
+    Each test here exercises one service, so the services share the test's database
+    (every ``<NAME>_DATABASE_URL`` names it); the full stack harnesses give each its own.
+    """
 
     def __init__(self, tmp_path: Path, redis_url: str) -> None:
         self.tmp = tmp_path
@@ -72,7 +77,7 @@ class Env:
     def env(self, **extra: str) -> dict[str, str]:
         return {
             "REDIS_URL": self.redis_url,
-            "DATABASE_URL": self.db_url,
+            **{var: self.db_url for var in DATABASE_VARS.values()},
             "REDIS_CONNECT_ATTEMPTS": "1",
             "CONSUMER_HEARTBEAT_TTL": "2",
             "CONSUMER_BACKOFF_BASE": "0.2",
@@ -89,7 +94,8 @@ class Env:
         """One engine per test on the consumers' database (disposed by stop_all)."""
         if self._engine is None:
             self._engine = store.make_engine(self.db_url)
-            store.create_tables(self._engine)
+            for service in store.SERVICE_TABLES:
+                store.create_tables(self._engine, service)
         return self._engine
 
     def stop_all(self) -> None:
@@ -152,7 +158,7 @@ def test_reaper_returns_the_messages_of_a_killed_worker_exactly_once(
 ) -> None:
     queue = RedisQueue(bredis, "payment")
     event = order_placed(1)
-    queue.push(events.dumps(event))
+    queue.push(envelope.dumps(event))
     slow = env.start("payment", PAYMENT_LATENCY_MS="5000", CONSUMER_BATCH_SIZE="1")
     [worker] = wait_for(
         lambda: [
@@ -176,7 +182,7 @@ def test_reaper_returns_the_messages_of_a_killed_worker_exactly_once(
     assert rows(engine, store.Processed) == 1
     assert rows(engine, store.GatewayCharge) == 1
     [captured] = updates(bredis)
-    assert captured["type"] == events.PAYMENT_CAPTURED
+    assert captured["type"] == envelope.PAYMENT_CAPTURED
     assert captured["data"]["order_id"] == 1
     stats = queue.stats()
     assert (stats["processed"], stats["pending"], stats["in_flight"]) == (1, 0, 0)
@@ -187,7 +193,7 @@ def test_sigterm_finishes_the_current_message_and_puts_the_rest_back(
 ) -> None:
     queue = RedisQueue(bredis, "payment")
     batch = [order_placed(i) for i in (1, 2, 3)]
-    queue.push(*(events.dumps(e) for e in batch))
+    queue.push(*(envelope.dumps(e) for e in batch))
     proc = env.start("payment", PAYMENT_LATENCY_MS="1500", CONSUMER_BATCH_SIZE="3")
     wait_for(lambda: queue.stats()["in_flight"] == 3, timeout=20, message="the batch taken")
     proc.popen.send_signal(signal.SIGTERM)
@@ -204,7 +210,7 @@ def test_sigterm_finishes_the_current_message_and_puts_the_rest_back(
 
 
 def test_second_signal_exits_at_once(env: Env, bredis: redis_lib.Redis) -> None:
-    RedisQueue(bredis, "payment").push(events.dumps(order_placed(1)))
+    RedisQueue(bredis, "payment").push(envelope.dumps(order_placed(1)))
     proc = env.start("payment", PAYMENT_LATENCY_MS="60000")
     wait_for(lambda: RedisQueue(bredis, "payment").stats()["in_flight"] == 1, timeout=20)
     proc.popen.send_signal(signal.SIGTERM)
@@ -216,7 +222,7 @@ def test_second_signal_exits_at_once(env: Env, bredis: redis_lib.Redis) -> None:
 def test_duplicate_deliveries_produce_one_effect(env: Env, bredis: redis_lib.Redis) -> None:
     queue = RedisQueue(bredis, "invoice")
     event = payment_captured(42)
-    payload = events.dumps(event)
+    payload = envelope.dumps(event)
     queue.push(payload, payload, payload)  # the outbox relay may send an event twice
     env.start("invoice", CONSUMER_BATCH_SIZE="1")
     env.start("invoice", CONSUMER_BATCH_SIZE="1")
@@ -234,14 +240,16 @@ def test_shipping_books_once_per_order_and_tells_email_and_the_order_service(
     queue = RedisQueue(bredis, keys.SHIPPING_QUEUE)
     first = payment_captured(5)
     # A redelivery, and a second capture of order 5 (another event id).
-    queue.push(*(events.dumps(e) for e in (first, first, payment_captured(5), payment_captured(6))))
+    queue.push(
+        *(envelope.dumps(e) for e in (first, first, payment_captured(5), payment_captured(6)))
+    )
     env.start("shipping", "--concurrency", "2", CONSUMER_BATCH_SIZE="1")
     wait_for(lambda: queue.stats()["processed"] == 4, timeout=20, message="four deliveries")
     with Session(env.engine()) as session:
         shipments = session.scalars(select(store.Shipment).order_by(store.Shipment.order_id)).all()
     assert [s.order_id for s in shipments] == [5, 6]
     booked = updates(bredis)
-    assert {e["type"] for e in booked} == {events.SHIPMENT_BOOKED}
+    assert {e["type"] for e in booked} == {envelope.SHIPMENT_BOOKED}
     assert len({e["id"] for e in booked}) == 2  # one event per order, however often told
     to_email = [json.loads(m) for m in bredis.lrange(keys.pending(keys.EMAIL_QUEUE), 0, -1)]
     assert sorted(e["id"] for e in to_email) == sorted(e["id"] for e in booked)
@@ -256,7 +264,7 @@ def test_invoice_numbers_are_gap_free_under_four_concurrent_workers(
     env.db_url = database_url
     queue = RedisQueue(bredis, "invoice")
     count = 120
-    queue.push(*(events.dumps(payment_captured(i)) for i in range(1, count + 1)))
+    queue.push(*(envelope.dumps(payment_captured(i)) for i in range(1, count + 1)))
     for _ in range(2):  # 2 processes x 2 threads = 4 concurrent workers
         env.start("invoice", "--concurrency", "2", CONSUMER_BATCH_SIZE="2", LOG_LEVEL="WARNING")
     wait_for(lambda: queue.stats()["processed"] == count, timeout=60, message="all invoices")
@@ -274,7 +282,7 @@ def test_email_goes_over_real_smtp_and_is_retried_while_smtp_is_down(
     mail_dir = env.tmp / "mail"
     queue = RedisQueue(bredis, "email")
     event = order_placed(7, "bob@example.com")
-    queue.push(events.dumps(event))
+    queue.push(envelope.dumps(event))
     env.start("email", SMTP_PORT=str(port), SMTP_HOST="127.0.0.1", SMTP_TIMEOUT="2")
     wait_for(
         lambda: queue.stats()["retried"] >= 1, timeout=20, message="a retry while SMTP is down"
@@ -294,7 +302,7 @@ def test_email_goes_over_real_smtp_and_is_retried_while_smtp_is_down(
     html = msg.get_body(("html",))
     assert html is not None and "&lt;i&gt;SKU&lt;/i&gt;" in html.get_content()
     [sent] = updates(bredis)
-    assert sent["type"] == events.CUSTOMER_NOTIFIED
+    assert sent["type"] == envelope.CUSTOMER_NOTIFIED
     assert sent["data"] == {"order_id": 7, "step": "received", "message_id": msg["Message-ID"]}
     assert rows(env.engine(), store.EmailSent) == 1
     sink.wait_output("smtp-sink: stored")
@@ -309,10 +317,10 @@ def test_worker_survives_a_redis_restart(
     env = Env(tmp_path, server.url)
     try:
         proc = env.start("invoice")
-        queue.push(events.dumps(payment_captured(1)))
+        queue.push(envelope.dumps(payment_captured(1)))
         wait_for(lambda: queue.stats()["processed"] == 1, timeout=20, message="first invoice")
         server.restart()
-        queue.push(events.dumps(payment_captured(2)))
+        queue.push(envelope.dumps(payment_captured(2)))
         wait_for(lambda: queue.stats()["processed"] == 2, timeout=30, message="second invoice")
         assert rows(env.engine(), store.Invoice) == 2
         assert "lost Redis" in proc.output()
@@ -324,7 +332,7 @@ def test_worker_survives_a_redis_restart(
 
 def test_noop_consumer_drains_and_counts(env: Env, bredis: redis_lib.Redis) -> None:
     queue = RedisQueue(bredis, keys.NOOP_QUEUE)
-    queue.push(*(events.dumps(order_placed(i)) for i in range(1, 501)))
+    queue.push(*(envelope.dumps(order_placed(i)) for i in range(1, 501)))
     env.start("noop", CONSUMER_BATCH_SIZE="100", LOG_LEVEL="WARNING")
     wait_for(lambda: queue.stats()["processed"] == 500, timeout=30, message="500 no-op jobs")
     assert queue.stats()["in_flight"] == 0

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
-from consumers.queue import RedisQueue
-from consumers.updates import NoopHandler
-from consumers.worker import Worker
-from orders import events, keys
+from consumers.noop import NoopHandler
+from messaging import envelope, keys
+from messaging.queue import RedisQueue
+from messaging.worker import Worker
 from tests.helpers import wait_for
 from tests.topology import Topology
 
@@ -35,8 +35,8 @@ def bredis(topology: Topology) -> Iterator[redis_lib.Redis]:
 
 
 def order_placed(order_id: int = 1, event_id: str | None = None) -> dict[str, Any]:
-    return events.envelope(
-        events.ORDER_PLACED,
+    return envelope.envelope(
+        envelope.ORDER_PLACED,
         {
             "order_id": order_id,
             "customer_email": "ann@example.com",
@@ -55,7 +55,7 @@ def raw(order_id: int = 1) -> bytes:
     """The same bytes for the same order id (a stable event id and timestamp)."""
     event = order_placed(order_id, str(uuid.uuid5(uuid.NAMESPACE_URL, f"order/{order_id}")))
     event["timestamp"] = "2026-01-01T00:00:00+00:00"
-    return events.dumps(event).encode()
+    return envelope.dumps(event).encode()
 
 
 def test_take_and_ack_in_batches(bredis: redis_lib.Redis) -> None:

@@ -20,8 +20,8 @@ import redis as redis_lib
 from flask import Flask
 from sqlalchemy.orm import Session
 
-from consumers.queue import RedisQueue
-from orders import events, keys, monitor
+from messaging import envelope, keys, monitor
+from messaging.queue import RedisQueue
 from orders.history import record_event
 from tests.helpers import BIN, Proc, wait_for
 from tests.orders_app import ORDER, build_app
@@ -375,8 +375,8 @@ def test_admin_unreachable_redis_is_one_line_and_exit_1(argv: list[str]) -> None
 def test_admin_orders_show(tmp_path: Path, redis_url: str, app: Flask) -> None:
     db_url = app.extensions["orders"].settings.database_url
     order_id = app.test_client().post("/orders", json=ORDER).get_json()["id"]
-    captured = events.envelope(
-        events.PAYMENT_CAPTURED,
+    captured = envelope.envelope(
+        envelope.PAYMENT_CAPTURED,
         {"order_id": order_id, "amount": "25.00", "currency": "EUR"},
         message="paid",
         sender="payment",
@@ -403,10 +403,10 @@ def test_admin_watch_prints_one_line_per_event_until_ctrl_c(
     try:
         watch.wait_output("watching orders:events")
         wait_for(lambda: redis.pubsub_numsub(keys.ORDER_EVENTS_CHANNEL)[0][1] == 1)
-        event = events.envelope(
-            events.ORDER_PLACED, {"order_id": 7}, message="Order #7 placed", sender="t", count=7
+        event = envelope.envelope(
+            envelope.ORDER_PLACED, {"order_id": 7}, message="Order #7 placed", sender="t", count=7
         )
-        redis.publish(keys.ORDER_EVENTS_CHANNEL, events.dumps(event))
+        redis.publish(keys.ORDER_EVENTS_CHANNEL, envelope.dumps(event))
         redis.publish(keys.ORDER_EVENTS_CHANNEL, "\x1b[31mred\x1b[0m not json")
         out = watch.wait_output("not json")
         lines = out.splitlines()[1:]

@@ -8,9 +8,10 @@ import logging
 import pytest
 import redis as redis_lib
 
-from orders import hello, keys
-from orders.bootstrap import redis_client
-from orders.config import Settings
+from hello import publisher as hello
+from messaging import keys
+from messaging.config import Settings
+from messaging.connection import redis_client
 from tests.helpers import wait_for
 
 

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from orders import events, lifecycle
+from messaging import envelope
+from orders import lifecycle
 from orders.history import UnknownOrder, record_event
 from tests.orders_app import ORDER, order
 
@@ -17,7 +18,7 @@ NO_REDIS = "redis://127.0.0.1:1/0"
 
 
 def _outcome(event_type: str, order_id: int, timestamp: str, **data: Any) -> dict[str, Any]:
-    return events.envelope(
+    return envelope.envelope(
         event_type,
         {"order_id": order_id, **data},
         message=f"{event_type} for order {order_id}",
@@ -39,28 +40,32 @@ def _place(app: Flask, body: dict[str, Any] | None = None) -> int:
 
 
 DATA: dict[str, dict[str, Any]] = {
-    events.PAYMENT_CAPTURED: {"payment_id": "p-1", "amount": "25.00", "currency": "EUR"},
-    events.PAYMENT_DECLINED: {"reason": "card expired", "amount": "25.00", "currency": "EUR"},
-    events.INVOICE_ISSUED: {
+    envelope.PAYMENT_CAPTURED: {"payment_id": "p-1", "amount": "25.00", "currency": "EUR"},
+    envelope.PAYMENT_DECLINED: {"reason": "card expired", "amount": "25.00", "currency": "EUR"},
+    envelope.INVOICE_ISSUED: {
         "invoice_number": "INV-2026-000001",
         "total": "25.00",
         "currency": "EUR",
     },
-    events.SHIPMENT_BOOKED: {
+    envelope.SHIPMENT_BOOKED: {
         "shipment_id": "shp_1",
         "carrier": "SimParcel",
         "tracking_number": "1Z1",
     },
-    events.CUSTOMER_NOTIFIED: {"step": "received", "message_id": "<order-1.received@x>"},
+    envelope.CUSTOMER_NOTIFIED: {"step": "received", "message_id": "<order-1.received@x>"},
 }
 # Events that drive a new order into each state (from placed).
 REACH = {
     lifecycle.PLACED: [],
-    lifecycle.PAID: [events.PAYMENT_CAPTURED],
-    lifecycle.INVOICED: [events.PAYMENT_CAPTURED, events.INVOICE_ISSUED],
-    lifecycle.SHIPPED: [events.PAYMENT_CAPTURED, events.SHIPMENT_BOOKED],
-    lifecycle.COMPLETED: [events.PAYMENT_CAPTURED, events.INVOICE_ISSUED, events.SHIPMENT_BOOKED],
-    lifecycle.CANCELLED: [events.PAYMENT_DECLINED],
+    lifecycle.PAID: [envelope.PAYMENT_CAPTURED],
+    lifecycle.INVOICED: [envelope.PAYMENT_CAPTURED, envelope.INVOICE_ISSUED],
+    lifecycle.SHIPPED: [envelope.PAYMENT_CAPTURED, envelope.SHIPMENT_BOOKED],
+    lifecycle.COMPLETED: [
+        envelope.PAYMENT_CAPTURED,
+        envelope.INVOICE_ISSUED,
+        envelope.SHIPMENT_BOOKED,
+    ],
+    lifecycle.CANCELLED: [envelope.PAYMENT_DECLINED],
 }
 
 
@@ -90,10 +95,10 @@ def test_late_duplicate_and_out_of_order_events(make_app: Callable[..., Flask]) 
     app = make_app(NO_REDIS)
     order_id = _place(app)
     client = app.test_client()
-    invoiced = _event(events.INVOICE_ISSUED, order_id, 2)
-    paid = _event(events.PAYMENT_CAPTURED, order_id, 1)
-    shipped = _event(events.SHIPMENT_BOOKED, order_id, 3)
-    late_decline = _event(events.PAYMENT_DECLINED, order_id, 4)
+    invoiced = _event(envelope.INVOICE_ISSUED, order_id, 2)
+    paid = _event(envelope.PAYMENT_CAPTURED, order_id, 1)
+    shipped = _event(envelope.SHIPMENT_BOOKED, order_id, 3)
+    late_decline = _event(envelope.PAYMENT_DECLINED, order_id, 4)
 
     assert _record(app, invoiced) is True  # InvoiceIssued before PaymentCaptured
     assert _status(app, order_id) == "invoiced"
@@ -108,37 +113,37 @@ def test_late_duplicate_and_out_of_order_events(make_app: Callable[..., Flask]) 
     assert body["status"] == "completed"
     # History in order of occurrence; timeline in order of recording, with effects.
     assert [h["type"] for h in body["history"]] == [
-        events.PAYMENT_CAPTURED,
-        events.INVOICE_ISSUED,
-        events.SHIPMENT_BOOKED,
-        events.SHIPMENT_BOOKED,
-        events.PAYMENT_DECLINED,
+        envelope.PAYMENT_CAPTURED,
+        envelope.INVOICE_ISSUED,
+        envelope.SHIPMENT_BOOKED,
+        envelope.SHIPMENT_BOOKED,
+        envelope.PAYMENT_DECLINED,
     ]
     assert body["history"][1]["occurred_at"] == "2026-11-28T10:00:02.000000+00:00"
     assert [(t["type"], t["status"], t["effect"]) for t in body["timeline"]] == [
-        (events.ORDER_PLACED, "placed", "advanced"),
-        (events.INVOICE_ISSUED, "invoiced", "advanced"),
-        (events.PAYMENT_CAPTURED, "invoiced", "unchanged"),
-        (events.SHIPMENT_BOOKED, "completed", "advanced"),
-        (events.SHIPMENT_BOOKED, "completed", "unchanged"),
-        (events.PAYMENT_DECLINED, "completed", "conflict"),
+        (envelope.ORDER_PLACED, "placed", "advanced"),
+        (envelope.INVOICE_ISSUED, "invoiced", "advanced"),
+        (envelope.PAYMENT_CAPTURED, "invoiced", "unchanged"),
+        (envelope.SHIPMENT_BOOKED, "completed", "advanced"),
+        (envelope.SHIPMENT_BOOKED, "completed", "unchanged"),
+        (envelope.PAYMENT_DECLINED, "completed", "conflict"),
     ]
 
 
 def test_payment_declined_cancels_the_order(make_app: Callable[..., Flask]) -> None:
     app = make_app(NO_REDIS)
     order_id = _place(app)
-    assert _record(app, _event(events.PAYMENT_DECLINED, order_id))
+    assert _record(app, _event(envelope.PAYMENT_DECLINED, order_id))
     assert _status(app, order_id) == "cancelled"
     # A capture after the cancellation (the gateway answering twice) changes nothing.
-    assert _record(app, _event(events.PAYMENT_CAPTURED, order_id, 5))
+    assert _record(app, _event(envelope.PAYMENT_CAPTURED, order_id, 5))
     assert _status(app, order_id) == "cancelled"
 
 
 @pytest.mark.parametrize(
     ("change", "error"),
     [
-        ({"type": events.ORDER_PLACED}, ValueError),
+        ({"type": envelope.ORDER_PLACED}, ValueError),
         ({"data": {"order_id": 999}}, UnknownOrder),
         ({"data": {"order_id": True}}, ValueError),
         ({"timestamp": "2026-11-28T10:00:00"}, ValueError),
@@ -150,7 +155,7 @@ def test_bad_events_are_rejected(
 ) -> None:
     app = make_app(NO_REDIS)
     order_id = _place(app)
-    event = _event(events.PAYMENT_DECLINED, order_id)
+    event = _event(envelope.PAYMENT_DECLINED, order_id)
     event.update(change)
     with pytest.raises(error):
         _record(app, event)
@@ -167,7 +172,7 @@ def test_invoice_is_html_escaped_and_only_after_invoice_issued(
     assert missing.status_code == 404
     assert missing.content_type == "application/problem+json"
     invoiced = _outcome(
-        events.INVOICE_ISSUED, order_id, "2026-11-28T10:00:02Z",
+        envelope.INVOICE_ISSUED, order_id, "2026-11-28T10:00:02Z",
         invoice_number="INV-2026-000042", total="25.00", currency="EUR",
     )  # fmt: skip
     invoiced["id"] = str(uuid.uuid4())

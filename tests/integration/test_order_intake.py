@@ -22,7 +22,7 @@ import redis as redis_lib
 from flask import Flask
 from sqlalchemy import func, select
 
-from orders import keys
+from messaging import keys
 from orders.models import Order, Outbox
 from orders.outbox import Relay
 from tests.helpers import wait_for

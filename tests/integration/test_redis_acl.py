@@ -1,7 +1,7 @@
 """Every process against a real Redis that requires a password and grants the least it can.
 
 The server runs with ``user default off`` (no anonymous access at all), the project's
-user ``orders`` limited by :mod:`orders.acl` (its keys, its two channels, its commands),
+user ``orders`` limited by :mod:`ops.acl` (its keys, its two channels, its commands),
 and an ``admin`` user for the test's own inspection. The hello publisher, orders-api
 (its publish script and rate limiter), a payment consumer and the Go subscriber all get
 ``REDIS_URL=redis://orders:<password>@...`` and must work; the server's ``ACL LOG``
@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
+from devtools import databases
 from devtools.redis_server import RedisNotFound, RedisServer, binary_version
-from orders import acl, keys
+from messaging import keys
+from ops import acl
 from tests.helpers import BIN, Proc
 from tests.orders_app import ORDER, build_app
 
@@ -87,8 +89,9 @@ def test_every_process_works_with_the_least_privileged_user(
 ) -> None:
     url = _url(acl_server)
     admin = _admin(acl_server)
-    db_url = f"sqlite:///{tmp_path / 'orders.db'}"
-    common = {"REDIS_URL": url, "PATTERN": "both", "DATABASE_URL": db_url}
+    urls = databases.sqlite_urls(tmp_path / "db")
+    db_url = urls["orders"]
+    common = {"REDIS_URL": url, "PATTERN": "both", **databases.environment(urls)}
     sub = Proc(
         [str(go_subscriber_binary)],
         {**common, "ORDER_CHANNEL": keys.ORDER_EVENTS_CHANNEL},
@@ -144,7 +147,7 @@ def test_a_wrong_password_is_one_clear_line(
     env = {
         "REDIS_URL": _url(acl_server, password="wrong"),
         "REDIS_CONNECT_ATTEMPTS": "1",
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'orders.db'}",
+        **databases.environment(databases.sqlite_urls(tmp_path / "db")),
         "PATH": "/usr/bin:/bin",
     }
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)

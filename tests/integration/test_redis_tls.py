@@ -25,9 +25,10 @@ import pytest
 import redis as redis_lib
 
 from devtools.redis_server import free_port
-from orders import hello, keys
-from orders.bootstrap import redis_client
-from orders.config import Settings
+from hello import publisher as hello
+from messaging import keys
+from messaging.config import Settings
+from messaging.connection import redis_client
 from tests.helpers import BIN, Proc, wait_for
 
 PASSWORD = "secret"

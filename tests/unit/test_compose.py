@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 import yaml
 
-from orders.config import ENV_VARS
+from devtools.envdoc import ALL_ENV_VARS as ENV_VARS
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -172,5 +172,5 @@ def test_cluster_override_points_every_client_at_the_cluster() -> None:
         assert service["depends_on"]["redis-cluster-init"] == {
             "condition": "service_completed_successfully"
         }
-    for name in ("payment", "invoice", "email", "updates"):
+    for name in ("payment", "invoice", "email", "orders-updates"):
         assert clients[name]["deploy"]["replicas"] >= 2, name

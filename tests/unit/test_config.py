@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from orders.config import ENV_VARS, ConfigError, Settings
+from devtools.envdoc import ALL_ENV_VARS as ENV_VARS
+from messaging.config import ConfigError, Settings
 
 
 def test_defaults_are_the_originals() -> None:
@@ -79,7 +80,7 @@ def test_redis_location_hides_credentials() -> None:
 
 
 def test_tls_client_always_verifies_the_server() -> None:
-    from orders.bootstrap import redis_client
+    from messaging.connection import redis_client
 
     url = "rediss://:pw@cache.local:6380/0"
     with_ca = redis_client(Settings.from_env({"REDIS_URL": url, "REDIS_TLS_CA_FILE": __file__}))

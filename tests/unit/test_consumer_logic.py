@@ -16,11 +16,15 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from consumers import store
+from consumers.config import ConsumerSettings
 from consumers.email import EmailHandler, RecipientUnknown, message_id, render
 from consumers.handler import order_of, stable_event_id
 from consumers.invoice import InvoiceHandler
 from consumers.payment import GatewayUnavailable, PaymentHandler, SimulatedGateway
-from consumers.queue import (
+from consumers.shipping import ShippingHandler
+from messaging import envelope
+from messaging.config import ConfigError
+from messaging.queue import (
     MalformedMessage,
     PermanentError,
     RetryableError,
@@ -28,9 +32,6 @@ from consumers.queue import (
     classify,
     parse,
 )
-from consumers.shipping import ShippingHandler
-from orders import events
-from orders.config import ConfigError, ConsumerSettings
 
 
 def order_placed(order_id: int = 1, email: str = "ann@example.com", **data: Any) -> dict[str, Any]:
@@ -44,14 +45,14 @@ def order_placed(order_id: int = 1, email: str = "ann@example.com", **data: Any)
         "total": "10.00",
         **data,
     }
-    return events.envelope(
-        events.ORDER_PLACED, payload, message="placed", sender="orders-api", count=order_id
+    return envelope.envelope(
+        envelope.ORDER_PLACED, payload, message="placed", sender="orders-api", count=order_id
     )
 
 
 def captured(order_id: int = 1, amount: str = "10.00") -> dict[str, Any]:
-    return events.envelope(
-        events.PAYMENT_CAPTURED,
+    return envelope.envelope(
+        envelope.PAYMENT_CAPTURED,
         {"order_id": order_id, "payment_id": "pay_1", "amount": amount, "currency": "EUR"},
         message="captured",
         sender="payment-service",
@@ -62,7 +63,8 @@ def captured(order_id: int = 1, amount: str = "10.00") -> dict[str, Any]:
 @pytest.fixture
 def engine(tmp_path: Path) -> Engine:
     engine = store.make_engine(f"sqlite:///{tmp_path / 'consumers.db'}")
-    store.create_tables(engine)
+    for service in store.SERVICE_TABLES:  # one file for these unit tests
+        store.create_tables(engine, service)
     return engine
 
 
@@ -110,7 +112,7 @@ def test_classify(exc: BaseException, verdict: str) -> None:
     assert classify(exc) == verdict
 
 
-ACCEPTS = frozenset({events.ORDER_PLACED})
+ACCEPTS = frozenset({envelope.ORDER_PLACED})
 
 
 @pytest.mark.parametrize(
@@ -136,7 +138,7 @@ def test_parse_classifies_malformed_messages(raw: bytes, error: str) -> None:
 
 def test_parse_accepts_a_valid_envelope() -> None:
     event = order_placed(3)
-    assert parse(events.dumps(event).encode(), ACCEPTS) == event
+    assert parse(envelope.dumps(event).encode(), ACCEPTS) == event
 
 
 @pytest.mark.parametrize(
@@ -161,10 +163,15 @@ def test_invalid_order_data_is_permanent(data: dict[str, Any], error: str) -> No
 
 
 def test_consumer_settings_defaults() -> None:
-    s = ConsumerSettings.from_env({})
-    assert (s.concurrency, s.batch_size, s.max_attempts, s.heartbeat_ttl) == (1, 10, 5, 10)
+    s = ConsumerSettings.from_env({}, service="payment")
+    w = s.worker
+    assert (w.concurrency, w.batch_size, w.max_attempts, w.heartbeat_ttl) == (1, 10, 5, 10)
     assert (s.smtp_host, s.smtp_port, s.email_from) == ("localhost", 1025, "orders@example.com")
-    assert s.database_url == "sqlite:///var/orders.db"
+    assert s.database_url == "sqlite:///var/payment.db"  # its own, not the order service's
+    assert ConsumerSettings.from_env({}, service="invoice").database_url == (
+        "sqlite:///var/invoice.db"
+    )
+    assert ConsumerSettings.from_env({}, service="noop").database_url == ""
 
 
 @pytest.mark.parametrize(
@@ -175,13 +182,13 @@ def test_consumer_settings_defaults() -> None:
         ({"PAYMENT_DECLINE_RATE": "1.5"}, "invalid PAYMENT_DECLINE_RATE '1.5'"),
         ({"SMTP_PORT": "0"}, "invalid SMTP_PORT"),
         ({"EMAIL_FROM": "orders"}, "invalid EMAIL_FROM"),
-        ({"DATABASE_URL": "mysql://x"}, "invalid DATABASE_URL"),
+        ({"PAYMENT_DATABASE_URL": "mysql://x"}, "invalid PAYMENT_DATABASE_URL"),
         ({"PATTERN": "nope"}, "invalid PATTERN"),
     ],
 )
 def test_consumer_settings_bad_values_are_one_line(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError) as info:
-        ConsumerSettings.from_env(env)
+        ConsumerSettings.from_env(env, service="payment")
     assert needle in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -196,7 +203,7 @@ def test_payment_twice_charges_once_and_returns_the_stored_outcome(engine: Engin
     second = handler.handle(event)
     assert first == second  # the same outcome event, same id: re-emitted, not redone
     [captured] = first
-    assert captured["type"] == events.PAYMENT_CAPTURED
+    assert captured["type"] == envelope.PAYMENT_CAPTURED
     assert captured["data"]["amount"] == "10.00"
     assert captured["count"] == 1
     assert count(engine, store.GatewayCharge) == 1
@@ -216,7 +223,7 @@ def test_gateway_ledger_answers_a_repeated_key_without_charging_again(engine: En
 def test_payment_magic_emails(engine: Engine) -> None:
     handler = PaymentHandler(engine, SimulatedGateway(engine, flaky_calls=2))
     [declined] = handler.handle(order_placed(1, email="decline@example.com"))
-    assert declined["type"] == events.PAYMENT_DECLINED
+    assert declined["type"] == envelope.PAYMENT_DECLINED
     assert declined["data"] == {
         "order_id": 1,
         "reason": "card declined by issuer",
@@ -228,13 +235,13 @@ def test_payment_magic_emails(engine: Engine) -> None:
         with pytest.raises(GatewayUnavailable):
             handler.handle(flaky)
     [captured] = handler.handle(flaky)
-    assert captured["type"] == events.PAYMENT_CAPTURED
+    assert captured["type"] == envelope.PAYMENT_CAPTURED
 
 
 def test_seeded_gateway_decisions_are_deterministic(tmp_path: Path) -> None:
     def outcomes(name: str) -> list[str]:
         engine = store.make_engine(f"sqlite:///{tmp_path / name}")
-        store.create_tables(engine)
+        store.create_tables(engine, "payment")
         gateway = SimulatedGateway(engine, decline_rate=0.5, seed="s1")
         return [
             gateway.charge(f"k{i}", order_id=i, amount="1.00", currency="EUR", email="a@b.c").status
@@ -258,7 +265,7 @@ def test_invoice_twice_issues_one_invoice(engine: Engine) -> None:
     [issued] = first
     assert issued["data"]["invoice_number"].endswith("-000001")
     assert issued["data"]["total"] == "12.50"
-    assert issued["id"] == stable_event_id(events.INVOICE_ISSUED, 9)
+    assert issued["id"] == stable_event_id(envelope.INVOICE_ISSUED, 9)
 
 
 def test_invoice_numbers_are_consecutive(engine: Engine) -> None:
@@ -271,7 +278,7 @@ def test_invoice_numbers_are_consecutive(engine: Engine) -> None:
 def test_invoice_and_shipping_refuse_order_placed(engine: Engine, handler_class: type[Any]) -> None:
     """They work on PaymentCaptured only: an OrderPlaced on their queue is malformed."""
     handler = handler_class(engine)
-    assert handler.accepts == frozenset({events.PAYMENT_CAPTURED})
+    assert handler.accepts == frozenset({envelope.PAYMENT_CAPTURED})
     with pytest.raises(MalformedMessage, match="OrderPlaced"):
         parse(json.dumps(order_placed(1)).encode(), handler.accepts)
 
@@ -280,8 +287,8 @@ def test_shipping_books_one_shipment_per_order(engine: Engine) -> None:
     handler = ShippingHandler(engine)
     event = captured(5)
     [booked] = handler.handle(event)
-    assert booked["type"] == events.SHIPMENT_BOOKED
-    assert booked["id"] == stable_event_id(events.SHIPMENT_BOOKED, 5)
+    assert booked["type"] == envelope.SHIPMENT_BOOKED
+    assert booked["id"] == stable_event_id(envelope.SHIPMENT_BOOKED, 5)
     data = booked["data"]
     assert data["order_id"] == 5 and data["carrier"] == "SimParcel"
     assert data["tracking_number"].startswith("1Z") and len(data["tracking_number"]) == 18
@@ -306,8 +313,8 @@ def test_shipment_unique_per_order_is_enforced_by_the_table(engine: Engine) -> N
 
 
 def declined(order_id: int = 1) -> dict[str, Any]:
-    return events.envelope(
-        events.PAYMENT_DECLINED,
+    return envelope.envelope(
+        envelope.PAYMENT_DECLINED,
         {"order_id": order_id, "reason": "card declined", "amount": "10.00", "currency": "EUR"},
         message="declined",
         sender="payment-service",
@@ -316,8 +323,8 @@ def declined(order_id: int = 1) -> dict[str, Any]:
 
 
 def shipment_booked(order_id: int = 1) -> dict[str, Any]:
-    return events.envelope(
-        events.SHIPMENT_BOOKED,
+    return envelope.envelope(
+        envelope.SHIPMENT_BOOKED,
         {"order_id": order_id, "shipment_id": "s", "carrier": "SimParcel",
          "tracking_number": "1ZTRACK<&>"},
         message="booked",
@@ -359,7 +366,7 @@ def test_email_tells_each_step_once(engine: Engine) -> None:
     placed = order_placed(3)
     for event in (placed, placed, shipment_booked(3), shipment_booked(3)):
         [notified] = handler.handle(event)
-        assert notified["type"] == events.CUSTOMER_NOTIFIED
+        assert notified["type"] == envelope.CUSTOMER_NOTIFIED
     subjects = [m["Subject"] for m in handler.sent]
     assert subjects == ["We received your order #3", "Your order #3 has shipped"]
     assert notified["data"] == {
@@ -367,7 +374,7 @@ def test_email_tells_each_step_once(engine: Engine) -> None:
         "step": "shipped",
         "message_id": "<order-3.shipped@example.com>",
     }
-    assert notified["id"] == stable_event_id(events.CUSTOMER_NOTIFIED, 3, "shipped")
+    assert notified["id"] == stable_event_id(envelope.CUSTOMER_NOTIFIED, 3, "shipped")
     assert count(engine, store.EmailSent) == 2
 
 

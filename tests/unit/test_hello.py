@@ -10,8 +10,9 @@ from datetime import datetime, timedelta
 import fakeredis
 import pytest
 
-from orders import hello, keys
-from orders.config import Settings
+from hello import publisher as hello
+from messaging import keys
+from messaging.config import Settings
 
 
 def test_message_has_the_original_fields_and_a_utc_timestamp() -> None:

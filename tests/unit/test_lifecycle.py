@@ -11,7 +11,8 @@ import itertools
 
 import pytest
 
-from orders import events, keys, lifecycle
+from messaging import envelope, keys
+from orders import lifecycle
 from orders.lifecycle import (
     CANCELLED,
     COMPLETED,
@@ -22,11 +23,11 @@ from orders.lifecycle import (
     TRANSITIONS,
 )
 
-CAPTURED = events.PAYMENT_CAPTURED
-DECLINED = events.PAYMENT_DECLINED
-INVOICE = events.INVOICE_ISSUED
-SHIPMENT = events.SHIPMENT_BOOKED
-NOTIFIED = events.CUSTOMER_NOTIFIED
+CAPTURED = envelope.PAYMENT_CAPTURED
+DECLINED = envelope.PAYMENT_DECLINED
+INVOICE = envelope.INVOICE_ISSUED
+SHIPMENT = envelope.SHIPMENT_BOOKED
+NOTIFIED = envelope.CUSTOMER_NOTIFIED
 
 # The expected answer for every pair, written out independently of the module's table.
 EXPECTED = [
@@ -84,14 +85,14 @@ def test_no_transition_regresses(state: str, event_type: str) -> None:
 
 
 def test_outcome_types_are_what_order_updates_receives() -> None:
-    assert set(lifecycle.OUTCOME_TYPES) == events.accepted_by(keys.ORDER_UPDATES_QUEUE)
+    assert set(lifecycle.OUTCOME_TYPES) == envelope.accepted_by(keys.ORDER_UPDATES_QUEUE)
 
 
 def test_unknown_pairs_raise() -> None:
     with pytest.raises(ValueError, match="no transition"):
         lifecycle.step("processing", CAPTURED)
     with pytest.raises(ValueError, match="no transition"):
-        lifecycle.step(PLACED, events.ORDER_PLACED)
+        lifecycle.step(PLACED, envelope.ORDER_PLACED)
 
 
 # Everything a captured order's history ends with, and a declined one's.

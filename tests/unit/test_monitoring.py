@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 
-from consumers import metrics as consumer_metrics
-from consumers.worker import Worker
-from orders import events, logs, monitor
-from orders.admin import event_line, printable, queues_table
-from orders.config import ConsumerSettings, OrderServiceSettings
+from consumers.config import ConsumerSettings
+from messaging import envelope, logs, monitor
+from messaging import metrics as consumer_metrics
+from messaging.worker import Worker
+from ops.admin import event_line, printable, queues_table
+from orders.config import OrderServiceSettings
 from orders.dashboard import sse_event
 
 
@@ -58,11 +59,11 @@ def test_printable_escapes_terminal_control_characters() -> None:
 
 
 def test_event_line() -> None:
-    event = events.envelope(
-        events.INVOICE_ISSUED, {"order_id": 3}, message="Invoice\x07", sender="s", count=3
+    event = envelope.envelope(
+        envelope.INVOICE_ISSUED, {"order_id": 3}, message="Invoice\x07", sender="s", count=3
     )
     at = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
-    line = event_line(events.dumps(event).encode(), at)
+    line = event_line(envelope.dumps(event).encode(), at)
     assert line == f"03:04:05.678  InvoiceIssued          order #3     {event['id']}  Invoice\\x07"
     assert event_line(b"\xffjunk", at) == "03:04:05.678  (not an event)  \ufffdjunk"
     assert event_line(b"[1,2]", at) == "03:04:05.678  (not an event)  [1,2]"
@@ -95,15 +96,15 @@ def test_settings_of_the_dashboard_and_metrics() -> None:
     s = OrderServiceSettings.from_env({})
     assert (s.stream_max_seconds, s.stream_keepalive_seconds, s.metrics_dir) == (300.0, 15.0, "")
     assert s.web_threads == 8
-    assert ConsumerSettings.from_env({}).metrics_port == 0
-    assert ConsumerSettings.from_env({"METRICS_PORT": "9101"}).metrics_port == 9101
+    assert ConsumerSettings.from_env({}).worker.metrics_port == 0
+    assert ConsumerSettings.from_env({"METRICS_PORT": "9101"}).worker.metrics_port == 9101
     with pytest.raises(ValueError, match="invalid METRICS_PORT"):
         ConsumerSettings.from_env({"METRICS_PORT": "http"})
 
 
 class _OneShot:
     queue = "payment"
-    accepts = frozenset({events.ORDER_PLACED})
+    accepts = frozenset({envelope.ORDER_PLACED})
 
     def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         return []
@@ -120,8 +121,10 @@ def test_handled_event_is_one_json_log_line_with_event_and_order_ids(
     # On success handle_one only needs the queue's name (the ack is the caller's).
     queue = SimpleNamespace(name="payment")
     worker = Worker(queue, _OneShot(), _NoPublisher(), worker_id="w-1")  # type: ignore[arg-type]
-    event = events.envelope(events.ORDER_PLACED, {"order_id": 42}, message="m", sender="t", count=1)
-    raw = events.dumps(event).encode()
+    event = envelope.envelope(
+        envelope.ORDER_PLACED, {"order_id": 42}, message="m", sender="t", count=1
+    )
+    raw = envelope.dumps(event).encode()
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
     try:

@@ -11,7 +11,8 @@ from pathlib import Path
 import yaml
 
 from devtools.redis_server import RedisServer
-from orders import acl, keys
+from messaging import keys
+from ops import acl
 from orders.config import OrderServiceSettings
 
 ROOT = Path(__file__).resolve().parents[2]

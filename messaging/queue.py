@@ -1,6 +1,6 @@
 """A reliable Redis queue: at-least-once delivery, retries with backoff, dead letters.
 
-Layout of one queue ``q`` (every key comes from :mod:`orders.keys`, all in one hash
+Layout of one queue ``q`` (every key comes from :mod:`messaging.keys`, all in one hash
 slot thanks to the ``{q}`` tag):
 
 - ``pending(q)`` list: producers RPUSH JSON envelopes; workers take from the left.
@@ -35,8 +35,8 @@ from typing import Any, Literal, Protocol
 
 import redis
 
-from orders import events, keys
-from orders.logs import utc_now_iso
+from messaging import envelope, keys
+from messaging.logs import utc_now_iso
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +109,10 @@ def parse(raw: bytes, accepted: Collection[str]) -> dict[str, Any]:
             raise MalformedMessage(f"message has no {field}")
     if event["type"] not in accepted:
         raise MalformedMessage(f"unknown event type {event['type']!r} for this queue")
-    if event.get("version") != events.VERSION:
+    if event.get("version") != envelope.VERSION:
         raise MalformedMessage(
             f"unsupported version {event.get('version')!r} of {event['type']}"
-            f" (expected {events.VERSION})"
+            f" (expected {envelope.VERSION})"
         )
     if not isinstance(event.get("data"), dict):
         raise MalformedMessage("message has no data object")

@@ -1,8 +1,8 @@
 """Publish domain events to Redis: one Lua script per event, so one event is atomic.
 
 Routing (PATTERN decides the paths, the event type the queues): every event is
-PUBLISHed to :data:`~orders.keys.ORDER_EVENTS_CHANNEL` (pubsub, both) and RPUSHed to
-``pending(q)`` for exactly the queues :data:`orders.events.ROUTES` names for its type
+PUBLISHed to :data:`~messaging.keys.ORDER_EVENTS_CHANNEL` (pubsub, both) and RPUSHed to
+``pending(q)`` for exactly the queues :data:`orders.envelope.ROUTES` names for its type
 (queue, both). The order API, the outbox relay and the consumers' outcome events all
 go through this one publisher, so the catalogue's table is the only routing there is.
 
@@ -28,8 +28,8 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
-from orders import events, keys
-from orders.config import Pattern
+from messaging import envelope, keys
+from messaging.config import Pattern
 
 WAIT_TIMEOUT_MS = 2000
 """How long a publish waits for REDIS_WAIT_REPLICAS replicas before it counts as failed."""
@@ -55,7 +55,7 @@ return #KEYS
 def route(event_type: str, pattern: Pattern) -> tuple[str, list[str]]:
     """The channel ('' for none) and the list keys an event of this type goes to."""
     channel = keys.ORDER_EVENTS_CHANNEL if pattern in ("pubsub", "both") else ""
-    queues = events.queues_for(event_type)  # raises on an unknown type
+    queues = envelope.queues_for(event_type)  # raises on an unknown type
     if pattern not in ("queue", "both"):
         return channel, []
     return channel, [keys.pending(q) for q in queues]
@@ -92,13 +92,13 @@ class EventPublisher:
     def publish(self, event: dict[str, Any]) -> None:
         """Publish one event. Raises redis.RedisError."""
         if self.cluster or self.wait_replicas:
-            self.publish_serialized([(event["type"], events.dumps(event))])
+            self.publish_serialized([(event["type"], envelope.dumps(event))])
             return
-        self._call(event["type"], events.dumps(event), self.redis)
+        self._call(event["type"], envelope.dumps(event), self.redis)
 
     def publish_many(self, batch: Iterable[dict[str, Any]]) -> None:
         """Publish events in order through one pipeline. Raises redis.RedisError."""
-        self.publish_serialized((event["type"], events.dumps(event)) for event in batch)
+        self.publish_serialized((event["type"], envelope.dumps(event)) for event in batch)
 
     def publish_serialized(self, batch: Iterable[tuple[str, str]]) -> None:
         """Publish ``(type, JSON text)`` pairs in order through one pipeline.

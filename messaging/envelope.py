@@ -12,8 +12,8 @@ import json
 import uuid
 from typing import Any
 
-from orders import keys
-from orders.logs import utc_now_iso
+from messaging import keys
+from messaging.logs import utc_now_iso
 
 ORDER_PLACED = "OrderPlaced"
 PAYMENT_CAPTURED = "PaymentCaptured"

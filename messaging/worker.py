@@ -35,10 +35,10 @@ from typing import Any, Protocol
 
 import redis
 
-from consumers import metrics
-from consumers.handler import Handler
-from consumers.queue import MalformedMessage, RedisQueue, classify, parse
-from orders.config import EXIT_OK
+from messaging import metrics
+from messaging.config import EXIT_OK
+from messaging.handler import Handler
+from messaging.queue import MalformedMessage, RedisQueue, classify, parse
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ REDIS_ERRORS = (
 
 
 class Publisher(Protocol):
-    """Emits outcome events (orders.publisher.EventPublisher)."""
+    """Emits outcome events (messaging.publisher.EventPublisher)."""
 
     def publish(self, event: dict[str, Any]) -> None:
         """Publish one event atomically."""

@@ -34,17 +34,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy.exc import SQLAlchemyError
 
-from consumers.queue import RedisQueue
-from orders import keys, monitor
-from orders.bootstrap import database_engine, redis_client
-from orders.config import (
-    EXIT_BAD_CONFIG,
-    EXIT_NO_REDIS,
-    EXIT_OK,
-    ConfigError,
-    OrderServiceSettings,
-    Settings,
-)
+from messaging import keys, monitor
+from messaging.config import EXIT_BAD_CONFIG, EXIT_NO_REDIS, EXIT_OK, ConfigError, Settings
+from messaging.connection import redis_client
+from messaging.database import database_engine
+from messaging.queue import RedisQueue
+from orders.config import OrderServiceSettings
 
 PROG = "orders-admin"
 EXIT_FAILED = 1

@@ -7,7 +7,7 @@ tests/integration/test_redis_acl.py against a real server (it also asserts that 
 server logged no denied command). The dashboard and ``orders-admin`` (SCAN, INFO) are
 operator tools: run them as a separate user with more rights.
 
-``python -m orders.acl USER PASSWORD [REDIS_VERSION]`` prints the line for a Redis
+``python -m ops.acl USER PASSWORD [REDIS_VERSION]`` prints the line for a Redis
 ``aclfile`` or ``redis.conf`` (REDIS_VERSION, e.g. ``7.0``, defaults to 7.2 and later)::
 
     user orders on >PASSWORD resetkeys ~queue:* ... resetchannels &messages ... -@all +ping ...
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 
-from orders import keys
+from messaging import keys
 
 KEY_PATTERNS: tuple[str, ...] = (
     keys.QUEUE_KEYS_PATTERN,  # every key of every reliable queue (pending, processing, ...)
@@ -100,15 +100,15 @@ def user_line(user: str, password: str, server_version: tuple[int, int] = NEWEST
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the ACL user line: ``python -m orders.acl USER PASSWORD [REDIS_VERSION]``."""
+    """Print the ACL user line: ``python -m ops.acl USER PASSWORD [REDIS_VERSION]``."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (2, 3):
-        print("usage: python -m orders.acl USER PASSWORD [REDIS_VERSION]", file=sys.stderr)
+        print("usage: python -m ops.acl USER PASSWORD [REDIS_VERSION]", file=sys.stderr)
         return 2
     try:
         version = parse_version(args[2]) if len(args) == 3 else NEWEST
     except ValueError as exc:
-        print(f"orders.acl: {exc}", file=sys.stderr)
+        print(f"ops.acl: {exc}", file=sys.stderr)
         return 2
     print(user_line(args[0], args[1], version))
     return 0

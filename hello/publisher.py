@@ -9,7 +9,7 @@ Behaviour and log lines are the tutorial's, word for word; what it got wrong is 
   (the original silently published nothing, or crashed with a traceback);
 - output is line-buffered, so container and honcho logs show each line at once.
 
-Run it as ``hello-publisher`` or ``python -m orders.hello``.
+Run it as ``hello-publisher`` or ``python -m hello.publisher``.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any
 
 import redis
 
-from orders import keys, logs
-from orders.bootstrap import connect_with_retries, redis_client
-from orders.config import EXIT_BAD_CONFIG, EXIT_NO_REDIS, EXIT_OK, ConfigError, Settings
+from messaging import keys, logs
+from messaging.config import EXIT_BAD_CONFIG, EXIT_NO_REDIS, EXIT_OK, ConfigError, Settings
+from messaging.connection import connect_with_retries, redis_client
 
 log = logging.getLogger("hello-publisher")
 

@@ -6,8 +6,8 @@ in flight, delayed retries, dead letters, the processed/failed counters of the
 letters are named by a short content hash (:func:`letter_id`), which stays valid while
 other letters come and go, unlike a position in the list.
 
-Every read and write goes through :class:`~consumers.queue.RedisQueue` or the keys of
-:mod:`orders.keys`; the client must not decode responses (messages are bytes).
+Every read and write goes through :class:`~messaging.queue.RedisQueue` or the keys of
+:mod:`messaging.keys`; the client must not decode responses (messages are bytes).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 
 import redis
 
-from consumers.queue import DeadLetter, RedisQueue
-from orders import keys
+from messaging import keys
+from messaging.queue import DeadLetter, RedisQueue
 
 QUEUES: tuple[str, ...] = (*keys.CONSUMER_QUEUES, keys.ORDER_UPDATES_QUEUE)
 """Every order queue, in the order the views list them."""

@@ -1,0 +1,294 @@
+"""Configuration primitives every process shares, and the settings they all read.
+
+Each process reads its configuration once at start into a frozen settings object. An
+invalid value raises :class:`ConfigError` with a one-line message; entry points print
+it and exit with :data:`EXIT_BAD_CONFIG`. Every variable is declared once, as an
+:class:`EnvVar` with its default and meaning: the variables every process reads are
+:data:`ENV_VARS` here; each service declares its own next to its settings class
+(``orders.config``, ``consumers.config``). The README's configuration table is
+generated from those declarations (``python -m devtools.envdoc``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Literal
+
+EXIT_OK = 0
+EXIT_NO_REDIS = 1
+"""Could not reach Redis after all attempts (as the original publisher)."""
+EXIT_BAD_CONFIG = 2
+"""An environment variable has an invalid value."""
+
+Pattern = Literal["pubsub", "queue", "both"]
+PATTERNS: tuple[Pattern, ...] = ("pubsub", "queue", "both")
+
+
+class ConfigError(ValueError):
+    """An environment variable has a value we cannot use. The message is one line."""
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    """One documented environment variable."""
+
+    name: str
+    default: str
+    doc: str
+
+
+ENV_VARS: tuple[EnvVar, ...] = (
+    EnvVar("REDIS_HOST", "localhost", "Redis host (ignored when REDIS_URL is set)."),
+    EnvVar("REDIS_PORT", "6379", "Redis port (ignored when REDIS_URL is set)."),
+    EnvVar("REDIS_URL", "", "Full Redis URL (redis:// or rediss://, user, password, db)."),
+    EnvVar(
+        "REDIS_TLS_CA_FILE",
+        "",
+        "PEM CA bundle verifying the server's certificate with rediss:// (empty: system CAs).",
+    ),
+    EnvVar("REDIS_CONNECT_ATTEMPTS", "5", "Connection attempts at start before exit 1."),
+    EnvVar("REDIS_CONNECT_RETRY_DELAY", "5.0", "Seconds between connection attempts."),
+    EnvVar(
+        "REDIS_CLUSTER", "0", "1: Redis Cluster; REDIS_URL or REDIS_HOST:PORT is one seed node."
+    ),
+    EnvVar(
+        "REDIS_WAIT_REPLICAS", "0", "Replicas that must ack each published event (WAIT); 0: none."
+    ),
+    EnvVar("PATTERN", "both", "pubsub, queue or both: how messages and events are emitted."),
+    EnvVar("PUBLISH_INTERVAL", "2.0", "Seconds between two Hello messages."),
+    EnvVar("LOG_FORMAT", "text", "text (the original '[timestamp] line') or json."),
+    EnvVar("LOG_LEVEL", "INFO", "Python logging level."),
+)
+"""The variables every process reads (Redis, PATTERN, logging). Each service declares
+its own beside its settings class; :func:`markdown_table` renders any of them."""
+
+
+_DEFAULTS: dict[str, str] = {}
+"""Name -> default of every declared variable (filled by :func:`declare`)."""
+
+
+def declared_names() -> set[str]:
+    """Names of every variable declared so far (by the modules imported)."""
+    return set(_DEFAULTS)
+
+
+def declare(*variables: EnvVar) -> tuple[EnvVar, ...]:
+    """Register variables (name, default, doc) so :func:`env_str` knows their defaults."""
+    for var in variables:
+        if _DEFAULTS.get(var.name, var.default) != var.default:
+            raise ValueError(f"{var.name} declared twice with different defaults")
+        _DEFAULTS[var.name] = var.default
+    return variables
+
+
+declare(*ENV_VARS)
+
+
+def env_str(env: Mapping[str, str], name: str) -> str:
+    """The value of a declared variable; empty or unset means its default."""
+    # An empty value means the default (compose's `VAR: ${VAR:-}` and `VAR=` in a
+    # shell both produce one); the Go subscriber reads its variables the same way.
+    return env.get(name, "").strip() or _DEFAULTS[name]
+
+
+def env_int(env: Mapping[str, str], name: str, low: int, high: int) -> int:
+    """An integer variable within [low, high]."""
+    raw = env_str(env, name)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"invalid {name} {raw!r}: must be an integer") from None
+    if not low <= value <= high:
+        raise ConfigError(f"invalid {name} {raw!r}: must be between {low} and {high}")
+    return value
+
+
+def env_float(env: Mapping[str, str], name: str, low: float, high: float) -> float:
+    """A number of seconds within [low, high]."""
+    raw = env_str(env, name)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"invalid {name} {raw!r}: must be a number of seconds") from None
+    if not low <= value <= high:  # also rejects nan
+        raise ConfigError(f"invalid {name} {raw!r}: must be between {low} and {high}")
+    return value
+
+
+def env_choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices``, exactly."""
+    raw = env_str(env, name)
+    if raw not in choices:
+        raise ConfigError(f"invalid {name} {raw!r}: must be {', '.join(choices)}")
+    return raw
+
+
+def parse_pattern(raw: str) -> Pattern:
+    """Validate a PATTERN value (exact, lower case, as the original accepted)."""
+    value = raw.strip()
+    if value not in PATTERNS:
+        raise ConfigError(f"invalid PATTERN {raw!r}: must be pubsub, queue or both")
+    return value  # type: ignore[return-value]
+
+
+def _turns_verification_off(redis_url: str) -> bool:
+    """True if a rediss:// URL's query asks redis-py not to check the server's name."""
+    from urllib.parse import parse_qs, urlsplit
+
+    query = parse_qs(urlsplit(redis_url).query, keep_blank_values=True)
+    values = query.get("ssl_check_hostname", [])  # redis-py reads an empty value as off
+    return any(v.strip().lower() in ("", "0", "f", "false", "n", "no", "off") for v in values)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The configuration of a process, read once from the environment."""
+
+    redis_host: str
+    redis_port: int
+    redis_url: str
+    redis_connect_attempts: int
+    redis_connect_retry_delay: float
+    pattern: Pattern
+    publish_interval: float
+    log_format: str
+    log_level: str
+    redis_cluster: bool = False
+    """REDIS_CLUSTER=1: talk to a Redis Cluster (docs/cluster.md)."""
+    redis_wait_replicas: int = 0
+    """REDIS_WAIT_REPLICAS: publishes WAIT for this many replicas (0: do not wait)."""
+    redis_tls_ca_file: str = ""
+    """REDIS_TLS_CA_FILE: CA certificates (PEM) that verify a rediss:// server; empty:
+    the system's. Verification (certificate and host name) is always on."""
+
+    @property
+    def publishes(self) -> bool:
+        """True if the pattern includes pub/sub."""
+        return self.pattern in ("pubsub", "both")
+
+    @property
+    def queues(self) -> bool:
+        """True if the pattern includes queues."""
+        return self.pattern in ("queue", "both")
+
+    @property
+    def redis_location(self) -> str:
+        """host:port for log lines (the URL without credentials when REDIS_URL is set)."""
+        if self.redis_url:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(self.redis_url)
+            return f"{parts.hostname}:{parts.port or 6379}"
+        return f"{self.redis_host}:{self.redis_port}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every variable; raise ConfigError on the first bad one."""
+        env = os.environ if env is None else env
+        redis_url = env_str(env, "REDIS_URL")
+        if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            scheme = redis_url.split("://", 1)[0] if "://" in redis_url else "(none)"
+            raise ConfigError(  # only the scheme: the rest of the URL may hold a password
+                f"invalid REDIS_URL scheme {scheme!r}: must start with redis://, rediss:// or unix://"
+            )
+        if redis_url.startswith("rediss://") and _turns_verification_off(redis_url):
+            raise ConfigError(  # no URL in the message: it may hold a password
+                "invalid REDIS_URL: TLS verification cannot be turned off (ssl_check_hostname)"
+            )
+        redis_tls_ca_file = env_str(env, "REDIS_TLS_CA_FILE")
+        if redis_tls_ca_file and not redis_url.startswith("rediss://"):
+            # Never a silent plain-text connection to a server the user meant to verify.
+            raise ConfigError(
+                f"invalid REDIS_TLS_CA_FILE {redis_tls_ca_file!r}: needs a rediss:// REDIS_URL"
+            )
+        if redis_tls_ca_file and not os.path.isfile(redis_tls_ca_file):
+            raise ConfigError(f"invalid REDIS_TLS_CA_FILE {redis_tls_ca_file!r}: no such file")
+        return cls(
+            redis_host=env_str(env, "REDIS_HOST"),
+            redis_port=env_int(env, "REDIS_PORT", 1, 65535),
+            redis_url=redis_url,
+            redis_connect_attempts=env_int(env, "REDIS_CONNECT_ATTEMPTS", 1, 1000),
+            redis_connect_retry_delay=env_float(env, "REDIS_CONNECT_RETRY_DELAY", 0.0, 3600.0),
+            pattern=parse_pattern(env_str(env, "PATTERN")),
+            publish_interval=env_float(env, "PUBLISH_INTERVAL", 0.001, 86400.0),
+            log_format=env_choice(env, "LOG_FORMAT", ("text", "json")),
+            log_level=env_choice(
+                env, "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+            ),
+            redis_cluster=env_choice(env, "REDIS_CLUSTER", ("0", "1")) == "1",
+            redis_wait_replicas=env_int(env, "REDIS_WAIT_REPLICAS", 0, 16),
+            redis_tls_ca_file=redis_tls_ca_file,
+        )
+
+
+def settings_fields() -> list[str]:
+    """Names of the Settings fields (used by tests to check ENV_VARS is complete)."""
+    return [f.name for f in fields(Settings)]
+
+
+WORKER_ENV_VARS: tuple[EnvVar, ...] = declare(
+    EnvVar("CONSUMER_CONCURRENCY", "1", "Handler threads per consumer process (--concurrency)."),
+    EnvVar("CONSUMER_BATCH_SIZE", "10", "Messages a worker thread takes and acks per round trip."),
+    EnvVar("CONSUMER_MAX_ATTEMPTS", "5", "Failed attempts before a message is dead-lettered."),
+    EnvVar("CONSUMER_BACKOFF_BASE", "1.0", "Seconds of the first retry delay (doubles each time)."),
+    EnvVar("CONSUMER_BACKOFF_MAX", "60.0", "Cap of the retry delay in seconds (full jitter)."),
+    EnvVar("CONSUMER_HEARTBEAT_TTL", "10", "Seconds a worker's heartbeat lives; gone = reaped."),
+    EnvVar("METRICS_PORT", "0", "Consumer: serve Prometheus metrics on this port (0 = off)."),
+)
+"""The variables of every queue worker process (the consumers and orders-updates)."""
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The worker runtime's configuration (:mod:`messaging.worker`, :mod:`messaging.runner`)."""
+
+    base: Settings
+    concurrency: int
+    batch_size: int
+    max_attempts: int
+    backoff_base: float
+    backoff_max: float
+    heartbeat_ttl: int
+    metrics_port: int = 0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
+        """Read and validate every variable; raise ConfigError on the first bad one."""
+        env = os.environ if env is None else env
+        return cls(
+            base=Settings.from_env(env),
+            concurrency=env_int(env, "CONSUMER_CONCURRENCY", 1, 256),
+            batch_size=env_int(env, "CONSUMER_BATCH_SIZE", 1, 1000),
+            max_attempts=env_int(env, "CONSUMER_MAX_ATTEMPTS", 1, 100),
+            backoff_base=env_float(env, "CONSUMER_BACKOFF_BASE", 0.0, 3600.0),
+            backoff_max=env_float(env, "CONSUMER_BACKOFF_MAX", 0.0, 86400.0),
+            heartbeat_ttl=env_int(env, "CONSUMER_HEARTBEAT_TTL", 1, 3600),
+            metrics_port=env_int(env, "METRICS_PORT", 0, 65535),
+        )
+
+
+_DATABASE_SCHEMES = ("sqlite://", "postgresql+psycopg://", "postgresql://")
+
+
+def database_url(env: Mapping[str, str], name: str) -> str:
+    """A database URL variable: sqlite:/// or PostgreSQL (normalised to psycopg 3)."""
+    raw = env_str(env, name)
+    if not raw.startswith(_DATABASE_SCHEMES):
+        raise ConfigError(
+            f"invalid {name} {raw!r}: must start with sqlite:/// or postgresql+psycopg://"
+        )
+    if raw.startswith("postgresql://"):
+        # psycopg 3 is the driver we ship; SQLAlchemy's bare scheme means psycopg2.
+        raw = "postgresql+psycopg://" + raw.removeprefix("postgresql://")
+    return raw
+
+
+def markdown_table(variables: tuple[EnvVar, ...]) -> str:
+    """A Markdown table of variables (the README's is built by ``devtools.envdoc``)."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for var in variables:
+        default = f"`{var.default}`" if var.default else "(empty)"
+        rows.append(f"| `{var.name}` | {default} | {var.doc.replace('|', '/')} |")
+    return "\n".join(rows)

@@ -1,0 +1,74 @@
+"""Database engines for the services' own databases (SQLite files or PostgreSQL).
+
+Each service owns its database; what they share is how an engine is built (SQLite
+pragmas chosen once, below) and how tables are created without racing a sibling
+process that starts at the same moment.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, MetaData, create_engine, event, make_url, text
+from sqlalchemy.exc import OperationalError
+
+log = logging.getLogger(__name__)
+
+
+SCHEMA_LOCK_KEY = 7_310_421
+"""PostgreSQL advisory lock id held while creating tables (API and relay start together)."""
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL: readers never block the writer. busy_timeout: a second writer waits for the
+    # lock instead of failing at once with "database is locked".
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def database_engine(database_url: str, **overrides: Any) -> Engine:
+    """A SQLAlchemy engine for DATABASE_URL (creates the SQLite file's directory).
+
+    Does not connect: the first query does.
+    """
+    url = make_url(database_url)
+    options: dict[str, Any] = {"pool_pre_ping": True}
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        options["connect_args"] = {"check_same_thread": False, "timeout": 10}
+    options.update(overrides)
+    engine = create_engine(url, **options)
+    if url.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def create_tables(
+    engine: Engine, metadata: MetaData, *, tables: list[Any] | None = None, attempts: int = 5
+) -> None:
+    """Create a service's tables if missing: idempotent, safe when processes start together.
+
+    PostgreSQL: an advisory lock serialises concurrent creators. SQLite runs DDL outside
+    a transaction (pysqlite), so two processes can both see a table missing and the
+    second ``CREATE TABLE`` fails with "already exists": then the check runs again and
+    finds it (bounded retries).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            with engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY}
+                    )
+                metadata.create_all(conn, tables=tables)
+            return
+        except OperationalError as exc:
+            if "already exists" not in str(exc) or attempt == attempts:
+                raise
