@@ -4,9 +4,10 @@
 process outbox relays), ``smtp-sink``, ``consumer`` processes for payment, invoice,
 shipping and email and ``orders-updates``, each service on its own SQLite database,
 and offers the faults: SIGKILL any of them, stop or kill Redis, cut one consumer's
-network to Redis (:class:`TcpProxy`), lock the database. It also places orders like a careful client (each with an
-Idempotency-Key, retried until it gets an answer) and counts what the system did with
-them, straight from the databases: outcomes, charges, invoices, shipments, emails.
+network to Redis (:class:`TcpProxy`), lock the database. It also places orders like a
+careful client (each with an Idempotency-Key, retried until it gets an answer) and
+counts what the system did with them, straight from the databases: outcomes, charges,
+invoices, shipments, emails.
 
 Nothing here is simulated except where a docstring says so.
 """

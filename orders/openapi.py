@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from messaging import envelope
+from messaging import envelope, monitor
 from orders import lifecycle
 from orders.config import OrderServiceSettings
 from orders.money import MAX_UNIT_PRICE
@@ -333,7 +333,7 @@ QUEUE_NAME = {
     "name": "queue",
     "in": "path",
     "required": True,
-    "schema": {"enum": ["payment", "invoice", "email", "order-updates"]},
+    "schema": {"enum": list(monitor.QUEUES)},
 }
 LETTER_ID = {
     "name": "letter_id",
