@@ -23,6 +23,14 @@ idempotency key; the Message-ID is the closest thing it has.
 
 An SMTP server that cannot be reached, times out or answers 4xx is a retryable error;
 a 5xx answer (recipient refused) is permanent.
+
+Recipients: exactly one per message, the order's ``customer_email``, checked again here
+with the order service's rule (one addr-spec, :func:`recipient`) when OrderPlaced is
+recorded: whatever sits on the queue may not have come through the API. An address that
+fails is a permanent error (dead-lettered with the reason), never stored nor mailed.
+The envelope recipient is passed to SMTP explicitly (``to_addrs=[address]``): smtplib
+would otherwise read the recipients from the ``To:`` header, where one string with
+commas or encoded-words becomes many.
 """
 
 from __future__ import annotations
@@ -31,8 +39,10 @@ import html
 import smtplib
 from dataclasses import dataclass
 from email.message import EmailMessage
+from email.utils import parseaddr
 from typing import Any
 
+import email_validator
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -45,6 +55,28 @@ from messaging.queue import PermanentError, RetryableError
 
 QUEUE = keys.EMAIL_QUEUE
 SENDER = "email-service"
+MAX_ADDRESS_LENGTH = 254
+
+
+def recipient(address: str) -> str:
+    """The one envelope recipient for ``address``, or PermanentError saying why not.
+
+    The same rule as ``POST /orders`` (orders/validation.py): exactly one addr-spec
+    (no list, display name, comment, quoted local part, IP literal, encoded-word or
+    control character; a domain with a dot), returned in its ASCII form.
+    """
+    if len(address) > MAX_ADDRESS_LENGTH or "=?" in address:
+        raise PermanentError(f"refused recipient {address[:300]!r}: not one plain address")
+    try:
+        checked = email_validator.validate_email(
+            address, check_deliverability=False, allow_smtputf8=False
+        )
+    except email_validator.EmailNotValidError as exc:
+        raise PermanentError(f"refused recipient {address[:300]!r}: {exc}") from None
+    if not checked.ascii_email or len(checked.ascii_email) > MAX_ADDRESS_LENGTH:
+        raise PermanentError(f"refused recipient {address[:300]!r}: too long in ASCII form")
+    return checked.ascii_email
+
 
 STEP_RECEIVED = "received"
 STEP_PAYMENT_DECLINED = "payment_declined"
@@ -77,9 +109,9 @@ class Letter:
     footer: str = ""
 
 
-def _letter(event: dict[str, Any], recipient: store.Recipient) -> Letter:
+def _letter(event: dict[str, Any], who: store.Recipient) -> Letter:
     """The text of the email for ``event``'s step."""
-    order_id = recipient.order_id
+    order_id = who.order_id
     if event["type"] == envelope.ORDER_PLACED:
         order = order_of(event)
         rows = [
@@ -102,7 +134,7 @@ def _letter(event: dict[str, Any], recipient: store.Recipient) -> Letter:
         return Letter(
             f"Your order #{order_id} is cancelled: payment declined",
             [
-                f"Your payment of {recipient.total} {recipient.currency} for order "
+                f"Your payment of {who.total} {who.currency} for order "
                 f"#{order_id} was declined ({reason}).",
                 "The order is cancelled; nothing was charged and nothing will be shipped.",
             ],
@@ -117,16 +149,17 @@ def _letter(event: dict[str, Any], recipient: store.Recipient) -> Letter:
     )
 
 
-def render(
-    event: dict[str, Any], recipient: store.Recipient, *, step: str, sender: str
-) -> EmailMessage:
-    """The email of one step: plain text and HTML alternatives (values HTML-escaped)."""
-    letter = _letter(event, recipient)
+def render(event: dict[str, Any], who: store.Recipient, *, step: str, sender: str) -> EmailMessage:
+    """The email of one step: plain text and HTML alternatives (values HTML-escaped).
+
+    ``who.email`` was checked by :func:`recipient` when it was recorded.
+    """
+    letter = _letter(event, who)
     msg = EmailMessage()
     msg["Subject"] = letter.subject
     msg["From"] = sender
-    msg["To"] = recipient.email
-    msg["Message-ID"] = message_id(recipient.order_id, step, sender)
+    msg["To"] = who.email
+    msg["Message-ID"] = message_id(who.order_id, step, sender)
     text = [*letter.paragraphs, ""]
     text += [f"  {q} x {sku} @ {price} = {total}" for sku, q, price, total in letter.rows]
     if letter.footer:
@@ -173,11 +206,11 @@ class EmailHandler:
             timeout=settings.smtp_timeout,
         )
 
-    def send(self, msg: EmailMessage) -> None:
-        """Hand the message to the SMTP server; classify failures."""
+    def send(self, msg: EmailMessage, to: str) -> None:
+        """Hand the message to the SMTP server for exactly ``to``; classify failures."""
         try:
             with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
-                smtp.send_message(msg)
+                smtp.send_message(msg, from_addr=parseaddr(self.sender)[1], to_addrs=[to])
         except smtplib.SMTPRecipientsRefused as exc:
             codes = [code for code, _ in exc.recipients.values()]
             if all(code >= 500 for code in codes):
@@ -198,7 +231,7 @@ class EmailHandler:
                 order = order_of(event)
                 known = store.Recipient(
                     order_id=order_id,
-                    email=order.customer_email,
+                    email=recipient(order.customer_email),
                     currency=order.currency,
                     total=order.total,
                 )
@@ -220,19 +253,19 @@ class EmailHandler:
         with Session(self.engine) as session:
             already = session.get(store.EmailSent, mid) is not None
         if not already:
-            recipient = self._recipient(event, order_id)
-            self.send(render(event, recipient, step=step, sender=self.sender))
+            who = self._recipient(event, order_id)
+            self.send(render(event, who, step=step, sender=self.sender), who.email)
 
         def record(session: Session) -> list[dict[str, Any]]:
             sent = session.get(store.EmailSent, mid)
             if sent is None:
-                recipient = session.get(store.Recipient, order_id)
+                who = session.get(store.Recipient, order_id)
                 sent = store.EmailSent(
                     message_id=mid,
                     order_id=order_id,
                     step=step,
                     event_id=event["id"],
-                    recipient=recipient.email if recipient else "",
+                    recipient=who.email if who else "",
                 )
                 session.add(sent)
                 session.flush()

@@ -12,8 +12,9 @@ from typing import Any
 
 from messaging.queue import PermanentError
 
-_MONEY = re.compile(r"^-?\d{1,12}\.\d{2}$")
-_CURRENCY = re.compile(r"^[A-Z]{3}$")
+# fullmatch, ASCII: "^...$" would let a final newline through, and \d any Unicode digit.
+_MONEY = re.compile(r"-?[0-9]{1,12}\.[0-9]{2}")
+_CURRENCY = re.compile(r"[A-Z]{3}")
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,10 @@ def order_of(event: dict[str, Any]) -> Order:
     if not isinstance(email, str) or "@" not in email:
         raise PermanentError(f"invalid OrderPlaced data: customer_email {email!r}")
     currency = data.get("currency")
-    if not isinstance(currency, str) or not _CURRENCY.match(currency):
+    if not isinstance(currency, str) or not _CURRENCY.fullmatch(currency):
         raise PermanentError(f"invalid OrderPlaced data: currency {currency!r}")
     total = data.get("total")
-    if not isinstance(total, str) or not _MONEY.match(total):
+    if not isinstance(total, str) or not _MONEY.fullmatch(total):
         raise PermanentError(f"invalid OrderPlaced data: total {total!r}")
     lines = data.get("lines")
     if not isinstance(lines, list) or not lines or not all(isinstance(x, dict) for x in lines):

@@ -8,15 +8,29 @@ first. Malformed JSON is 400, a semantically invalid order is 422.
 Rules for ``POST /orders`` (documented in the OpenAPI document too):
 
 - the body is a JSON object with exactly ``customer_email``, ``currency``, ``items``;
-- ``customer_email``: at most 254 characters, ``local@domain.tld`` without spaces;
+- ``customer_email``: exactly one addr-spec (``local@domain.tld``), checked by
+  `email-validator <https://pypi.org/project/email-validator/>`_ (what pydantic uses,
+  without DNS look-ups): no display name, no list (commas), no comment, no quoted local
+  part, no IP literal, no local user without a domain, no RFC 2047 encoded-word
+  (``=?utf-8?q?...?=``), no control character; an ASCII local part (the SMTP path
+  does not negotiate SMTPUTF8). It is stored in its ASCII form (domain in lower case,
+  an internationalised domain as ``xn--`` punycode), at most 254 characters;
 - ``currency``: one of :data:`CURRENCIES` (ISO 4217 codes with two minor units, since
   every amount carries exactly two decimals);
 - ``items``: 1 to ``MAX_LINES`` objects with exactly ``sku``, ``quantity``, ``unit_price``;
-- ``sku``: 1 to 64 characters from ``A-Z a-z 0-9 . _ -``; the same SKU twice in one order
-  is rejected (one line per SKU keeps invoices unambiguous: add the quantities);
+- ``sku``: 1 to 64 characters from ``A-Z a-z 0-9 . _ -`` (not even a final newline);
+  the same SKU twice in one order is rejected (one line per SKU keeps invoices
+  unambiguous: add the quantities);
 - ``quantity``: an integer (not a boolean, not 1.0) from 1 to :data:`MAX_QUANTITY`;
 - ``unit_price``: a decimal *string* such as ``"12.50"`` (a JSON number is rejected: it
   would pass through a float), at most two decimals, above 0, at most 1,000,000.00.
+
+Every pattern here is matched with :func:`re.fullmatch`: ``re.match`` with ``^...$``
+accepts a final ``"\\n"`` (``$`` matches before it), which let ``"BOOK\\n"`` past the
+SKU rule (and past the one-line-per-SKU rule, next to ``"BOOK"``) and a newline into
+an email header. Whatever passes is also free of NUL, control characters and lone
+surrogates, so the same input is the same 422 on SQLite and PostgreSQL (which refuses
+NUL in text) and nothing reaches the database that could fail there.
 """
 
 from __future__ import annotations
@@ -27,6 +41,8 @@ import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
+
+import email_validator
 
 from orders.money import MAX_UNIT_PRICE
 
@@ -44,11 +60,11 @@ CURRENCIES: frozenset[str] = frozenset(
 MAX_QUANTITY = 1000
 MAX_EMAIL_LENGTH = 254
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
-EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
-SKU_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-PRICE_RE = re.compile(r"^[0-9]+(\.[0-9]+)?$")
-DIGITS_RE = re.compile(r"^[0-9]{1,18}$")
-IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
+# Always used with .fullmatch(): see the module docstring.
+SKU_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+PRICE_RE = re.compile(r"[0-9]+(\.[0-9]+)?")
+DIGITS_RE = re.compile(r"[0-9]{1,18}")
+IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
 ORDER_FIELDS = ("customer_email", "currency", "items")
 LINE_FIELDS = ("sku", "quantity", "unit_price")
 
@@ -172,17 +188,36 @@ def _check_fields(
             errors.add(prefix + str(name), "unknown field")
 
 
+def check_email(value: str) -> tuple[str, str]:
+    """One recipient address: ``(ASCII form, "")`` or ``("", why it is refused)``.
+
+    The email consumer applies the same rule to every address it takes from a queue.
+    """
+    if len(value) > MAX_EMAIL_LENGTH:
+        return "", f"must be at most {MAX_EMAIL_LENGTH} characters"
+    if "=?" in value:
+        return "", "must be a plain address, not an RFC 2047 encoded-word (=?...?=)"
+    try:
+        checked = email_validator.validate_email(
+            value, check_deliverability=False, allow_smtputf8=False
+        )
+    except email_validator.EmailNotValidError as exc:
+        return "", f"must be one email address like ada@example.com: {exc}"
+    address = checked.ascii_email or ""
+    if not address or len(address) > MAX_EMAIL_LENGTH:
+        return "", f"must be at most {MAX_EMAIL_LENGTH} characters (in its ASCII form)"
+    return address, ""
+
+
 def _email(value: Any, errors: _Errors) -> str:
     path = "customer_email"
     if not isinstance(value, str):
         errors.add(path, f"must be a string, not {_type_name(value)}")
-    elif len(value) > MAX_EMAIL_LENGTH:
-        errors.add(path, f"must be at most {MAX_EMAIL_LENGTH} characters")
-    elif not EMAIL_RE.match(value):
-        errors.add(path, "must be an email address like ada@example.com")
-    else:
-        return value
-    return ""
+        return ""
+    address, message = check_email(value)
+    if message:
+        errors.add(path, message)
+    return address
 
 
 def _currency(value: Any, errors: _Errors) -> str:
@@ -212,7 +247,7 @@ def parse_price(value: Any) -> tuple[Decimal | None, str]:
         return None, 'must be a decimal string like "12.50", not a JSON number'
     if not isinstance(value, str):
         return None, f'must be a decimal string like "12.50", not {_type_name(value)}'
-    if len(value) > 32 or not PRICE_RE.match(value):
+    if len(value) > 32 or not PRICE_RE.fullmatch(value):
         return None, 'must be a decimal string like "12.50"'
     try:
         amount = Decimal(value)
@@ -250,7 +285,7 @@ def _items(value: Any, max_lines: int, errors: _Errors) -> tuple[LineRequest, ..
         if "sku" in item:
             if not isinstance(sku, str):
                 errors.add(prefix + ".sku", f"must be a string, not {_type_name(sku)}")
-            elif not SKU_RE.match(sku):
+            elif not SKU_RE.fullmatch(sku):
                 errors.add(prefix + ".sku", "must be 1 to 64 characters from A-Z a-z 0-9 . _ -")
             elif sku in seen:
                 errors.add(
@@ -290,14 +325,15 @@ def validate_order(body: Any, max_lines: int = 100) -> OrderRequest:
 def request_hash(body: Any) -> str:
     """SHA-256 of the canonical JSON of a body: key order and spacing do not matter."""
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    # surrogatepass: never an error, even for a lone surrogate (validation refuses those).
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def idempotency_key(value: str | None) -> str | None:
     """Validate the Idempotency-Key header: absent, or 1-255 visible ASCII characters."""
     if value is None:
         return None
-    if not IDEMPOTENCY_KEY_RE.match(value):
+    if not IDEMPOTENCY_KEY_RE.fullmatch(value):
         raise bad_request(
             "Idempotency-Key",
             f"must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} visible ASCII characters",
@@ -309,7 +345,7 @@ def page_limit(value: str | None, default: int = 20, maximum: int = 100) -> int:
     """The ``limit`` query parameter: 1 to ``maximum``."""
     if value is None:
         return default
-    if not DIGITS_RE.match(value) or not 1 <= int(value) <= maximum:
+    if not DIGITS_RE.fullmatch(value) or not 1 <= int(value) <= maximum:
         raise bad_request("limit", f"must be an integer from 1 to {maximum}")
     return int(value)
 
@@ -318,6 +354,6 @@ def page_cursor(value: str | None) -> int | None:
     """The ``cursor`` query parameter: a ``next_cursor`` from a previous page."""
     if value is None:
         return None
-    if not DIGITS_RE.match(value) or int(value) < 1:
+    if not DIGITS_RE.fullmatch(value) or int(value) < 1:
         raise bad_request("cursor", "must be a next_cursor value from a previous page")
     return int(value)

@@ -99,6 +99,51 @@ INVALID: list[tuple[str, Any, str]] = [
     ("sku with space", order(items=[item(sku="BOOK 1")]), "items[0].sku"),
     ("sku not a string", order(items=[item(sku=1)]), "items[0].sku"),
     ("duplicate sku", order(items=[item(), item(quantity=1)]), "items[1].sku"),
+    # Issue 14: one addr-spec only (recipient injection) ...
+    ("email list", order(customer_email="root,ada@example.com"), "customer_email"),
+    ("email local user", order(customer_email="root"), "customer_email"),
+    ("email two", order(customer_email="ada@example.com, spy@evil.example"), "customer_email"),
+    ("email display name", order(customer_email="Ada <ada@example.com>"), "customer_email"),
+    ("email comment", order(customer_email="ada@example.com (x)"), "customer_email"),
+    ("email quoted", order(customer_email='"a,b"@example.com'), "customer_email"),
+    ("email ip literal", order(customer_email="ada@[127.0.0.1]"), "customer_email"),
+    ("email localhost", order(customer_email="ada@localhost"), "customer_email"),
+    (
+        "email encoded-word",
+        order(customer_email="=?utf-8?q?v0=40evil.example?=,x@example.com"),
+        "customer_email",
+    ),
+    (
+        "email encoded-word local part",
+        order(customer_email="=?utf-8?q?spy=40evil.example?=@example.com"),
+        "customer_email",
+    ),
+    # ... no final newline ($ matched before it) ...
+    ("email final newline", order(customer_email="ada@example.com\n"), "customer_email"),
+    ("email header", order(customer_email="ada@example.com\nBcc: x@y.io"), "customer_email"),
+    ("sku final newline", order(items=[item(sku="BOOK\n")]), "items[0].sku"),
+    ("sku 64 + newline", order(items=[item(sku="A" * 64 + "\n")]), "items[0].sku"),
+    ("price final newline", order(items=[item(unit_price="12\n")]), "items[0].unit_price"),
+    (
+        "duplicate sku with newline",
+        order(items=[item(sku="DUP"), item(sku="DUP\n")]),
+        "items[1].sku",
+    ),
+    # ... and nothing the database cannot store the same way on SQLite and PostgreSQL.
+    ("email lone surrogate", order(customer_email="\ud800@example.com"), "customer_email"),
+    ("email NUL", order(customer_email="ada\x00@example.com"), "customer_email"),
+    ("email ESC", order(customer_email="\x1b[31mada@example.com"), "customer_email"),
+    ("email DEL", order(customer_email="ada\x7f@example.com"), "customer_email"),
+    ("email bidi override", order(customer_email="ada\u202e@example.com"), "customer_email"),
+    ("sku NUL", order(items=[item(sku="BOOK\x00")]), "items[0].sku"),
+    ("sku lone surrogate", order(items=[item(sku="\udfff")]), "items[0].sku"),
+    ("sku ESC", order(items=[item(sku="\x1bBOOK")]), "items[0].sku"),
+    ("price NUL", order(items=[item(unit_price="12\x00")]), "items[0].unit_price"),
+    ("price arabic digits", order(items=[item(unit_price="\u0661\u0662")]), "items[0].unit_price"),
+    ("currency NUL", order(currency="EUR\x00"), "currency"),
+    ("currency newline", order(currency="EUR\n"), "currency"),
+    ("unknown field NUL", order(**{"\x00": 1}), "\x00"),
+    ("unknown field surrogate", order(**{"\ud800": 1}), "\ud800"),
 ]
 
 
@@ -114,6 +159,22 @@ def test_invalid_orders_are_422_naming_the_field(
     assert problem["type"] == validation.PROBLEM_BASE + "validation"
     assert field in [e["field"] for e in problem["errors"]]
     assert client.get("/orders").get_json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ("ada@example.com", "ada@example.com"),
+        ("Ada.Lovelace+shop@Example.COM", "Ada.Lovelace+shop@example.com"),
+        ("ada@ex\u00e4mple.com", "ada@xn--exmple-cua.com"),
+    ],
+)
+def test_the_email_is_stored_in_its_ascii_form(
+    client: FlaskClient, given: str, stored: str
+) -> None:
+    response = client.post("/orders", json=order(customer_email=given))
+    assert response.status_code == 201, response.get_json()
+    assert response.get_json()["customer_email"] == stored
 
 
 def test_every_error_is_reported_at_once(client: FlaskClient) -> None:
@@ -168,6 +229,8 @@ def test_body_over_the_limit_is_413(client: FlaskClient) -> None:
         ("/orders?limit=x", "get", 400),
         ("/orders?cursor=-1", "get", 400),
         ("/orders?cursor=%C2%B2", "get", 400),
+        ("/orders?limit=5%0A", "get", 400),
+        ("/orders?cursor=1%0A", "get", 400),
     ],
 )
 def test_http_errors_are_problem_json(
