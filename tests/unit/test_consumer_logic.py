@@ -357,7 +357,8 @@ class _Outbox(EmailHandler):
         super().__init__(engine, host="unused", port=0, sender="orders@example.com")
         self.sent: list[Any] = []
 
-    def send(self, msg: Any) -> None:
+    def send(self, msg: Any, to: str) -> None:
+        assert msg["To"] == to
         self.sent.append(msg)
 
 
