@@ -4,8 +4,9 @@ The whole pipeline runs as ``make up`` runs it, on one SQLite WAL database and t
 suite's Redis: orders-api (2 workers, relay threads), ``consumer payment``,
 ``consumer invoice``, ``consumer shipping``, ``consumer email`` (sending to
 ``smtp-sink``) and ``orders-updates`` (records the outcome events in the order
-history). hey offers a
-fixed rate (clients x per-client rate) for a fixed time.
+history). vegeta offers a fixed rate, open loop (a request starts on schedule whether
+or not the earlier ones have answered), for a fixed time, a new Idempotency-Key on
+every request.
 
 The observable: each order's ``created_at`` (stamped in the request's transaction)
 and, in its history, the timestamps of the outcome events PaymentCaptured,
@@ -26,7 +27,7 @@ from typing import Any
 import redis
 from sqlalchemy import select
 
-from benchmarks import hey
+from benchmarks import vegeta
 from benchmarks.harness import BIN, Context, Row, percentile
 from benchmarks.intake import body_file, start_api
 from devtools import databases
@@ -46,7 +47,8 @@ EFFECTS = (
     SHIPPED_EMAIL,
 )
 CONSUMERS = ("payment", "invoice", "shipping", "email", "updates")
-RATE_PER_CLIENT = 10
+WORKERS = 16
+"""Initial vegeta workers (it adds more when requests outlast the schedule)."""
 
 
 def one_run(ctx: Context) -> dict[str, list[float] | float]:
@@ -85,13 +87,12 @@ def one_run(ctx: Context) -> dict[str, list[float] | float]:
 
         wait_until(ready, 60, 0.05, "the consumers to register")
         api, base = start_api(ctx, database_url)
-        clients = max(1, mode.e2e_rate // RATE_PER_CLIENT)
-        load = hey.post(
+        load = vegeta.post(
             f"{base}/orders",
             body_file(ctx),
             seconds=mode.e2e_seconds,
-            clients=clients,
-            rate_per_client=mode.e2e_rate / clients,
+            clients=WORKERS,
+            rate=mode.e2e_rate,
         )
         ctx.log(f"e2e: {load.ok} orders accepted in {load.seconds:.1f}s, waiting for effects")
 
@@ -175,7 +176,7 @@ def _latencies(engine: Any) -> dict[str, list[float] | float]:
 def run(ctx: Context) -> list[Row]:
     """Latency rows (median over runs of each run's percentile) and the loss count."""
     mode = ctx.mode
-    hey.ensure_hey()
+    vegeta.ensure_vegeta()
     runs = []
     for i in range(mode.e2e_repeats):
         ctx.log(f"e2e: run {i + 1}, {mode.e2e_rate} orders/s offered for {mode.e2e_seconds:g}s")

@@ -1,4 +1,4 @@
-"""3. Order intake: POST /orders per second through the production server, with hey.
+"""3. Order intake: POST /orders per second through the production server, with vegeta.
 
 ``orders-api`` runs as in production: gunicorn, WEB_CONCURRENCY=2 workers x WEB_THREADS=4
 (gthread), the outbox relay thread in each worker, PATTERN=both; on SQLite in WAL mode
@@ -8,8 +8,9 @@ OrderPlaced (Lua: channel + its 2 queues), marks the outbox row, and answers 201
 
 Limit, same run: :mod:`benchmarks.bare_app`, a bare Flask endpoint under the same
 gunicorn configuration (same workers, threads, worker class), so the ratio is the share
-of the web stack's capacity our order path keeps. hey runs on the same 2 cores as the
-servers and takes a share of them; both sides pay it alike.
+of the web stack's capacity our order path keeps. vegeta runs on the same 2 cores as the
+servers and takes a share of them; both sides pay it alike. Every request carries a new
+``Idempotency-Key`` (each is a new order, and the key's look-up is part of the cost).
 
 After the load, every stored order must be in each consumer queue (nothing lost).
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 import redis
 from sqlalchemy import func, select
 
-from benchmarks import hey
+from benchmarks import vegeta
 from benchmarks.harness import BIN, Context, Row, wait_http_ok
 from devtools.procs import Proc, wait_until
 from devtools.redis_server import free_port
@@ -42,7 +43,7 @@ ORDER = {
         {"sku": "PEN-7", "quantity": 1, "unit_price": "3.20"},
     ],
 }
-"""The body hey sends (the same every time; no Idempotency-Key, so each is a new order)."""
+"""The body vegeta sends (the same each time; a new Idempotency-Key each: a new order)."""
 
 
 def server_env(port: int, database_url: str, redis_url: str) -> dict[str, str]:
@@ -82,19 +83,19 @@ def start_api(ctx: Context, database_url: str, argv: list[str] | None = None) ->
 
 
 def body_file(ctx: Context) -> Path:
-    """The order body as a file for hey."""
+    """The order body as a file for vegeta."""
     path = ctx.scratch("body") / "order.json"
     path.write_text(json.dumps(ORDER))
     return path
 
 
-def measure(ctx: Context, base: str, body: Path) -> list[hey.Load]:
+def measure(ctx: Context, base: str, body: Path) -> list[vegeta.Load]:
     """A warm-up, then ``http_repeats`` timed runs of ``http_seconds`` each."""
     mode = ctx.mode
     url = f"{base}/orders"
-    hey.post(url, body, requests=100, clients=4)
+    vegeta.post(url, body, requests=100, clients=4)
     return [
-        hey.post(url, body, seconds=mode.http_seconds, clients=mode.http_clients)
+        vegeta.post(url, body, seconds=mode.http_seconds, clients=mode.http_clients)
         for _ in range(mode.http_repeats)
     ]
 
@@ -120,7 +121,9 @@ def check_queued(ctx: Context, database_url: str) -> int:
     return stored
 
 
-def rows_for(label: str, loads: list[hey.Load], limit: list[hey.Load], note: str) -> list[Row]:
+def rows_for(
+    label: str, loads: list[vegeta.Load], limit: list[vegeta.Load], note: str
+) -> list[Row]:
     """Rate and p50/p95/p99 rows of one server beside the bare stack's."""
     errors = sum(load.errors for load in loads)
     if errors:
@@ -154,7 +157,7 @@ def run(ctx: Context) -> list[Row]:
     """Bare stack first, then orders-api on each database."""
     mode = ctx.mode
     body = body_file(ctx)
-    hey.ensure_hey()
+    vegeta.ensure_vegeta()
     client = redis.Redis.from_url(ctx.redis_url)
     client.flushdb()
     client.close()
@@ -166,7 +169,7 @@ def run(ctx: Context) -> list[Row]:
     finally:
         proc.terminate(15.0)
     rows: list[Row] = []
-    note = f"{WORKERS} workers x {THREADS} threads, hey -c {mode.http_clients}"
+    note = f"{WORKERS} workers x {THREADS} threads, {mode.http_clients} vegeta workers"
     databases = {
         "SQLite WAL": lambda: f"sqlite:///{ctx.scratch('intake') / 'orders.db'}",
         "PostgreSQL": ctx.postgres_url,

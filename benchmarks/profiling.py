@@ -1,5 +1,10 @@
 """Profile the two hot paths with pyinstrument: a POST /orders and the consumer loop.
 
+``python -m benchmarks.profiling server [--rate 200] [--seconds 10] [--database ...]``
+samples the real ``orders-api`` (gunicorn workers) with py-spy while vegeta offers
+orders at a fixed rate, and prints the CPU time per order by layer: the figure to
+quote for "where does an order's CPU go".
+
 ``python -m benchmarks.profiling post [--count 2000] [--database sqlite|postgresql]``
 profiles POST /orders through the real Flask app (test client: no HTTP server, so the
 profile is our code, Flask, SQLAlchemy, the driver and Redis) and prints where the time
@@ -96,19 +101,23 @@ def profile_post(redis_url: str, database_url: str, count: int) -> None:
     from benchmarks.intake import ORDER
     from tests.orders_app import build_app
 
-    app = build_app(database_url, redis_url, "both")
+    # All requests come from one client: the per-IP rate limit would answer 429.
+    app = build_app(database_url, redis_url, "both", RATE_LIMIT_PER_MINUTE="0")
     client = app.test_client()
-    for _ in range(50):  # warm up: connections, statement caches
-        client.post("/orders", json=ORDER)
+    for n in range(50):  # warm up: connections, statement caches
+        client.post("/orders", json=ORDER, headers={"Idempotency-Key": f"warm-{n}"})
     profiler = Profiler(interval=0.0005)
     start = time.perf_counter()
     profiler.start()
-    for _ in range(count):
-        response = client.post("/orders", json=ORDER)
+    for n in range(count):  # a new Idempotency-Key on every request, as clients should
+        response = client.post("/orders", json=ORDER, headers={"Idempotency-Key": f"key-{n}"})
         if response.status_code != 201:
             raise RuntimeError(f"POST /orders answered {response.status_code}")
     profiler.stop()
     elapsed = time.perf_counter() - start
+    marker = app.extensions.get("orders.marker")
+    if marker is not None:
+        marker.close()
     app.extensions["orders"].close()
     print(f"{count} POST /orders in {elapsed:.2f}s: {count / elapsed:,.0f}/s in one thread")
     print_split("POST /orders, time by layer", layer_split(profiler), count)
@@ -155,6 +164,88 @@ def profile_drain(redis_url: str, count: int, batch: int) -> None:
     _save(profiler, "drain")
 
 
+def profile_server(redis_url: str, database_url: str, seconds: float, rate: float) -> None:
+    """py-spy over the real orders-api (gunicorn workers) while vegeta POSTs orders.
+
+    Samples only threads on the CPU (py-spy's default: no idle frames), so the split is
+    of CPU time, not of waiting. Every worker is sampled, relay and marker included.
+    """
+    import shutil
+    import subprocess
+
+    from benchmarks import vegeta
+    from benchmarks.harness import BIN, MODES, Context
+    from benchmarks.intake import body_file, start_api
+
+    py_spy = shutil.which("py-spy", path=str(BIN)) or shutil.which("py-spy")
+    if py_spy is None:
+        raise RuntimeError("py-spy is missing: pip install py-spy")
+    work = Path(tempfile.mkdtemp(prefix="bench-spy-"))
+    ctx = Context(mode=MODES["quick"], work=work, redis_url=redis_url)
+    api, base = start_api(ctx, database_url)
+    out = RESULTS_DIR / "profile-server.txt"
+    RESULTS_DIR.mkdir(exist_ok=True)
+    try:
+        vegeta.post(f"{base}/orders", body_file(ctx), requests=200, clients=4)  # warm up
+        children = subprocess.run(
+            ["pgrep", "-P", str(api.popen.pid)], capture_output=True, text=True, check=True
+        ).stdout.split()
+        spies = [
+            subprocess.Popen(
+                [
+                    py_spy,
+                    "record",
+                    "--pid",
+                    pid,
+                    "--duration",
+                    str(int(seconds)),
+                    "--rate",
+                    "200",
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "--output",
+                    str(work / f"spy-{pid}.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            for pid in children
+        ]
+        load = vegeta.post(f"{base}/orders", body_file(ctx), seconds=seconds, rate=rate)
+        for spy in spies:
+            spy.wait(60)
+    finally:
+        api.terminate(15.0)
+    totals: dict[str, float] = defaultdict(float)
+    lines = []
+    for path in work.glob("spy-*.txt"):
+        for line in path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack:
+                continue
+            lines.append(line)
+            frames = stack.split(";")
+            totals[_layer_of_names(frames)] += int(count)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"{load.ok} POST /orders in {load.seconds:.1f}s ({load.rate:.0f}/s offered {rate:g}/s)")
+    samples = sum(totals.values()) or 1
+    print_split(
+        "orders-api CPU by layer (py-spy, every worker thread)",
+        {k: v / 200 for k, v in totals.items()},  # samples at 200 Hz -> seconds
+        max(load.ok, 1),
+    )
+    print(f"\n{samples:.0f} samples; collapsed stacks (flamegraph input): {out}")
+
+
+def _layer_of_names(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for layer, needles in LAYERS:
+            if any(needle in frame for needle in needles):
+                return layer
+    return "other (stdlib, interpreter, gunicorn)"
+
+
 def _save(profiler: Profiler, name: str) -> None:
     RESULTS_DIR.mkdir(exist_ok=True)
     path = RESULTS_DIR / f"profile-{name}.html"
@@ -166,7 +257,9 @@ def _save(profiler: Profiler, name: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one profile."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profiling")
-    parser.add_argument("target", choices=["post", "drain"])
+    parser.add_argument("target", choices=["post", "drain", "server"])
+    parser.add_argument("--seconds", type=float, default=10.0, help="server: load time")
+    parser.add_argument("--rate", type=float, default=200.0, help="server: orders/s offered")
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
@@ -188,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 cluster = PostgresCluster(bin_dir).start()
                 database_url = cluster.create_database()
-            profile_post(server.url, database_url, args.count or 2000)
+            if args.target == "server":
+                profile_server(server.url, database_url, args.seconds, args.rate)
+            else:
+                profile_post(server.url, database_url, args.count or 2000)
     finally:
         if cluster is not None:
             cluster.stop()

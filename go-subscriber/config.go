@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"net"
+	"net/url"
 	"os"
 	"strconv"
 	"strings"
@@ -90,6 +91,9 @@ type Config struct {
 	OrderQueue string
 	// LogFormat is "text" (the original's lines) or "json" (LOG_FORMAT).
 	LogFormat string
+	// OTLPEndpoint, when set, is the OTLP/HTTP base URL spans are exported to
+	// (OTEL_EXPORTER_OTLP_ENDPOINT; traces go to <base>/v1/traces). Empty: no tracing.
+	OTLPEndpoint string
 	// ConnectAttempts is the number of PINGs tried before giving up.
 	ConnectAttempts int
 	// ConnectRetryDelay is the wait between two connection attempts.
@@ -184,6 +188,14 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 	cfg.OrderChannel = get("ORDER_CHANNEL", "")
 	cfg.OrderQueue = get("ORDER_QUEUE", "")
 
+	if cfg.OTLPEndpoint = get("OTEL_EXPORTER_OTLP_ENDPOINT", ""); cfg.OTLPEndpoint != "" {
+		u, err := url.Parse(cfg.OTLPEndpoint)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			// Not the parser's message, and not the value's user info: it may hold a token.
+			return Config{}, &ConfigError{"OTEL_EXPORTER_OTLP_ENDPOINT", redactEndpoint(cfg.OTLPEndpoint), "must be an http:// or https:// URL, e.g. http://localhost:4318"}
+		}
+	}
+
 	cfg.LogFormat = get("LOG_FORMAT", "text")
 	if cfg.LogFormat != "text" && cfg.LogFormat != "json" {
 		return Config{}, &ConfigError{"LOG_FORMAT", cfg.LogFormat, "must be text or json"}
@@ -238,6 +250,15 @@ func loadCAs(path string) (*x509.CertPool, error) {
 		return nil, &ConfigError{"REDIS_TLS_CA_FILE", path, "no PEM certificate in it"}
 	}
 	return pool, nil
+}
+
+// redactEndpoint keeps only the scheme and host of an unusable OTLP endpoint.
+func redactEndpoint(raw string) string {
+	if u, err := url.Parse(raw); err == nil && u.User != nil {
+		u.User = url.User("xxxxx")
+		return u.String()
+	}
+	return raw
 }
 
 // redactURL hides the password of a Redis URL for error and log lines.

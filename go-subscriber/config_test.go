@@ -36,6 +36,8 @@ func TestLoadConfig(t *testing.T) {
 			c.ConnectAttempts, c.ConnectRetryDelay = 2, 250*time.Millisecond
 		}},
 		{"url", map[string]string{"REDIS_URL": "redis://:secret@cache:6380/3"}, func(c *Config) { c.URL = "redis://:secret@cache:6380/3" }},
+		{"otlp endpoint", map[string]string{"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, func(c *Config) { c.OTLPEndpoint = "http://collector:4318" }},
+		{"otlp endpoint https with path", map[string]string{"OTEL_EXPORTER_OTLP_ENDPOINT": " https://otel.example/prefix/ "}, func(c *Config) { c.OTLPEndpoint = "https://otel.example/prefix/" }},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -56,7 +58,7 @@ func TestDefaultConfigIsTheOriginal(t *testing.T) {
 	c := DefaultConfig()
 	if c.Addr != "localhost:6379" || c.Pattern != "both" || c.Channel != "messages" || c.Queue != "message_queue" ||
 		c.ConnectAttempts != 5 || c.ConnectRetryDelay != 5*time.Second || c.PollTimeout != time.Second ||
-		c.OrderChannel != "" || c.OrderQueue != "" || c.DB != 0 {
+		c.OrderChannel != "" || c.OrderQueue != "" || c.DB != 0 || c.OTLPEndpoint != "" {
 		t.Errorf("DefaultConfig() = %+v", c)
 	}
 	opts := c.RedisOptions()
@@ -99,6 +101,8 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"tls verification off", map[string]string{"REDIS_URL": "rediss://u:pw@host?skip_verify=true"}, `invalid REDIS_URL "rediss://u:xxxxx@host?skip_verify=true": TLS verification cannot be turned off (skip_verify)`},
 		{"ca file without tls", map[string]string{"REDIS_URL": "redis://host", "REDIS_TLS_CA_FILE": "ca.pem"}, `invalid REDIS_TLS_CA_FILE "ca.pem": needs a rediss:// REDIS_URL`},
 		{"ca file missing", map[string]string{"REDIS_URL": "rediss://host", "REDIS_TLS_CA_FILE": "/nonexistent/ca.pem"}, `invalid REDIS_TLS_CA_FILE "/nonexistent/ca.pem": no such file`},
+		{"otlp endpoint without scheme", map[string]string{"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, `invalid OTEL_EXPORTER_OTLP_ENDPOINT "collector:4318": must be an http:// or https:// URL, e.g. http://localhost:4318`},
+		{"otlp endpoint grpc scheme, user hidden", map[string]string{"OTEL_EXPORTER_OTLP_ENDPOINT": "grpc://tok:en@collector:4317"}, `invalid OTEL_EXPORTER_OTLP_ENDPOINT "grpc://xxxxx@collector:4317": must be an http:// or https:// URL, e.g. http://localhost:4318`},
 		{"ca file not pem", map[string]string{"REDIS_URL": "rediss://host", "REDIS_TLS_CA_FILE": "config_test.go"}, `invalid REDIS_TLS_CA_FILE "config_test.go": no PEM certificate in it`},
 	}
 	for _, tt := range tests {

@@ -91,7 +91,8 @@ func (j *JSONLogger) Fatalf(format string, args ...any) {
 // instead of stderr. While Redis is down go-redis retries many times a second; a
 // message equal to the previous one is dropped for redisLogRepeat.
 type redisLogger struct {
-	l Logger
+	l      Logger
+	prefix string // "redis: ", or "OpenTelemetry: " for the span exporter's errors
 
 	mu   sync.Mutex
 	last string
@@ -101,13 +102,17 @@ type redisLogger struct {
 // redisLogRepeat is how long an identical go-redis message stays silenced.
 const redisLogRepeat = 10 * time.Second
 
-func newRedisLogger(l Logger) *redisLogger { return &redisLogger{l: l} }
+func newRedisLogger(l Logger) *redisLogger { return &redisLogger{l: l, prefix: "redis: "} }
+
+// newOTelLogger is the same de-duplicating logger for OpenTelemetry's errors (a
+// collector that is down fails every batch export, every 5 s).
+func newOTelLogger(l Logger) *redisLogger { return &redisLogger{l: l, prefix: "OpenTelemetry: "} }
 
 // Printf implements go-redis's internal.Logging.
 func (r *redisLogger) Printf(_ context.Context, format string, args ...any) {
 	msg := fmt.Sprintf(format, args...)
-	if !strings.HasPrefix(msg, "redis: ") {
-		msg = "redis: " + msg
+	if !strings.HasPrefix(msg, r.prefix) {
+		msg = r.prefix + msg
 	}
 	r.mu.Lock()
 	now := time.Now()

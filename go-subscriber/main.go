@@ -13,6 +13,7 @@ import (
 	"syscall"
 
 	"github.com/redis/go-redis/v9"
+	"go.opentelemetry.io/otel"
 )
 
 func main() {
@@ -43,6 +44,12 @@ func run(ctx context.Context, getenv func(string) string, stdout, stderr io.Writ
 	}
 	logger := NewLogger(cfg.LogFormat, stdout)
 	redis.SetLogger(newRedisLogger(logger))
+	// OpenTelemetry's export errors (collector down, refused) go to the same log,
+	// an identical one at most every 10 s, instead of stderr.
+	otelLog := newOTelLogger(logger)
+	otel.SetErrorHandler(otel.ErrorHandlerFunc(func(err error) {
+		otelLog.Printf(context.Background(), "%v", err)
+	}))
 
 	if err := NewSubscriber(cfg, stdout, logger).Run(ctx); err != nil {
 		logger.Fatalf("Subscriber failed: %v", err)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,6 +11,9 @@ import (
 	"time"
 	"unicode"
 	"unicode/utf8"
+
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Sources named at the end of a display line.
@@ -32,7 +36,7 @@ const zonelessLayout = "2006-01-02T15:04:05.999999999"
 const maxFieldBytes = 4096
 
 // Message is the envelope of contracts/envelope.schema.json: the original Hello
-// message plus the optional domain-event fields Type, Version and Data.
+// message plus the optional domain-event fields Type, Version, Data and Traceparent.
 type Message struct {
 	// ID is the event id (a UUID).
 	ID string `json:"id"`
@@ -48,8 +52,36 @@ type Message struct {
 	Type string `json:"type,omitempty"`
 	// Version is the version of Data's shape; zero on Hello messages.
 	Version int `json:"version,omitempty"`
-	// Data is the domain event's payload, kept raw: the subscriber only displays.
+	// Data is the domain event's payload, kept raw until Summary reads it by Type.
 	Data json.RawMessage `json:"data,omitempty"`
+	// Traceparent is the W3C trace context of the event ("00-<trace id>-<span id>-<flags>").
+	Traceparent string `json:"traceparent,omitempty"`
+}
+
+// traceparentCarrier hands one traceparent value to OpenTelemetry's W3C propagator
+// without building a map per message.
+type traceparentCarrier string
+
+func (c traceparentCarrier) Get(key string) string {
+	if key == "traceparent" {
+		return string(c)
+	}
+	return ""
+}
+
+func (traceparentCarrier) Set(string, string) {}
+
+func (traceparentCarrier) Keys() []string { return []string{"traceparent"} }
+
+// RemoteSpanContext is the span context of msg's traceparent, parsed by
+// OpenTelemetry's W3C propagator (exact lengths, lower-case hex, no trailing bytes,
+// all-zero ids refused); it is invalid when msg has no usable traceparent.
+func (msg Message) RemoteSpanContext() trace.SpanContext {
+	if msg.Traceparent == "" {
+		return trace.SpanContext{}
+	}
+	ctx := propagation.TraceContext{}.Extract(context.Background(), traceparentCarrier(msg.Traceparent))
+	return trace.SpanContextFromContext(ctx)
 }
 
 // errNotObject is returned for JSON that is valid but not an object (e.g. null or 42).
@@ -95,14 +127,28 @@ func EventTime(timestamp string, receivedAt time.Time) (time.Time, bool) {
 
 // DisplayLine is the line printed for one received message, newline included:
 //
-//	[2006-01-02 15:04:05] [sender] message (ID: id) [Received #n from source]
+//	[2006-01-02 15:04:05] [sender] summary (ID: id) [Received #n from source]
+//	[2006-01-02 15:04:05] [sender] summary (ID: id, trace: trace-id) [Received #n from source]
 //
-// Fields are shown as sent, except that control characters (newlines, ANSI escapes)
-// are escaped, so one message is always one line, and overlong fields are cut.
+// The summary is msg.Summary(): the message as sent for Hello messages, a line
+// rendered from the data for each known event type. The trace part appears when the
+// message carries a valid traceparent. Fields are shown as sent, except that control
+// characters (newlines, ANSI escapes) are escaped, so one message is always one line,
+// and overlong fields are cut.
 func DisplayLine(msg Message, received int, source string, receivedAt time.Time) string {
+	summary, _ := msg.Summary()
+	return displayLine(msg, summary, msg.RemoteSpanContext(), received, source, receivedAt)
+}
+
+// displayLine is DisplayLine with the summary and span context already worked out.
+func displayLine(msg Message, summary string, sc trace.SpanContext, received int, source string, receivedAt time.Time) string {
 	t, _ := EventTime(msg.Timestamp, receivedAt)
+	id := clean(msg.ID)
+	if sc.IsValid() {
+		id += ", trace: " + sc.TraceID().String()
+	}
 	return fmt.Sprintf("[%s] [%s] %s (ID: %s) [Received #%d from %s]\n",
-		t.Format(displayTimeLayout), clean(msg.Sender), clean(msg.Message), clean(msg.ID), received, source)
+		t.Format(displayTimeLayout), clean(msg.Sender), clean(summary), id, received, source)
 }
 
 // clean escapes control characters, replaces bytes that are not UTF-8 with U+FFFD (a

@@ -201,8 +201,8 @@ func TestHandleSharedCounter(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for i := range perSource {
-				s.handle(fmt.Sprintf(`{"id":"%d","timestamp":"2026-11-28T10:15:04Z","message":"m","sender":"s","count":%d}`, i, i), source)
-				s.handle(`{"count":"x"}`, source)
+				s.handle(fmt.Sprintf(`{"id":"%d","timestamp":"2026-11-28T10:15:04Z","message":"m","sender":"s","count":%d}`, i, i), source, "list")
+				s.handle(`{"count":"x"}`, source, "list")
 			}
 		}()
 	}

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Subscriber displays every message arriving on the configured pub/sub channels and
@@ -20,6 +21,8 @@ type Subscriber struct {
 	out    io.Writer             // display lines
 	log    Logger
 	now    func() time.Time
+	// tracing exports a span per message; nil (no OTEL_EXPORTER_OTLP_ENDPOINT) means off.
+	tracing *Tracing
 
 	mu       sync.Mutex // guards received and serialises writes to out
 	received int
@@ -27,9 +30,11 @@ type Subscriber struct {
 
 // NewSubscriber builds a subscriber and its Redis client; it does not connect.
 // Display lines go to out, log lines to logger.
+// With cfg.OTLPEndpoint set it also builds the span exporter (it connects on the
+// first export); if that fails, the subscriber logs why and runs without tracing.
 func NewSubscriber(cfg Config, out io.Writer, logger Logger) *Subscriber {
 	opts := cfg.RedisOptions()
-	return &Subscriber{
+	s := &Subscriber{
 		cfg:    cfg,
 		client: cfg.NewClient(),
 		addr:   opts.Addr,
@@ -37,6 +42,15 @@ func NewSubscriber(cfg Config, out io.Writer, logger Logger) *Subscriber {
 		log:    logger,
 		now:    time.Now,
 	}
+	if cfg.OTLPEndpoint != "" {
+		tracing, err := NewTracing(context.Background(), cfg.OTLPEndpoint)
+		if err != nil {
+			logger.Errorf("Tracing off: %v", err)
+		} else {
+			s.tracing = tracing
+		}
+	}
+	return s
 }
 
 // Received is the number of messages displayed so far, from every source.
@@ -56,6 +70,7 @@ func (s *Subscriber) Run(ctx context.Context) error {
 	if err := s.connectWithRetries(ctx); err != nil {
 		if ctx.Err() == nil {
 			s.closeClient()
+			s.shutdownTracing()
 			return err
 		}
 		// Stopped while waiting for Redis: the normal shutdown lines, nothing received.
@@ -97,7 +112,23 @@ func (s *Subscriber) Run(ctx context.Context) error {
 	wg.Wait()
 	s.log.Infof("Subscriber stopped. Total messages received: %d", s.Received())
 	s.closeClient()
+	s.shutdownTracing()
 	return nil
+}
+
+// tracingShutdownTimeout bounds the final export of queued spans at shutdown.
+const tracingShutdownTimeout = 5 * time.Second
+
+// shutdownTracing exports the spans still queued (after every listener stopped).
+func (s *Subscriber) shutdownTracing() {
+	if s.tracing == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), tracingShutdownTimeout)
+	defer cancel()
+	if err := s.tracing.Shutdown(ctx); err != nil {
+		s.log.Errorf("Error exporting the last spans: %v", err)
+	}
 }
 
 func (s *Subscriber) closeClient() {
@@ -158,7 +189,7 @@ func (s *Subscriber) listenChannel(ctx context.Context, channel string) {
 			if !ok { // the PubSub was closed under us
 				return
 			}
-			s.handle(msg.Payload, SourcePubSub)
+			s.handle(msg.Payload, SourcePubSub, channel)
 		}
 	}
 }
@@ -185,24 +216,36 @@ func (s *Subscriber) listenQueue(ctx context.Context, list string) {
 			continue
 		}
 		if len(result) == 2 { // [list, value]
-			s.handle(result[1], SourceQueue)
+			s.handle(result[1], SourceQueue, list)
 		}
 	}
 }
 
-// handle parses and displays one payload; a bad payload is logged and skipped.
-func (s *Subscriber) handle(payload, source string) {
+// handle parses and displays one payload received from source ("pub-sub" or
+// "queue") on destination (the channel or list); a bad payload is logged and
+// skipped. Known event data that cannot be read is logged and shown by its message.
+func (s *Subscriber) handle(payload, source, destination string) {
 	msg, err := ParseMessage([]byte(payload))
 	if err != nil {
 		s.log.Errorf("Failed to parse message from %s: %v", source, err)
 		return
+	}
+	parent := msg.RemoteSpanContext()
+	var span trace.Span
+	if s.tracing != nil {
+		span = s.tracing.Start(parent, msg, source, destination)
+		defer span.End()
+	}
+	summary, err := msg.Summary()
+	if err != nil {
+		s.log.Errorf("Unreadable %s from %s, shown as its message: %v", msg.Type, source, clean(err.Error()))
 	}
 	// Counting and writing under one lock: numbers appear in order, and each line
 	// is a single Write, never interleaved with another listener's.
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.received++
-	_, _ = io.WriteString(s.out, DisplayLine(msg, s.received, source, s.now()))
+	_, _ = io.WriteString(s.out, displayLine(msg, summary, parent, s.received, source, s.now()))
 }
 
 // sleep waits d or until ctx is done; it reports whether the full d elapsed.

@@ -60,6 +60,12 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("PUBLISH_INTERVAL", "2.0", "Seconds between two Hello messages."),
     EnvVar("LOG_FORMAT", "text", "text (the original '[timestamp] line') or json."),
     EnvVar("LOG_LEVEL", "INFO", "Python logging level."),
+    EnvVar(
+        "FAULT_POINT",
+        "",
+        "Tests only: name:exit or name:raise fails at a named crash window "
+        "(messaging/faults.py); empty: off.",
+    ),
 )
 """The variables every process reads (Redis, PATTERN, logging). Each service declares
 its own beside its settings class; :func:`markdown_table` renders any of them."""
@@ -235,6 +241,11 @@ WORKER_ENV_VARS: tuple[EnvVar, ...] = declare(
     EnvVar("CONSUMER_BACKOFF_BASE", "1.0", "Seconds of the first retry delay (doubles each time)."),
     EnvVar("CONSUMER_BACKOFF_MAX", "60.0", "Cap of the retry delay in seconds (full jitter)."),
     EnvVar("CONSUMER_HEARTBEAT_TTL", "10", "Seconds a worker's heartbeat lives; gone = reaped."),
+    EnvVar(
+        "CONSUMER_STUCK_SECONDS",
+        "300",
+        "One message holding a handler thread this long: the worker gives up and exits 3.",
+    ),
     EnvVar("METRICS_PORT", "0", "Consumer: serve Prometheus metrics on this port (0 = off)."),
 )
 """The variables of every queue worker process (the consumers and orders-updates)."""
@@ -251,6 +262,7 @@ class WorkerSettings:
     backoff_base: float
     backoff_max: float
     heartbeat_ttl: int
+    stuck_seconds: float = 300.0
     metrics_port: int = 0
 
     @classmethod
@@ -265,6 +277,7 @@ class WorkerSettings:
             backoff_base=env_float(env, "CONSUMER_BACKOFF_BASE", 0.0, 3600.0),
             backoff_max=env_float(env, "CONSUMER_BACKOFF_MAX", 0.0, 86400.0),
             heartbeat_ttl=env_int(env, "CONSUMER_HEARTBEAT_TTL", 1, 3600),
+            stuck_seconds=env_float(env, "CONSUMER_STUCK_SECONDS", 1.0, 86400.0),
             metrics_port=env_int(env, "METRICS_PORT", 0, 65535),
         )
 

@@ -13,7 +13,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,17 @@ END_TO_END = Histogram(
     ["queue", "type"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
 )
+
+HEALTHY = Gauge(
+    "consumer_healthy",
+    "1 while every handler thread of this worker is alive and not stuck, else 0.",
+    ["queue"],
+)
+
+
+def set_healthy(queue: str, healthy: bool) -> None:
+    """The liveness gauge (0 just before an unhealthy worker exits)."""
+    HEALTHY.labels(queue).set(1 if healthy else 0)
 
 
 def event_age(event: dict[str, Any], now: datetime | None = None) -> float | None:

@@ -453,6 +453,10 @@ class RedisQueue:
         )
         return not added
 
+    def drop_heartbeat(self, worker: str) -> None:
+        """Delete the worker's heartbeat: the next reap returns its messages (it gave up)."""
+        self.client.delete(keys.heartbeat(self.name, worker))
+
     def deregister(self, worker: str) -> bool:
         """Drop the heartbeat; forget the worker if its processing list is empty.
 

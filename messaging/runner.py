@@ -3,8 +3,9 @@
 Every worker process (the consumer services' ``consumer NAME`` and the order service's
 ``orders-updates``) starts the same way; only the handler differs. Exit codes: 0
 stopped by a signal, 1 Redis (or the service's database) unreachable at start, 2 bad
-configuration (one line on stderr). The first SIGTERM/SIGINT lets the current
-messages finish; a second exits at once.
+configuration (one line on stderr), 3 unhealthy (a handler thread died or hung: the
+worker dropped its heartbeat so its messages return; restart it). The first
+SIGTERM/SIGINT lets the current messages finish; a second exits at once.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def run(
             concurrency=concurrency or settings.concurrency,
             batch_size=settings.batch_size,
             heartbeat_ttl=settings.heartbeat_ttl,
+            stuck_seconds=settings.stuck_seconds,
             stop=stop,
         )
         return worker.run()

@@ -18,7 +18,16 @@ the reaper returns whatever it held once its heartbeat expires.
 
 Redis going away mid-run is survived: the thread logs once, keeps what it holds, backs
 off and retries; once Redis answers again it acks what it finished and releases the
-rest.
+rest. That holds for every Redis error, not only lost connections: a failover turns
+the old primary into a replica that answers ``READONLY`` to every write, and a thread
+that let that error escape would die with its batch while the process heartbeats on.
+
+Liveness (the "alive but not consuming" check): every handler thread stamps its
+progress each time round its loop. The housekeeping thread heartbeats only while every
+handler thread is alive and none has been inside one message for longer than
+CONSUMER_STUCK_SECONDS; otherwise it drops the heartbeat at once (the reaper returns
+the messages to other workers), sets ``consumer_healthy`` to 0 and the process exits
+with :data:`EXIT_UNHEALTHY`, so a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -29,13 +38,14 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import redis
 
-from messaging import metrics
+from messaging import faults, metrics
 from messaging.config import EXIT_OK
 from messaging.handler import Handler
 from messaging.queue import MalformedMessage, RedisQueue, classify, parse
@@ -46,6 +56,10 @@ TAKE_TIMEOUT = 1.0
 """Seconds a thread blocks waiting for work before it checks the stop flag again."""
 HOUSEKEEPING_INTERVAL = 0.5
 """Seconds between heartbeat/promote/reap rounds (capped at a quarter of the TTL)."""
+EXIT_UNHEALTHY = 3
+"""A handler thread died or got stuck: the process gave up its work and exits."""
+DEFAULT_STUCK_SECONDS = 300.0
+"""Seconds one message may keep a handler thread before the worker counts as stuck."""
 REDIS_ERRORS = (
     redis.ConnectionError,
     redis.TimeoutError,
@@ -56,7 +70,10 @@ REDIS_ERRORS = (
     redis.exceptions.TryAgainError,
     redis.exceptions.SlotNotCoveredError,
 )
-"""Errors that mean "Redis is not there right now": back off and try again."""
+"""Errors that mean "Redis is not there right now": back off and try again.
+
+Any other :class:`redis.RedisError` (``READONLY`` from a demoted primary, ``OOM``, a
+script error) is survived the same way, with its own log line: see ``_retry_redis``."""
 
 
 class Publisher(Protocol):
@@ -83,6 +100,7 @@ class Worker:
         heartbeat_ttl: seconds; a worker silent for this long is reaped.
         worker_id: defaults to :func:`new_worker_id`.
         stop: set it to stop gracefully.
+        stuck_seconds: one message holding a thread this long makes the worker unhealthy.
     """
 
     def __init__(
@@ -96,6 +114,7 @@ class Worker:
         heartbeat_ttl: int = 10,
         worker_id: str | None = None,
         stop: threading.Event | None = None,
+        stuck_seconds: float = DEFAULT_STUCK_SECONDS,
     ) -> None:
         self.queue = queue
         self.handler = handler
@@ -114,6 +133,13 @@ class Worker:
         self._held_lock = threading.Lock()
         self._sweep_orphans = threading.Event()
         self.handled = 0
+        self.stuck_seconds = stuck_seconds
+        # Liveness: thread name -> time.monotonic() of its last progress.
+        self._progress: dict[str, float] = {}
+        self._consumers: list[threading.Thread] = []
+        self.unhealthy = threading.Event()
+        """Set when a handler thread died or got stuck (the process then exits 3)."""
+        self.unhealthy_reason = ""
 
     # --- Redis outages: log once, back off --------------------------------------
 
@@ -121,7 +147,13 @@ class Worker:
         with self._down_lock:
             if not self._redis_down:
                 self._redis_down = True
-                log.warning("%s: lost Redis (%s); retrying", self.queue.name, exc)
+                if isinstance(exc, REDIS_ERRORS):
+                    log.warning("%s: lost Redis (%s); retrying", self.queue.name, exc)
+                else:  # READONLY after a failover, OOM, ...: the same call may pass later
+                    log.warning(
+                        "%s: Redis refused (%s: %s); retrying",
+                        self.queue.name, type(exc).__name__, exc,
+                    )  # fmt: skip
 
     def _recovered(self) -> None:
         if self._redis_down:
@@ -131,12 +163,18 @@ class Worker:
                     log.info("%s: Redis is back", self.queue.name)
 
     def _retry_redis(self, action: Callable[[], Any]) -> bool:
-        """Run ``action`` until Redis answers (True) or we are stopped (False)."""
+        """Run ``action`` until Redis answers (True) or we are stopped (False).
+
+        Every Redis error is retried with capped exponential backoff, not only lost
+        connections: ``READONLY`` lasts until the failover has promoted a new primary
+        (or the client has reconnected to it), and then the same call succeeds.
+        """
         delay = 0.1
         while True:
+            self._stamp()
             try:
                 action()
-            except REDIS_ERRORS as exc:
+            except redis.RedisError as exc:
                 self._outage(exc)
                 if self.stop.wait(delay):
                     return False
@@ -144,6 +182,40 @@ class Worker:
             else:
                 self._recovered()
                 return True
+
+    # --- liveness ---------------------------------------------------------------------
+
+    def _stamp(self) -> None:
+        """Record that the calling handler thread is making progress."""
+        self._progress[threading.current_thread().name] = time.monotonic()
+
+    def health(self) -> str:
+        """'' while every handler thread is alive and none is stuck, else the reason."""
+        now = time.monotonic()
+        for thread in self._consumers:
+            if not thread.is_alive() and not self.stop.is_set():
+                return f"handler thread {thread.name} died"
+            since = self._progress.get(thread.name)
+            if since is not None and now - since > self.stuck_seconds:
+                return (
+                    f"handler thread {thread.name} stuck in one message for"
+                    f" {now - since:.0f} s (CONSUMER_STUCK_SECONDS {self.stuck_seconds:g})"
+                )
+        return ""
+
+    def _give_up(self, reason: str) -> None:
+        """Stop heartbeating and drop the heartbeat, so the reaper frees our messages now."""
+        self.unhealthy_reason = reason
+        metrics.set_healthy(self.queue.name, False)
+        log.error(
+            "%s: worker %s unhealthy: %s; dropping its heartbeat so its messages return,"
+            " exiting %d", self.queue.name, self.id, reason, EXIT_UNHEALTHY,
+        )  # fmt: skip
+        try:
+            self.queue.drop_heartbeat(self.id)
+        except redis.RedisError as exc:  # it expires within the TTL anyway
+            log.warning("%s: could not drop the heartbeat (%s); it expires", self.queue.name, exc)
+        self.unhealthy.set()  # last: the main thread returns as soon as it sees it
 
     # --- one message ---------------------------------------------------------------
 
@@ -163,7 +235,7 @@ class Worker:
         order_id = event["data"].get("order_id", "-")
         try:
             outcomes = self.handler.handle(event)
-        except REDIS_ERRORS:
+        except redis.RedisError:  # our Redis, not the message: keep it, settle later
             raise
         except Exception as exc:
             verdict = classify(exc)
@@ -176,8 +248,10 @@ class Worker:
                 extra=self._extra(event, order_id),
             )  # fmt: skip
             return False
+        faults.hit("worker.after_commit")
         for outcome in outcomes:
             self.publisher.publish(outcome)
+        faults.hit("worker.after_emit")
         metrics.observe_handled(name, event)
         log.info(
             "%s: handled event %s order #%s%s",
@@ -204,25 +278,28 @@ class Worker:
         done: list[bytes] = []
         todo: list[bytes] = []
         while True:
+            self._stamp()
             if done or todo:  # left over from a Redis outage: settle first
                 if not self._retry_redis(functools.partial(self._settle, done, todo)):
                     return  # stopped while Redis is away: the reaper will return them
-            if self.stop.is_set():
+            if self.stop.is_set() or self.unhealthy.is_set():
                 return
             try:
                 todo = self.queue.take(self.id, self.batch_size, TAKE_TIMEOUT)
                 with self._held_lock:
                     self._held.update(todo)
+                faults.hit("worker.after_take")
                 self._recovered()
                 while todo:
                     if self.stop.is_set():
                         break  # the rest goes back to pending in _settle
+                    self._stamp()
                     if self.handle_one(todo[0]):
                         done.append(todo[0])
                         self.handled += 1
                     todo.pop(0)
                 self._settle(done, todo)
-            except REDIS_ERRORS as exc:
+            except redis.RedisError as exc:  # READONLY too: kept, settled once it passes
                 self._outage(exc)
                 self._sweep_orphans.set()
                 self.stop.wait(0.1)
@@ -233,6 +310,7 @@ class Worker:
     def _settle(self, done: list[bytes], todo: list[bytes]) -> None:
         """Ack the handled, release the un-started; clears both lists when it succeeds."""
         if done:
+            faults.hit("worker.before_ack")
             self.queue.ack(self.id, done)
             with self._held_lock:
                 self._held.subtract(done)
@@ -263,6 +341,10 @@ class Worker:
         """Heartbeat, promote due retries, reap dead workers; until stopped."""
         interval = min(HOUSEKEEPING_INTERVAL, self.heartbeat_ttl / 4)
         while not self.stop.wait(interval):
+            reason = self.health()
+            if reason:
+                self._give_up(reason)
+                return
             try:
                 if not self.queue.heartbeat(self.id, self.heartbeat_ttl):
                     log.warning(
@@ -275,9 +357,9 @@ class Worker:
                     self._release_orphans()
                     self._sweep_orphans.clear()  # only once it succeeded
                 self._recovered()
-            except REDIS_ERRORS as exc:
+            except redis.RedisError as exc:  # logged once per outage, READONLY included
                 self._outage(exc)
-            except redis.RedisError:
+            except Exception:  # a bug here must not end the heartbeat while threads work
                 log.exception("%s: housekeeping failed", self.queue.name)
 
     def run(self) -> int:
@@ -288,17 +370,26 @@ class Worker:
             "%s: worker %s started (%d thread(s), batch %d)",
             name, self.id, self.concurrency, self.batch_size,
         )  # fmt: skip
-        threads = [threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)]
-        threads += [
+        housekeeping = threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)
+        self._consumers = [
             threading.Thread(target=self._consume, name=f"{name}-{i}", daemon=True)
             for i in range(self.concurrency)
         ]
-        for thread in threads:
+        metrics.set_healthy(name, True)
+        for thread in [housekeeping, *self._consumers]:
             thread.start()
         # The main thread only waits, so signal handlers run promptly.
-        for thread in threads:
+        for thread in [housekeeping, *self._consumers]:
             while thread.is_alive():
+                if self.unhealthy.is_set():
+                    # A stuck thread never returns; the daemon threads end with us.
+                    return EXIT_UNHEALTHY
+                if not housekeeping.is_alive() and not self.stop.is_set():
+                    self._give_up("the housekeeping thread died")
+                    return EXIT_UNHEALTHY
                 thread.join(0.5)
+        if self.unhealthy.is_set():
+            return EXIT_UNHEALTHY
         try:
             forgotten = self.queue.deregister(self.id)
         except redis.RedisError as exc:

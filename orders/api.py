@@ -13,11 +13,12 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from messaging import faults
 from orders import validation
 from orders.extensions import problem_response, services
 from orders.invoice import invoice_number, render_invoice
 from orders.openapi import openapi_document
-from orders.outbox import publish_now
+from orders.outbox import PublishedMarker, publish_now
 from orders.ratelimit import RateLimiter
 from orders.service import list_orders, load_order, order_to_dict, place_order
 from orders.validation import Problem
@@ -33,6 +34,18 @@ RATE_LIMITER = "orders.ratelimit"
 
 UNLIMITED_ENDPOINTS = frozenset({"orders.healthz", "orders.readyz"})
 """Probes are never rate limited (a load balancer polls them from one address)."""
+
+
+MARKER = "orders.marker"
+"""Key of the app's :class:`~orders.outbox.PublishedMarker` in ``app.extensions``."""
+
+
+def marker() -> PublishedMarker:
+    """The app's batch marker of fast-path publishes (made on first use)."""
+    found = current_app.extensions.get(MARKER)
+    if found is None:
+        found = current_app.extensions.setdefault(MARKER, PublishedMarker(services().engine))
+    return found  # type: ignore[no-any-return]
 
 
 def _limiter() -> RateLimiter:
@@ -92,14 +105,15 @@ def create_order() -> Response:
     body = validation.parse_json(request.get_data(cache=False))
     order_request = validation.validate_order(body, svc.settings.max_lines)
     result = place_order(
-        svc.sessions,
+        svc.engine,
         order_request,
         validation.request_hash(body),
         key,
         svc.settings.relay_claim_seconds,
     )
     if result.event is not None:
-        publish_now(svc.engine, svc.publisher, result.event)
+        faults.hit("api.after_commit")
+        publish_now(svc.engine, svc.publisher, result.event, marker(), result.outbox_id)
     if result.body is not None:
         response = jsonify(result.body)
     else:

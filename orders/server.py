@@ -35,9 +35,18 @@ log = logging.getLogger("orders-api")
 _relay_stop: threading.Event | None = None
 
 
+_app: Flask | None = None
+
+
 def _worker_exit(_server: Any, _worker: Any) -> None:
     if _relay_stop is not None:
         _relay_stop.set()
+    if _app is not None:
+        from orders.api import MARKER
+
+        marker = _app.extensions.get(MARKER)
+        if marker is not None:
+            marker.close()  # mark what this worker published (else: the relay resends)
 
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -107,7 +116,7 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
 
     def load(self) -> Flask:
         """Runs in each worker after the fork: build the app (and the relay thread)."""
-        global _relay_stop
+        global _relay_stop, _app
         from orders.app import create_app
 
         logs.configure(self.settings.base.log_format, self.settings.base.log_level)
@@ -116,7 +125,7 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
         if os.environ.get(MULTIPROC_ENV):
             Path(os.environ[MULTIPROC_ENV]).mkdir(parents=True, exist_ok=True)
         services = order_services(self.settings)
-        app = create_app(services=services)
+        app = _app = create_app(services=services)
         if self.settings.relay_in_process:
             _, _relay_stop = start_relay_thread(services)
         return app

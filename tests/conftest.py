@@ -4,6 +4,11 @@
 use the same one). Run pytest alone and the session starts its own. Either way it is
 a real ``redis-server``; fakeredis appears only in ``tests/unit``. When no server can
 be found or started, Redis tests are skipped locally but fail when ``CI`` is set.
+
+CI cannot look away: with ``CI`` set, any skip (a test's or a whole module's) is turned
+into a failure here, whatever raised it, and an empty ``parametrize`` fails at
+collection (``empty_parameter_set_mark`` in pyproject.toml). Locally the run ends with
+what was skipped and, from each skip reason, what to install to run it.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as redis_lib
@@ -24,12 +31,58 @@ from tests.topology import Topology
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+IN_CI = bool(os.environ.get("CI"))
+
+
+def _skip_reason(report: pytest.CollectReport | pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def _fail_skip_in_ci(report: pytest.CollectReport | pytest.TestReport) -> None:
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = (
+            f"skipped in CI: {_skip_reason(report)}\n"
+            "CI (CI is set) runs every test: a skip here hides a test that did not run."
+        )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """In CI, a skipped test is a failed test."""
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """In CI, a module that skips itself at collection fails instead."""
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())  # type: ignore[attr-defined]
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """End the run with what was skipped and, from the skip reasons, what to install."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if not hasattr(r, "wasxfail")]
+    if not skipped:
+        return
+    reasons = Counter(_skip_reason(r) for r in skipped)
+    terminalreporter.section("skipped: these tests did not run", sep="=", yellow=True)
+    for reason, count in reasons.most_common():
+        terminalreporter.line(f"{count:4d} x {reason}")
+    terminalreporter.line("Install what the reasons name to run them; CI fails on any skip.")
 
 
 def _no_redis(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"Redis is required in CI: {reason}")
-    pytest.skip(f"no Redis server: {reason}")
+    pytest.skip(
+        f"no Redis server: {reason} "
+        "(install: pip install -e '.[dev]' or apt-get install redis-server)"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -135,7 +188,7 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
     if bin_dir is None:
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL binaries (initdb, pg_ctl) are required in CI")
-        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl)")
+        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl) (install: apt-get install postgresql)")
     cluster = PostgresCluster(bin_dir)
     try:
         cluster.start()

@@ -54,7 +54,7 @@ def page(stack: Stack) -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _missing("Python package playwright")
+        _missing("Python package playwright (pip install -e '.[dev]')")
     if not (Path(CHROMIUM).exists() or shutil.which("chromium")):
         _missing(f"chromium at {CHROMIUM} (apt-get install chromium)")
     with sync_playwright() as p:

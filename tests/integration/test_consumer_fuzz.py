@@ -23,7 +23,6 @@ import pytest
 import redis as redis_lib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy.orm import sessionmaker
 
 from consumers import store
 from consumers.__main__ import HANDLERS
@@ -170,7 +169,7 @@ def test_garbage_on_every_queue_never_crashes_a_worker(
     for service in store.SERVICE_TABLES:
         store.create_tables(engine, service)
     order = validate_order(ORDER)
-    order_id = place_order(sessionmaker(engine), order, "hash").order_id
+    order_id = place_order(engine, order, "hash").order_id
     # One database for the test: each handler only touches its own tables in it.
     handler = (
         UpdatesHandler(engine) if queue == "updates" else HANDLERS[queue](engine, consumer_settings)

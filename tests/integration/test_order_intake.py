@@ -64,8 +64,11 @@ def test_post_stores_and_emits_per_pattern(
     body = response.get_json()
     assert response.headers["Location"] == f"/orders/{body['id']}"
     assert (body["total"], body["status"], body["history"]) == ("25.00", "placed", [])
-    [row] = _outbox(app)
-    assert row.published_at is not None and row.claimed_until is None
+    # Marked in a batch shortly after the publish (orders.outbox.PublishedMarker).
+    [row] = wait_for(
+        lambda: [r for r in _outbox(app) if r.published_at is not None], message="row marked"
+    )
+    assert row.claimed_until is None
     stored = json.loads(row.payload)
     assert stored["data"]["order_id"] == body["id"]
 
@@ -271,3 +274,25 @@ def test_readyz_names_what_is_down(
     assert down.get_json()["checks"] == {"database": "ok", "redis": "down"}
     assert "redis" in down.get_json()["detail"]
     assert client.get("/healthz").status_code == 200
+
+
+def test_fast_path_marks_in_batches_and_the_relay_never_resends(
+    redis: redis_lib.Redis, redis_url: str, make_app: Callable[..., Flask]
+) -> None:
+    """Published rows wait (claimed) for the batch mark; the relay leaves them alone."""
+    from orders.api import MARKER
+
+    app = make_app(redis_url, "queue")
+    client = app.test_client()
+    for n in range(20):
+        headers = {"Idempotency-Key": f"batch-{n}"}
+        assert client.post("/orders", json=ORDER, headers=headers).status_code == 201
+    relay = _relay(app)
+    assert relay.run_once() == 0  # every row is claimed by its request until marked
+    wait_for(lambda: all(r.published_at for r in _outbox(app)), message="rows marked")
+    assert app.extensions[MARKER].pending() == 0
+    assert all(r.claimed_until is None and r.attempts == 1 for r in _outbox(app))
+    assert relay.run_once() == 0
+    for key in QUEUE_KEYS:
+        ids = [json.loads(j)["id"] for j in redis.lrange(key, 0, -1)]
+        assert len(ids) == 20 and len(set(ids)) == 20

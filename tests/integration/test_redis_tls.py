@@ -38,7 +38,9 @@ CANDIDATES = ("/usr/bin/redis-server", "redis-server")
 def _unavailable(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"a TLS-capable redis-server is required in CI: {reason}")
-    pytest.skip(f"no TLS-capable redis-server: {reason}")
+    pytest.skip(
+        f"no TLS-capable redis-server: {reason} (install: apt-get install redis-server openssl)"
+    )
 
 
 def _openssl(*args: str, cwd: Path) -> None:
