@@ -231,6 +231,7 @@ def place_order(
         "total": format_money(total),
         "created_at": timestamp,
         "history": [],
+        "timeline": [_placed_entry(timestamp)],
     }
     return PlaceResult(order_id, True, event, body, outbox_id)
 
@@ -252,17 +253,20 @@ def list_orders(session: Session, limit: int, before_id: int | None) -> list[Ord
     return list(session.execute(query.order_by(Order.id.desc()).limit(limit)).scalars())
 
 
+def _placed_entry(at: str) -> dict[str, Any]:
+    """The first timeline entry of every order."""
+    return {
+        "type": envelope.ORDER_PLACED,
+        "at": at,
+        "status": lifecycle.PLACED,
+        "effect": "advanced",
+    }
+
+
 def order_timeline(order: Order, history: list[Any]) -> list[dict[str, Any]]:
     """OrderPlaced, then each recorded outcome in recording order, through the state machine."""
     recorded = sorted(history, key=lambda entry: entry.id)
-    entries: list[dict[str, Any]] = [
-        {
-            "type": envelope.ORDER_PLACED,
-            "at": _rfc3339(order.created_at),
-            "status": lifecycle.PLACED,
-            "effect": "advanced",
-        }
-    ]
+    entries = [_placed_entry(_rfc3339(order.created_at))]
     steps = lifecycle.timeline(entry.type for entry in recorded)
     for entry, line in zip(recorded, steps, strict=True):
         entries.append(
