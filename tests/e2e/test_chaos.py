@@ -50,7 +50,7 @@ from sqlalchemy.orm import Session
 from chaos.stack import order_body, post_order
 from consumers import store
 from devtools import databases
-from devtools.procs import http_ok
+from devtools.procs import Timeout, http_ok, wait_until
 from devtools.redis_server import RedisCluster, RedisServer, free_port
 from messaging import envelope, keys
 from messaging.queue import RedisQueue
@@ -276,7 +276,18 @@ def test_chaos(topology_name: str, tmp_path: Path, request: pytest.FixtureReques
                     return False
             return True
 
-        wait_for(settled, timeout=150, interval=0.5, message="every order to settle")
+        def where() -> str:
+            with Session(engine) as s:
+                statuses = dict(
+                    s.execute(select(Order.status, func.count()).group_by(Order.status)).all()
+                )
+            figures = {q.name: q.stats() for q in queues}
+            return f"every order to settle (statuses {statuses}, queues {figures})"
+
+        try:
+            wait_until(settled, 150, 0.5, "every order to settle")
+        except Timeout:
+            pytest.fail(f"timed out after 150s waiting for {where()}")
 
         # --- the guarantees --------------------------------------------------------
         processed: Counter[tuple[str, int]] = Counter()
