@@ -40,8 +40,8 @@ def record_event(session: Session, event: dict[str, Any]) -> bool:
     """Add an outcome event to its order's history and update the order's status.
 
     Call it inside a transaction the caller commits. The order row is locked first
-    (``SELECT ... FOR UPDATE`` on PostgreSQL) so two outcomes of one order recorded at
-    once are applied one after the other, each to the state the other left.
+    (``SELECT ... FOR UPDATE`` on PostgreSQL) and the status is replayed from the whole
+    history after the insert, so two outcomes of one order recorded at once both count.
 
     Args:
         session: An open session; the caller commits.
@@ -88,15 +88,17 @@ def record_event(session: Session, event: dict[str, Any]) -> bool:
     )
     if result.scalar_one_or_none() is None:  # a duplicate: nothing inserted
         return False
-    if order.status in lifecycle.STATES:
-        order.status, _effect = lifecycle.step(order.status, event_type)
-    else:  # a status from before the state machine: replay what was recorded
-        order.status = lifecycle.replay(
-            session.execute(
-                select(OrderHistory.type)
-                .where(OrderHistory.order_id == order_id)
-                .order_by(OrderHistory.id)
-            ).scalars()
-        )
+    # Replay every recorded event in recording order, read after our insert: on SQLite
+    # the insert holds the write lock (the SELECT of the order above may have read
+    # before another recorder committed, pysqlite begins transactions at the first
+    # write), on PostgreSQL the row lock does. So two outcomes of one order recorded at
+    # once both count; the table makes the result independent of their order.
+    order.status = lifecycle.replay(
+        session.execute(
+            select(OrderHistory.type)
+            .where(OrderHistory.order_id == order_id)
+            .order_by(OrderHistory.id)
+        ).scalars()
+    )
     session.flush()
     return True

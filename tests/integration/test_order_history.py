@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from flask import Flask
+from sqlalchemy.exc import OperationalError
 
 from messaging import envelope
 from orders import lifecycle
@@ -188,3 +190,38 @@ def test_invoice_is_html_escaped_and_only_after_invoice_issued(
     assert "INV-2026-000042" in html and "25.00 EUR" in html and "BOOK-1" in html
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert client.get("/orders/999/invoice").status_code == 404
+
+
+def test_two_outcomes_of_one_order_recorded_at_once_both_count(
+    make_app: Callable[..., Flask],
+) -> None:
+    """InvoiceIssued and ShipmentBooked of one order, recorded concurrently (two
+    orders-updates workers): the order ends completed, whichever commits first."""
+    app = make_app(NO_REDIS)
+    orders = [_place(app) for _ in range(20)]
+    for order_id in orders:
+        assert _record(app, _event(envelope.PAYMENT_CAPTURED, order_id))
+    errors: list[BaseException] = []
+
+    def record(event: dict[str, Any], barrier: threading.Barrier) -> None:
+        barrier.wait()
+        for _ in range(50):  # a writer that lost SQLite's lock retries, as the worker does
+            try:
+                _record(app, event)
+                return
+            except OperationalError:
+                threading.Event().wait(0.01)
+        errors.append(AssertionError(f"could not record {event['type']}"))
+
+    for order_id in orders:
+        barrier = threading.Barrier(2)
+        threads = [
+            threading.Thread(target=record, args=(_event(t, order_id, 2), barrier))
+            for t in (envelope.INVOICE_ISSUED, envelope.SHIPMENT_BOOKED)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert not errors
+    assert [_status(app, o) for o in orders] == ["completed"] * len(orders)
