@@ -4,11 +4,17 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 export PATTERN ?= both
-# honcho sets PORT per process; keep Redis's port explicit.
 export REDIS_PORT ?= 6379
+# Where `make up` keeps its state: LAB_HOME/var holds the databases, Redis's data, the
+# mail, the logs (var/log/NAME.log) and supervisord's own socket. Default: this checkout.
+export LAB_HOME ?= $(CURDIR)
+# The programs of supervisord.conf, in start order (`make stop|start|kill|logs s=NAME`).
+PROGRAMS := redis mail updates subscriber publisher payment invoice shipping email api
+SUPERVISORCTL = $(BIN)/supervisorctl -c $(CURDIR)/supervisord.conf
+need_s = $(if $(filter $(s),$(PROGRAMS)),,$(error give one process: make $@ s=NAME, NAME one of: $(PROGRAMS)))
 
 .DEFAULT_GOAL := help
-.PHONY: help up down test lint bench bench-full go-build install-local install-dev clean
+.PHONY: help up down ps stop start kill logs test lint bench bench-full go-build install-local install-dev clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -31,12 +37,28 @@ install-dev: $(VENV)/.installed-dev
 go-build: ## Build the Go subscriber into go-subscriber/bin/
 	cd go-subscriber && go build -o bin/go-subscriber .
 
-up: install-local go-build ## Run Redis and every process (Ctrl-C stops all); PATTERN=queue make up
-	@mkdir -p var
-	$(BIN)/honcho start -f Procfile
+up: install-local go-build ## Run Redis and every process under supervisor (Ctrl-C stops all); PATTERN=queue make up
+	@mkdir -p $(LAB_HOME)/var/log
+	$(BIN)/supervisord -c $(CURDIR)/supervisord.conf
 
-down: ## Stop a `make up` running in another terminal
-	-@pkill -TERM -f '$(BIN)/honcho start -f Procfile' && echo "stopping..." || echo "nothing running"
+down: ## Stop this checkout's `make up` (services first, Redis last) from another terminal
+	@$(BIN)/python -m devtools.lab down
+
+ps: ## State of every process of `make up`
+	@test -S $(LAB_HOME)/var/supervisor.sock || { echo "make ps: nothing running in $(LAB_HOME) (make up starts it)"; exit 0; }
+	@$(SUPERVISORCTL) status; test $$? -le 3  # 3: some process is not running
+
+stop: ## Stop one process (SIGTERM, it finishes what it holds): make stop s=payment
+	$(need_s)@$(SUPERVISORCTL) stop $(s)
+
+start: ## Start one stopped or killed process again: make start s=payment
+	$(need_s)@$(SUPERVISORCTL) start $(s)
+
+kill: ## SIGKILL one process, as a crash would (it stays dead): make kill s=payment
+	$(need_s)@$(SUPERVISORCTL) signal KILL $(s)
+
+logs: ## Follow one process's log (var/log/NAME.log): make logs s=payment
+	$(need_s)@tail -n 50 -F $(LAB_HOME)/var/log/$(s).log
 
 test: install-dev ## Run ruff, pytest and the Go tests against a real Redis
 	cd go-subscriber && go mod download

@@ -14,7 +14,11 @@ happens, waits until the system has settled, then counts from the database:
   stored beyond one per Idempotency-Key;
 - dead-lettered: messages added to the dead-letter lists;
 - recover s: from the end of the fault (or of intake, whichever is later) until every
-  order of the scenario was complete.
+  order of the scenario was complete;
+- fault fired: the fault's own count of what it did (SIGKILLs that landed, bytes of
+  AOF dropped, bytes a partition swallowed, /readyz failures seen while Redis was
+  down...). A scenario whose fault did not fire proved nothing: the test fails on 0;
+- 5xx: answers other than 503 (a 500 is a bug): never retried, always a failure.
 
 ``python -m chaos`` (``make chaos``) runs the full set; ``--quick`` fewer orders and
 shorter faults (what CI runs: tests/e2e/test_scoreboard.py).
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,9 +38,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chaos.stack import BIN, Stack
-from devtools.procs import Timeout, wait_until
+from chaos.stack import BIN, CHAOS_TUNING, Stack
+from devtools.procs import Timeout, http_ok, wait_until
 from devtools.redis_server import Failover, RedisServer, readonly_errors
+from messaging import envelope, keys
+from messaging.queue import DeadLetter
 
 
 @dataclass(frozen=True)
@@ -81,9 +88,18 @@ class Notes:
     text: list[str] = field(default_factory=list)
     cleared_at: float = 0.0
     """time.monotonic() when the fault ended."""
+    fired: int = 0
+    """How much of the fault happened, counted by the fault itself (0: it missed)."""
+    fired_what: str = ""
+    """What ``fired`` counts."""
 
     def add(self, line: str) -> None:
         self.text.append(line)
+
+    def fire(self, count: int, what: str) -> None:
+        """Report what the fault did: ``count`` of ``what`` (also a note)."""
+        self.fired, self.fired_what = count, what
+        self.add(f"{count} {what}")
 
 
 Fault = Callable[[Stack, Params, threading.Event, Notes], None]
@@ -117,10 +133,20 @@ class Result:
     recover_seconds: float
     lost_before_reconcile: int | None
     notes: list[str]
+    fired: int = 0
+    fired_what: str = ""
+    server_errors: list[str] = field(default_factory=list)
 
     @property
     def kept_promise(self) -> bool:
-        return self.lost == 0 and self.duplicated == 0
+        return self.lost == 0 and self.duplicated == 0 and not self.server_errors
+
+    @property
+    def proved(self) -> bool:
+        """The fault fired (and a reconciling scenario did have orders to reconcile)."""
+        if self.fired <= 0:
+            return False
+        return not self.scenario.reconcile or (self.lost_before_reconcile or 0) > 0
 
 
 # --- faults -----------------------------------------------------------------------------
@@ -137,10 +163,9 @@ def kill_consumers(stack: Stack, params: Params, done: threading.Event, notes: N
     rng = random.Random(20261128)
     kills = 0
     while not done.wait(rng.uniform(0.2, 0.6)):
-        stack.kill_random_consumer(rng)
-        kills += 1
+        kills += stack.kill_random_consumer(rng)
     notes.cleared_at = time.monotonic()
-    notes.add(f"{kills} SIGKILLs")
+    notes.fire(kills, "SIGKILLs landed")
 
 
 def _kill_redis(policy: str) -> Fault:
@@ -148,12 +173,21 @@ def _kill_redis(policy: str) -> Fault:
         start = time.monotonic()
         stack.set_appendfsync(policy)
         _at(0.4, params, start)
-        stack.redis.kill()
+        landed = _kill_redis_server(stack)
         stack.restart_redis()
         notes.cleared_at = time.monotonic()
         notes.add(f"SIGKILL + restart, appendfsync {policy}")
+        notes.fire(landed, "SIGKILL of redis-server landed")
 
     return fault
+
+
+def _kill_redis_server(stack: Stack) -> int:
+    """SIGKILL redis-server; 1 when it was running and died of it."""
+    process = stack.redis.process
+    was_alive = process is not None and process.poll() is None
+    stack.redis.kill()
+    return int(was_alive and process is not None and process.returncode == -signal.SIGKILL)
 
 
 def _aof_files(stack: Stack) -> list[Path]:
@@ -172,12 +206,16 @@ def power_loss_everysec(stack: Stack, params: Params, done: threading.Event, not
     emulate that: we sample the AOF's size every 50 ms and, after the SIGKILL, cut the
     file back to its size of one second before. Redis loads a truncated AOF
     (``aof-load-truncated yes``, the default) up to the last whole command.
+
+    The kill lands while orders still arrive, and payment runs slowed (the scenario's
+    ``before``), so the dropped second surely holds orders whose payment outcome was
+    not yet recorded: the reconciliation must have work, or the scenario proved nothing.
     """
     start = time.monotonic()
     stack.set_appendfsync("everysec")
     aof = _aof_files(stack)[0]
     sizes: list[tuple[float, int]] = []
-    _at(0.5, params, start)
+    _at(0.2, params, start)
     until = time.monotonic() + 1.5
     while time.monotonic() < until:
         sizes.append((time.monotonic(), aof.stat().st_size))
@@ -191,17 +229,23 @@ def power_loss_everysec(stack: Stack, params: Params, done: threading.Event, not
     stack.redis.appendfsync = "always"  # the next scenarios run with the safe policy
     stack.restart_redis()
     notes.cleared_at = time.monotonic()
-    notes.add(f"dropped the AOF's last second: {size - keep} bytes")
+    notes.fire(size - keep, "bytes of AOF dropped (its last second)")
 
 
 def redis_down(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
     start = time.monotonic()
     _at(0.3, params, start)
     stack.redis.stop()
-    time.sleep(params.redis_down_seconds)  # the fault's length, not a wait for a condition
+    # The fault's length; meanwhile the API's readiness probe must see Redis gone.
+    not_ready = 0
+    until = time.monotonic() + params.redis_down_seconds
+    while time.monotonic() < until:
+        not_ready += not http_ok(stack.base + "/readyz", timeout=1.0)
+        time.sleep(0.2)
     stack.restart_redis()
     notes.cleared_at = time.monotonic()
     notes.add(f"Redis stopped {params.redis_down_seconds:g} s")
+    notes.fire(not_ready, "/readyz failures while Redis was down")
 
 
 def redis_failover(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
@@ -230,37 +274,98 @@ def redis_failover(stack: Stack, params: Params, done: threading.Event, notes: N
         standby.stop()
     if answered <= 0:
         raise AssertionError("the demoted primary never answered READONLY: no fault")
-    notes.add(f"primary read-only {params.failover_seconds:g} s: {answered} READONLY replies")
+    notes.add(f"primary read-only {params.failover_seconds:g} s")
+    notes.fire(answered, "READONLY replies from the demoted primary")
+
+
+POISON_ORDER_ID = 10**9
+"""The crash-looping message's order id: no order of the database has it."""
+
+
+def crash_loop(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
+    """One OrderPlaced whose charge kills every payment worker that takes it.
+
+    This fault is also the supervisor (as Docker's restart policy would be): it starts
+    each dead payment worker again at once, until the poison is dead-lettered. The
+    innocent orders taken in the same batch are returned by the reaper and paid; the
+    poison comes alone after its first death and is dead-lettered after
+    CONSUMER_MAX_CRASHES deaths ("worker died N times handling it").
+    """
+    start = time.monotonic()
+    _at(0.3, params, start)
+    assert stack.client is not None
+    poison = envelope.envelope(
+        envelope.ORDER_PLACED,
+        {
+            "order_id": POISON_ORDER_ID,
+            "customer_email": CHAOS_TUNING["PAYMENT_CRASH_EMAIL"],
+            "currency": "EUR",
+            "lines": [{"sku": "X", "quantity": 1, "unit_price": "1.00", "line_total": "1.00"}],
+            "total": "1.00",
+        },
+        message="a poison pill",
+        sender="chaos",
+        count=0,
+    )
+    raw = envelope.dumps(poison).encode()
+    stack.client.rpush(keys.pending("payment"), raw)
+    deaths = 0
+    deadline = time.monotonic() + params.settle_timeout
+
+    def dead_lettered() -> str:
+        for entry in stack.client.lrange(keys.dead("payment"), 0, -1):  # type: ignore[union-attr]
+            letter = DeadLetter.load(entry)
+            if letter.raw == raw:
+                return letter.error
+        return ""
+
+    while not (error := dead_lettered()):
+        for slot in stack.slots:
+            if slot.name == "payment" and slot.proc is not None and not slot.proc.alive():
+                deaths += 1
+                stack.start_slot(slot)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the poison was not dead-lettered after {deaths} deaths")
+        time.sleep(0.05)
+    notes.cleared_at = time.monotonic()
+    notes.fire(deaths, "payment workers killed by the poison")
+    notes.add(f"then dead-lettered: {error!r}")
 
 
 def kill_api(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
     start = time.monotonic()
+    landed = 0
     for fraction in (0.3, 0.6):
         _at(fraction, params, start)
         assert stack.api is not None
+        was_alive = stack.api.alive()
         stack.api.kill()
+        landed += was_alive and stack.api.popen.returncode == -signal.SIGKILL
         stack.start_api()
     notes.cleared_at = time.monotonic()
-    notes.add("2 SIGKILLs of gunicorn + workers")
+    notes.fire(landed, "SIGKILLs of gunicorn + workers landed")
 
 
 def lock_database(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
     start = time.monotonic()
     _at(0.3, params, start)
-    stack.lock_database(params.lock_seconds)
+    held = stack.lock_database(params.lock_seconds)
     notes.cleared_at = time.monotonic()
     notes.add(f"SQLite exclusive lock {params.lock_seconds:g} s")
+    notes.fire(int(held), "probe writer refused: the lock was held")
 
 
 def partition(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
     start = time.monotonic()
     _at(0.3, params, start)
     assert stack.proxy is not None
+    swallowed_before = stack.proxy.swallowed
     stack.proxy.cut()
     time.sleep(params.partition_seconds)  # the partition's length
     stack.proxy.restore()
     notes.cleared_at = time.monotonic()
     notes.add(f"1 payment worker cut off {params.partition_seconds:g} s")
+    notes.fire(stack.proxy.swallowed - swallowed_before, "bytes swallowed by the partition")
 
 
 def slow_consumer(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
@@ -268,7 +373,8 @@ def slow_consumer(stack: Stack, params: Params, done: threading.Event, notes: No
     while not done.wait(0.1):
         peak = max(peak, stack.backlog())
     notes.cleared_at = time.monotonic()
-    notes.add(f"payment {params.slow_latency_ms} ms/call, backlog peak {peak}")
+    notes.add(f"payment {params.slow_latency_ms} ms/call")
+    notes.fire(peak, "messages of backlog at the peak")
 
 
 def _slow_payment(stack: Stack, params: Params) -> None:
@@ -299,9 +405,16 @@ SCENARIOS: tuple[Scenario, ...] = (
         "loses ~1 s of Redis writes; none lost after reconcile",
         power_loss_everysec,
         reconcile=True,
+        before=_slow_payment,
+        after=_normal_payment,
     ),
     Scenario("Redis down during intake", "none lost, none doubled", redis_down),
     Scenario("Redis failover (READONLY)", "none lost, none doubled", redis_failover),
+    Scenario(
+        "crash-looping message",
+        "poison dead-lettered; none lost, none doubled",
+        crash_loop,
+    ),
     Scenario("orders-api SIGKILLed", "none lost, none doubled", kill_api),
     Scenario("database locked", "none lost, none doubled", lock_database),
     Scenario(
@@ -380,6 +493,8 @@ def run_scenario(stack: Stack, scenario: Scenario, params: Params) -> Result:
     fault.join()
     if failure:
         raise RuntimeError(f"{scenario.name}: the fault itself failed") from failure[0]
+    for error in stats.server_errors:
+        notes.add(f"SERVER ERROR {error}")
     ids = sorted(stats.ids.values())
     # Quiet for 2 heartbeats + a reap: a partitioned or killed worker's messages are back.
     complete, last_progress = _settle(stack, ids, params.settle_timeout, quiet=6.0)
@@ -419,6 +534,9 @@ def run_scenario(stack: Stack, scenario: Scenario, params: Params) -> Result:
         else float("nan"),
         lost_before_reconcile=lost_before,
         notes=notes.text,
+        fired=notes.fired,
+        fired_what=notes.fired_what,
+        server_errors=list(stats.server_errors),
     )
 
 
@@ -426,9 +544,9 @@ def table(results: list[Result]) -> str:
     """The scoreboard as a Markdown table, with what the non-promising rows lose."""
     head = (
         "| scenario | promise | placed | completed | lost | duplicated | dead-lettered "
-        "| recover s | notes |"
+        "| recover s | fault fired | 5xx | notes |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 11]
     for r in results:
         lost = str(r.lost)
         if r.lost_before_reconcile is not None:
@@ -437,7 +555,7 @@ def table(results: list[Result]) -> str:
         lines.append(
             f"| {r.scenario.name} | {r.scenario.promise} | {r.placed}/{r.asked} | "
             f"{r.completed} | {lost} | {r.duplicated} | {r.dead_lettered} | {recover} | "
-            f"{'; '.join(r.notes)} |"
+            f"{r.fired} | {len(r.server_errors)} | {'; '.join(r.notes)} |"
         )
     lines.append("")
     for r in results:
@@ -499,8 +617,16 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(results))
     print(f"\n{len(results)} scenarios in {time.monotonic() - started:.0f} s; logs in {root}")
-    broken = [r.scenario.name for r in results if r.scenario.promises_zero and not r.kept_promise]
+    broken = [
+        r.scenario.name
+        for r in results
+        if (r.scenario.promises_zero and not r.kept_promise) or r.server_errors
+    ]
     if broken:
         print(f"chaos: promise broken in: {', '.join(broken)}", file=sys.stderr)
+        return 1
+    missed = [r.scenario.name for r in results if not r.proved]
+    if missed:
+        print(f"chaos: the fault did not fire in: {', '.join(missed)}", file=sys.stderr)
         return 1
     return 0

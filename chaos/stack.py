@@ -17,6 +17,8 @@ from __future__ import annotations
 import email
 import json
 import random
+import secrets
+import signal
 import socket
 import sqlite3
 import sys
@@ -60,6 +62,8 @@ CHAOS_TUNING = {
     "CONSUMER_MAX_ATTEMPTS": "12",
     "CONSUMER_BATCH_SIZE": "5",
     "PAYMENT_TRANSIENT_ERROR_RATE": "0.05",
+    # The crash-looping message's customer: its charge kills the payment process.
+    "PAYMENT_CRASH_EMAIL": "crash@example.com",
 }
 
 
@@ -78,6 +82,8 @@ class TcpProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.listener.getsockname()[1])
         self._cut = threading.Event()
+        self.swallowed = 0
+        """Bytes the partition swallowed (the fault's own report: it fired)."""
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._closed = False
@@ -115,7 +121,8 @@ class TcpProxy:
                 if not data:
                     break
                 if self._cut.is_set():
-                    continue  # the partition swallows it
+                    self.swallowed += len(data)  # the partition swallows it
+                    continue
                 dst.sendall(data)
         except OSError:
             pass
@@ -165,6 +172,8 @@ class IntakeStats:
     statuses: Counter[str] = field(default_factory=Counter)
     """Answers that made the client retry: HTTP codes and connection errors."""
     gave_up: list[str] = field(default_factory=list)
+    server_errors: list[str] = field(default_factory=list)
+    """5xx answers other than 503: bugs, never retried (the scoreboard fails on them)."""
 
 
 class Stack:
@@ -211,6 +220,8 @@ class Stack:
         self.smtp_port = free_port()
         self.api_port = free_port()
         self.base = f"http://127.0.0.1:{self.api_port}"
+        self.admin_token = secrets.token_urlsafe(32)
+        """The API's ADMIN_TOKEN (operator endpoints: Authorization: Bearer ...)."""
         self.common: dict[str, str] = {}
         self.consumer_env = consumer_env or {}
         self.workers_per_queue = workers_per_queue
@@ -289,6 +300,7 @@ class Stack:
                 "WEB_CONCURRENCY": "2",
                 "RELAY_IN_PROCESS": "1",
                 "RELAY_INTERVAL": "0.2",
+                "ADMIN_TOKEN": self.admin_token,
                 **self.api_env,
             },
             self.root / "api.log",
@@ -327,12 +339,19 @@ class Stack:
                 slot.env = {k: v for k, v in slot.env.items() if k == "REDIS_URL"} | env
                 self.start_slot(slot)
 
-    def kill_random_consumer(self, rng: random.Random) -> None:
-        """SIGKILL one consumer at random and start its replacement at once."""
+    def kill_random_consumer(self, rng: random.Random) -> bool:
+        """SIGKILL one consumer at random and start its replacement at once.
+
+        Returns True when the kill landed: the process was running and died of it.
+        """
         slot = rng.choice(self.slots)
+        landed = False
         if slot.proc is not None:
+            was_alive = slot.proc.alive()
             slot.proc.kill()
+            landed = was_alive and slot.proc.popen.returncode == -signal.SIGKILL
         self.start_slot(slot)
+        return landed
 
     def logs(self) -> str:
         """Every process's output (the tail of each), for failure messages."""
@@ -377,15 +396,29 @@ class Stack:
 
     # --- the database ---------------------------------------------------------------
 
-    def lock_database(self, seconds: float, stop: threading.Event | None = None) -> None:
-        """Hold SQLite's exclusive lock from another connection for ``seconds``."""
+    def lock_database(self, seconds: float, stop: threading.Event | None = None) -> bool:
+        """Hold SQLite's exclusive lock from another connection for ``seconds``.
+
+        Returns True when a probe writer, meanwhile, found the database locked: the
+        lock was really held (the fault fired).
+        """
         conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
         try:
             conn.execute("BEGIN EXCLUSIVE")
+            probe = sqlite3.connect(self.db_path, timeout=0, isolation_level=None)
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+                held = False
+                probe.execute("ROLLBACK")
+            except sqlite3.OperationalError as exc:
+                held = "locked" in str(exc)
+            finally:
+                probe.close()
             (stop or threading.Event()).wait(seconds)
             conn.execute("ROLLBACK")
         finally:
             conn.close()
+        return held
 
     # --- placing orders -------------------------------------------------------------
 
@@ -402,7 +435,12 @@ class Stack:
                     stats.ids[key] = order_id
                 return
             except urllib.error.HTTPError as exc:
-                if exc.code < 500 and exc.code != 429:
+                if exc.code >= 500 and exc.code != 503:
+                    # A 500 is a bug, not a passing condition: record it, do not retry.
+                    with self._lock:
+                        stats.server_errors.append(f"{key}: {exc.code} {exc.read()[:300]!r}")
+                    return
+                if exc.code not in (429, 503):
                     raise AssertionError(f"POST /orders: {exc.code} {exc.read()!r}") from exc
                 outcome = str(exc.code)
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:

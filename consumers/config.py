@@ -45,6 +45,11 @@ ENV_VARS: tuple[EnvVar, ...] = declare(
     EnvVar("PAYMENT_LATENCY_MS", "0", "Simulated gateway latency per call, in milliseconds."),
     EnvVar("PAYMENT_SEED", "", "Seed making gateway decisions deterministic per event."),
     EnvVar("PAYMENT_FLAKY_CALLS", "2", "Calls that fail transiently for flaky@example.com."),
+    EnvVar(
+        "PAYMENT_CRASH_EMAIL",
+        "",
+        "Test only: a customer email whose charge kills the payment process (exit 137).",
+    ),
     EnvVar("SMTP_HOST", "localhost", "SMTP server the email consumer sends to (smtp-sink binds)."),
     EnvVar("SMTP_PORT", "1025", "SMTP port (the email consumer's target, smtp-sink's listen)."),
     EnvVar("SMTP_TIMEOUT", "10.0", "Seconds before an SMTP connection or command times out."),
@@ -71,6 +76,7 @@ class ConsumerSettings:
     smtp_timeout: float
     email_from: str
     smtp_sink_dir: str
+    payment_crash_email: str = ""
 
     @property
     def base(self) -> Settings:
@@ -110,4 +116,5 @@ class ConsumerSettings:
             smtp_timeout=env_float(env, "SMTP_TIMEOUT", 0.1, 600.0),
             email_from=email_from,
             smtp_sink_dir=env_str(env, "SMTP_SINK_DIR") or "var/mail",
+            payment_crash_email=env_str(env, "PAYMENT_CRASH_EMAIL"),
         )

@@ -12,14 +12,22 @@ handled (its first send is still being retried) is retried until it is.
 
 Every message has a plain-text and an HTML part (every value HTML-escaped) and a
 ``Message-ID`` fixed by the order and the step: ``<order-{id}.{step}@{domain}>``.
-``emails_sent`` is unique per (order, step): once a step's row is committed no event,
-redelivered or new, sends it again.
+``emails_sent`` is unique per (order, step).
+
+Claim, then send (one email per order and step even with several workers and
+duplicate messages): before talking to SMTP the handler inserts a row in
+``email_claims`` keyed by (order, step), in its own committed transaction
+(:func:`consumers.store.claim_effect`). A worker that finds a live claim of another
+delivery does not send: its message is retried later and then re-emits the outcome
+the first one recorded. A claim is a lease on the database's clock, so a worker that
+dies between claim and send does not lose the email: the lease expires and the next
+delivery takes it over.
 
 The one window no consumer can close: the SMTP server accepts the message, and the
-worker dies before it commits the "sent" row. The message is then redelivered and the
-email sent a second time - with the SAME Message-ID, which is what receiving systems
-(and the tests, which count distinct Message-IDs) deduplicate on. SMTP has no
-idempotency key; the Message-ID is the closest thing it has.
+worker dies before it commits the "sent" row. The message is then redelivered (after
+the lease) and the email sent a second time - with the SAME Message-ID, which is what
+receiving systems (and the tests, which count distinct Message-IDs) deduplicate on.
+SMTP has no idempotency key; the Message-ID is the closest thing it has.
 
 An SMTP server that cannot be reached, times out or answers 4xx is a retryable error;
 a 5xx answer (recipient refused) is permanent.
@@ -35,8 +43,12 @@ commas or encoded-words becomes many.
 
 from __future__ import annotations
 
+import contextlib
 import html
+import json
 import smtplib
+import threading
+import uuid
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import parseaddr
@@ -187,13 +199,23 @@ class EmailHandler:
     accepts = envelope.accepted_by(QUEUE)
 
     def __init__(
-        self, engine: Engine, *, host: str, port: int, sender: str, timeout: float = 10.0
+        self,
+        engine: Engine,
+        *,
+        host: str,
+        port: int,
+        sender: str,
+        timeout: float = 10.0,
+        claim_seconds: float | None = None,
     ) -> None:
         self.engine = engine
+        # A claim outlives a send that times out at every step (connect, each command).
+        self.claim_seconds = claim_seconds if claim_seconds is not None else 6 * timeout
         self.host = host
         self.port = port
         self.sender = sender
         self.timeout = timeout
+        self._local = threading.local()  # each handler thread keeps its own connection
 
     @classmethod
     def from_settings(cls, engine: Engine, settings: ConsumerSettings) -> EmailHandler:
@@ -206,22 +228,66 @@ class EmailHandler:
             timeout=settings.smtp_timeout,
         )
 
+    def _connection(self) -> tuple[smtplib.SMTP, bool]:
+        """This thread's open SMTP connection (opened now if none); True if reused."""
+        smtp: smtplib.SMTP | None = getattr(self._local, "smtp", None)
+        if smtp is not None:
+            return smtp, True
+        smtp = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+        self._local.smtp = smtp
+        return smtp, False
+
+    def _drop(self) -> None:
+        """Forget this thread's connection (the next send opens a new one)."""
+        smtp: smtplib.SMTP | None = getattr(self._local, "smtp", None)
+        self._local.smtp = None
+        if smtp is not None:
+            with contextlib.suppress(OSError, smtplib.SMTPException):
+                smtp.close()
+
+    def close(self) -> None:
+        """Say QUIT on this thread's connection, if one is open."""
+        smtp: smtplib.SMTP | None = getattr(self._local, "smtp", None)
+        self._local.smtp = None
+        if smtp is not None:
+            with contextlib.suppress(OSError, smtplib.SMTPException):
+                smtp.quit()
+
     def send(self, msg: EmailMessage, to: str) -> None:
-        """Hand the message to the SMTP server for exactly ``to``; classify failures."""
-        try:
-            with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
+        """Hand the message to the SMTP server for exactly ``to``; classify failures.
+
+        The connection stays open across messages (one per handler thread): a
+        connect + EHLO + QUIT per message cost more than the message itself. A server
+        that closed an idle kept connection is reconnected once, at once; any other
+        failure drops the connection, so the retry starts on a fresh one.
+        """
+        for attempt in (1, 2):
+            try:
+                smtp, reused = self._connection()
                 smtp.send_message(msg, from_addr=parseaddr(self.sender)[1], to_addrs=[to])
-        except smtplib.SMTPRecipientsRefused as exc:
-            codes = [code for code, _ in exc.recipients.values()]
-            if all(code >= 500 for code in codes):
-                raise PermanentError(f"SMTP refused the recipient: {exc.recipients}") from exc
-            raise RetryableError(f"SMTP deferred the recipient: {exc.recipients}") from exc
-        except smtplib.SMTPResponseException as exc:
-            if exc.smtp_code >= 500:
-                raise PermanentError(f"SMTP error {exc.smtp_code}: {exc.smtp_error!r}") from exc
-            raise RetryableError(f"SMTP error {exc.smtp_code}: {exc.smtp_error!r}") from exc
-        except (OSError, smtplib.SMTPException) as exc:
-            raise RetryableError(f"SMTP {self.host}:{self.port} unavailable: {exc}") from exc
+                return
+            except smtplib.SMTPServerDisconnected as exc:
+                self._drop()
+                if reused and attempt == 1:
+                    # Typically the first command on a connection the server timed out.
+                    # Had it already taken the DATA, this resends the same Message-ID:
+                    # the one window the module doc names, no new one.
+                    continue
+                raise RetryableError(f"SMTP {self.host}:{self.port} unavailable: {exc}") from exc
+            except smtplib.SMTPRecipientsRefused as exc:
+                self._drop()
+                codes = [code for code, _ in exc.recipients.values()]
+                if all(code >= 500 for code in codes):
+                    raise PermanentError(f"SMTP refused the recipient: {exc.recipients}") from exc
+                raise RetryableError(f"SMTP deferred the recipient: {exc.recipients}") from exc
+            except smtplib.SMTPResponseException as exc:
+                self._drop()
+                if exc.smtp_code >= 500:
+                    raise PermanentError(f"SMTP error {exc.smtp_code}: {exc.smtp_error!r}") from exc
+                raise RetryableError(f"SMTP error {exc.smtp_code}: {exc.smtp_error!r}") from exc
+            except (OSError, smtplib.SMTPException) as exc:
+                self._drop()
+                raise RetryableError(f"SMTP {self.host}:{self.port} unavailable: {exc}") from exc
 
     def _recipient(self, event: dict[str, Any], order_id: int) -> store.Recipient:
         """Who to write to: recorded now from OrderPlaced, looked up for later steps."""
@@ -243,33 +309,49 @@ class EmailHandler:
             return known
 
     def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
-        """Send the step's email (once per order and step) and return CustomerNotified."""
+        """Claim the order's step, send its email, record it; return CustomerNotified.
+
+        The claim commits before the send (:func:`consumers.store.claim_effect`): a
+        second worker with a copy of the same event (or another event of the same order
+        and step) finds it and retries later, then re-emits the first one's outcome.
+        """
         stored = store.lookup(self.engine, QUEUE, event["id"])
         if stored is not None:
             return stored
         step = STEPS[event["type"]]
         order_id = order_of(event).order_id if step == STEP_RECEIVED else order_id_of(event)
+        who = self._recipient(event, order_id)
+        owner = uuid.uuid4().hex  # this delivery's claim (another thread: another one)
+        state, done = store.claim_effect(
+            self.engine, order_id, step, event["id"], owner, self.claim_seconds
+        )
+        if state == "done" and done is not None:
+            emitted, _new = store.record_outcome(self.engine, QUEUE, event, done)
+            return emitted
+        if state == "busy":
+            raise RetryableError(f"another worker is sending the {step} email of order #{order_id}")
         mid = message_id(order_id, step, self.sender)
-        with Session(self.engine) as session:
-            already = session.get(store.EmailSent, mid) is not None
-        if not already:
-            who = self._recipient(event, order_id)
+        try:
             self.send(render(event, who, step=step, sender=self.sender), who.email)
+        except Exception:
+            # Not sent: free the claim, so this message's retry (or a copy) claims again
+            # at once instead of waiting for the lease.
+            store.release_claim(self.engine, order_id, step, owner)
+            raise
 
         def record(session: Session) -> list[dict[str, Any]]:
             sent = session.get(store.EmailSent, mid)
             if sent is None:
-                who = session.get(store.Recipient, order_id)
                 sent = store.EmailSent(
                     message_id=mid,
                     order_id=order_id,
                     step=step,
                     event_id=event["id"],
-                    recipient=who.email if who else "",
+                    recipient=who.email,
                 )
                 session.add(sent)
                 session.flush()
-            return [
+            result = [
                 outcome(
                     envelope.CUSTOMER_NOTIFIED,
                     {"order_id": order_id, "step": step, "message_id": mid},
@@ -280,6 +362,10 @@ class EmailHandler:
                     at=sent.sent_at,
                 )
             ]
+            claim = session.get(store.EmailClaim, (order_id, step))
+            if claim is not None:
+                claim.state, claim.outcome = "sent", json.dumps(result)
+            return result
 
         emitted, _new = store.process_once(self.engine, QUEUE, event, record)
         return emitted

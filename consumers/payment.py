@@ -14,16 +14,26 @@ can force outcomes. Magic customer emails override the rates: ``decline@example.
 is always declined, ``flaky@example.com`` fails transiently on the first
 PAYMENT_FLAKY_CALLS calls and then succeeds. PAYMENT_LATENCY_MS delays every call.
 
-The gateway keeps an idempotency ledger keyed by the event id (a real gateway's
-``Idempotency-Key``) and committed in its own transaction, as an external system
-would: a charge retried after a crash returns the first answer and never charges
-twice.
+One charge per order, not per event: the gateway keeps an idempotency ledger keyed
+by :func:`payment_key` (the order id; a real gateway's ``Idempotency-Key``) and
+committed in its own transaction, as an external system would, so a charge retried
+after a crash returns the first answer; and the ``payments`` table has one row per
+order (its primary key), written with the processed row. A second OrderPlaced for the
+same order under a new event id finds that row and re-emits the stored outcome (same
+outcome event id, recorded once by the order service) instead of charging again.
+
+PAYMENT_CRASH_EMAIL (test only, empty = off) names a customer whose charge kills the
+process (``os._exit(137)``, as a segfaulting gateway library would): the crash-looping
+message of ``make chaos``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import random
+import sys
 import threading
 import uuid
 from dataclasses import dataclass
@@ -35,7 +45,7 @@ from sqlalchemy.orm import Session
 
 from consumers import store
 from consumers.config import ConsumerSettings
-from consumers.handler import order_of
+from consumers.handler import Order, order_of
 from messaging import envelope, keys
 from messaging.handler import outcome
 from messaging.queue import RetryableError
@@ -76,6 +86,7 @@ class SimulatedGateway:
         latency_ms: int = 0,
         seed: str = "",
         flaky_calls: int = 2,
+        crash_email: str = "",
     ) -> None:
         self.engine = engine
         self.decline_rate = decline_rate
@@ -83,6 +94,7 @@ class SimulatedGateway:
         self.latency_ms = latency_ms
         self.seed = seed
         self.flaky_calls = flaky_calls
+        self.crash_email = crash_email.lower()
 
     def _draw(self, *parts: object) -> float:
         """A number in [0, 1): deterministic per parts when seeded, random otherwise."""
@@ -95,6 +107,9 @@ class SimulatedGateway:
         self, idempotency_key: str, *, order_id: int, amount: str, currency: str, email: str
     ) -> Charge:
         """Charge once per key. Raises GatewayUnavailable on a simulated transient error."""
+        if self.crash_email and email.lower() == self.crash_email:
+            print(f"payment: PAYMENT_CRASH_EMAIL {email}: exit 137", file=sys.stderr, flush=True)
+            os._exit(137)
         if self.latency_ms:
             threading.Event().wait(self.latency_ms / 1000)
         for _ in range(3):  # a concurrent first call for the same key may win the insert
@@ -133,6 +148,11 @@ class SimulatedGateway:
         return Charge(str(row.status), row.payment_id, row.amount, row.currency, row.reason)
 
 
+def payment_key(order_id: int) -> str:
+    """The gateway idempotency key of an order's payment: one charge per order."""
+    return f"order-{order_id}"
+
+
 class PaymentHandler:
     """Charges each OrderPlaced once and reports PaymentCaptured or PaymentDeclined."""
 
@@ -155,17 +175,31 @@ class PaymentHandler:
                 latency_ms=settings.payment_latency_ms,
                 seed=settings.payment_seed,
                 flaky_calls=settings.payment_flaky_calls,
+                crash_email=settings.payment_crash_email,
             ),
         )
 
     def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
-        """Charge (idempotently) and return the outcome event."""
+        """Charge (once per order) and return the outcome event."""
         stored = store.lookup(self.engine, QUEUE, event["id"])
         if stored is not None:
             return stored
         order = order_of(event)
+        paid = store.order_payment(self.engine, order.order_id)
+        if paid is None:
+            try:
+                return self._charge(event, order)
+            except IntegrityError:  # a concurrent event of the same order recorded first
+                paid = store.order_payment(self.engine, order.order_id)
+                if paid is None:
+                    raise
+        # The order was paid under another event id: this event gets the same outcome.
+        emitted, _new = store.record_outcome(self.engine, QUEUE, event, paid)
+        return emitted
+
+    def _charge(self, event: dict[str, Any], order: Order) -> list[dict[str, Any]]:
         charge = self.gateway.charge(
-            event["id"],
+            payment_key(order.order_id),
             order_id=order.order_id,
             amount=order.total,
             currency=order.currency,
@@ -197,5 +231,17 @@ class PaymentHandler:
                 sender=SENDER,
                 message=f"Payment declined for order #{order.order_id}",
             )
-        emitted, _new = store.record_outcome(self.engine, QUEUE, event, [result])
+
+        def record(session: Session) -> list[dict[str, Any]]:
+            session.add(
+                store.Payment(
+                    order_id=order.order_id,
+                    event_id=event["id"],
+                    status=charge.status,
+                    outcome=json.dumps([result]),
+                )
+            )
+            return [result]
+
+        emitted, _new = store.process_once(self.engine, QUEUE, event, record)
         return emitted

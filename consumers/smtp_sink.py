@@ -8,6 +8,7 @@ uses Mailpit instead (a web UI on http://127.0.0.1:8025).
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import logging
 import os
@@ -56,8 +57,15 @@ class EmlWriter:
         return "250 Message accepted for delivery"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run until SIGTERM/SIGINT."""
+    argparse.ArgumentParser(
+        prog="smtp-sink",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Configuration: environment variables only; the README's Configuration table "
+        "lists each with its default.",
+    ).parse_args(argv)  # only --help: nothing starts before this
     try:
         settings = ConsumerSettings.from_env()
     except ConfigError as exc:

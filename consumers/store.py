@@ -18,15 +18,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     DateTime,
     Engine,
     Integer,
     String,
     Text,
     UniqueConstraint,
+    delete,
     event,
+    insert,
+    update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from messaging import database
@@ -70,6 +74,109 @@ class GatewayCharge(Base):
     currency: Mapped[str] = mapped_column(String(3))
     reason: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Payment(Base):
+    """One payment outcome per order: the unique key that makes "charge once" data.
+
+    The gateway call is keyed by the order too (:func:`consumers.payment.payment_key`),
+    so a second OrderPlaced for the same order (a new event id: a re-publish, a
+    replay) finds this row and re-emits its stored outcome, with the same event id.
+    """
+
+    __tablename__ = "payments"
+    order_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    event_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[str] = mapped_column(Text)
+    """The outcome events (JSON list) emitted for the order."""
+    paid_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+def order_payment(engine: Engine, order_id: int) -> list[dict[str, Any]] | None:
+    """The stored outcome events of the order's payment, or None when it has none yet."""
+    with Session(engine) as session:
+        row = session.get(Payment, order_id)
+        return None if row is None else json.loads(row.outcome)
+
+
+class EmailClaim(Base):
+    """Who is sending one order's email of one step: claimed before the SMTP send.
+
+    The row is inserted (or taken over) in its own committed transaction *before* the
+    send, so two workers holding two copies of the same OrderPlaced cannot both send:
+    the second finds the claim and waits (its message is retried) or, once the first
+    has recorded the send, re-emits the stored outcome. The claim is a lease on the
+    database's clock (``lease_until_ms``): a worker that dies after claiming and
+    before sending leaves it to expire, and the next delivery takes it over and sends,
+    so the email is never lost.
+    """
+
+    __tablename__ = "email_claims"
+    order_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    step: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    event_id: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    """'sending' (claimed) or 'sent' (recorded with ``outcome``)."""
+    lease_until_ms: Mapped[int] = mapped_column(BigInteger)
+    outcome: Mapped[str | None] = mapped_column(Text)
+
+
+def claim_effect(
+    engine: Engine, order_id: int, step: str, event_id: str, owner: str, lease_seconds: float
+) -> tuple[str, list[dict[str, Any]] | None]:
+    """Claim (order, step) for ``owner``; committed before returning.
+
+    Returns ``("mine", None)``: do the effect; ``("done", outcome)``: another delivery
+    did it, emit its outcome; ``("busy", None)``: another worker holds a live claim.
+    """
+    now = database.now_ms(engine.dialect.name)
+    lease = int(lease_seconds * 1000)
+    try:
+        with Session(engine) as session, session.begin():
+            session.execute(
+                insert(EmailClaim).values(
+                    order_id=order_id, step=step, owner=owner, event_id=event_id,
+                    state="sending", lease_until_ms=now + lease, outcome=None,
+                )
+            )  # fmt: skip
+        return "mine", None
+    except IntegrityError:
+        pass
+    with Session(engine) as session, session.begin():
+        taken = session.execute(  # type: ignore[attr-defined]
+            update(EmailClaim)
+            .where(
+                EmailClaim.order_id == order_id,
+                EmailClaim.step == step,
+                EmailClaim.state == "sending",
+                EmailClaim.lease_until_ms < now,
+            )
+            .values(owner=owner, event_id=event_id, lease_until_ms=now + lease)
+        ).rowcount
+        if taken:
+            return "mine", None
+        row = session.get(EmailClaim, (order_id, step))
+        if row is not None and row.state == "sent" and row.outcome is not None:
+            return "done", json.loads(row.outcome)
+    return "busy", None
+
+
+def release_claim(engine: Engine, order_id: int, step: str, owner: str) -> None:
+    """Drop ``owner``'s claim when its effect did not happen (best effort: it expires)."""
+    try:
+        with Session(engine) as session, session.begin():
+            session.execute(
+                delete(EmailClaim).where(
+                    EmailClaim.order_id == order_id,
+                    EmailClaim.step == step,
+                    EmailClaim.owner == owner,
+                    EmailClaim.state == "sending",
+                )
+            )
+    except SQLAlchemyError:
+        log.warning("could not release the claim of order #%s %s; it expires", order_id, step)
 
 
 class InvoiceCounter(Base):
@@ -162,10 +269,10 @@ def make_engine(url: str) -> Engine:
 
 
 SERVICE_TABLES: dict[str, tuple[type[Base], ...]] = {
-    "payment": (Processed, GatewayCharge),
+    "payment": (Processed, GatewayCharge, Payment),
     "invoice": (Processed, InvoiceCounter, Invoice),
     "shipping": (Processed, Shipment),
-    "email": (Processed, Recipient, EmailSent),
+    "email": (Processed, Recipient, EmailSent, EmailClaim),
 }
 """The tables each service creates in its own database (and nothing else's)."""
 

@@ -78,6 +78,17 @@ def binary_version(binary: str | None = None) -> tuple[int, int]:
     return _version(binary or find_binary())
 
 
+def port_is_free(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:``port`` (we could bind it ourselves)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port() -> int:
     """Ask the kernel for a free TCP port on the loopback interface."""
     with socket.socket() as sock:
@@ -436,7 +447,11 @@ class RedisCluster:
 def main(argv: list[str] | None = None) -> int:
     """Run a Redis server in the foreground until SIGINT/SIGTERM."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=int(os.environ.get("REDIS_PORT", "6379")))
+    raw_port = os.environ.get("REDIS_PORT", "").strip() or "6379"
+    if not raw_port.isdigit() or not 1 <= int(raw_port) <= 65535:
+        print(f"local-redis: invalid REDIS_PORT {raw_port!r}: must be 1-65535", file=sys.stderr)
+        return 2
+    parser.add_argument("--port", type=int, default=int(raw_port))
     parser.add_argument("--dir", default=os.environ.get("REDIS_DATA_DIR", "var/redis"))
     parser.add_argument("--appendonly", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
@@ -450,6 +465,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"local-redis: {exc}", file=sys.stderr)
             return 2
         return 0
+    if not port_is_free(args.port):
+        # Without this, redis-server would exit "Address already in use" and everything
+        # else would happily talk to whatever already listens there.
+        print(
+            f"local-redis: 127.0.0.1:{args.port} is already in use (another Redis, or "
+            "another `make up`?): stop it, or choose a free REDIS_PORT",
+            file=sys.stderr,
+        )
+        return 2
     Path(args.dir).mkdir(parents=True, exist_ok=True)
     try:
         server = RedisServer(port=args.port, data_dir=Path(args.dir), appendonly=args.appendonly)

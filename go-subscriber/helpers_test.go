@@ -63,7 +63,7 @@ func logTexts(buf *syncBuffer) []string {
 // redisTestEnv returns the test Redis address and database. Without REDIS_TEST_ADDR
 // the test is skipped locally but fails when CI is set: a missing Redis must never
 // pass CI silently.
-func redisTestEnv(t *testing.T) (addr string, db int) {
+func redisTestEnv(t testing.TB) (addr string, db int) {
 	t.Helper()
 	addr = os.Getenv("REDIS_TEST_ADDR")
 	if addr == "" {
@@ -86,7 +86,7 @@ func redisTestEnv(t *testing.T) (addr string, db int) {
 // it with a subscriber Config pointing at the same database. Pub/sub channels are
 // server-wide, so each test gets its own channel names (suffix) unless it wants
 // the defaults.
-func setupRedis(t *testing.T) (Config, *redis.Client) {
+func setupRedis(t testing.TB) (Config, *redis.Client) {
 	t.Helper()
 	addr, db := redisTestEnv(t)
 	client := redis.NewClient(&redis.Options{Addr: addr, DB: db})

@@ -7,13 +7,14 @@ Behaviour and log lines are the tutorial's, word for word; what it got wrong is 
 - SIGTERM/SIGINT stop it within a second, not after the current sleep;
 - an unknown PATTERN or a non-numeric port or interval is a one-line error and exit 2
   (the original silently published nothing, or crashed with a traceback);
-- output is line-buffered, so container and honcho logs show each line at once.
+- output is line-buffered, so container and ``make up`` logs show each line at once.
 
 Run it as ``hello-publisher`` or ``python -m hello.publisher``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import signal
@@ -101,8 +102,15 @@ class HelloPublisher:
         self.stop.set()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Console script ``hello-publisher``."""
+    argparse.ArgumentParser(
+        prog="hello-publisher",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Configuration: environment variables only; the README's Configuration table "
+        "lists each with its default.",
+    ).parse_args(argv)  # only --help: nothing starts before this
     try:
         settings = Settings.from_env()
     except ConfigError as exc:

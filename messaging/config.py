@@ -131,6 +131,18 @@ def env_choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> s
     return raw
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+"""LOG_LEVEL's values, in any case (``info`` is ``INFO``, as Python's logging reads them)."""
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    raw = env_str(env, "LOG_LEVEL")
+    if raw.upper() not in LOG_LEVELS:
+        choices = ", ".join(LOG_LEVELS)
+        raise ConfigError(f"invalid LOG_LEVEL {raw!r}: must be one of {choices} (any case)")
+    return raw.upper()
+
+
 def parse_pattern(raw: str) -> Pattern:
     """Validate a PATTERN value (exact, lower case, as the original accepted)."""
     value = raw.strip()
@@ -220,9 +232,7 @@ class Settings:
             pattern=parse_pattern(env_str(env, "PATTERN")),
             publish_interval=env_float(env, "PUBLISH_INTERVAL", 0.001, 86400.0),
             log_format=env_choice(env, "LOG_FORMAT", ("text", "json")),
-            log_level=env_choice(
-                env, "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-            ),
+            log_level=_log_level(env),
             redis_cluster=env_choice(env, "REDIS_CLUSTER", ("0", "1")) == "1",
             redis_wait_replicas=env_int(env, "REDIS_WAIT_REPLICAS", 0, 16),
             redis_tls_ca_file=redis_tls_ca_file,
@@ -238,6 +248,11 @@ WORKER_ENV_VARS: tuple[EnvVar, ...] = declare(
     EnvVar("CONSUMER_CONCURRENCY", "1", "Handler threads per consumer process (--concurrency)."),
     EnvVar("CONSUMER_BATCH_SIZE", "10", "Messages a worker thread takes and acks per round trip."),
     EnvVar("CONSUMER_MAX_ATTEMPTS", "5", "Failed attempts before a message is dead-lettered."),
+    EnvVar(
+        "CONSUMER_MAX_CRASHES",
+        "5",
+        "Workers a message may kill (die holding it) before it is dead-lettered.",
+    ),
     EnvVar("CONSUMER_BACKOFF_BASE", "1.0", "Seconds of the first retry delay (doubles each time)."),
     EnvVar("CONSUMER_BACKOFF_MAX", "60.0", "Cap of the retry delay in seconds (full jitter)."),
     EnvVar("CONSUMER_HEARTBEAT_TTL", "10", "Seconds a worker's heartbeat lives; gone = reaped."),
@@ -263,6 +278,7 @@ class WorkerSettings:
     backoff_max: float
     heartbeat_ttl: int
     stuck_seconds: float = 300.0
+    max_crashes: int = 5
     metrics_port: int = 0
 
     @classmethod
@@ -278,6 +294,7 @@ class WorkerSettings:
             backoff_max=env_float(env, "CONSUMER_BACKOFF_MAX", 0.0, 86400.0),
             heartbeat_ttl=env_int(env, "CONSUMER_HEARTBEAT_TTL", 1, 3600),
             stuck_seconds=env_float(env, "CONSUMER_STUCK_SECONDS", 1.0, 86400.0),
+            max_crashes=env_int(env, "CONSUMER_MAX_CRASHES", 1, 1000),
             metrics_port=env_int(env, "METRICS_PORT", 0, 65535),
         )
 

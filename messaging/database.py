@@ -11,8 +11,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, MetaData, create_engine, event, make_url, text
+from sqlalchemy import Engine, MetaData, create_engine, event, literal_column, make_url, text
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.sql.elements import ColumnElement
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +87,17 @@ def create_tables(
         except OperationalError as exc:
             if "already exists" not in str(exc) or attempt == attempts:
                 raise
+
+
+def now_ms(dialect: str) -> ColumnElement[int]:
+    """The database server's clock in UNIX milliseconds, as a SQL expression.
+
+    Leases (the outbox claim, the email claim) are written by one host and compared on
+    another: with each host's own clock, a host one hour ahead would steal every lease
+    and one behind would hold them an hour. The database's clock is the one both sides
+    see. SQLite's is the clock of whichever process runs the statement; the file is
+    local to one host, so that is still a single clock.
+    """
+    if dialect == "postgresql":
+        return literal_column("CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)")
+    return literal_column("CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)")

@@ -79,6 +79,11 @@ def attempts(queue: str) -> str:
     return f"{_tag(queue)}:attempts"
 
 
+def deaths(queue: str) -> str:
+    """Hash: SHA-1 of a message's bytes -> workers that died holding it (counted at reap)."""
+    return f"{_tag(queue)}:deaths"
+
+
 def stats(queue: str) -> str:
     """Hash of counters: processed, failed, retried, dead."""
     return f"{_tag(queue)}:stats"

@@ -44,7 +44,7 @@ class _JsonFormatter(logging.Formatter):
 
 def configure(fmt: str = "text", level: str = "INFO") -> None:
     """Send every log record to stdout, line-buffered, in the chosen format."""
-    # Line buffering even when stdout is a pipe (container logs, honcho): the
+    # Line buffering even when stdout is a pipe (container logs, supervisor): the
     # original's output sat in a block buffer until the container stopped.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)

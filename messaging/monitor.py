@@ -158,7 +158,7 @@ def find_letter(client: redis.Redis, name: str, ident: str) -> DeadLetter:
         LetterNotFound: nothing matches (it may have been requeued or purged meanwhile).
     """
     queue = RedisQueue(client, check_queue(name))
-    if ident.isdigit() and len(ident) < LETTER_ID_LENGTH:
+    if ident.isascii() and ident.isdigit() and len(ident) < LETTER_ID_LENGTH:  # not "²"
         letters = queue.dead_letters(int(ident), int(ident))
         if letters:
             return letters[0]

@@ -14,6 +14,14 @@ slot thanks to the ``{q}`` tag):
   :meth:`RedisQueue.promote` moves due ones back to pending (Lua, atomic).
 - ``attempts(q)`` hash event id -> failed attempts; ``dead(q)`` list of JSON dead
   letters; ``stats(q)`` hash of counters (processed, failed, retried, dead).
+- ``deaths(q)`` hash SHA-1 of the message -> workers that died holding it. The reaper
+  counts one for every message it takes back from a dead worker (as Sidekiq Pro's
+  super_fetch counts recoveries). A message with a count is a *suspect*: the take
+  script hands it out alone, never in a batch, so a message that kills its worker does
+  not take innocent batch-mates down with it again (they were returned with it by the
+  reaper, and are taken again on their own), and its count is its own. A suspect that
+  has killed CONSUMER_MAX_CRASHES workers is dead-lettered when it is next taken, with
+  the reason "worker died N times handling it". An ack or a dead letter forgets it.
 
 Every state change that touches two keys is one Lua script, and every script first
 removes the message from the worker's processing list and does nothing else if it was
@@ -25,6 +33,7 @@ UTF-8 is dead-lettered like any other malformed message.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import random
@@ -42,6 +51,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ATTEMPTS = 5
 """Failed attempts before a message is dead-lettered (CONSUMER_MAX_ATTEMPTS)."""
+DEFAULT_MAX_CRASHES = 5
+"""Workers a message may kill before it is dead-lettered (CONSUMER_MAX_CRASHES)."""
 DEFAULT_BACKOFF_BASE = 1.0
 """Seconds of the first retry's maximum delay; doubles with each attempt."""
 DEFAULT_BACKOFF_MAX = 60.0
@@ -187,12 +198,32 @@ class Consumer(Protocol):
         """Not started: put back at the head of pending."""
 
 
+# KEYS: pending, processing, deaths. ARGV: count, sha1 of a message the caller already
+# holds in this batch ('' if none). Returns {deaths of a suspect taken alone or 0, m...}.
+# Fast path: no suspects on the queue (HLEN 0), plain LMOVEs. Otherwise a suspect (a
+# message some worker died holding) is only ever taken alone.
 _TAKE = """
-local out = {}
+local out = {0}
+local suspects = redis.call('HLEN', KEYS[3]) > 0
+if suspects and ARGV[2] ~= '' then
+  local d = redis.call('HGET', KEYS[3], ARGV[2])
+  if d then out[1] = tonumber(d) return out end
+end
 for i = 1, tonumber(ARGV[1]) do
+  if suspects then
+    local head = redis.call('LINDEX', KEYS[1], 0)
+    if not head then break end
+    local d = redis.call('HGET', KEYS[3], redis.sha1hex(head))
+    if d then
+      if #out > 1 or ARGV[2] ~= '' then break end
+      out[1] = tonumber(d)
+      out[2] = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+      return out
+    end
+  end
   local m = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
   if not m then break end
-  out[i] = m
+  out[#out + 1] = m
 end
 return out
 """
@@ -200,8 +231,11 @@ return out
 _ACK = """
 local n = tonumber(ARGV[1])
 local done = 0
+local suspects = redis.call('HLEN', KEYS[4]) > 0
 for i = 2, n + 1 do
-  done = done + redis.call('LREM', KEYS[1], 1, ARGV[i])
+  local removed = redis.call('LREM', KEYS[1], 1, ARGV[i])
+  done = done + removed
+  if suspects and removed > 0 then redis.call('HDEL', KEYS[4], redis.sha1hex(ARGV[i])) end
 end
 if #ARGV > n + 1 then
   redis.call('HDEL', KEYS[2], unpack(ARGV, n + 2))
@@ -210,7 +244,7 @@ if done > 0 then redis.call('HINCRBY', KEYS[3], 'processed', done) end
 return done
 """
 
-# KEYS: processing, attempts, delayed, dead, stats
+# KEYS: processing, attempts, delayed, dead, stats, deaths
 # ARGV: raw, id, now, error, failed_at, queue, text, b64, permanent, delay_1 .. delay_max
 # delay_k is the wait after the k-th failure; there are max_attempts of them.
 _FAIL = """
@@ -229,6 +263,7 @@ if ARGV[9] == '1' or n >= max then
   if ARGV[8] ~= '' then entry['message_b64'] = ARGV[8] end
   redis.call('RPUSH', KEYS[4], cjson.encode(entry))
   if ARGV[2] ~= '' then redis.call('HDEL', KEYS[2], ARGV[2]) end
+  redis.call('HDEL', KEYS[6], redis.sha1hex(ARGV[1]))
   redis.call('HINCRBY', KEYS[5], 'dead', 1)
   return {2, n}
 end
@@ -246,11 +281,17 @@ end
 return #due
 """
 
-# Moves the tail first onto the head, so the list keeps its order at pending's head.
+# Moves the tail first onto the head, so the list keeps its order at pending's head,
+# and counts a death for each message (KEYS[5]): the worker died holding it.
 _REAP = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 local n = 0
-while redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'LEFT') do n = n + 1 end
+while true do
+  local m = redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'LEFT')
+  if not m then break end
+  redis.call('HINCRBY', KEYS[5], redis.sha1hex(m), 1)
+  n = n + 1
+end
 redis.call('SREM', KEYS[4], ARGV[1])
 return n
 """
@@ -292,6 +333,7 @@ _REQUEUE = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 if ARGV[3] ~= '' then redis.call('HDEL', KEYS[3], ARGV[3]) end
+redis.call('HDEL', KEYS[4], redis.sha1hex(ARGV[2]))
 return 1
 """
 
@@ -303,6 +345,7 @@ class RedisQueue:
         client: a Redis client; it must NOT decode responses (messages are bytes).
         name: the queue name (``payment``, ``order-updates``, ...).
         max_attempts: failed attempts before a message is dead-lettered.
+        max_crashes: workers a message may kill before it is dead-lettered.
         backoff_base: seconds, see :func:`backoff`.
         backoff_max: seconds, see :func:`backoff`.
     """
@@ -313,12 +356,14 @@ class RedisQueue:
         name: str,
         *,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        max_crashes: int = DEFAULT_MAX_CRASHES,
         backoff_base: float = DEFAULT_BACKOFF_BASE,
         backoff_max: float = DEFAULT_BACKOFF_MAX,
     ) -> None:
         self.client = client
         self.name = name
         self.max_attempts = max_attempts
+        self.max_crashes = max_crashes
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.pending_key = keys.pending(name)
@@ -327,6 +372,7 @@ class RedisQueue:
         self.workers_key = keys.workers(name)
         self.attempts_key = keys.attempts(name)
         self.stats_key = keys.stats(name)
+        self.deaths_key = keys.deaths(name)
         self._take = client.register_script(_TAKE)
         self._ack = client.register_script(_ACK)
         self._fail = client.register_script(_FAIL)
@@ -351,20 +397,28 @@ class RedisQueue:
 
         One Lua call moves what is there; when nothing is, BLMOVE waits up to
         ``timeout`` seconds and a second call tops the batch up. ``timeout=0`` never
-        blocks.
+        blocks. A suspect (a message some worker died holding) comes alone; one that
+        has killed ``max_crashes`` workers is dead-lettered here instead of returned.
         """
         processing = keys.processing(self.name, worker)
-        got: list[bytes] = self._take(keys=[self.pending_key, processing], args=[count])
-        if got or timeout <= 0:
-            return got
-        first: bytes | None = self.client.blmove(  # type: ignore[assignment]
-            self.pending_key, processing, timeout, "LEFT", "RIGHT"
-        )
-        if first is None:
+        tag = [self.pending_key, processing, self.deaths_key]
+        deaths, *got = self._take(keys=tag, args=[count, ""])
+        if not got and timeout > 0:
+            first: bytes | None = self.client.blmove(  # type: ignore[assignment]
+                self.pending_key, processing, timeout, "LEFT", "RIGHT"
+            )
+            if first is None:
+                return []
+            sha = hashlib.sha1(first).hexdigest()  # a hash key, not security
+            deaths, *more = self._take(keys=tag, args=[count - 1, sha])
+            got = [first, *more]
+        if deaths and int(deaths) >= self.max_crashes:
+            [poison] = got
+            reason = f"worker died {int(deaths)} times handling it"
+            self.fail(worker, poison, reason, permanent=True)
+            log.error("%s: dead-lettered a message: %s", self.name, reason)
             return []
-        if count > 1:
-            return [first, *self._take(keys=[self.pending_key, processing], args=[count - 1])]
-        return [first]
+        return got
 
     def ack(self, worker: str, messages: Sequence[bytes]) -> int:
         """Remove handled messages from processing in one call; returns how many were there.
@@ -377,7 +431,12 @@ class RedisQueue:
         ids = [i for i in (event_id_of(m) for m in messages) if i]
         return int(
             self._ack(
-                keys=[keys.processing(self.name, worker), self.attempts_key, self.stats_key],
+                keys=[
+                    keys.processing(self.name, worker),
+                    self.attempts_key,
+                    self.stats_key,
+                    self.deaths_key,
+                ],
                 args=[len(messages), *messages, *ids],
             )
         )
@@ -409,6 +468,7 @@ class RedisQueue:
                 self.delayed_key,
                 self.dead_key,
                 self.stats_key,
+                self.deaths_key,
             ],
             args=[
                 message,
@@ -490,6 +550,7 @@ class RedisQueue:
                         keys.processing(self.name, worker),
                         self.pending_key,
                         self.workers_key,
+                        self.deaths_key,
                     ],
                     args=[worker],
                 )
@@ -524,7 +585,7 @@ class RedisQueue:
         for letter in chosen:
             moved += int(
                 self._requeue(
-                    keys=[self.dead_key, self.pending_key, self.attempts_key],
+                    keys=[self.dead_key, self.pending_key, self.attempts_key, self.deaths_key],
                     args=[letter.entry, letter.raw, event_id_of(letter.raw)],
                 )
             )

@@ -82,6 +82,7 @@ def run(
             client,
             handler.queue,
             max_attempts=settings.max_attempts,
+            max_crashes=settings.max_crashes,
             backoff_base=settings.backoff_base,
             backoff_max=settings.backoff_max,
         )

@@ -167,7 +167,13 @@ def cmd_dead_show(args: argparse.Namespace, settings: Settings) -> int:
 
 def _settle(args: argparse.Namespace, settings: Settings, action: str) -> int:
     name = _queue(args.queue)
-    if bool(args.ids) == bool(args.all):
+    if not args.ids and not args.all:
+        raise Failure(
+            f"{action}: which dead letters? give their IDs (orders-admin dead-letters list "
+            f"{name}) or --all",
+            EXIT_BAD_CONFIG,
+        )
+    if args.ids and args.all:
         raise Failure(f"{action}: give dead letter IDs or --all, not both", EXIT_BAD_CONFIG)
     client = _client(settings)
     if args.all:

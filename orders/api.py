@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from messaging import faults
 from orders import validation
+from orders.auth import is_operator, mask_email
 from orders.extensions import problem_response, services
 from orders.invoice import invoice_number, render_invoice
 from orders.openapi import openapi_document
@@ -26,8 +27,8 @@ from orders.validation import Problem
 log = logging.getLogger("orders-api")
 api = Blueprint("orders", __name__)
 
-MAX_ID = 2**63 - 1
-"""Larger ids cannot exist (and SQLite cannot even bind them)."""
+MAX_ID = validation.MAX_ORDER_ID
+"""Larger ids cannot exist (and PostgreSQL's INTEGER cannot even bind them)."""
 
 RATE_LIMITER = "orders.ratelimit"
 """Key of the app's :class:`~orders.ratelimit.RateLimiter` in ``app.extensions``."""
@@ -145,7 +146,10 @@ def get_order(order_id: int) -> Response:
         order = load_order(session, order_id) if order_id <= MAX_ID else None
         if order is None:
             raise _not_found(order_id)
-        return jsonify(order_to_dict(order))
+        body = order_to_dict(order)
+    if not is_operator():  # ids are sequential: anyone could walk them (docs/security.md)
+        body["customer_email"] = mask_email(body["customer_email"])
+    return jsonify(body)
 
 
 @api.get("/orders/<int:order_id>/invoice")
@@ -160,7 +164,8 @@ def get_invoice(order_id: int) -> Response:
             raise Problem(
                 404, "not-found", "Invoice not found", f"order {order_id} has no invoice yet"
             )
-        html = render_invoice(order, number)
+        shown = order.customer_email if is_operator() else mask_email(order.customer_email)
+        html = render_invoice(order, number, customer_email=shown)
     return Response(html, mimetype="text/html")
 
 

@@ -20,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from werkzeug.exceptions import HTTPException
 
+from orders import auth
 from orders.api import api
 from orders.bootstrap import OrderServices, order_services
 from orders.config import OrderServiceSettings
@@ -105,6 +106,7 @@ def create_app(
     env_names = _env_names()
     app.config.update({k: v for k, v in (test_config or {}).items() if k not in env_names})
     app.extensions[EXTENSION] = services or order_services(settings)
+    auth.init_app(app, settings)  # first: its checks run before any other blueprint's
     app.register_blueprint(api)
     app.register_blueprint(dashboard)  # /, /events/stream, /api/queues...
     app.register_blueprint(metrics)  # /metrics and the request counters

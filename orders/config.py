@@ -58,6 +58,19 @@ ENV_VARS: tuple[EnvVar, ...] = declare(
         "Dashboard event stream lifetime before the browser reconnects.",
     ),
     EnvVar("STREAM_KEEPALIVE_SECONDS", "15", "Seconds between keep-alive comments on the stream."),
+    EnvVar(
+        "ADMIN_TOKEN",
+        "",
+        "Operator credential (16+ characters) for the dashboard, dead letters, GET /orders and "
+        "/metrics: Bearer header, or the dashboard's login. Empty: orders-api generates one "
+        "at start and logs the dashboard URL with it (docs/security.md).",
+    ),
+    EnvVar(
+        "ALLOWED_HOSTS",
+        "localhost,127.0.0.1,[::1]",
+        "Comma-separated host names requests may name in Host (DNS rebinding guard); HOST "
+        "is added; * allows any.",
+    ),
 )
 """The order service's own variables."""
 
@@ -83,6 +96,10 @@ class OrderServiceSettings:
     metrics_dir: str = ""
     rate_limit_per_minute: int = 600
     """RATE_LIMIT_PER_MINUTE: per client IP (burst of the same size); 0 turns it off."""
+    admin_token: str = ""
+    """ADMIN_TOKEN: the operator credential; empty: generated at start (orders.auth)."""
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")
+    """ALLOWED_HOSTS: host names a request's Host may name (HOST is added; * = any)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OrderServiceSettings:
@@ -91,6 +108,19 @@ class OrderServiceSettings:
         host = env_str(env, "HOST")
         if not host:
             raise ConfigError("invalid HOST '': must not be empty")
+        admin_token = env.get("ADMIN_TOKEN", "").strip()
+        if admin_token and (len(admin_token) < 16 or not admin_token.isprintable()):
+            # Never the value in the message: it is a secret.
+            raise ConfigError(
+                "invalid ADMIN_TOKEN: must be at least 16 printable characters "
+                "(or empty: orders-api generates one)"
+            )
+        allowed = tuple(h.strip().lower() for h in env_str(env, "ALLOWED_HOSTS").split(","))
+        if not all(allowed) or any(any(c.isspace() or c in "/@" for c in h) for h in allowed):
+            raise ConfigError(
+                f"invalid ALLOWED_HOSTS {env_str(env, 'ALLOWED_HOSTS')!r}: "
+                "must be comma-separated host names, e.g. localhost,shop.example.com"
+            )
         return cls(
             base=Settings.from_env(env),
             database_url=database_url(env, "DATABASE_URL"),
@@ -108,4 +138,6 @@ class OrderServiceSettings:
             stream_keepalive_seconds=env_float(env, "STREAM_KEEPALIVE_SECONDS", 0.1, 3600.0),
             metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR", "").strip(),
             rate_limit_per_minute=env_int(env, "RATE_LIMIT_PER_MINUTE", 0, 1_000_000),
+            admin_token=admin_token,
+            allowed_hosts=allowed,
         )

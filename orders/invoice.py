@@ -20,7 +20,7 @@ _TEMPLATE = _ENV.from_string(
 <head><meta charset="utf-8"><title>Invoice {{ number }}</title></head>
 <body>
 <h1>Invoice {{ number }}</h1>
-<p>Order {{ order.id }} for {{ order.customer_email }}, placed {{ placed }}</p>
+<p>Order {{ order.id }} for {{ customer_email }}, placed {{ placed }}</p>
 <table>
 <thead><tr><th>SKU</th><th>Quantity</th><th>Unit price</th><th>Line total</th></tr></thead>
 <tbody>
@@ -43,11 +43,12 @@ def invoice_number(order: Order) -> str | None:
     return None
 
 
-def render_invoice(order: Order, number: str) -> str:
-    """The invoice page (HTML, every value escaped)."""
+def render_invoice(order: Order, number: str, *, customer_email: str | None = None) -> str:
+    """The invoice page (HTML, every value escaped); ``customer_email`` as shown (masked)."""
     return _TEMPLATE.render(
         number=number,
         order=order,
+        customer_email=order.customer_email if customer_email is None else customer_email,
         placed=order.created_at.isoformat(timespec="seconds"),
         lines=[
             {

@@ -49,6 +49,77 @@ def _json(description: str, schema: str, headers: dict[str, Any] | None = None) 
 ORDER_ID = {"name": "order_id", "in": "path", "required": True, "schema": {"type": "integer"}}
 
 
+PUBLIC_OPERATIONS = frozenset(
+    {
+        ("/orders", "post"),
+        ("/orders/{order_id}", "get"),
+        ("/orders/{order_id}/invoice", "get"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/openapi.json", "get"),
+        ("/login", "get"),
+        ("/login", "post"),
+    }
+)
+"""Operations anyone may call (orders.auth.PUBLIC_ENDPOINTS); the rest need the token."""
+
+SECURITY_SCHEMES = {
+    "operatorToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "ADMIN_TOKEN (or the token orders-api generated and logged at start).",
+    },
+    "operatorCookie": {
+        "type": "apiKey",
+        "in": "cookie",
+        "name": "orders_admin",
+        "description": "The dashboard's session (set by /login or /?token=...).",
+    },
+}
+
+
+def _protect(paths: dict[str, Any]) -> dict[str, Any]:
+    """Mark every operation outside PUBLIC_OPERATIONS as needing the operator credential."""
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            if (path, method) in PUBLIC_OPERATIONS:
+                continue
+            operation["security"] = [{"operatorToken": []}, {"operatorCookie": []}]
+            operation["responses"]["401"] = _problem("No or wrong operator credential")
+    return paths
+
+
+def _login_paths() -> dict[str, Any]:
+    html = {"text/html": {"schema": {"type": "string"}}}
+    return {
+        "/login": {
+            "get": {
+                "summary": "The dashboard's login form (HTML)",
+                "responses": {"200": {"description": "The form", "content": html}},
+            },
+            "post": {
+                "summary": "Log in with the operator token; sets the session cookie",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/x-www-form-urlencoded": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["token"],
+                                "properties": {"token": {"type": "string"}},
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "303": {"description": "Logged in: to the dashboard, with the cookie"},
+                    "401": {"description": "Wrong token: the form again", "content": html},
+                },
+            },
+        }
+    }
+
+
 def openapi_document(settings: OrderServiceSettings) -> dict[str, Any]:
     """The document, with the limits of this deployment (MAX_LINES, MAX_BODY_BYTES)."""
     location = {"Location": {"schema": {"type": "string"}, "description": "/orders/{id}"}}
@@ -63,108 +134,123 @@ def openapi_document(settings: OrderServiceSettings) -> dict[str, Any]:
                 f"larger than {settings.max_body_bytes} bytes are rejected with 413."
             ),
         },
-        "paths": {
-            "/orders": {
-                "post": {
-                    "summary": "Place an order",
-                    "parameters": [
-                        {
-                            "name": "Idempotency-Key",
-                            "in": "header",
-                            "required": False,
-                            "description": (
-                                "Retry safely: the same key and body return the same order "
-                                "(200); the same key with another body is a 422."
+        "paths": _protect(
+            {
+                "/orders": {
+                    "post": {
+                        "summary": "Place an order",
+                        "parameters": [
+                            {
+                                "name": "Idempotency-Key",
+                                "in": "header",
+                                "required": False,
+                                "description": (
+                                    "Retry safely: the same key and body return the same order "
+                                    "(200); the same key with another body is a 422."
+                                ),
+                                "schema": {"type": "string", "pattern": r"^[\x21-\x7e]{1,255}$"},
+                            }
+                        ],
+                        "requestBody": {
+                            "required": True,
+                            "content": {"application/json": {"schema": _ref("OrderRequest")}},
+                        },
+                        "responses": {
+                            "201": _json("Order placed", "Order", location),
+                            "200": _json(
+                                "Same Idempotency-Key and body: the order", "Order", location
                             ),
-                            "schema": {"type": "string", "pattern": r"^[\x21-\x7e]{1,255}$"},
-                        }
-                    ],
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": _ref("OrderRequest")}},
+                            "400": _problem("Malformed JSON or bad Idempotency-Key"),
+                            "413": _problem("Body too large"),
+                            "415": _problem("Not application/json"),
+                            "422": _problem(
+                                "Invalid order, or Idempotency-Key reused", "Validation"
+                            ),
+                        },
                     },
-                    "responses": {
-                        "201": _json("Order placed", "Order", location),
-                        "200": _json("Same Idempotency-Key and body: the order", "Order", location),
-                        "400": _problem("Malformed JSON or bad Idempotency-Key"),
-                        "413": _problem("Body too large"),
-                        "415": _problem("Not application/json"),
-                        "422": _problem("Invalid order, or Idempotency-Key reused", "Validation"),
+                    "get": {
+                        "summary": "List orders, newest first",
+                        "parameters": [
+                            {
+                                "name": "limit",
+                                "in": "query",
+                                "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+                            },
+                            {
+                                "name": "cursor",
+                                "in": "query",
+                                "description": "next_cursor of the previous page (opaque)",
+                                "schema": {"type": "string"},
+                            },
+                        ],
+                        "responses": {
+                            "200": _json("A page of orders", "OrderPage"),
+                            "400": _problem("Bad limit or cursor", "Validation"),
+                        },
                     },
                 },
-                "get": {
-                    "summary": "List orders, newest first",
-                    "parameters": [
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+                "/orders/{order_id}": {
+                    "get": {
+                        "summary": "One order with its status and history",
+                        "description": (
+                            "Public. Without the operator credential customer_email is masked "
+                            "(a***@example.com): order ids are sequential, so anyone could walk "
+                            "them and collect every customer's address."
+                        ),
+                        "parameters": [ORDER_ID],
+                        "responses": {
+                            "200": _json("The order", "Order"),
+                            "404": _problem("No such order"),
                         },
-                        {
-                            "name": "cursor",
-                            "in": "query",
-                            "description": "next_cursor of the previous page (opaque)",
-                            "schema": {"type": "string"},
-                        },
-                    ],
-                    "responses": {
-                        "200": _json("A page of orders", "OrderPage"),
-                        "400": _problem("Bad limit or cursor", "Validation"),
-                    },
+                    }
                 },
-            },
-            "/orders/{order_id}": {
-                "get": {
-                    "summary": "One order with its status and history",
-                    "parameters": [ORDER_ID],
-                    "responses": {
-                        "200": _json("The order", "Order"),
-                        "404": _problem("No such order"),
-                    },
-                }
-            },
-            "/orders/{order_id}/invoice": {
-                "get": {
-                    "summary": "The HTML invoice (once InvoiceIssued is recorded)",
-                    "parameters": [ORDER_ID],
-                    "responses": {
-                        "200": {
-                            "description": "The invoice",
-                            "content": {"text/html": {"schema": {"type": "string"}}},
+                "/orders/{order_id}/invoice": {
+                    "get": {
+                        "summary": "The HTML invoice (once InvoiceIssued is recorded)",
+                        "parameters": [ORDER_ID],
+                        "responses": {
+                            "200": {
+                                "description": "The invoice",
+                                "content": {"text/html": {"schema": {"type": "string"}}},
+                            },
+                            "404": _problem("No such order, or no invoice yet"),
                         },
-                        "404": _problem("No such order, or no invoice yet"),
-                    },
-                }
-            },
-            "/healthz": {
-                "get": {
-                    "summary": "Liveness",
-                    "responses": {"200": _json("The process answers", "Health")},
-                }
-            },
-            "/readyz": {
-                "get": {
-                    "summary": "Readiness: database and Redis reachable",
-                    "responses": {
-                        "200": _json("Ready", "Health"),
-                        "503": _problem("Not ready: names what is down"),
-                    },
-                }
-            },
-            **_monitoring_paths(),
-            "/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "responses": {
-                        "200": {
-                            "description": "OpenAPI 3.1",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        }
-                    },
-                }
-            },
+                    }
+                },
+                "/healthz": {
+                    "get": {
+                        "summary": "Liveness",
+                        "responses": {"200": _json("The process answers", "Health")},
+                    }
+                },
+                "/readyz": {
+                    "get": {
+                        "summary": "Readiness: database and Redis reachable",
+                        "responses": {
+                            "200": _json("Ready", "Health"),
+                            "503": _problem("Not ready: names what is down"),
+                        },
+                    }
+                },
+                **_monitoring_paths(),
+                **_login_paths(),
+                "/openapi.json": {
+                    "get": {
+                        "summary": "This document",
+                        "responses": {
+                            "200": {
+                                "description": "OpenAPI 3.1",
+                                "content": {"application/json": {"schema": {"type": "object"}}},
+                            }
+                        },
+                    }
+                },
+            }
+        ),
+        "components": {
+            "schemas": {**_schemas(settings), **_monitoring_schemas()},
+            "securitySchemes": SECURITY_SCHEMES,
         },
-        "components": {"schemas": {**_schemas(settings), **_monitoring_schemas()}},
     }
 
 

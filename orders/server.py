@@ -9,6 +9,7 @@ relays' row claims keep the workers from publishing the same event twice.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -26,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from messaging import logs
 from messaging.config import EXIT_BAD_CONFIG, ConfigError
 from messaging.database import database_engine
+from orders import auth
 from orders.bootstrap import create_schema, order_services
 from orders.config import OrderServiceSettings
 from orders.outbox import EXIT_NO_DATABASE, one_line, start_relay_thread
@@ -113,6 +115,11 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
         self.cfg.set("worker_exit", _worker_exit)
         self.cfg.set("post_worker_init", _post_worker_init)
         self.cfg.set("child_exit", _child_exit)
+        if "control_socket_disable" in self.cfg.settings:
+            # gunicorn 25+ binds one control socket per user ($HOME/.gunicorn/gunicorn.ctl):
+            # every orders-api on the machine would share it, and `gunicornc shutdown`
+            # could stop another checkout's API. Nothing here uses it.
+            self.cfg.set("control_socket_disable", True)
 
     def load(self) -> Flask:
         """Runs in each worker after the fork: build the app (and the relay thread)."""
@@ -131,8 +138,15 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
         return app
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Console script ``orders-api``."""
+    argparse.ArgumentParser(
+        prog="orders-api",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Configuration: environment variables only; the README's Configuration table "
+        "lists each with its default.",
+    ).parse_args(argv)  # only --help: nothing starts before this
     try:
         settings = OrderServiceSettings.from_env()
     except ConfigError as exc:
@@ -153,6 +167,7 @@ def main() -> int:
         settings.host, settings.port, settings.web_concurrency, settings.web_threads,
         settings.base.pattern, "in process" if settings.relay_in_process else "separate",
     )  # fmt: skip
+    settings = auth.with_token(settings)  # before the fork: one token for every worker
     metrics_dir, created = prepare_metrics_dir(settings.metrics_dir)
     try:
         OrdersServer(settings).run()

@@ -60,6 +60,9 @@ CURRENCIES: frozenset[str] = frozenset(
 MAX_QUANTITY = 1000
 MAX_EMAIL_LENGTH = 254
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
+MAX_ORDER_ID = 2**31 - 1
+"""orders.id is an INTEGER column: 32 bits on PostgreSQL. A larger id cannot exist, and
+binding one there is a DataError (a 500 the fuzz test found), so it never reaches SQL."""
 # Always used with .fullmatch(): see the module docstring.
 SKU_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PRICE_RE = re.compile(r"[0-9]+(\.[0-9]+)?")
@@ -354,6 +357,6 @@ def page_cursor(value: str | None) -> int | None:
     """The ``cursor`` query parameter: a ``next_cursor`` from a previous page."""
     if value is None:
         return None
-    if not DIGITS_RE.fullmatch(value) or int(value) < 1:
+    if not DIGITS_RE.fullmatch(value) or not 1 <= int(value) <= MAX_ORDER_ID:
         raise bad_request("cursor", "must be a next_cursor value from a previous page")
     return int(value)

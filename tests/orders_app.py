@@ -30,6 +30,12 @@ ORDER: dict[str, Any] = {
 """The golden order: 2 x 12.50 EUR = 25.00."""
 
 
+ADMIN_TOKEN = "test-operator-token-0123456789"
+"""The operator credential of every app :func:`build_app` makes (ADMIN_TOKEN)."""
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+"""Headers that authenticate a test request as the operator."""
+
+
 def order(**changes: Any) -> dict[str, Any]:
     """A copy of :data:`ORDER` with top-level fields replaced."""
     body = copy.deepcopy(ORDER)
@@ -45,6 +51,7 @@ def build_app(database_url: str, redis_url: str, pattern: str = "both", **env: s
             "REDIS_URL": redis_url,
             "PATTERN": pattern,
             "RELAY_IN_PROCESS": "0",
+            "ADMIN_TOKEN": ADMIN_TOKEN,
             "TESTING": True,
             **env,
         }

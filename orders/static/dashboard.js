@@ -25,21 +25,34 @@ function clock(date) {
   return date.toLocaleTimeString([], { hour12: false });
 }
 
+// The operator session is an HttpOnly cookie (see orders/auth.py): fetch sends it on
+// same-origin requests by itself, and this script never sees it. A 401 means it is gone
+// (the token changed, or orders-api generated a new one at restart): log in again.
+function loginAgain(response) {
+  if (response.status === 401) window.location.assign("/login");
+}
+
 async function getJson(url) {
   const response = await fetch(url, { headers: { Accept: "application/json" } });
+  loginAgain(response);
   const body = await response.json();
   if (!response.ok) throw new Error(body.detail || response.statusText);
   return body;
 }
 
-async function postJson(url, payload) {
+async function postJson(url, payload, headers) {
   const response = await fetch(url, {
     method: "POST",
-    headers: { "Content-Type": "application/json", Accept: "application/json" },
+    headers: { "Content-Type": "application/json", Accept: "application/json", ...headers },
     body: JSON.stringify(payload),
   });
+  loginAgain(response);
   const body = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(body.detail || body.title || response.statusText);
+  if (!response.ok) {
+    const error = new Error(body.detail || body.title || response.statusText);
+    error.status = response.status;
+    throw error;
+  }
   return body;
 }
 
@@ -203,32 +216,75 @@ async function refreshOrders() {
 
 // --- the order form -----------------------------------------------------------------------
 
+// One Idempotency-Key per filling of the form: made at the first submit, kept while the
+// same submission is retried (a lost answer, a 5xx, a 429), dropped when the order is
+// placed or the form is edited. So a retry after a lost answer gets the same order back,
+// and a double click cannot make two orders (the button is also disabled in flight).
+let submissionKey = null;
+let submitting = false;
+
+function newKey() {
+  if (window.crypto && typeof window.crypto.randomUUID === "function") {
+    return window.crypto.randomUUID();
+  }
+  // randomUUID needs a secure context (https or localhost); getRandomValues does not.
+  const bytes = window.crypto.getRandomValues(new Uint8Array(16));
+  bytes[6] = (bytes[6] & 0x0f) | 0x40;
+  bytes[8] = (bytes[8] & 0x3f) | 0x80;
+  const hex = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  return [hex.slice(0, 8), hex.slice(8, 12), hex.slice(12, 16), hex.slice(16, 20), hex.slice(20)]
+    .join("-");
+}
+
 async function placeOrder(event) {
   event.preventDefault();
+  if (submitting) return;
   const form = event.target;
+  const button = form.querySelector("button[type=submit]");
   const out = document.getElementById("order-result");
   const value = (name) => form.elements[name].value.trim();
+  if (submissionKey === null) submissionKey = newKey();
+  submitting = true;
+  button.disabled = true;
+  out.textContent = "placing…";
+  out.className = "";
   try {
-    const order = await postJson("/orders", {
-      customer_email: value("customer_email"),
-      currency: value("currency"),
-      items: [
-        { sku: value("sku"), quantity: Number(value("quantity")), unit_price: value("unit_price") },
-      ],
-    });
+    const order = await postJson(
+      "/orders",
+      {
+        customer_email: value("customer_email"),
+        currency: value("currency"),
+        items: [
+          { sku: value("sku"), quantity: Number(value("quantity")), unit_price: value("unit_price") },
+        ],
+      },
+      { "Idempotency-Key": submissionKey },
+    );
+    submissionKey = null; // placed: the next submit is a new order
     out.textContent = "placed order #" + order.id + " (" + order.total + " " + order.currency + ")";
     out.dataset.orderId = String(order.id);
     out.className = "";
     refreshOrders();
   } catch (err) {
+    // A 4xx other than 429 will not change on retry: edit the form (new key).
     out.textContent = "rejected: " + err.message;
     out.className = "error";
+  } finally {
+    submitting = false;
+    button.disabled = false;
   }
+}
+
+function formEdited() {
+  submissionKey = null; // another body needs another key (the same key would be a 422)
 }
 
 function start() {
   document.getElementById("feed-since").textContent = "since " + clock(new Date());
-  document.getElementById("order-form").addEventListener("submit", placeOrder);
+  const form = document.getElementById("order-form");
+  form.addEventListener("submit", placeOrder);
+  form.addEventListener("input", formEdited);
+  form.addEventListener("change", formEdited);
   openStream();
   refreshQueues();
   refreshOrders();

@@ -83,7 +83,9 @@ def _post(url: str, body: dict[str, Any], key: str) -> int:
     try:
         return post_order(url, body, key)
     except urllib.error.HTTPError as exc:
-        if exc.code < 500:  # our request is wrong: retrying will not help
+        # 503 (database or Redis busy) and 429 pass: retry. Anything else, a 500 above
+        # all, is a bug or a wrong request: fail, never retry it away.
+        if exc.code not in (429, 503):
             raise AssertionError(f"POST /orders: {exc.code} {exc.read()!r}") from exc
         return 0
     except (urllib.error.URLError, ConnectionError, TimeoutError):

@@ -9,6 +9,7 @@ browser here. Missing locally: skipped. Missing in CI (``CI`` set): failed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -69,7 +70,9 @@ def page(stack: Stack) -> Iterator[Any]:
                 lambda msg: errors.append(msg.text) if msg.type == "error" else None,
             )
             page.errors = errors
-            page.goto(stack.base_url + "/")
+            # As an operator does with the URL orders-api logs: the token once, then a cookie.
+            page.goto(f"{stack.base_url}/?token={stack.admin_token}")
+            assert page.url == stack.base_url + "/", "the token left the address bar"
             page.wait_for_selector("#stream-state.live")
             yield page
         finally:
@@ -121,8 +124,6 @@ def test_place_an_order_and_watch_it_complete(page: Any, stack: Stack) -> None:
     client = redis_lib.Redis.from_url(stack.redis.url)
     try:
         event = {"type": "OrderPlaced", "message": XSS, "data": {"order_id": 999}}
-        import json
-
         client.publish(keys.ORDER_EVENTS_CHANNEL, json.dumps(event))
         client.publish(keys.ORDER_EVENTS_CHANNEL, XSS)  # not even JSON
     finally:
@@ -135,7 +136,10 @@ def test_place_an_order_and_watch_it_complete(page: Any, stack: Stack) -> None:
     assert page.query_selector("#feed-list script, #feed-list img") is None
 
     # The real processes' metrics: the API's workers add up, the consumer measured it.
-    with urllib.request.urlopen(stack.base_url + "/metrics", timeout=10) as response:
+    scrape = urllib.request.Request(
+        stack.base_url + "/metrics", headers={"Authorization": f"Bearer {stack.admin_token}"}
+    )
+    with urllib.request.urlopen(scrape, timeout=10) as response:
         api_metrics = response.read().decode()
     assert re.search(r"^orders_placed_total 1\.0$", api_metrics, re.MULTILINE)
     assert 'orders_queue_processed_total{queue="payment"} 1.0' in api_metrics
@@ -173,3 +177,70 @@ def test_feed_reconnects_after_a_redis_restart(page: Any, stack: Stack) -> None:
     )
     # The page was never reloaded: the feed-since stamp is still the first one.
     assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
+
+
+def _order_ids(stack: Stack) -> list[int]:
+    listing = urllib.request.Request(
+        stack.base_url + "/orders?limit=100",
+        headers={"Authorization": f"Bearer {stack.admin_token}"},
+    )
+    with urllib.request.urlopen(listing, timeout=10) as response:
+        return [int(o["id"]) for o in json.loads(response.read())["items"]]
+
+
+def test_a_double_click_and_a_retry_make_one_order(page: Any, stack: Stack) -> None:
+    keys_sent: list[str | None] = []
+    lost: list[str] = []
+
+    def on_orders(route: Any) -> None:
+        request = route.request
+        if request.method != "POST":
+            route.continue_()
+            return
+        keys_sent.append(request.headers.get("idempotency-key"))
+        if not lost:
+            # The server places the order, the answer never reaches the page.
+            lost.append(route.fetch().text())
+            route.abort("connectionreset")
+        else:
+            route.continue_()
+
+    page.route(re.compile(r".*/orders$"), on_orders)
+    before = _order_ids(stack)
+    page.dblclick("button[type=submit]")
+    page.wait_for_selector("#order-result.error")  # the answer was lost: "rejected: ..."
+    assert page.is_enabled("button[type=submit]")
+    page.click("button[type=submit]")  # the user retries the same submission
+    page.wait_for_selector("#order-result[data-order-id]")
+    order_id = int(page.get_attribute("#order-result", "data-order-id") or 0)
+    assert json.loads(lost[0])["id"] == order_id  # the retry got the lost order back
+    new = [i for i in _order_ids(stack) if i not in before]
+    assert new == [order_id], "one order for a double click and a retry"
+    assert len(keys_sent) == 2 and keys_sent[0] and keys_sent[0] == keys_sent[1], keys_sent
+
+    # Placed: the next submit is a new order with a new key; editing the form also renews it.
+    page.click("button[type=submit]")
+    page.wait_for_selector(f"#order-result[data-order-id]:not([data-order-id='{order_id}'])")
+    assert len(keys_sent) == 3 and keys_sent[2] != keys_sent[0]
+    assert len([i for i in _order_ids(stack) if i not in before]) == 2
+
+
+def test_the_dashboard_needs_the_token(page: Any, stack: Stack) -> None:
+    other = page.context.browser.new_context()
+    try:
+        anonymous = other.new_page()
+        anonymous.goto(stack.base_url + "/")
+        anonymous.wait_for_selector("input[name=token][type=password]")
+        assert anonymous.query_selector("#order-form") is None
+        anonymous.fill("input[name=token]", "wrong-token-0123456789")
+        anonymous.click("button[type=submit]")
+        anonymous.wait_for_selector("output.error")
+        anonymous.fill("input[name=token]", stack.admin_token)
+        anonymous.click("button[type=submit]")
+        anonymous.wait_for_selector("#stream-state.live")
+        assert anonymous.url == stack.base_url + "/"
+        cookie = next(c for c in other.cookies() if c["name"] == "orders_admin")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        assert anonymous.evaluate("document.cookie") == ""  # no script can read it
+    finally:
+        other.close()

@@ -5,7 +5,10 @@ then each quick scenario in turn: consumers SIGKILLed, Redis SIGKILLed, a power 
 emulated under ``appendfsync everysec`` (followed by ``orders-relay --reconcile``),
 Redis down during intake, orders-api SIGKILLed mid-request, the database locked, a
 slow consumer, a consumer partitioned from Redis. Every scenario that promises it must
-end with zero lost orders and zero duplicated effects. ``pytest -s`` prints the table.
+end with zero lost orders and zero duplicated effects; none may see a 5xx other than
+503; and every fault must have fired by its own count (SIGKILLs landed, AOF bytes
+dropped, bytes swallowed...), the power loss leaving orders for the reconciliation to
+complete. ``pytest -s`` prints the table.
 """
 
 from __future__ import annotations
@@ -24,6 +27,14 @@ def test_quick_scoreboard(tmp_path: Path) -> None:
     print("\n" + table(results))
     assert len(results) >= 8
     for result in results:
+        name = result.scenario.name
+        assert result.server_errors == [], (name, result.server_errors)
+        assert result.fired > 0, f"{name}: the fault did not fire ({result.fired_what})"
+        if result.scenario.reconcile:
+            assert (result.lost_before_reconcile or 0) > 0, (
+                f"{name}: no order was incomplete before reconcile: it reconciled nothing"
+            )
+        assert result.proved, (name, result.notes)
         assert result.placed == result.asked, (result.scenario.name, result.notes)
         if result.scenario.promises_zero:
             assert result.lost == 0, (result.scenario.name, result.notes)

@@ -18,7 +18,7 @@ from messaging import envelope, keys
 from orders.app import create_app
 from orders.history import record_event
 from orders.reconcile import reconcile
-from tests.orders_app import ORDER, order
+from tests.orders_app import ADMIN, ADMIN_TOKEN, ORDER, order
 
 NO_REDIS = "redis://127.0.0.1:1/0"
 
@@ -28,7 +28,7 @@ def test_a_client_over_its_limit_gets_429_with_retry_after(
 ) -> None:
     client = make_app(redis_url, RATE_LIMIT_PER_MINUTE="3").test_client()
     for _ in range(3):
-        assert client.get("/orders").status_code == 200
+        assert client.get("/orders", headers=ADMIN).status_code == 200
     response = client.post("/orders", json=ORDER)
     assert response.status_code == 429
     assert response.headers["Content-Type"] == "application/problem+json"
@@ -36,7 +36,7 @@ def test_a_client_over_its_limit_gets_429_with_retry_after(
     body = response.get_json()
     assert body["status"] == 429 and body["type"].endswith("/rate-limited")
     assert client.get("/healthz").status_code == 200, "probes are never limited"
-    other = client.get("/orders", environ_base={"REMOTE_ADDR": "192.0.2.7"})
+    other = client.get("/orders", headers=ADMIN, environ_base={"REMOTE_ADDR": "192.0.2.7"})
     assert other.status_code == 200, "each client IP has its own bucket"
     assert redis.exists(keys.rate_limit("127.0.0.1"))
     assert 0 < redis.pttl(keys.rate_limit("127.0.0.1")) <= 61_000, "idle buckets expire"
@@ -47,7 +47,7 @@ def test_rate_limit_zero_is_off(
 ) -> None:
     client = make_app(redis_url, RATE_LIMIT_PER_MINUTE="0").test_client()
     for _ in range(20):
-        assert client.get("/orders").status_code == 200
+        assert client.get("/orders", headers=ADMIN).status_code == 200
     assert not redis.exists(keys.rate_limit("127.0.0.1"))
 
 
@@ -60,9 +60,11 @@ def test_the_limiter_fails_open_when_redis_is_down(make_app: Callable[..., Flask
 
 def test_an_unreachable_database_is_503_problem_json(redis_url: str) -> None:
     down = f"postgresql+psycopg://orders:pw@127.0.0.1:{free_port()}/orders"
-    flask_app = create_app({"DATABASE_URL": down, "REDIS_URL": redis_url, "TESTING": True})
+    flask_app = create_app(
+        {"DATABASE_URL": down, "REDIS_URL": redis_url, "ADMIN_TOKEN": ADMIN_TOKEN, "TESTING": True}
+    )
     client = flask_app.test_client()
-    for response in (client.get("/orders"), client.post("/orders", json=ORDER)):
+    for response in (client.get("/orders", headers=ADMIN), client.post("/orders", json=ORDER)):
         assert response.status_code == 503, response.get_data(as_text=True)
         assert response.headers["Content-Type"] == "application/problem+json"
         assert response.headers["Retry-After"] == "1"

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from consumers import store
 from consumers.config import DATABASE_VARS
 from devtools.redis_server import RedisServer, free_port
-from messaging import envelope, keys
+from messaging import database, envelope, keys
 from messaging.queue import RedisQueue
 from tests.helpers import BIN, Proc, wait_for
 
@@ -336,3 +336,138 @@ def test_noop_consumer_drains_and_counts(env: Env, bredis: redis_lib.Redis) -> N
     env.start("noop", CONSUMER_BATCH_SIZE="100", LOG_LEVEL="WARNING")
     wait_for(lambda: queue.stats()["processed"] == 500, timeout=30, message="500 no-op jobs")
     assert queue.stats()["in_flight"] == 0
+
+
+def test_a_message_that_crashes_the_payment_worker_is_dead_lettered_and_the_rest_paid(
+    env: Env, bredis: redis_lib.Redis
+) -> None:
+    """PAYMENT_CRASH_EMAIL makes the charge os._exit(137) (a segfaulting library). A
+    supervisor (this loop, as Docker's restart policy) starts the worker again each
+    time; the reaper counts each death; the innocent orders taken in the same batch
+    are paid; after CONSUMER_MAX_CRASHES deaths the poison is dead-lettered."""
+    queue = RedisQueue(bredis, "payment")
+    poison = events_of([order_placed(1, "boom@example.com")])
+    innocent = events_of([order_placed(n) for n in range(2, 6)])
+    queue.push(*poison, *innocent)
+    extra = {
+        "PAYMENT_CRASH_EMAIL": "boom@example.com",
+        "CONSUMER_MAX_CRASHES": "3",
+        "CONSUMER_HEARTBEAT_TTL": "1",
+        "CONSUMER_BATCH_SIZE": "10",
+    }
+    deaths = 0
+    proc = env.start("payment", **extra)
+
+    def settled() -> bool:
+        nonlocal proc, deaths
+        if not proc.alive():
+            assert proc.popen.returncode == 137, proc.output()
+            deaths += 1
+            proc = env.start("payment", **extra)
+        return queue.stats()["dead_letters"] == 1 and rows(env.engine(), store.Payment) == 4
+
+    wait_for(settled, timeout=90, interval=0.1, message="poison dead-lettered, the rest paid")
+    [letter] = queue.dead_letters()
+    assert letter.raw == poison[0]
+    assert letter.error == "worker died 3 times handling it"
+    assert deaths == 3
+    assert rows(env.engine(), store.GatewayCharge) == 4
+
+
+def events_of(items: list[dict[str, Any]]) -> list[bytes]:
+    return [envelope.dumps(e).encode() for e in items]
+
+
+def test_email_keeps_one_smtp_connection_and_reconnects_after_the_server_restarts(
+    tmp_path: Path,
+) -> None:
+    """Real smtp-sink processes: messages share a connection; a restart is reconnected."""
+    from consumers.email import EmailHandler
+
+    port = free_port()
+    mail_dir = tmp_path / "mail"
+    sink_env = {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(port), "SMTP_SINK_DIR": str(mail_dir)}
+    engine = store.make_engine(f"sqlite:///{tmp_path / 'email.db'}")
+    store.create_tables(engine, "email")
+    handler = EmailHandler(engine, host="127.0.0.1", port=port, sender="shop@example.com")
+    sink = Proc([str(BIN / "smtp-sink")], sink_env, tmp_path / "sink.log")
+    try:
+        sink.wait_output("smtp-sink: listening")
+        handler.handle(order_placed(1))
+        first = handler._local.smtp
+        handler.handle(order_placed(2))
+        assert handler._local.smtp is first  # the same connection, not one per message
+        sink.popen.terminate()
+        sink.popen.wait(15)
+        sink = Proc([str(BIN / "smtp-sink")], sink_env, tmp_path / "sink.log", append=True)
+        sink.wait_output("smtp-sink: listening", count=2)
+        handler.handle(order_placed(3))  # the kept connection is dead: reconnects once
+        assert handler._local.smtp is not first
+    finally:
+        handler.close()
+        sink.popen.terminate()
+        sink.popen.wait(15)
+    assert len(list(mail_dir.glob("*.eml"))) == 3
+    assert rows(engine, store.EmailSent) == 3
+
+
+def _sink(env: Env, port: int, mail_dir: Path) -> Proc:
+    sink = Proc(
+        [str(BIN / "smtp-sink")],
+        {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(port), "SMTP_SINK_DIR": str(mail_dir)},
+        env.tmp / "sink.log",
+    )
+    env.procs.append(sink)
+    sink.wait_output("smtp-sink: listening")
+    return sink
+
+
+def _message_ids(mail_dir: Path) -> list[str]:
+    return [
+        str(email.message_from_bytes(f.read_bytes(), policy=default_policy)["Message-ID"])
+        for f in mail_dir.glob("*.eml")
+    ]
+
+
+def test_two_email_workers_and_every_order_placed_twice_send_one_email_each(
+    env: Env, bredis: redis_lib.Redis
+) -> None:
+    """The claim commits before the send: the second copy waits (retried) and then
+    re-emits the first one's outcome; no crash needed for a duplicate without it."""
+    port, mail_dir = free_port(), env.tmp / "mail"
+    _sink(env, port, mail_dir)
+    queue = RedisQueue(bredis, "email")
+    orders = [envelope.dumps(order_placed(n, f"c{n}@example.com")) for n in range(1, 31)]
+    queue.push(*(copy for raw in orders for copy in (raw, raw)))  # side by side
+    smtp = {"SMTP_PORT": str(port), "SMTP_HOST": "127.0.0.1", "CONSUMER_BATCH_SIZE": "1"}
+    env.start("email", CONSUMER_CONCURRENCY="2", **smtp)
+    env.start("email", CONSUMER_CONCURRENCY="2", **smtp)
+    wait_for(lambda: queue.stats()["processed"] == 60, timeout=90, message="60 messages acked")
+    ids = _message_ids(mail_dir)
+    assert len(ids) == 30 and len(set(ids)) == 30  # one email per order, no re-send
+    assert rows(env.engine(), store.EmailSent) == 30
+    sent = [u for u in updates(bredis) if u["type"] == envelope.CONFIRMATION_EMAIL_SENT]
+    assert len(sent) == 60 and len({u["id"] for u in sent}) == 30  # the same outcome twice
+
+
+def test_an_email_claimed_by_a_worker_that_died_before_sending_is_still_sent(
+    env: Env, bredis: redis_lib.Redis
+) -> None:
+    """A claim whose owner died (its lease runs out on the database's clock) is taken
+    over by the next delivery: the email is sent once, not lost."""
+    port, mail_dir = free_port(), env.tmp / "mail"
+    _sink(env, port, mail_dir)
+    engine = env.engine()
+    with Session(engine) as session, session.begin():
+        session.add(
+            store.EmailClaim(
+                order_id=9, step="confirmation", owner="dead", event_id="e", state="sending",
+                lease_until_ms=session.scalar(select(database.now_ms("sqlite"))) + 2000,
+            )
+        )  # fmt: skip
+    queue = RedisQueue(bredis, "email")
+    queue.push(envelope.dumps(order_placed(9)))
+    env.start("email", SMTP_PORT=str(port), SMTP_HOST="127.0.0.1")
+    wait_for(lambda: queue.stats()["processed"] == 1, timeout=30, message="the email sent")
+    assert queue.stats()["retried"] >= 1  # it waited for the dead owner's lease
+    assert _message_ids(mail_dir) == ["<order-9.confirmation@example.com>"]

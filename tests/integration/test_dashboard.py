@@ -24,6 +24,7 @@ from messaging import envelope, keys, monitor
 from messaging.queue import RedisQueue
 from orders.history import record_event
 from tests.helpers import BIN, Proc, wait_for
+from tests.orders_app import ADMIN as OPERATOR
 from tests.orders_app import ORDER, build_app
 
 ADMIN = str(BIN / "orders-admin")
@@ -99,7 +100,7 @@ def test_figures_read_from_redis(known: RedisQueue, raw: redis_lib.Redis) -> Non
 
 
 def test_api_queues_shows_the_known_figures(app: Flask, known: RedisQueue) -> None:
-    body = app.test_client().get("/api/queues").get_json()
+    body = app.test_client().get("/api/queues", headers=OPERATOR).get_json()
     by_name = {q["name"]: q for q in body["queues"]}
     assert list(by_name) == ["payment", "invoice", "shipping", "email", "order-updates"]
     assert {k: by_name["payment"][k] for k in EXPECTED} == EXPECTED
@@ -107,7 +108,7 @@ def test_api_queues_shows_the_known_figures(app: Flask, known: RedisQueue) -> No
 
 
 def test_metrics_shows_the_known_figures(app: Flask, known: RedisQueue) -> None:
-    response = app.test_client().get("/metrics")
+    response = app.test_client().get("/metrics", headers=OPERATOR)
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/plain")
     text = response.get_data(as_text=True)
@@ -159,10 +160,10 @@ def test_metrics_count_requests_orders_and_the_outbox(app: Flask) -> None:
         match = re.search(pattern + r" ([0-9.e+]+)$", text, re.MULTILINE)
         return float(match.group(1)) if match else 0.0
 
-    before = client.get("/metrics").get_data(as_text=True)
+    before = client.get("/metrics", headers=OPERATOR).get_data(as_text=True)
     assert client.post("/orders", json=ORDER).status_code == 201
     assert client.get("/orders/999999").status_code == 404
-    after = client.get("/metrics").get_data(as_text=True)
+    after = client.get("/metrics", headers=OPERATOR).get_data(as_text=True)
     placed = r"^orders_placed_total"
     assert value(after, placed) == value(before, placed) + 1
     not_found = (
@@ -178,12 +179,12 @@ def test_metrics_count_requests_orders_and_the_outbox(app: Flask) -> None:
 def test_metrics_answer_when_redis_is_down(tmp_path: Path) -> None:
     app = build_app(f"sqlite:///{tmp_path / 'o.db'}", "redis://127.0.0.1:1/0")
     try:
-        response = app.test_client().get("/metrics")
+        response = app.test_client().get("/metrics", headers=OPERATOR)
         assert response.status_code == 200
         text = response.get_data(as_text=True)
         assert "orders_redis_up 0.0" in text
         assert "orders_queue_pending" not in text
-        assert app.test_client().get("/api/queues").status_code == 503
+        assert app.test_client().get("/api/queues", headers=OPERATOR).status_code == 503
     finally:
         app.extensions["orders"].close()
 
@@ -195,7 +196,7 @@ def test_dead_letters_list_requeue_and_discard_over_http(
     app: Flask, known: RedisQueue, raw: redis_lib.Redis
 ) -> None:
     client = app.test_client()
-    items = client.get("/api/queues/payment/dead-letters").get_json()["items"]
+    items = client.get("/api/queues/payment/dead-letters", headers=OPERATOR).get_json()["items"]
     assert [(x["index"], x["error"]) for x in items] == [
         (0, "PermanentError: bad"),
         (1, "PermanentError: <b>x</b>"),
@@ -205,27 +206,27 @@ def test_dead_letters_list_requeue_and_discard_over_http(
 
     base = "/api/queues/payment/dead-letters"
     # Only JSON: a cross-site form post cannot requeue.
-    form = client.post(f"{base}/{first['id']}/requeue", data={"x": "1"})
+    form = client.post(f"{base}/{first['id']}/requeue", data={"x": "1"}, headers=OPERATOR)
     assert form.status_code == 415
     assert raw.llen(keys.dead("payment")) == 2
 
-    done = client.post(f"{base}/{first['id']}/requeue", json={})
+    done = client.post(f"{base}/{first['id']}/requeue", json={}, headers=OPERATOR)
     assert done.status_code == 200
     assert done.get_json() == {"queue": "payment", "id": first["id"], "action": "requeue"}
     assert raw.lrange(keys.pending("payment"), -1, -1) == [_message(2)]
     assert raw.llen(keys.pending("payment")) == 4
 
-    again = client.post(f"{base}/{first['id']}/requeue", json={})
+    again = client.post(f"{base}/{first['id']}/requeue", json={}, headers=OPERATOR)
     assert again.status_code == 404
     assert again.headers["Content-Type"] == "application/problem+json"
 
     # By index: the second letter is now at index 0.
-    gone = client.post(f"{base}/0/discard", json={})
+    gone = client.post(f"{base}/0/discard", json={}, headers=OPERATOR)
     assert gone.status_code == 200 and gone.get_json()["id"] == second["id"]
     assert raw.llen(keys.dead("payment")) == 0
     assert raw.llen(keys.pending("payment")) == 4  # discard does not requeue
-    assert client.post(f"{base}/0/discard", json={}).status_code == 404
-    assert client.get("/api/queues/nope/dead-letters").status_code == 404
+    assert client.post(f"{base}/0/discard", json={}, headers=OPERATOR).status_code == 404
+    assert client.get("/api/queues/nope/dead-letters", headers=OPERATOR).status_code == 404
 
 
 # --- the dashboard page and the event stream -------------------------------------------------
@@ -233,12 +234,12 @@ def test_dead_letters_list_requeue_and_discard_over_http(
 
 def test_dashboard_page_has_a_strict_csp_and_no_inline_script(app: Flask) -> None:
     client = app.test_client()
-    page = client.get("/")
+    page = client.get("/", headers=OPERATOR)
     assert page.status_code == 200
     csp = page.headers["Content-Security-Policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp
     assert page.headers["X-Content-Type-Options"] == "nosniff"
-    assert page.headers["Referrer-Policy"] == "no-referrer"
+    assert page.headers["Referrer-Policy"] == "same-origin"
     html = page.get_data(as_text=True)
     scripts = re.findall(r"<script\b([^>]*)>(.*?)</script>", html, re.DOTALL)
     assert scripts and all('src="' in attrs and not body.strip() for attrs, body in scripts)
@@ -266,7 +267,7 @@ def test_event_stream_forwards_channel_messages(
         STREAM_KEEPALIVE_SECONDS="0.2",
     )
     try:
-        response = app.test_client().get("/events/stream")
+        response = app.test_client().get("/events/stream", headers=OPERATOR)
         assert response.mimetype == "text/event-stream"
         assert response.headers["Content-Security-Policy"]
         chunks = _chunks(response)
@@ -288,10 +289,10 @@ def test_event_stream_ends_at_its_lifetime_and_when_redis_is_down(
     app = build_app(f"sqlite:///{tmp_path / 'o.db'}", redis_url, STREAM_MAX_SECONDS="1")
     down = build_app(f"sqlite:///{tmp_path / 'p.db'}", "redis://127.0.0.1:1/0")
     try:
-        chunks = list(_chunks(app.test_client().get("/events/stream")))
+        chunks = list(_chunks(app.test_client().get("/events/stream", headers=OPERATOR)))
         assert "event: subscribed" in chunks[0]
         assert chunks[-1].startswith("retry: ") and "event: bye" in chunks[-1]
-        chunks = list(_chunks(down.test_client().get("/events/stream")))
+        chunks = list(_chunks(down.test_client().get("/events/stream", headers=OPERATOR)))
         assert len(chunks) == 1
         assert chunks[0].startswith("retry: 2000\n") and "event: down" in chunks[0]
     finally:

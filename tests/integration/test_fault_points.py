@@ -191,6 +191,26 @@ def test_worker_killed_at_point_loses_nothing_and_charges_once(
         assert len(ids[order_id]) == 1
 
 
+def test_a_raise_before_the_ack_is_survived_by_the_worker_loop(
+    procs: Procs, bredis: redis_lib.Redis
+) -> None:
+    batch = [order_placed(i) for i in range(1, BATCH + 1)]
+    queue = RedisQueue(bredis, "payment")
+    queue.push(*(events.dumps(e) for e in batch))
+    worker = procs.payment(FAULT_POINT="worker.before_ack:raise")
+    wait_for(lambda: queue.stats()["processed"] == BATCH, timeout=30, message="the batch acked")
+    output = worker.output()
+    assert "FAULT_POINT worker.before_ack: raise" in output
+    # The recovery that acted: the loop kept the handled batch and acked it on its
+    # next turn (no redelivery, no reaper).
+    assert "unexpected error in worker loop" in output
+    assert "reaped worker" not in output
+    worker.check_alive()
+    assert ledger(procs.payment_db) == {e["data"]["order_id"]: 1 for e in batch}
+    outcomes = Counter(o["data"]["order_id"] for o in queued(bredis, keys.ORDER_UPDATES_QUEUE))
+    assert outcomes == {e["data"]["order_id"]: 1 for e in batch}
+
+
 def _wait_api(proc: Proc, base: str) -> None:
     wait_for(lambda: http_ok(base + "/healthz") or not proc.alive(), 60, 0.1, "orders-api")
     proc.check_alive()

@@ -20,7 +20,7 @@ from flask import Flask
 
 from orders import validation
 from orders.models import Order
-from tests.orders_app import ORDER, order
+from tests.orders_app import ADMIN, ORDER, order
 
 LINE = ORDER["items"][0]
 
@@ -76,3 +76,21 @@ def test_a_valid_order_still_goes_through_on_every_database(
 ) -> None:
     response = make_app(redis_url).test_client().post("/orders", json=ORDER)
     assert response.status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/orders/2147483648", 404),  # one past PostgreSQL's INTEGER: a 500 there on main
+        ("/orders/9223372036854775807", 404),
+        ("/orders/2147483648/invoice", 404),
+        ("/orders?cursor=2147483648", 400),
+        ("/orders?cursor=999999999999999999", 400),
+    ],
+)
+def test_ids_past_the_column_are_the_same_answer_on_every_database(
+    make_app: Callable[..., Flask], redis: redis_lib.Redis, redis_url: str, path: str, status: int
+) -> None:
+    response = make_app(redis_url).test_client().get(path, headers=ADMIN)
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.content_type == validation.PROBLEM_CONTENT_TYPE

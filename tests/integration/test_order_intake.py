@@ -26,7 +26,7 @@ from messaging import envelope, keys
 from orders.models import Order, Outbox
 from orders.outbox import Relay
 from tests.helpers import wait_for
-from tests.orders_app import ORDER, order
+from tests.orders_app import ADMIN, ORDER, order
 from tests.topology import Topology
 
 QUEUE_KEYS = [keys.pending(q) for q in envelope.queues_for(envelope.ORDER_PLACED)]
@@ -250,13 +250,13 @@ def test_a_publish_failing_part_way_is_resent_whole_by_the_relay(
 def test_list_is_newest_first_with_a_cursor(redis_url: str, make_app: Callable[..., Flask]) -> None:
     client = make_app(redis_url, "pubsub").test_client()
     ids = [client.post("/orders", json=ORDER).get_json()["id"] for _ in range(5)]
-    first = client.get("/orders?limit=2").get_json()
-    second = client.get(f"/orders?limit=2&cursor={first['next_cursor']}").get_json()
-    last = client.get(f"/orders?limit=2&cursor={second['next_cursor']}").get_json()
+    first = client.get("/orders?limit=2", headers=ADMIN).get_json()
+    second = client.get(f"/orders?limit=2&cursor={first['next_cursor']}", headers=ADMIN).get_json()
+    last = client.get(f"/orders?limit=2&cursor={second['next_cursor']}", headers=ADMIN).get_json()
     seen = [o["id"] for page in (first, second, last) for o in page["items"]]
     assert seen == sorted(ids, reverse=True)
     assert last["next_cursor"] is None
-    assert client.get("/orders").get_json()["items"][0]["id"] == ids[-1]
+    assert client.get("/orders", headers=ADMIN).get_json()["items"][0]["id"] == ids[-1]
 
 
 def test_readyz_names_what_is_down(

@@ -4,6 +4,7 @@ that keeps killing its workers."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -152,3 +153,51 @@ def test_a_worker_without_live_handler_threads_stops_heartbeating_and_exits_3(
         if isinstance(handler, Hangs):
             handler.forever.set()
         client.close()
+
+
+def test_a_message_that_keeps_killing_workers_is_dead_lettered_alone(
+    redis: redis_lib.Redis, redis_url: str
+) -> None:
+    """Deaths are counted at reap; a suspect is taken alone, so its batch-mates go on
+    without it; after ``max_crashes`` deaths it is dead-lettered with the reason."""
+    client = redis_lib.Redis.from_url(redis_url)
+    q = RedisQueue(client, Q, max_crashes=3)
+    poison, a, b = message(1), message(2), message(3)
+    q.push(poison, a, b)
+    # Registered workers without a heartbeat key: dead, as after a SIGKILL and the TTL.
+    client.sadd(keys.workers(Q), "w0")
+    assert q.take("w0", 10, 0) == [poison, a, b]
+    assert q.reap() == {"w0": 3}
+    client.sadd(keys.workers(Q), "w1")
+    # Everyone from the dead worker's batch is a suspect now, and comes alone.
+    assert q.take("w1", 10, 0) == [poison]
+    assert q.take("w2", 10, 0) == [a]
+    assert q.take("w2", 10, 0) == [b]
+    assert q.ack("w2", [a, b]) == 2  # innocent: handled, forgotten
+    for deaths in (2, 3):
+        assert q.reap() == {"w1": 1}  # w1 died holding the poison again
+        client.sadd(keys.workers(Q), "w1")  # its replacement, with the same fate
+        assert int(client.hget(keys.deaths(Q), hashlib.sha1(poison).hexdigest()) or 0) == deaths
+        if deaths < 3:
+            assert q.take("w1", 10, 0) == [poison]
+    assert q.take("w3", 10, 0) == []  # the third death was the last
+    [letter] = q.dead_letters()
+    assert letter.raw == poison and letter.error == "worker died 3 times handling it"
+    assert client.hlen(keys.deaths(Q)) == 0
+    assert q.stats()["pending"] == 0 and q.stats()["processed"] == 2
+    client.close()
+
+
+def test_a_suspect_is_not_added_to_a_blocking_takes_batch(
+    redis: redis_lib.Redis, redis_url: str
+) -> None:
+    client = redis_lib.Redis.from_url(redis_url)
+    q = RedisQueue(client, Q)
+    q.push(message(1))
+    client.sadd(keys.workers(Q), "w0")
+    q.take("w0", 1, 0)
+    assert q.reap() == {"w0": 1}  # message 1 is a suspect now, at the head of pending
+    q.push(message(2))
+    assert q.take("w1", 10, 1.0) == [message(1)]
+    assert q.take("w1", 10, 1.0) == [message(2)]
+    client.close()

@@ -42,6 +42,7 @@ def test_pattern_selects_paths(pattern: str, publishes: bool, queues: bool) -> N
         ({"PUBLISH_INTERVAL": "nan"}, "invalid PUBLISH_INTERVAL 'nan'"),
         ({"REDIS_URL": "http://x"}, "invalid REDIS_URL"),
         ({"LOG_FORMAT": "xml"}, "invalid LOG_FORMAT"),
+        ({"LOG_LEVEL": "verbose"}, "invalid LOG_LEVEL 'verbose': must be one of DEBUG, INFO"),
         (
             {"REDIS_URL": "redis://h:6379/0", "REDIS_TLS_CA_FILE": __file__},
             "needs a rediss:// REDIS_URL",
@@ -61,6 +62,11 @@ def test_bad_values_are_one_line_errors(env: dict[str, str], needle: str) -> Non
         Settings.from_env(env)
     assert needle in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("raw", ["info", "Info", "INFO", " info "])
+def test_log_level_in_any_case(raw: str) -> None:
+    assert Settings.from_env({"LOG_LEVEL": raw}).log_level == "INFO"
 
 
 def test_empty_means_default() -> None:

@@ -17,7 +17,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from orders import money, validation
-from tests.orders_app import ORDER, build_app, order
+from tests.orders_app import ADMIN, ORDER, build_app, order
 
 NO_REDIS = "redis://127.0.0.1:1/0"
 PROBLEM = "application/problem+json"
@@ -158,7 +158,7 @@ def test_invalid_orders_are_422_naming_the_field(
     assert problem["status"] == 422
     assert problem["type"] == validation.PROBLEM_BASE + "validation"
     assert field in [e["field"] for e in problem["errors"]]
-    assert client.get("/orders").get_json()["items"] == []
+    assert client.get("/orders", headers=ADMIN).get_json()["items"] == []
 
 
 @pytest.mark.parametrize(
@@ -236,7 +236,7 @@ def test_body_over_the_limit_is_413(client: FlaskClient) -> None:
 def test_http_errors_are_problem_json(
     client: FlaskClient, path: str, method: str, status: int
 ) -> None:
-    response = getattr(client, method)(path)
+    response = getattr(client, method)(path, headers=ADMIN)
     assert response.status_code == status
     assert response.content_type == PROBLEM
     assert response.get_json()["status"] == status
@@ -276,7 +276,7 @@ def test_same_key_same_body_returns_the_same_order(client: FlaskClient) -> None:
     assert (first.status_code, again.status_code) == (201, 200)
     assert first.get_json() == again.get_json()
     assert again.headers["Location"] == first.headers["Location"]
-    assert len(client.get("/orders").get_json()["items"]) == 1
+    assert len(client.get("/orders", headers=ADMIN).get_json()["items"]) == 1
 
 
 def test_same_key_other_body_is_422(client: FlaskClient) -> None:
@@ -285,7 +285,7 @@ def test_same_key_other_body_is_422(client: FlaskClient) -> None:
     assert other.status_code == 422
     assert other.content_type == PROBLEM
     assert other.get_json()["title"] == "Idempotency-Key reused with a different body"
-    assert len(client.get("/orders").get_json()["items"]) == 1
+    assert len(client.get("/orders", headers=ADMIN).get_json()["items"]) == 1
 
 
 def test_without_a_key_every_post_is_a_new_order(client: FlaskClient) -> None:

@@ -1,0 +1,63 @@
+"""Every console script answers ``--help`` with its usage and exit 0, starting nothing.
+
+``orders-api --help`` used to start gunicorn; a learner who asks a command what it does
+must not get a running service (or a database file) instead. Each script runs in an
+empty directory with Redis pointed at a closed port: help needs neither.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from devtools.redis_server import free_port
+from tests.helpers import BIN
+
+pytestmark = pytest.mark.e2e
+
+SCRIPTS = [
+    "orders-api",
+    "hello-publisher",
+    "smtp-sink",
+    "orders-relay",
+    "consumer",
+    "orders-admin",
+    "local-redis",
+    "orders-updates",
+]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_prints_usage_and_starts_nothing(script: str, tmp_path: Path) -> None:
+    env = {**os.environ, "REDIS_PORT": str(free_port()), "REDIS_CONNECT_ATTEMPTS": "1"}
+    env.pop("REDIS_URL", None)
+    done = subprocess.run(
+        [str(BIN / script), "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,  # a script that starts its service instead never returns
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: {script} "), done.stdout
+    assert len(done.stdout.splitlines()) > 2  # a description, not just a usage line
+    assert list(tmp_path.iterdir()) == []  # no var/, no database, no mail directory
+
+
+def test_purge_without_ids_says_what_is_missing(redis_url: str) -> None:
+    done = subprocess.run(
+        [str(BIN / "orders-admin"), "dead-letters", "purge", "payment"],
+        env={**os.environ, "REDIS_URL": redis_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        "orders-admin: purge: which dead letters? give their IDs "
+        "(orders-admin dead-letters list payment) or --all\n"
+    )
