@@ -446,7 +446,7 @@ def test_two_email_workers_and_every_order_placed_twice_send_one_email_each(
     ids = _message_ids(mail_dir)
     assert len(ids) == 30 and len(set(ids)) == 30  # one email per order, no re-send
     assert rows(env.engine(), store.EmailSent) == 30
-    sent = [u for u in updates(bredis) if u["type"] == envelope.CONFIRMATION_EMAIL_SENT]
+    sent = [u for u in updates(bredis) if u["type"] == envelope.CUSTOMER_NOTIFIED]
     assert len(sent) == 60 and len({u["id"] for u in sent}) == 30  # the same outcome twice
 
 
@@ -461,7 +461,7 @@ def test_an_email_claimed_by_a_worker_that_died_before_sending_is_still_sent(
     with Session(engine) as session, session.begin():
         session.add(
             store.EmailClaim(
-                order_id=9, step="confirmation", owner="dead", event_id="e", state="sending",
+                order_id=9, step="received", owner="dead", event_id="e", state="sending",
                 lease_until_ms=session.scalar(select(database.now_ms("sqlite"))) + 2000,
             )
         )  # fmt: skip
@@ -470,4 +470,4 @@ def test_an_email_claimed_by_a_worker_that_died_before_sending_is_still_sent(
     env.start("email", SMTP_PORT=str(port), SMTP_HOST="127.0.0.1")
     wait_for(lambda: queue.stats()["processed"] == 1, timeout=30, message="the email sent")
     assert queue.stats()["retried"] >= 1  # it waited for the dead owner's lease
-    assert _message_ids(mail_dir) == ["<order-9.confirmation@example.com>"]
+    assert _message_ids(mail_dir) == ["<order-9.received@example.com>"]

@@ -344,7 +344,7 @@ def test_admin_requeue_all(redis_url: str, known: RedisQueue, raw: redis_lib.Red
     [
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["dead-letters", "list", "nope"], "unknown queue 'nope'"),
-        (["dead-letters", "requeue", "payment"], "give dead letter IDs or --all"),
+        (["dead-letters", "requeue", "payment"], "which dead letters? give their IDs"),
         (["orders", "show", "abc"], "invalid int value: 'abc'"),
         (["queues", "--sample", "-1"], "--limit and --sample must be positive"),
     ],
