@@ -11,7 +11,7 @@ import (
 )
 
 // The original's line: the std log prefix, then "[RFC 3339] ", then the text.
-var textLine = regexp.MustCompile(`^\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2} \[\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(Z|[+-]\d{2}:\d{2})\] (.*)$`)
+var textLine = regexp.MustCompile(`\A\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2} \[\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(Z|[+-]\d{2}:\d{2})\] (.*)\z`)
 
 func TestTextLogger(t *testing.T) {
 	buf := &syncBuffer{}
@@ -33,7 +33,7 @@ func TestTextLogger(t *testing.T) {
 		}
 	}
 	// The original's log.Fatalf: std prefix, no "[time]".
-	if !regexp.MustCompile(`^\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2} Subscriber failed: failed to connect after 5 attempts$`).MatchString(lines[2]) {
+	if !regexp.MustCompile(`\A\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2} Subscriber failed: failed to connect after 5 attempts\z`).MatchString(lines[2]) {
 		t.Errorf("fatal line = %q", lines[2])
 	}
 }
@@ -81,5 +81,19 @@ func TestRedisLoggerDropsRepeats(t *testing.T) {
 	}
 	if got := logTexts(buf); !slices.Equal(got, want) {
 		t.Errorf("got %q\nwant %q", got, want)
+	}
+}
+
+// The line pattern is a full match: \A...\z, so a line with a trailing newline (two
+// lines glued together) does not pass for one.
+func TestTextLinePatternIsAFullMatch(t *testing.T) {
+	line := "2026/11/28 10:15:00 [2026-11-28T10:15:00Z] Starting Go Subscriber..."
+	if !textLine.MatchString(line) {
+		t.Fatalf("%q does not match", line)
+	}
+	for _, bad := range []string{line + "\n", line + "\nsecond line", "x" + line} {
+		if textLine.MatchString(bad) {
+			t.Errorf("%q matches", bad)
+		}
 	}
 }

@@ -42,7 +42,8 @@ COMMANDS: tuple[str, ...] = (
     "evalsha", "eval", "script|load", "script|exists",
     "blmove", "lmove", "lrem", "lpush", "llen", "lrange",
     "set", "del", "exists", "sadd", "srem", "smembers",
-    "hincrby", "hdel", "hgetall", "zadd", "zrem", "zrangebyscore", "zcard",
+    "hincrby", "hdel", "hget", "hlen", "hgetall", "lindex",
+    "zadd", "zrem", "zrangebyscore", "zcard",
     "multi", "exec", "discard",
     # the API's rate limiter (orders/ratelimit.py)
     "time", "hmget", "hset", "pexpire",
