@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import drain, e2e, hello_start, intake, publish, subscriber
+from benchmarks import drain, e2e, hello_start, intake, publish, streams, subscriber
 from benchmarks.harness import MODES, Context, Row, environment, markdown, write_results
 from devtools.redis_server import RedisServer
 
@@ -30,6 +30,7 @@ SECTIONS: dict[str, Callable[[Context], list[Row]]] = {
     "e2e": e2e.run,
     "subscriber": subscriber.run,
     "hello": hello_start.run,
+    "streams": streams.run,
 }
 
 

@@ -34,6 +34,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +43,9 @@ from pathlib import Path
 from chaos.stack import BIN, CHAOS_TUNING, Stack
 from devtools.procs import Timeout, http_ok, wait_until
 from devtools.redis_server import Failover, RedisServer, readonly_errors
+from devtools.streams import StreamCrowd, grant_ticket
 from messaging import envelope, keys
-from messaging.queue import DeadLetter
+from messaging.queue import DeadLetter, RedisQueue
 
 
 @dataclass(frozen=True)
@@ -332,6 +335,37 @@ def crash_loop(stack: Stack, params: Params, done: threading.Event, notes: Notes
     notes.add(f"then dead-lettered: {error!r}")
 
 
+def clock_skew(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
+    """Payment workers with clocks one hour ahead and one hour behind (libfaketime).
+
+    They score retries (5% transient gateway errors, flaky@ customers) and promote due
+    ones; on Redis's clock the skew changes nothing. Counted: the retries scheduled
+    while the skewed workers ran.
+    """
+    queue = RedisQueue(stack.client, "payment")  # type: ignore[arg-type]
+    before = queue.stats()["retried"]
+    done.wait()
+    notes.cleared_at = time.monotonic()
+    notes.fire(queue.stats()["retried"] - before, "retries scored while clocks were +1h/-1h")
+
+
+def _skew_payment(stack: Stack, params: Params) -> None:
+    libs = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    if not libs:
+        raise RuntimeError("clock skew needs libfaketime (apt-get install faketime)")
+    offsets = iter(("+1h", "-1h"))
+    for slot in stack.slots:
+        if slot.name == "payment" and slot.proc is not None:
+            slot.proc.terminate(20.0)
+            slot.env = {k: v for k, v in slot.env.items() if k == "REDIS_URL"} | {
+                "LD_PRELOAD": str(libs[0]),
+                "FAKETIME": next(offsets, "+1h"),
+                "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            }
+            stack.start_slot(slot)
+    wait_until(stack.workers_registered, 60, 0.1, "skewed payment workers")
+
+
 def kill_api(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
     start = time.monotonic()
     landed = 0
@@ -377,6 +411,45 @@ def slow_consumer(stack: Stack, params: Params, done: threading.Event, notes: No
     notes.fire(peak, "messages of backlog at the peak")
 
 
+STREAMS = 200
+"""Event streams the "open streams" fault holds open during intake."""
+
+
+def open_streams(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
+    """200 dashboard streams held open through intake, plus 20 on orders-api's old URL.
+
+    Before orders-stream, 20 streams took every gunicorn thread and intake stopped; the
+    figures say how many streams were live during intake and what they received.
+    """
+    redirects = 0
+    with StreamCrowd(stack.stream_port, STREAMS, grant_ticket(stack.redis.url)) as crowd:
+        for _ in range(20):  # orders-api's /events/stream: a redirect, answered at once
+            try:
+                opener = urllib.request.build_opener(_NoRedirect)
+                request = urllib.request.Request(
+                    stack.base + "/events/stream",
+                    headers={"Authorization": f"Bearer {stack.admin_token}"},
+                )
+                opener.open(request, timeout=10)
+            except urllib.error.HTTPError as exc:
+                redirects += exc.code == 307
+        peak = 0
+        while not done.wait(0.1):
+            peak = max(peak, crowd.live)
+        events = crowd.events
+    notes.cleared_at = time.monotonic()
+    notes.fire(peak, "streams open during intake")
+    notes.add(
+        f"{events} events delivered to them; "
+        f"orders-api /events/stream: {redirects}/20 redirected at once"
+    )
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
 def _slow_payment(stack: Stack, params: Params) -> None:
     stack.restart_slots("payment", {"PAYMENT_LATENCY_MS": str(params.slow_latency_ms)})
     wait_until(stack.workers_registered, 60, 0.1, "payment workers back")
@@ -415,6 +488,13 @@ SCENARIOS: tuple[Scenario, ...] = (
         "poison dead-lettered; none lost, none doubled",
         crash_loop,
     ),
+    Scenario(
+        "clock skew",
+        "none lost, none doubled",
+        clock_skew,
+        before=_skew_payment,
+        after=_normal_payment,
+    ),
     Scenario("orders-api SIGKILLed", "none lost, none doubled", kill_api),
     Scenario("database locked", "none lost, none doubled", lock_database),
     Scenario(
@@ -425,6 +505,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         after=_normal_payment,
     ),
     Scenario("consumer partitioned from Redis", "none lost, none doubled", partition),
+    Scenario("200 open streams during intake", "none lost, none doubled", open_streams),
 )
 
 

@@ -220,6 +220,8 @@ class Stack:
         self.smtp_port = free_port()
         self.api_port = free_port()
         self.base = f"http://127.0.0.1:{self.api_port}"
+        self.stream_port = free_port()
+        self.stream_base = f"http://127.0.0.1:{self.stream_port}"
         self.admin_token = secrets.token_urlsafe(32)
         """The API's ADMIN_TOKEN (operator endpoints: Authorization: Bearer ...)."""
         self.common: dict[str, str] = {}
@@ -228,6 +230,7 @@ class Stack:
         self.slots: list[Slot] = []
         self.proxy: TcpProxy | None = None
         self.api: Proc | None = None
+        self.stream: Proc | None = None
         self.sink: Proc | None = None
         self.started = 0
         self.engine: Engine | None = None
@@ -265,6 +268,7 @@ class Stack:
             append=True,
         )
         self.start_api()
+        self.start_stream()
         if self.use_proxy:
             self.proxy = TcpProxy(self.redis.port)
         for name in CONSUMERS:
@@ -300,6 +304,7 @@ class Stack:
                 "WEB_CONCURRENCY": "2",
                 "RELAY_IN_PROCESS": "1",
                 "RELAY_INTERVAL": "0.2",
+                "STREAM_PORT": str(self.stream_port),
                 "ADMIN_TOKEN": self.admin_token,
                 **self.api_env,
             },
@@ -307,6 +312,16 @@ class Stack:
             append=True,
         )
         wait_until(self.healthy, 60, 0.1, "orders-api /healthz")
+
+    def start_stream(self) -> None:
+        """``orders-stream``, the dashboard's live feed (the page finds it on stream_port)."""
+        self.stream = Proc(
+            [str(BIN / "orders-stream")],
+            {**self.common, "HOST": "127.0.0.1", "STREAM_PORT": str(self.stream_port)},
+            self.root / "stream.log",
+            append=True,
+        )
+        wait_until(lambda: http_ok(self.stream_base + "/healthz"), 60, 0.1, "orders-stream")
 
     def healthy(self) -> bool:
         return http_ok(self.base + "/healthz")
@@ -355,7 +370,7 @@ class Stack:
 
     def logs(self) -> str:
         """Every process's output (the tail of each), for failure messages."""
-        procs = {"api": self.api, "sink": self.sink}
+        procs = {"api": self.api, "stream": self.stream, "sink": self.sink}
         procs |= {f"{slot.name}-{i}": slot.proc for i, slot in enumerate(self.slots)}
         return "\n".join(
             f"--- {name}\n{proc.output()[-3000:]}"
@@ -370,6 +385,8 @@ class Stack:
                 codes.append(slot.proc.terminate(20.0))
         if self.api is not None:
             self.api.terminate(20.0)
+        if self.stream is not None:
+            self.stream.terminate(20.0)
         if self.sink is not None:
             self.sink.terminate(20.0)
         if self.proxy is not None:

@@ -95,9 +95,24 @@ def now_ms(dialect: str) -> ColumnElement[int]:
     Leases (the outbox claim, the email claim) are written by one host and compared on
     another: with each host's own clock, a host one hour ahead would steal every lease
     and one behind would hold them an hour. The database's clock is the one both sides
-    see. SQLite's is the clock of whichever process runs the statement; the file is
-    local to one host, so that is still a single clock.
+    see. SQLite's is the clock of whichever process runs the statement; its file is
+    local to one host, whose processes share that host's clock.
     """
     if dialect == "postgresql":
         return literal_column("CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)")
     return literal_column("CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)")
+
+
+def now_plus(dialect: str, seconds: float = 0.0) -> ColumnElement[Any]:
+    """The database server's clock plus ``seconds``, as a timestamp SQL expression.
+
+    In the storage format of a ``DateTime`` column on each backend (SQLite: naive UTC
+    text, ``YYYY-MM-DD HH:MM:SS.ffffff``, which sorts like the values SQLAlchemy writes;
+    PostgreSQL: ``timestamptz``), for leases compared in SQL (see :func:`now_ms`).
+    """
+    offset = float(seconds)
+    if dialect == "postgresql":
+        return literal_column(f"(clock_timestamp() + {offset!r} * interval '1 second')")
+    return literal_column(
+        f"(strftime('%Y-%m-%d %H:%M:%f', 'now', '{offset:+.6f} seconds') || '000')"
+    )

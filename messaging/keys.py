@@ -101,3 +101,8 @@ def rate_limit(client: str) -> str:
     if not client or any(c in client for c in "{} \r\n"):
         raise ValueError(f"invalid rate-limit client {client!r}")
     return f"ratelimit:{client}"
+
+
+def stream_ticket(ticket: str) -> str:
+    """String whose existence lets one dashboard page open the live feed (orders-stream)."""
+    return f"stream-ticket:{ticket}"

@@ -11,7 +11,10 @@ slot thanks to the ``{q}`` tag):
   heartbeat is gone is dead, and :meth:`RedisQueue.reap` moves its processing list back
   to the head of pending (Lua, atomic) and forgets it.
 - ``delayed(q)`` sorted set scored by due time: retries wait here;
-  :meth:`RedisQueue.promote` moves due ones back to pending (Lua, atomic).
+  :meth:`RedisQueue.promote` moves due ones back to pending (Lua, atomic). Due times
+  are scored and compared on Redis's clock (``TIME`` inside the scripts), never a
+  worker's: one worker an hour ahead would otherwise promote every retry at once (no
+  backoff for anyone), one an hour behind would park its retries for an hour.
 - ``attempts(q)`` hash event id -> failed attempts; ``dead(q)`` list of JSON dead
   letters; ``stats(q)`` hash of counters (processed, failed, retried, dead).
 - ``deaths(q)`` hash SHA-1 of the message -> workers that died holding it. The reaper
@@ -37,7 +40,6 @@ import hashlib
 import json
 import logging
 import random
-import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -267,13 +269,18 @@ if ARGV[9] == '1' or n >= max then
   redis.call('HINCRBY', KEYS[5], 'dead', 1)
   return {2, n}
 end
-redis.call('ZADD', KEYS[3], tonumber(ARGV[3]) + tonumber(ARGV[9 + n]), ARGV[1])
+local now = tonumber(ARGV[3])
+if not now then local t = redis.call('TIME') now = t[1] + t[2] / 1e6 end
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[9 + n]), ARGV[1])
 redis.call('HINCRBY', KEYS[5], 'retried', 1)
 return {1, n}
 """
 
+# ARGV: now ('' = Redis's own clock, TIME), limit.
 _PROMOTE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+local now = tonumber(ARGV[1])
+if not now then local t = redis.call('TIME') now = t[1] + t[2] / 1e6 end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[2])
 for _, m in ipairs(due) do
   redis.call('ZREM', KEYS[1], m)
   redis.call('RPUSH', KEYS[2], m)
@@ -473,7 +480,7 @@ class RedisQueue:
             args=[
                 message,
                 event_id_of(message),
-                repr(time.time() if now is None else now),
+                "" if now is None else repr(now),  # '': Redis's clock (TIME)
                 error.replace("\n", " ")[:2000],
                 utc_now_iso(),
                 self.name,
@@ -567,7 +574,7 @@ class RedisQueue:
         return int(
             self._promote(
                 keys=[self.delayed_key, self.pending_key],
-                args=[repr(time.time() if now is None else now), limit],
+                args=["" if now is None else repr(now), limit],
             )
         )
 

@@ -56,6 +56,8 @@ TAKE_TIMEOUT = 1.0
 """Seconds a thread blocks waiting for work before it checks the stop flag again."""
 HOUSEKEEPING_INTERVAL = 0.5
 """Seconds between heartbeat/promote/reap rounds (capped at a quarter of the TTL)."""
+ORPHAN_SWEEP_INTERVAL = 5.0
+"""Seconds between two looks for messages in our processing list that no thread holds."""
 EXIT_UNHEALTHY = 3
 """A handler thread died or got stuck: the process gave up its work and exits."""
 DEFAULT_STUCK_SECONDS = 300.0
@@ -337,9 +339,34 @@ class Worker:
                 self.queue.name, moved,
             )  # fmt: skip
 
+    def _sweep_unheld(self, suspects: collections.Counter[bytes]) -> collections.Counter[bytes]:
+        """Release what no thread held at this sweep *and* at the previous one.
+
+        Run every ORPHAN_SWEEP_INTERVAL even without a Redis error: a Redis that lost
+        its AOF tail (power loss) or failed over to a lagging replica can bring back
+        messages this worker had already acked; they reappear in its processing list,
+        held by no thread, and no reaper frees them while it heartbeats. Seen twice
+        (a sweep interval apart, far longer than a take's round trip), a message is not
+        a take in flight but an orphan. Returns this sweep's unheld messages.
+        """
+        in_list = collections.Counter(self.queue.in_flight(self.id))
+        with self._held_lock:
+            unheld = in_list - +self._held
+        orphans = unheld & suspects
+        if orphans:
+            moved = self.queue.release(self.id, list(orphans.elements()))
+            log.warning(
+                "%s: returned %d message(s) that sat in our processing list unheld",
+                self.queue.name, moved,
+            )  # fmt: skip
+            return unheld - orphans
+        return unheld
+
     def _housekeeping(self) -> None:
         """Heartbeat, promote due retries, reap dead workers; until stopped."""
         interval = min(HOUSEKEEPING_INTERVAL, self.heartbeat_ttl / 4)
+        unheld: collections.Counter[bytes] = collections.Counter()
+        next_sweep = time.monotonic() + ORPHAN_SWEEP_INTERVAL
         while not self.stop.wait(interval):
             reason = self.health()
             if reason:
@@ -356,6 +383,9 @@ class Worker:
                 if self._sweep_orphans.is_set():
                     self._release_orphans()
                     self._sweep_orphans.clear()  # only once it succeeded
+                if time.monotonic() >= next_sweep:
+                    unheld = self._sweep_unheld(unheld)
+                    next_sweep = time.monotonic() + ORPHAN_SWEEP_INTERVAL
                 self._recovered()
             except redis.RedisError as exc:  # logged once per outage, READONLY included
                 self._outage(exc)

@@ -33,8 +33,11 @@ ENV_VARS: tuple[EnvVar, ...] = declare(
     EnvVar("HOST", "127.0.0.1", "orders-api listen address (compose sets 0.0.0.0)."),
     EnvVar("PORT", "8000", "orders-api listen port."),
     EnvVar("WEB_CONCURRENCY", "2", "orders-api gunicorn worker processes."),
+    EnvVar("WEB_THREADS", "8", "Threads per orders-api worker (gthread)."),
     EnvVar(
-        "WEB_THREADS", "8", "Threads per orders-api worker (gthread; a dashboard stream holds one)."
+        "REQUEST_QUEUE_TIMEOUT_SECONDS",
+        "10",
+        "orders-api: a request that waited longer for a thread is answered 503, not run.",
     ),
     EnvVar("MAX_BODY_BYTES", "65536", "Largest accepted request body; larger is 413."),
     EnvVar("MAX_LINES", "100", "Most lines (items) in one order."),
@@ -58,6 +61,14 @@ ENV_VARS: tuple[EnvVar, ...] = declare(
         "Dashboard event stream lifetime before the browser reconnects.",
     ),
     EnvVar("STREAM_KEEPALIVE_SECONDS", "15", "Seconds between keep-alive comments on the stream."),
+    EnvVar("STREAM_PORT", "8100", "orders-stream listen port (the dashboard's live feed)."),
+    EnvVar(
+        "STREAM_URL",
+        "",
+        "Where the dashboard page opens its feed (empty: the page's host on STREAM_PORT).",
+    ),
+    EnvVar("STREAM_MAX_PER_CLIENT", "8", "Open event streams per client address; beyond: 429."),
+    EnvVar("STREAM_MAX_CONNECTIONS", "2000", "Open event streams per orders-stream; beyond: 503."),
     EnvVar(
         "ADMIN_TOKEN",
         "",
@@ -73,6 +84,15 @@ ENV_VARS: tuple[EnvVar, ...] = declare(
     ),
 )
 """The order service's own variables."""
+
+
+def _stream_url(env: Mapping[str, str]) -> str:
+    raw = env_str(env, "STREAM_URL")
+    if raw and not raw.startswith(("http://", "https://", "/")):
+        raise ConfigError(
+            f"invalid STREAM_URL {raw!r}: must be an http(s):// URL or a path starting with /"
+        )
+    return raw
 
 
 @dataclass(frozen=True)
@@ -93,6 +113,12 @@ class OrderServiceSettings:
     relay_claim_seconds: float
     stream_max_seconds: float = 300.0
     stream_keepalive_seconds: float = 15.0
+    stream_port: int = 8100
+    request_queue_timeout: float = 10.0
+    stream_url: str = ""
+    """STREAM_URL: the page's EventSource URL; empty: same host, STREAM_PORT."""
+    stream_max_per_client: int = 8
+    stream_max_connections: int = 2000
     metrics_dir: str = ""
     rate_limit_per_minute: int = 600
     """RATE_LIMIT_PER_MINUTE: per client IP (burst of the same size); 0 turns it off."""
@@ -136,6 +162,11 @@ class OrderServiceSettings:
             relay_claim_seconds=env_float(env, "RELAY_CLAIM_SECONDS", 1.0, 3600.0),
             stream_max_seconds=env_float(env, "STREAM_MAX_SECONDS", 1.0, 86400.0),
             stream_keepalive_seconds=env_float(env, "STREAM_KEEPALIVE_SECONDS", 0.1, 3600.0),
+            stream_port=env_int(env, "STREAM_PORT", 1, 65535),
+            request_queue_timeout=env_float(env, "REQUEST_QUEUE_TIMEOUT_SECONDS", 0.1, 3600.0),
+            stream_url=_stream_url(env),
+            stream_max_per_client=env_int(env, "STREAM_MAX_PER_CLIENT", 1, 10_000),
+            stream_max_connections=env_int(env, "STREAM_MAX_CONNECTIONS", 1, 1_000_000),
             metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR", "").strip(),
             rate_limit_per_minute=env_int(env, "RATE_LIMIT_PER_MINUTE", 0, 1_000_000),
             admin_token=admin_token,

@@ -2,14 +2,13 @@
 
 - ``GET /``: the page (server-rendered; ``static/dashboard.js`` does the rest: place an
   order, the live feed, the queue table, recent orders, dead letters).
-- ``GET /events/stream``: Server-Sent Events. Each connection SUBSCRIBEs to
-  :data:`~messaging.keys.ORDER_EVENTS_CHANNEL` and forwards every message as it comes.
-  Pub/sub is live only: what was published before the page opened is not replayed.
-  A stream holds a gunicorn thread, so it sends a keep-alive comment every
-  ``STREAM_KEEPALIVE_SECONDS`` and ends after ``STREAM_MAX_SECONDS`` (the browser's
-  EventSource reconnects by itself). On a Redis error it ends at once, telling the
-  browser when to reconnect (``retry:``); it never answers an error status, which would
-  make EventSource give up.
+- ``GET /events/stream``: a 307 redirect to the live feed's own server
+  (:mod:`orders.stream`, ``orders-stream``). A stream lives for minutes; held by a
+  gunicorn thread, twenty of them stopped intake, so none is served here. The page
+  opens the feed there directly (its URL is in ``<body data-stream-url>``, and the
+  Content-Security-Policy's ``connect-src`` names that origin). The URL carries a
+  ticket (a random key in Redis, an hour long) that orders-stream checks: only an
+  operator's page gets one. ``GET /api/stream-url`` hands out a fresh URL.
 - ``GET /api/queues``: every queue's figures (see :mod:`messaging.monitor`) plus processed
   per second since this worker's previous answer.
 - ``GET /api/queues/<queue>/dead-letters``, ``POST .../dead-letters/<id>/requeue`` and
@@ -25,35 +24,65 @@ script, nosniff, Referrer-Policy, frame-ancestors) on every response.
 from __future__ import annotations
 
 import logging
-import threading
+import secrets
 import time
-from collections.abc import Iterator
+from urllib.parse import urlencode, urlsplit
 
 import redis
-from flask import Blueprint, Response, jsonify, render_template, request
+from flask import Blueprint, Response, jsonify, redirect, render_template, request
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from messaging import keys, monitor
+from orders.auth import CONTENT_SECURITY_POLICY
 from orders.extensions import services
 from orders.validation import Problem
 
 log = logging.getLogger("orders-api")
 dashboard = Blueprint("dashboard", __name__)
 
-RECONNECT_MS = 2000
-"""What ``retry:`` tells the browser: milliseconds before it reconnects the stream."""
-POLL_SECONDS = 1.0
-"""How long one wait for a pub/sub message lasts (the stop checks run in between)."""
 MAX_DEAD_LETTERS_SHOWN = 100
-
-_stopping = threading.Event()
-"""Set when this worker process shuts down: open streams end within POLL_SECONDS."""
 
 _rates = monitor.RateMeter()
 
 
-def stop_streams() -> None:
-    """End every open event stream of this process (called on worker shutdown)."""
-    _stopping.set()
+STREAM_TICKET_SECONDS = 3600
+"""How long a page's feed ticket opens streams (the page asks for a new one after)."""
+
+
+def _ticket() -> str:
+    # orders-stream cannot check the operator's cookie (it does not know the token, which
+    # orders-api may have generated), so an operator's page gets a random ticket that
+    # orders-stream looks up in Redis. Redis down: no ticket; the page asks again later.
+    ticket = secrets.token_urlsafe(24)
+    try:
+        services().redis.set(keys.stream_ticket(ticket), "1", ex=STREAM_TICKET_SECONDS)
+    except redis.RedisError as exc:
+        log.warning("dashboard: no feed ticket, Redis unreachable: %s", exc)
+        return ""
+    return ticket
+
+
+def stream_url() -> str:
+    """This operator's feed URL (STREAM_URL, else host:STREAM_PORT) with a new ticket."""
+    settings = services().settings
+    if settings.stream_url:
+        base = settings.stream_url
+    else:
+        host = urlsplit(f"//{request.host}").hostname or "localhost"
+        if ":" in host:  # an IPv6 literal
+            host = f"[{host}]"
+        base = f"{request.scheme}://{host}:{settings.stream_port}/events/stream"
+    return f"{base}?{urlencode({'ticket': _ticket()})}"
+
+
+def content_security_policy(feed_url: str) -> str:
+    """The page's policy: :data:`orders.auth.CONTENT_SECURITY_POLICY` plus the feed's origin."""
+    parts = urlsplit(feed_url)
+    if not parts.netloc:
+        return CONTENT_SECURITY_POLICY
+    return CONTENT_SECURITY_POLICY.replace(
+        "connect-src 'self'", f"connect-src 'self' {parts.scheme}://{parts.netloc}"
+    )
 
 
 def monitor_redis() -> redis.Redis:
@@ -84,74 +113,37 @@ def _require_json() -> None:
 
 
 @dashboard.get("/")
-def page() -> str:
+def page() -> Response:
     """The dashboard page."""
-    return render_template(
-        "dashboard.html",
-        queues=monitor.QUEUES,
-        channel=keys.ORDER_EVENTS_CHANNEL,
-        pattern=services().settings.base.pattern,
+    feed = stream_url()
+    response = Response(
+        render_template(
+            "dashboard.html",
+            stream_url=feed,
+            queues=monitor.QUEUES,
+            channel=keys.ORDER_EVENTS_CHANNEL,
+            pattern=services().settings.base.pattern,
+        ),
+        mimetype="text/html",
     )
+    # orders.auth sets the other security headers (setdefault): this policy stays.
+    response.headers["Content-Security-Policy"] = content_security_policy(feed)
+    return response
 
 
 # --- the event stream -----------------------------------------------------------------
 
 
-def sse_event(data: str, event: str | None = None) -> str:
-    """One SSE event; every line of ``data`` becomes its own ``data:`` field."""
-    head = f"event: {event}\n" if event else ""
-    lines = data.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    return head + "".join(f"data: {line}\n" for line in lines) + "\n"
-
-
-def _stream(client: redis.Redis, max_seconds: float, keepalive: float) -> Iterator[str]:
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    try:
-        try:
-            pubsub.subscribe(keys.ORDER_EVENTS_CHANNEL)
-        except redis.RedisError as exc:
-            log.warning("dashboard stream: cannot subscribe: %s", exc)
-            yield f"retry: {RECONNECT_MS}\n" + sse_event("redis unavailable", "down")
-            return
-        yield f"retry: {RECONNECT_MS}\n" + sse_event(keys.ORDER_EVENTS_CHANNEL, "subscribed")
-        started = last_sent = time.monotonic()
-        while not _stopping.is_set():
-            now = time.monotonic()
-            if now - started >= max_seconds:
-                # Recycle the thread; the browser reconnects at once (new subscription).
-                yield "retry: 100\n" + sse_event("stream lifetime reached", "bye")
-                return
-            if now - last_sent >= keepalive:
-                yield ": keep-alive\n\n"
-                last_sent = now
-            try:
-                message = pubsub.get_message(timeout=min(POLL_SECONDS, keepalive))
-            except redis.RedisError as exc:
-                log.warning("dashboard stream: lost Redis: %s", exc)
-                yield f"retry: {RECONNECT_MS}\n" + sse_event("redis unavailable", "down")
-                return
-            if message and message.get("type") == "message":
-                raw = message["data"]
-                text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-                yield sse_event(text)
-                last_sent = time.monotonic()
-    finally:
-        try:
-            pubsub.close()
-        except redis.RedisError:
-            pass
-
-
 @dashboard.get("/events/stream")
-def event_stream() -> Response:
-    """Server-Sent Events: the order channel, live (see the module docstring)."""
-    settings = services().settings
-    body = _stream(monitor_redis(), settings.stream_max_seconds, settings.stream_keepalive_seconds)
-    return Response(
-        body,
-        mimetype="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-    )
+def event_stream() -> WerkzeugResponse:
+    """A redirect to the live feed on ``orders-stream`` (it holds no thread here)."""
+    return redirect(stream_url(), code=307)
+
+
+@dashboard.get("/api/stream-url")
+def stream_url_api() -> Response:
+    """A fresh feed URL (with a new ticket), for a page whose ticket expired."""
+    return jsonify({"url": stream_url()})
 
 
 # --- queues and dead letters -------------------------------------------------------------

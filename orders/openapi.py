@@ -459,19 +459,19 @@ def _monitoring_paths() -> dict[str, Any]:
         },
         "/events/stream": {
             "get": {
-                "summary": "Server-Sent Events: the order event channel, live only",
+                "summary": "Redirect to the live event feed (orders-stream)",
                 "description": (
-                    "Each connection subscribes to the pub/sub channel; events published "
-                    "before it are not replayed. Keep-alive comments every "
-                    "STREAM_KEEPALIVE_SECONDS; the stream ends after STREAM_MAX_SECONDS "
-                    "or on a Redis error, with a retry: field, and the client reconnects."
+                    "Server-Sent Events are served by orders-stream, an async server of "
+                    "their own (STREAM_PORT, or STREAM_URL), so a stream never holds one "
+                    "of this API's threads. The feed is the order event channel, live only."
                 ),
-                "responses": {
-                    "200": {
-                        "description": "An endless event stream",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
-                    }
-                },
+                "responses": {"307": {"description": "The feed's URL in Location"}},
+            }
+        },
+        "/api/stream-url": {
+            "get": {
+                "summary": "A fresh live-feed URL with a new ticket (operators only)",
+                "responses": {"200": {"description": "The feed's URL in url"}},
             }
         },
         "/api/queues": {

@@ -15,6 +15,8 @@ batches without waiting; on SQLite the statement runs under the database's singl
 write lock, so two relays cannot claim the same row either. Rows written by a request
 start claimed, so the relay leaves them to the fast path unless it fails (then the
 claim is released at once) or dies (then the claim expires).
+``now`` is the database's clock (:func:`messaging.database.now_plus`), never a relay
+host's: a relay whose clock ran an hour ahead would take every live claim.
 
 Publishing, then marking: a crash between the two sends the event again later, a
 duplicate that consumers drop by event id. An event is never lost.
@@ -30,7 +32,6 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
-from datetime import timedelta
 from types import FrameType
 from typing import Any
 
@@ -38,7 +39,7 @@ import redis
 from sqlalchemy import Engine, bindparam, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from messaging import faults, logs
+from messaging import database, faults, logs
 from messaging.config import EXIT_BAD_CONFIG, EXIT_NO_REDIS, EXIT_OK, ConfigError
 from messaging.publisher import EventPublisher
 from orders.bootstrap import OrderServices, create_schema, order_services
@@ -238,7 +239,10 @@ class Relay:
 
     def claim(self) -> list[tuple[int, str, str]]:
         """Claim up to ``batch`` publishable rows: ``(id, type, payload)`` in id order."""
-        now = utc_now()
+        # The database's clock, not this host's: the claim is written here and compared by
+        # every other relay, each on its own host (and clock).
+        dialect = self.engine.dialect.name
+        now = database.now_plus(dialect)
         candidates = (
             select(Outbox.id)
             .where(
@@ -259,7 +263,7 @@ class Relay:
                     Outbox.published_at.is_(None),
                     or_(Outbox.claimed_until.is_(None), Outbox.claimed_until < now),
                 )
-                .values(claimed_until=now + timedelta(seconds=self.claim_seconds))
+                .values(claimed_until=database.now_plus(dialect, self.claim_seconds))
                 .returning(Outbox.id, Outbox.type, Outbox.payload)
             ).all()
         return sorted((row.id, row.type, row.payload) for row in rows)

@@ -13,7 +13,6 @@ import argparse
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -30,6 +29,7 @@ from messaging.database import database_engine
 from orders import auth
 from orders.bootstrap import create_schema, order_services
 from orders.config import OrderServiceSettings
+from orders.httpworker import shed_stale_requests
 from orders.outbox import EXIT_NO_DATABASE, one_line, start_relay_thread
 
 log = logging.getLogger("orders-api")
@@ -53,21 +53,6 @@ def _worker_exit(_server: Any, _worker: Any) -> None:
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 """Where each worker's prometheus_client writes its samples (read by any /metrics)."""
-
-
-def _post_worker_init(_worker: Any) -> None:
-    # gunicorn's SIGTERM handler only stops accepting; an open dashboard event stream
-    # would keep its thread until graceful_timeout. Chain a handler that ends them too.
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_term(signum: int, frame: Any) -> None:
-        from orders.dashboard import stop_streams
-
-        stop_streams()
-        if callable(previous):
-            previous(signum, frame)
-
-    signal.signal(signal.SIGTERM, on_term)
 
 
 def _child_exit(_server: Any, worker: Any) -> None:
@@ -108,12 +93,12 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
         self.cfg.set("bind", [f"{s.host}:{s.port}"])
         self.cfg.set("workers", s.web_concurrency)
         self.cfg.set("threads", s.web_threads)
-        self.cfg.set("worker_class", "gthread")
+        # gthread that drops requests whose client left and 503s the ones queued too long.
+        self.cfg.set("worker_class", "orders.httpworker.SheddingThreadWorker")
         self.cfg.set("errorlog", "-")
         self.cfg.set("loglevel", s.base.log_level.lower())
         self.cfg.set("proc_name", "orders-api")
         self.cfg.set("worker_exit", _worker_exit)
-        self.cfg.set("post_worker_init", _post_worker_init)
         self.cfg.set("child_exit", _child_exit)
         if "control_socket_disable" in self.cfg.settings:
             # gunicorn 25+ binds one control socket per user ($HOME/.gunicorn/gunicorn.ctl):
@@ -133,6 +118,9 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
             Path(os.environ[MULTIPROC_ENV]).mkdir(parents=True, exist_ok=True)
         services = order_services(self.settings)
         app = _app = create_app(services=services)
+        app.wsgi_app = shed_stale_requests(  # type: ignore[method-assign]
+            app.wsgi_app, self.settings.request_queue_timeout
+        )
         if self.settings.relay_in_process:
             _, _relay_stop = start_relay_thread(services)
         return app

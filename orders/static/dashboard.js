@@ -89,14 +89,30 @@ function addFeedItem(raw) {
   while (list.children.length > FEED_MAX) list.removeChild(list.lastChild);
 }
 
+const STREAM_RETRY_MS = 2000;
+
+async function renewStreamUrl() {
+  // A refused stream (expired ticket, or Redis lost it): ask orders-api for a fresh URL.
+  try {
+    document.body.dataset.streamUrl = (await getJson("/api/stream-url")).url;
+  } catch (_) {
+    // orders-api unavailable: try the same URL again
+  }
+  openStream();
+}
+
 function openStream() {
-  const source = new EventSource("/events/stream");
+  // The feed lives on orders-stream (its own async server); the page names its URL,
+  // with a ticket that orders-stream checks (operators only).
+  const source = new EventSource(document.body.dataset.streamUrl || "/events/stream");
   source.addEventListener("subscribed", () => setStreamState("live", "live"));
   source.addEventListener("down", () => setStreamState("Redis unavailable, reconnecting…", "down"));
   source.addEventListener("message", (e) => addFeedItem(e.data));
   // EventSource reconnects by itself after an error or the end of a stream.
   source.addEventListener("error", () => {
     if (source.readyState !== EventSource.OPEN) setStreamState("reconnecting…", "down");
+    // An error status (401, 429) closes an EventSource for good: open a new one.
+    if (source.readyState === EventSource.CLOSED) window.setTimeout(renewStreamUrl, STREAM_RETRY_MS);
   });
   window.__stream = source;
 }

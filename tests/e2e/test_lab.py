@@ -33,22 +33,15 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = [
-    "mail",
-    "updates",
-    "subscriber",
-    "publisher",
-    "payment",
-    "invoice",
-    "shipping",
-    "email",
-    "api",
-]
+    "mail", "updates", "subscriber", "publisher", "payment", "invoice", "shipping", "email",
+    "stream", "api",
+]  # fmt: skip
 """Every program but Redis (and the log listener), as `make ps` names them."""
 START_TIMEOUT = 240.0
 """`make up` may build the Go subscriber and install the venv first on a busy machine."""
 # Variables of the developer's shell that would point the stack somewhere else.
 _FOREIGN = re.compile(
-    r"^(REDIS_|SMTP_|PAYMENT_|CONSUMER_|METRICS_PORT$|PORT$|HOST$|PATTERN$|LAB_HOME$"
+    r"^(REDIS_|SMTP_|PAYMENT_|CONSUMER_|METRICS_PORT$|PORT$|HOST$|PATTERN$|LAB_HOME$|STREAM_"
     r"|DATABASE_URL$|[A-Z]+_DATABASE_URL$|PROMETHEUS_MULTIPROC_DIR$|MAKE|MFLAGS)"
 )
 
@@ -67,6 +60,7 @@ class Lab:
             PORT=str(self.port),
             REDIS_PORT=str(self.redis_port),
             SMTP_PORT=str(free_port()),
+            STREAM_PORT=str(free_port()),
             **env,
         )
         self.up: Proc | None = None

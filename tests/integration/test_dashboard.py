@@ -13,7 +13,6 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis as redis_lib
@@ -252,52 +251,45 @@ def test_dashboard_page_has_a_strict_csp_and_no_inline_script(app: Flask) -> Non
     assert "eval(" not in source
 
 
-def _chunks(response: Any) -> Iterator[str]:
-    for chunk in response.response:
-        yield chunk.decode() if isinstance(chunk, bytes) else chunk
-
-
-def test_event_stream_forwards_channel_messages(
+def test_event_stream_is_a_redirect_to_orders_stream_with_a_ticket(
     tmp_path: Path, redis_url: str, redis: redis_lib.Redis
 ) -> None:
     app = build_app(
-        f"sqlite:///{tmp_path / 'o.db'}",
-        redis_url,
-        STREAM_MAX_SECONDS="30",
-        STREAM_KEEPALIVE_SECONDS="0.2",
+        f"sqlite:///{tmp_path / 'o.db'}", redis_url, STREAM_PORT="8123", ALLOWED_HOSTS="*"
     )
     try:
-        response = app.test_client().get("/events/stream", headers=OPERATOR)
-        assert response.mimetype == "text/event-stream"
-        assert response.headers["Content-Security-Policy"]
-        chunks = _chunks(response)
-        first = next(chunks)
-        assert first.startswith("retry: ") and "event: subscribed" in first
-        # Published before is gone; published now arrives, each line its own data: field.
-        redis.publish(keys.ORDER_EVENTS_CHANNEL, '{"type":"X",\n"message":"<b>hi</b>"}')
-        got = next(c for c in chunks if not c.startswith(":"))
-        assert got == 'data: {"type":"X",\ndata: "message":"<b>hi</b>"}\n\n'
-        assert next(chunks) == ": keep-alive\n\n"  # nothing else published meanwhile
-        response.close()
+        client = app.test_client()
+        base = "http://dash.example:8000"
+        assert client.get("/events/stream", base_url=base).status_code == 401  # operators only
+        response = client.get("/events/stream", base_url=base, headers=OPERATOR)
+        # Answered at once: a stream never holds one of orders-api's threads.
+        assert response.status_code == 307
+        location = response.headers["Location"]
+        assert location.startswith("http://dash.example:8123/events/stream?ticket=")
+        ticket = location.split("ticket=", 1)[1]
+        assert redis.ttl(keys.stream_ticket(ticket)) > 3000  # orders-stream checks it there
+        page = client.get("/", base_url=base, headers=OPERATOR)
+        assert 'data-stream-url="http://dash.example:8123/events/stream?ticket=' in page.text
+        policy = page.headers["Content-Security-Policy"]
+        assert "connect-src 'self' http://dash.example:8123;" in policy
+        assert "script-src 'self';" in policy and "unsafe-inline" not in policy
+        fresh = client.get("/api/stream-url", base_url=base, headers=OPERATOR).get_json()
+        assert fresh["url"].split("ticket=", 1)[1] != ticket
+        # Other responses keep the plain policy.
+        queues = client.get("/api/queues", base_url=base, headers=OPERATOR)
+        assert "8123" not in queues.headers["Content-Security-Policy"]
     finally:
         app.extensions["orders"].close()
 
 
-def test_event_stream_ends_at_its_lifetime_and_when_redis_is_down(
-    tmp_path: Path, redis_url: str, redis: redis_lib.Redis
-) -> None:
-    app = build_app(f"sqlite:///{tmp_path / 'o.db'}", redis_url, STREAM_MAX_SECONDS="1")
-    down = build_app(f"sqlite:///{tmp_path / 'p.db'}", "redis://127.0.0.1:1/0")
+def test_stream_url_setting_names_a_proxied_feed(tmp_path: Path, redis_url: str) -> None:
+    app = build_app(f"sqlite:///{tmp_path / 'o.db'}", redis_url, STREAM_URL="/feed/stream")
     try:
-        chunks = list(_chunks(app.test_client().get("/events/stream", headers=OPERATOR)))
-        assert "event: subscribed" in chunks[0]
-        assert chunks[-1].startswith("retry: ") and "event: bye" in chunks[-1]
-        chunks = list(_chunks(down.test_client().get("/events/stream", headers=OPERATOR)))
-        assert len(chunks) == 1
-        assert chunks[0].startswith("retry: 2000\n") and "event: down" in chunks[0]
+        page = app.test_client().get("/", headers=OPERATOR)
+        assert 'data-stream-url="/feed/stream?ticket=' in page.text
+        assert "connect-src 'self';" in page.headers["Content-Security-Policy"]
     finally:
         app.extensions["orders"].close()
-        down.extensions["orders"].close()
 
 
 # --- orders-admin ---------------------------------------------------------------------------

@@ -201,3 +201,29 @@ def test_a_suspect_is_not_added_to_a_blocking_takes_batch(
     assert q.take("w1", 10, 1.0) == [message(1)]
     assert q.take("w1", 10, 1.0) == [message(2)]
     client.close()
+
+
+def test_a_message_back_in_a_live_workers_processing_list_unheld_is_returned(
+    redis: redis_lib.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After Redis data loss (an AOF tail dropped, a lagging replica promoted) an acked
+    message can reappear in a live worker's processing list, held by no thread; the
+    periodic sweep returns it (seen unheld twice) and it is handled, not stuck."""
+    from messaging import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "ORPHAN_SWEEP_INTERVAL", 0.2)
+    client = redis_lib.Redis.from_url(redis_url)
+    q = RedisQueue(client, Q)
+    handler = Recorder()
+    stop = threading.Event()
+    worker = Worker(q, handler, NoPublisher(), stop=stop)
+    thread, _code = run_in_thread(worker)
+    try:
+        wait_for(lambda: client.exists(keys.heartbeat(Q, worker.id)), message="registered")
+        client.rpush(keys.processing(Q, worker.id), message(11))  # resurrected, unheld
+        wait_for(lambda: handler.handled == [11], 10, message="the orphan handled")
+        assert q.stats()["in_flight"] == 0
+    finally:
+        stop.set()
+        thread.join(15)
+        client.close()

@@ -16,7 +16,7 @@ from messaging import metrics as consumer_metrics
 from messaging.worker import Worker
 from ops.admin import event_line, printable, queues_table
 from orders.config import OrderServiceSettings
-from orders.dashboard import sse_event
+from orders.stream import sse_event
 
 
 def test_rate_meter_measures_between_readings() -> None:
