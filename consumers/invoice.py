@@ -13,6 +13,7 @@ transaction starts with BEGIN IMMEDIATE (the database's write lock, see
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +25,7 @@ from consumers import store
 from consumers.handler import currency_field, money_field, order_id_of, stable_event_id
 from messaging import envelope, keys
 from messaging.handler import outcome
+from messaging.queue import PermanentError
 
 QUEUE = keys.INVOICE_QUEUE
 SENDER = "invoice-service"
@@ -50,6 +52,20 @@ def invoice_number(year: int, sequence: int) -> str:
     return f"INV-{year:04d}-{sequence:06d}"
 
 
+@dataclass(frozen=True)
+class Capture:
+    """The fields of a PaymentCaptured event the invoice uses."""
+
+    order_id: int
+    amount: str
+    currency: str
+
+
+def capture_of(event: dict[str, Any]) -> Capture:
+    """Check a PaymentCaptured event's data; raise PermanentError naming what is wrong."""
+    return Capture(order_id_of(event), money_field(event, "amount"), currency_field(event))
+
+
 class InvoiceHandler:
     """Issues each paid order's invoice once and reports InvoiceIssued."""
 
@@ -61,43 +77,69 @@ class InvoiceHandler:
 
     def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         """Issue (idempotently) and return the outcome event."""
-        order_id = order_id_of(event)
-        amount = money_field(event, "amount")
-        currency = currency_field(event)
-
-        def issue(session: Session) -> list[dict[str, Any]]:
-            invoice = session.scalars(
-                select(store.Invoice).where(store.Invoice.order_id == order_id)
-            ).first()
-            if invoice is None:  # else: another capture of the same order; one invoice
-                year = datetime.now(UTC).year
-                counter = _counter(session, year)
-                counter.last += 1
-                invoice = store.Invoice(
-                    order_id=order_id,
-                    invoice_number=invoice_number(year, counter.last),
-                    event_id=event["id"],
-                    total=amount,
-                    currency=currency,
-                )
-                session.add(invoice)
-                session.flush()
-            return [
-                outcome(
-                    envelope.INVOICE_ISSUED,
-                    {
-                        "order_id": order_id,
-                        "invoice_number": invoice.invoice_number,
-                        "total": invoice.total,
-                        "currency": invoice.currency,
-                    },
-                    order_id=order_id,
-                    sender=SENDER,
-                    message=f"Invoice {invoice.invoice_number} issued for order #{order_id}",
-                    event_id=stable_event_id(envelope.INVOICE_ISSUED, order_id),
-                    at=invoice.issued_at,
-                )
-            ]
-
-        emitted, _new = store.process_once(self.engine, QUEUE, event, issue)
+        capture = capture_of(event)
+        emitted, _new = store.process_once(
+            self.engine, QUEUE, event, lambda session: _issue(session, event, capture)
+        )
         return emitted
+
+    def handle_batch(self, events: list[dict[str, Any]]) -> list[list[dict[str, Any]] | None]:
+        """Issue a taken batch's invoices in ONE transaction (one counter lock, one commit).
+
+        Numbers stay gap-free: they are taken from the counter in the same transaction
+        that inserts the invoices, all committed or none. An event with bad data is
+        left to :meth:`handle` (which dead-letters it).
+        """
+        captures: dict[str, Capture] = {}
+        for event in events:
+            try:
+                captures[event["id"]] = capture_of(event)
+            except PermanentError:
+                continue
+        good = [event for event in events if event["id"] in captures]
+        done = iter(
+            store.process_batch(
+                self.engine,
+                QUEUE,
+                good,
+                lambda session, event: _issue(session, event, captures[event["id"]]),
+            )
+        )
+        return [next(done) if event["id"] in captures else None for event in events]
+
+
+def _issue(session: Session, event: dict[str, Any], capture: Capture) -> list[dict[str, Any]]:
+    """Issue the order's invoice in the session's transaction (or find the one it has)."""
+    order_id = capture.order_id
+    invoice = session.scalars(
+        select(store.Invoice).where(store.Invoice.order_id == order_id)
+    ).first()
+    if invoice is None:  # else: another capture of the same order; one invoice
+        year = datetime.now(UTC).year
+        counter = _counter(session, year)
+        counter.last += 1
+        invoice = store.Invoice(
+            order_id=order_id,
+            invoice_number=invoice_number(year, counter.last),
+            event_id=event["id"],
+            total=capture.amount,
+            currency=capture.currency,
+        )
+        session.add(invoice)
+        session.flush()
+    return [
+        outcome(
+            envelope.INVOICE_ISSUED,
+            {
+                "order_id": order_id,
+                "invoice_number": invoice.invoice_number,
+                "total": invoice.total,
+                "currency": invoice.currency,
+            },
+            order_id=order_id,
+            sender=SENDER,
+            message=f"Invoice {invoice.invoice_number} issued for order #{order_id}",
+            event_id=stable_event_id(envelope.INVOICE_ISSUED, order_id),
+            at=invoice.issued_at,
+        )
+    ]

@@ -28,6 +28,7 @@ from sqlalchemy import (
     delete,
     event,
     insert,
+    select,
     update,
 )
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -325,6 +326,69 @@ def process_once(
             raise
         return stored, False
     return outcome, True
+
+
+def lookup_many(
+    engine: Engine, queue: str, event_ids: list[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """The stored outcomes of those of ``event_ids`` already handled on ``queue``."""
+    if not event_ids:
+        return {}
+    with Session(engine) as session:
+        found = session.execute(
+            select(Processed.event_id, Processed.outcome).where(
+                Processed.queue == queue, Processed.event_id.in_(event_ids)
+            )
+        )
+        return {event_id: json.loads(outcome) for event_id, outcome in found}
+
+
+def process_batch(
+    engine: Engine,
+    queue: str,
+    events: list[dict[str, Any]],
+    effect: Callable[[Session, dict[str, Any]], list[dict[str, Any]]],
+) -> list[list[dict[str, Any]]]:
+    """:func:`process_once` for a whole batch, in ONE transaction: all or nothing.
+
+    Events handled before (or twice in this batch) get their stored outcome; the others
+    run ``effect`` and get their processed row, bulk-inserted with the effects. Returns
+    the outcome events per event, in order. Raises what the transaction raised (a
+    concurrent duplicate's unique-key error included): nothing of the batch is then
+    committed, and the caller handles the events one at a time.
+    """
+    ids = [item["id"] for item in events]
+    results: list[list[dict[str, Any]]] = []
+    with Session(engine) as session, session.begin():
+        stored = {
+            event_id: json.loads(outcome)
+            for event_id, outcome in session.execute(
+                select(Processed.event_id, Processed.outcome).where(
+                    Processed.queue == queue, Processed.event_id.in_(ids)
+                )
+            )
+        }
+        new_rows = []
+        for item in events:
+            if item["id"] in stored:
+                results.append(stored[item["id"]])
+                continue
+            outcome = effect(session, item)
+            stored[item["id"]] = outcome
+            order_id = item.get("data", {}).get("order_id")
+            new_rows.append(
+                {
+                    "queue": queue,
+                    "event_id": item["id"],
+                    "order_id": order_id if isinstance(order_id, int) else None,
+                    "outcome": json.dumps(outcome),
+                    "processed_at": _now(),
+                }
+            )
+            results.append(outcome)
+        if new_rows:
+            session.execute(insert(Processed), new_rows)
+    return results
 
 
 def record_outcome(

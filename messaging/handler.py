@@ -27,6 +27,21 @@ class Handler(Protocol):
         a duplicate). Raise RetryableError/PermanentError (or anything: retried)."""
 
 
+class BatchHandler(Handler, Protocol):
+    """A handler that can also do a taken batch at once (one database transaction).
+
+    The worker calls ``handle_batch`` with the batch's parsed events when the handler
+    has it. It returns, per event in order, the outcome events to emit, or None for an
+    event it did not do (bad data, a failed send): the worker hands those to
+    ``handle`` one at a time, which settles their failure. Whatever it returns as done
+    must be committed (effect and stored outcome) before it returns; if it raises,
+    nothing of the batch may be committed, and every event is then handled alone.
+    """
+
+    def handle_batch(self, events: list[dict[str, Any]]) -> list[list[dict[str, Any]] | None]:
+        """Do the batch's work; outcomes per event (None: do it alone)."""
+
+
 def rfc3339(value: datetime) -> str:
     """A stored time as UTC RFC 3339 (SQLite hands it back without its zone)."""
     aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
