@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,7 @@ from devtools.procs import Timeout, http_ok, wait_until
 from devtools.redis_server import Failover, RedisServer, readonly_errors
 from devtools.streams import StreamCrowd, grant_ticket
 from messaging import envelope, keys
+from messaging import worker as worker_module
 from messaging.queue import DeadLetter, RedisQueue
 
 
@@ -335,6 +337,72 @@ def crash_loop(stack: Stack, params: Params, done: threading.Event, notes: Notes
     notes.add(f"then dead-lettered: {error!r}")
 
 
+def recovery_bound(params: Params) -> float:
+    """Seconds within which a SIGKILLed worker's messages must be taken again, from the
+    settings: its heartbeat lives at most CONSUMER_HEARTBEAT_TTL after its last beat;
+    a live worker reaps within one housekeeping interval after that; that worker may
+    first finish the batch it holds (CONSUMER_BATCH_SIZE x the gateway latency) and
+    block in a take for at most TAKE_TIMEOUT; plus one more housekeeping interval of
+    margin for a busy machine."""
+    ttl = float(CHAOS_TUNING["CONSUMER_HEARTBEAT_TTL"])
+    interval = min(worker_module.HOUSEKEEPING_INTERVAL, ttl / 4)
+    batch = int(CHAOS_TUNING["CONSUMER_BATCH_SIZE"]) * params.slow_latency_ms / 1000
+    return ttl + interval + batch + worker_module.TAKE_TIMEOUT + interval
+
+
+def orphan_recovery(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
+    """SIGKILL slow payment workers holding messages; time until those messages are out
+    of the dead worker's list and out of pending again (taken by a live worker), and
+    assert each time is within :func:`recovery_bound`."""
+    assert stack.client is not None
+    client = stack.client
+    times: list[float] = []
+    watchers: list[threading.Thread] = []
+    rng = random.Random(14)
+    slots = [s for s in stack.slots if s.name == "payment"]
+
+    def watch(dead_key: str, held: list[bytes], killed_at: float) -> None:
+        deadline = killed_at + 120
+        while time.monotonic() < deadline:
+            pending = set(client.lrange(keys.pending("payment"), 0, -1))
+            if not client.exists(dead_key) and not pending.intersection(held):
+                times.append(time.monotonic() - killed_at)
+                return
+            time.sleep(0.02)
+
+    give_up = time.monotonic() + params.settle_timeout
+    # During intake, and after it until one kill caught a worker holding messages.
+    while time.monotonic() < give_up:
+        if done.wait(0.7):
+            if watchers:
+                break
+            time.sleep(0.7)  # intake is over: done.wait no longer paces the kills
+        slot = rng.choice(slots)
+        if slot.proc is None or not slot.proc.alive():
+            continue
+        prefix = keys.processing("payment", f"{socket.gethostname()}-{slot.proc.popen.pid}-")
+        found = list(client.scan_iter(match=prefix + "*"))
+        held = [m for key in found for m in client.lrange(key, 0, -1)]
+        slot.proc.kill()
+        killed_at = time.monotonic()
+        stack.start_slot(slot)
+        if found and held:
+            thread = threading.Thread(target=watch, args=(found[0], held, killed_at))
+            thread.start()
+            watchers.append(thread)
+    for thread in watchers:
+        thread.join()
+    notes.cleared_at = time.monotonic()
+    bound = recovery_bound(params)
+    notes.fire(len(times), "SIGKILLs of workers holding messages, timed")
+    if times:
+        notes.add(f"recovered in max {max(times):.1f} s (bound {bound:.1f} s from settings)")
+    if len(times) < len(watchers) or any(t > bound for t in times):
+        raise AssertionError(
+            f"orphan recovery out of bound {bound:.1f} s: {sorted(times)} of {len(watchers)}"
+        )
+
+
 def clock_skew(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
     """Payment workers with clocks one hour ahead and one hour behind (libfaketime).
 
@@ -487,6 +555,13 @@ SCENARIOS: tuple[Scenario, ...] = (
         "crash-looping message",
         "poison dead-lettered; none lost, none doubled",
         crash_loop,
+    ),
+    Scenario(
+        "orphan recovery bound",
+        "none lost, none doubled; recovered within the bound",
+        orphan_recovery,
+        before=_slow_payment,
+        after=_normal_payment,
     ),
     Scenario(
         "clock skew",

@@ -9,6 +9,10 @@
   Content-Security-Policy's ``connect-src`` names that origin). The URL carries a
   ticket (a random key in Redis, an hour long) that orders-stream checks: only an
   operator's page gets one. ``GET /api/stream-url`` hands out a fresh URL.
+  Content-Security-Policy's ``connect-src`` names that origin).
+- ``GET /api/stages?minutes=10``: per stage (event type) the count and the p50/p99
+  latency since the order was placed, in 10 s buckets (60 s beyond 15 minutes), from the
+  order service's own history (:mod:`orders.timing`).
 - ``GET /api/queues``: every queue's figures (see :mod:`messaging.monitor`) plus processed
   per second since this worker's previous answer.
 - ``GET /api/queues/<queue>/dead-letters``, ``POST .../dead-letters/<id>/requeue`` and
@@ -26,6 +30,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from datetime import UTC, datetime
 from urllib.parse import urlencode, urlsplit
 
 import redis
@@ -33,6 +38,7 @@ from flask import Blueprint, Response, jsonify, redirect, render_template, reque
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from messaging import keys, monitor
+from orders import timing, validation
 from orders.auth import CONTENT_SECURITY_POLICY
 from orders.extensions import services
 from orders.validation import Problem
@@ -144,6 +150,22 @@ def event_stream() -> WerkzeugResponse:
 def stream_url_api() -> Response:
     """A fresh feed URL (with a new ticket), for a page whose ticket expired."""
     return jsonify({"url": stream_url()})
+
+
+# --- time per stage -----------------------------------------------------------------------
+
+
+@dashboard.get("/api/stages")
+def stages() -> Response:
+    """Throughput and p50/p99 latency per stage over the last minutes (see orders.timing)."""
+    raw = request.args.get("minutes", "10")
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= 60:
+        raise validation.bad_request("minutes", "must be an integer from 1 to 60")
+    minutes = int(raw)
+    bucket = 10 if minutes <= 15 else 60
+    with services().sessions() as session:
+        body = timing.stage_timings(session, datetime.now(UTC), minutes, bucket)
+    return jsonify(body)
 
 
 # --- queues and dead letters -------------------------------------------------------------

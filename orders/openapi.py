@@ -468,6 +468,22 @@ def _monitoring_paths() -> dict[str, Any]:
                 "responses": {"307": {"description": "The feed's URL in Location"}},
             }
         },
+        "/api/stages": {
+            "get": {
+                "summary": "Throughput and p50/p99 latency per stage over the last minutes",
+                "parameters": [
+                    {
+                        "name": "minutes",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 60},
+                    }
+                ],
+                "responses": {
+                    "200": {"description": "Buckets, and per stage counts and percentiles"},
+                    "400": {"description": "minutes out of range"},
+                },
+            }
+        },
         "/api/stream-url": {
             "get": {
                 "summary": "A fresh live-feed URL with a new ticket (operators only)",

@@ -117,7 +117,8 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
         if os.environ.get(MULTIPROC_ENV):
             Path(os.environ[MULTIPROC_ENV]).mkdir(parents=True, exist_ok=True)
         services = order_services(self.settings)
-        app = _app = create_app(services=services)
+        app = create_app(services=services)
+        _app = app
         app.wsgi_app = shed_stale_requests(  # type: ignore[method-assign]
             app.wsgi_app, self.settings.request_queue_timeout
         )

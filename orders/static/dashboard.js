@@ -8,6 +8,9 @@ const QUEUE_POLL_MS = 1500;
 const ORDER_POLL_MS = 2000;
 const FEED_MAX = 200;
 const QUEUE_FIELDS = ["pending", "in_flight", "delayed", "dead", "processed", "failed"];
+const STAGE_POLL_MS = 5000;
+const DEPTH_POINTS = 400; // queue depth samples kept (10 minutes at QUEUE_POLL_MS)
+const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"];
 
 function el(tag, text, className) {
   const node = document.createElement(tag);
@@ -139,6 +142,7 @@ function renderQueues(body) {
     return tr;
   });
   replaceChildren(document.getElementById("queue-rows"), rows);
+  recordDepth(body);
   document.getElementById("queues-updated").textContent =
     "updated " + clock(new Date(body.time * 1000));
   return body.queues.filter((q) => q.dead > 0).map((q) => q.name);
@@ -147,6 +151,11 @@ function renderQueues(body) {
 // --- dead letters ---------------------------------------------------------------------
 
 async function settle(queue, id, action) {
+  // Discard deletes the message for good: ask first (requeue can be undone by the queue).
+  if (action === "discard" && !window.confirm("Discard dead letter " + id + " of " + queue +
+      " for good? It cannot be requeued afterwards.")) {
+    return;
+  }
   try {
     await postJson(
       "/api/queues/" + encodeURIComponent(queue) + "/dead-letters/" +
@@ -210,13 +219,19 @@ function renderOrders(body) {
   const rows = body.items.map((order) => {
     const tr = el("tr");
     tr.dataset.orderId = String(order.id);
-    tr.appendChild(el("td", "#" + order.id));
+    const idCell = el("td");
+    const link = el("a", "#" + order.id);
+    link.href = "#order/" + encodeURIComponent(order.id);
+    link.className = "order-link";
+    idCell.appendChild(link);
+    tr.appendChild(idCell);
     const status = el("td", order.status, "status-" + order.status);
     status.dataset.field = "status";
     tr.appendChild(status);
     tr.appendChild(el("td", order.customer_email));
     tr.appendChild(el("td", order.total + " " + order.currency, "num"));
     tr.appendChild(el("td", order.history.map((h) => h.type).join(", ")));
+    tr.appendChild(invoiceCell(order));
     return tr;
   });
   replaceChildren(document.getElementById("order-rows"), rows);
@@ -270,9 +285,7 @@ async function placeOrder(event) {
       {
         customer_email: value("customer_email"),
         currency: value("currency"),
-        items: [
-          { sku: value("sku"), quantity: Number(value("quantity")), unit_price: value("unit_price") },
-        ],
+        items: collectLines(form),
       },
       { "Idempotency-Key": submissionKey },
     );
@@ -295,12 +308,276 @@ function formEdited() {
   submissionKey = null; // another body needs another key (the same key would be a 422)
 }
 
+// --- the order form's lines --------------------------------------------------------------
+
+function lineRows() {
+  return Array.from(document.querySelectorAll("#lines .line"));
+}
+
+function updateRemoveButtons() {
+  const rows = lineRows();
+  for (const row of rows) row.querySelector(".remove-line").disabled = rows.length === 1;
+}
+
+function addLine() {
+  const rows = lineRows();
+  const copy = rows[rows.length - 1].cloneNode(true);
+  copy.querySelector("input[name=sku]").value = "";
+  copy.querySelector("input[name=quantity]").value = "1";
+  document.getElementById("lines").appendChild(copy);
+  updateRemoveButtons();
+  formEdited();
+  copy.querySelector("input[name=sku]").focus();
+}
+
+function removeLine(event) {
+  const button = event.target.closest(".remove-line");
+  if (!button || lineRows().length === 1) return;
+  button.closest(".line").remove();
+  updateRemoveButtons();
+  formEdited();
+}
+
+function collectLines() {
+  return lineRows().map((row) => ({
+    sku: row.querySelector("input[name=sku]").value.trim(),
+    quantity: Number(row.querySelector("input[name=quantity]").value.trim()),
+    unit_price: row.querySelector("input[name=unit_price]").value.trim(),
+  }));
+}
+
+// --- one order: its timeline -----------------------------------------------------------------
+
+let detailTimer = null;
+
+function invoiceCell(order) {
+  const td = el("td");
+  if (order.history.some((h) => h.type === "InvoiceIssued")) {
+    const link = el("a", "invoice");
+    link.href = "/orders/" + encodeURIComponent(order.id) + "/invoice";
+    link.className = "invoice-link";
+    td.appendChild(link);
+  }
+  return td;
+}
+
+function ms(value) {
+  return value === null || value === undefined ? "–" : Math.round(value).toLocaleString() + " ms";
+}
+
+function preciseClock(date) {
+  return clock(date) + "." + String(date.getMilliseconds()).padStart(3, "0");
+}
+
+function renderDetail(order) {
+  document.getElementById("detail-title").textContent = "Order #" + order.id;
+  document.getElementById("detail-summary").textContent =
+    order.status + " · " + order.customer_email + " · " + order.total + " " + order.currency;
+  const placed = new Date(order.created_at);
+  const events = [{ type: "OrderPlaced", at: placed }].concat(
+    order.history.map((h) => ({ type: h.type, at: new Date(h.occurred_at) })),
+  );
+  events.sort((a, b) => a.at - b.at);
+  let previous = placed;
+  const rows = events.map((event) => {
+    const tr = el("tr");
+    tr.dataset.type = event.type;
+    tr.appendChild(el("td", event.type));
+    tr.appendChild(el("td", preciseClock(event.at)));
+    const since = el("td", ms(event.at - placed), "num");
+    since.dataset.field = "since";
+    tr.appendChild(since);
+    const step = el("td", ms(event.at - previous), "num");
+    step.dataset.field = "step";
+    tr.appendChild(step);
+    previous = event.at;
+    return tr;
+  });
+  replaceChildren(document.getElementById("timeline-rows"), rows);
+  replaceChildren(
+    document.getElementById("detail-lines"),
+    order.lines.map((line) => {
+      const tr = el("tr");
+      tr.appendChild(el("td", line.sku));
+      tr.appendChild(el("td", line.quantity, "num"));
+      tr.appendChild(el("td", line.unit_price, "num"));
+      tr.appendChild(el("td", line.line_total, "num"));
+      return tr;
+    }),
+  );
+  const invoice = document.getElementById("detail-invoice");
+  invoice.hidden = !order.history.some((h) => h.type === "InvoiceIssued");
+  invoice.href = "/orders/" + encodeURIComponent(order.id) + "/invoice";
+}
+
+async function showOrder(id) {
+  const section = document.getElementById("order-detail");
+  try {
+    renderDetail(await getJson("/orders/" + encodeURIComponent(id)));
+    section.dataset.orderId = String(id);
+  } catch (err) {
+    document.getElementById("detail-title").textContent = "Order #" + id;
+    document.getElementById("detail-summary").textContent = "unavailable: " + err.message;
+  }
+  section.hidden = false;
+}
+
+function route() {
+  window.clearInterval(detailTimer);
+  const match = /^#order\/([0-9]+)$/.exec(window.location.hash);
+  const section = document.getElementById("order-detail");
+  if (!match) {
+    section.hidden = true;
+    delete section.dataset.orderId;
+    return;
+  }
+  showOrder(match[1]).then(() => section.scrollIntoView({ block: "start" }));
+  // The order moves on while you look: follow it until it is final.
+  detailTimer = window.setInterval(() => showOrder(match[1]), ORDER_POLL_MS);
+}
+
+// --- charts (uPlot, served from this origin) -------------------------------------------------
+
+const charts = {};
+const depth = { times: [], queues: {} };
+
+function chartWidth(target) {
+  return Math.max(260, Math.min(target.clientWidth || 600, 1200));
+}
+
+function drawChart(id, xs, series, yLabel) {
+  const target = document.getElementById(id);
+  if (typeof window.uPlot !== "function") return;
+  const data = [xs].concat(series.map((s) => s.values));
+  const key = series.map((s) => s.label).join("|");
+  const existing = charts[id];
+  if (existing && existing.key === key) {
+    existing.plot.setData(data);
+    return;
+  }
+  if (existing) existing.plot.destroy();
+  const opts = {
+    width: chartWidth(target),
+    height: 180,
+    series: [{}].concat(
+      series.map((s, i) => ({
+        label: s.label,
+        stroke: COLORS[s.color === undefined ? i : s.color],
+        dash: s.dash,
+        width: 1.5,
+        spanGaps: true,
+        points: { show: true, size: 4 },
+      })),
+    ),
+    axes: [{}, { label: yLabel, size: 60 }],
+    scales: { x: { time: true } },
+    legend: { live: false },
+  };
+  charts[id] = { key: key, plot: new window.uPlot(opts, data, target) };
+  target.dataset.series = String(series.length);
+}
+
+function resizeCharts() {
+  for (const [id, chart] of Object.entries(charts)) {
+    const target = document.getElementById(id);
+    chart.plot.setSize({ width: chartWidth(target), height: 180 });
+  }
+}
+
+function recordDepth(body) {
+  depth.times.push(body.time);
+  for (const q of body.queues) {
+    if (!depth.queues[q.name]) depth.queues[q.name] = depth.times.slice(0, -1).map(() => null);
+    depth.queues[q.name].push(q.pending + q.in_flight + q.delayed);
+  }
+  if (depth.times.length > DEPTH_POINTS) {
+    depth.times.shift();
+    for (const values of Object.values(depth.queues)) values.shift();
+  }
+  const names = Object.keys(depth.queues).sort();
+  drawChart(
+    "chart-depth",
+    depth.times.slice(),
+    names.map((name) => ({ label: name, values: depth.queues[name].slice() })),
+    "messages",
+  );
+}
+
+function renderStageRows(stages) {
+  const names = Object.keys(stages);
+  const rows = names.map((name) => {
+    const stage = stages[name];
+    const tr = el("tr");
+    tr.dataset.stage = name;
+    tr.appendChild(el("td", name));
+    const count = el("td", stage.total, "num");
+    count.dataset.field = "count";
+    tr.appendChild(count);
+    const p50 = el("td", name === "OrderPlaced" ? "–" : ms(stage.total_p50_ms), "num");
+    p50.dataset.field = "p50";
+    tr.appendChild(p50);
+    const p99 = el("td", name === "OrderPlaced" ? "–" : ms(stage.total_p99_ms), "num");
+    p99.dataset.field = "p99";
+    tr.appendChild(p99);
+    return tr;
+  });
+  if (!rows.length) {
+    const td = el("td", "no events in the window", "note");
+    td.colSpan = 4;
+    const tr = el("tr");
+    tr.appendChild(td);
+    rows.push(tr);
+  }
+  replaceChildren(document.getElementById("stage-rows"), rows);
+}
+
+async function refreshStages() {
+  let body;
+  try {
+    body = await getJson("/api/stages?minutes=10");
+  } catch (_) {
+    return; // the next poll tries again
+  }
+  renderStageRows(body.stages);
+  const names = Object.keys(body.stages);
+  const per = body.bucket_seconds;
+  drawChart(
+    "chart-throughput",
+    body.buckets,
+    names.map((name, i) => ({
+      label: name,
+      color: i,
+      values: body.stages[name].count.map((n) => n / per),
+    })),
+    "events/s",
+  );
+  const latency = [];
+  names.forEach((name, i) => {
+    if (name === "OrderPlaced") return;
+    latency.push({ label: name + " p50", color: i, values: body.stages[name].p50_ms });
+    latency.push({ label: name + " p99", color: i, dash: [4, 4], values: body.stages[name].p99_ms });
+  });
+  drawChart("chart-latency", body.buckets, latency, "ms");
+}
+
 function start() {
   document.getElementById("feed-since").textContent = "since " + clock(new Date());
   const form = document.getElementById("order-form");
   form.addEventListener("submit", placeOrder);
   form.addEventListener("input", formEdited);
   form.addEventListener("change", formEdited);
+  document.getElementById("add-line").addEventListener("click", addLine);
+  document.getElementById("lines").addEventListener("click", removeLine);
+  updateRemoveButtons();
+  window.addEventListener("hashchange", route);
+  window.addEventListener("resize", resizeCharts);
+  document.getElementById("detail-close").addEventListener("click", (e) => {
+    e.preventDefault();
+    window.location.hash = "";
+  });
+  refreshStages();
+  route();
+  window.setInterval(refreshStages, STAGE_POLL_MS);
   openStream();
   refreshQueues();
   refreshOrders();

@@ -244,3 +244,49 @@ def test_the_dashboard_needs_the_token(page: Any, stack: Stack) -> None:
         assert anonymous.evaluate("document.cookie") == ""  # no script can read it
     finally:
         other.close()
+
+
+def test_time_views_multi_line_form_and_phone_width(page: Any, stack: Stack) -> None:
+    """Two lines in the form; the order's timeline with step latencies; the stage table
+    and the uPlot charts; links to detail and invoice; a layout that fits 390 px."""
+    page.click("#add-line")
+    lines = page.query_selector_all("#lines .line")
+    assert len(lines) == 2
+    lines[1].query_selector("input[name=sku]").fill("PEN-7")
+    lines[1].query_selector("input[name=quantity]").fill("2")
+    lines[1].query_selector("input[name=unit_price]").fill("3.20")
+    page.click("button[type=submit]")
+    page.wait_for_selector("#order-result[data-order-id]")
+    order_id = page.get_attribute("#order-result", "data-order-id")
+    assert page.text_content("#order-result") == f"placed order #{order_id} (18.90 EUR)"
+
+    row = f'#order-rows tr[data-order-id="{order_id}"]'
+    page.wait_for_selector(f"{row} td[data-field=status].status-completed")
+    page.wait_for_selector(f"{row} a.invoice-link")
+    assert page.get_attribute(f"{row} a.invoice-link", "href") == f"/orders/{order_id}/invoice"
+    page.click(f"{row} a.order-link")
+    page.wait_for_selector(f'#order-detail[data-order-id="{order_id}"]')
+    for event_type in ("OrderPlaced", "PaymentCaptured", "InvoiceIssued"):
+        page.wait_for_selector(f'#timeline-rows tr[data-type="{event_type}"]')
+    step = page.text_content('#timeline-rows tr[data-type="PaymentCaptured"] td[data-field=step]')
+    assert re.fullmatch(r"[0-9,]+ ms", step or ""), step
+    assert len(page.query_selector_all("#detail-lines tr")) == 2
+
+    # Time per stage: the table and three charts drawn by the vendored uPlot.
+    wait_for(
+        lambda: page.query_selector('#stage-rows tr[data-stage="PaymentCaptured"]') is not None,
+        30, 0.2, "the stage table",
+    )  # fmt: skip
+    p99 = page.text_content('#stage-rows tr[data-stage="PaymentCaptured"] td[data-field=p99]')
+    assert re.fullmatch(r"[0-9,]+ ms", p99 or ""), p99
+    for chart in ("chart-throughput", "chart-latency", "chart-depth"):
+        page.wait_for_selector(f"#{chart} .uplot canvas")
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-1280.png"), full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.evaluate("window.dispatchEvent(new Event('resize'))")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, f"the page is {width} px wide at 390 px"
+    page.screenshot(path=str(ARTIFACTS / "dashboard-390.png"), full_page=True)
+    assert page.errors == [], page.errors

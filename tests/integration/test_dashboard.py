@@ -413,3 +413,14 @@ def test_admin_watch_prints_one_line_per_event_until_ctrl_c(
         assert watch.popen.wait(10) == 0
     finally:
         watch.kill()
+
+
+def test_stages_window_is_checked_and_empty_without_orders(app: Flask) -> None:
+    client = app.test_client()
+    body = client.get("/api/stages?minutes=5", headers=OPERATOR).get_json()
+    assert body["minutes"] == 5 and body["bucket_seconds"] == 10 and body["stages"] == {}
+    assert len(body["buckets"]) in (30, 31)
+    bad = client.get("/api/stages?minutes=0", headers=OPERATOR)
+    assert bad.status_code == 400 and bad.mimetype == "application/problem+json"
+    assert bad.get_json()["errors"][0]["field"] == "minutes"
+    assert client.get("/api/stages").status_code == 401
