@@ -1,5 +1,11 @@
 """1. Consumer drain: how fast ``consumer noop`` processes empty a pre-filled queue.
 
+Then horizontal scale on the real handler: 1, 2 and 4 ``consumer payment`` processes
+on one queue, each charging through the simulated gateway (PAYMENT_LATENCY_MS per
+call, as a card API answers) into the payment service's own SQLite database and
+emitting PaymentCaptured, ratio = speed-up over one process. This is what
+``docker compose up --scale payment=N`` (or N ``consumer payment`` processes) buys.
+
 The jobs (small valid OrderPlaced envelopes) are pushed to a staging list first; once
 every consumer process has registered, one RENAME makes them the pending list, and the
 clock runs until the queue's ``processed`` counter (incremented by the ack) reaches N.
@@ -46,18 +52,18 @@ def job(n: int) -> bytes:
     ).encode()
 
 
-def stage(client: redis.Redis, jobs: list[bytes]) -> None:
+def stage(client: redis.Redis, jobs: list[bytes], queue: str = QUEUE) -> None:
     """Reset the queue's counters and RPUSH every job to the staging list (pipelined)."""
-    client.delete(STAGING, keys.stats(QUEUE), keys.processing(QUEUE, "raw"))
+    client.delete(STAGING, keys.stats(queue), keys.processing(queue, "raw"))
     pipe = client.pipeline(transaction=False)
     for i in range(0, len(jobs), 1000):
         pipe.rpush(STAGING, *jobs[i : i + 1000])
     pipe.execute()
 
 
-def release_jobs(client: redis.Redis) -> float:
+def release_jobs(client: redis.Redis, queue: str = QUEUE) -> float:
     """Make the staged jobs pending in one step; returns the start time."""
-    client.rename(STAGING, keys.pending(QUEUE))
+    client.rename(STAGING, keys.pending(queue))
     return time.perf_counter()
 
 
@@ -69,11 +75,14 @@ def consumers_drain(
     batch: int,
     repeats: int,
     log_level: str = "WARNING",
+    name: str = "noop",
+    extra_env: dict[str, str] | None = None,
 ) -> list[float]:
-    """Seconds for ``processes`` real ``consumer noop`` processes to process and ack all.
+    """Seconds for ``processes`` real ``consumer NAME`` processes to process and ack all.
 
     The processes start once and drain the queue ``repeats`` times.
     """
+    queue = QUEUE if name == "noop" else name
     client = redis.Redis.from_url(ctx.redis_url)
     client.flushdb()
     env = {
@@ -81,10 +90,11 @@ def consumers_drain(
         "CONSUMER_BATCH_SIZE": str(batch),
         "LOG_LEVEL": log_level,
         "DATABASE_URL": "sqlite:///:memory:",
+        **(extra_env or {}),
     }
     logs = ctx.scratch("drain")
     procs = [
-        Proc([str(BIN / "consumer"), "noop"], env, logs / f"consumer-{i}.log")
+        Proc([str(BIN / "consumer"), name], env, logs / f"consumer-{name}-{i}.log")
         for i in range(processes)
     ]
     times: list[float] = []
@@ -93,19 +103,19 @@ def consumers_drain(
         def registered() -> bool:
             for proc in procs:
                 proc.check_alive()
-            return client.scard(keys.workers(QUEUE)) >= processes
+            return client.scard(keys.workers(queue)) >= processes
 
         wait_until(registered, 60, 0.005, "the consumers to register")
 
         def drained() -> bool:
-            return int(client.hget(keys.stats(QUEUE), "processed") or 0) >= len(jobs)
+            return int(client.hget(keys.stats(queue), "processed") or 0) >= len(jobs)
 
         for _ in range(repeats):
-            stage(client, jobs)
-            start = release_jobs(client)
-            wait_until(drained, 120 + len(jobs) / 1000, 0.002, f"{len(jobs)} acks")
+            stage(client, jobs, queue)
+            start = release_jobs(client, queue)
+            wait_until(drained, 120 + len(jobs) / 10, 0.002, f"{len(jobs)} acks")
             times.append(time.perf_counter() - start)
-            left = client.llen(keys.pending(QUEUE))
+            left = client.llen(keys.pending(queue))
             if left:
                 raise RuntimeError(f"{left} jobs still pending after the drain")
     finally:
@@ -113,6 +123,59 @@ def consumers_drain(
             proc.terminate(15.0)
     client.close()
     return times
+
+
+PAYMENT_LATENCY_MS = 10
+"""Simulated gateway latency per charge in the payment rows (a fast card API)."""
+
+
+def payment_scaling(ctx: Context) -> list[Row]:
+    """1, 2 and 4 ``consumer payment`` processes on one queue, real handler and database.
+
+    All processes share the payment service's one database, as compose's replicas share
+    its PostgreSQL database. Each run starts on a fresh database with new event ids, so
+    every job is a first charge, never a stored-outcome replay.
+    """
+    mode = ctx.mode
+    count = mode.payment_jobs
+    db = ctx.scratch("drain-payment") / "payment.db"
+    extra = {
+        "PAYMENT_DATABASE_URL": f"sqlite:///{db}",
+        "PAYMENT_LATENCY_MS": str(PAYMENT_LATENCY_MS),
+    }
+    rows: list[Row] = []
+    base: list[float] = []
+    for processes in mode.drain_processes:
+        ctx.log(f"drain: {processes} consumer payment process(es), {count} jobs")
+        db.unlink(missing_ok=True)
+        jobs = [job(i) for i in range(1, count + 1)]  # new event ids: first charges
+        seconds = consumers_drain(
+            ctx, jobs, processes=processes, batch=10, repeats=1, name="payment", extra_env=extra
+        )
+        for _ in range(mode.repeats - 1):
+            db.unlink(missing_ok=True)
+            jobs = [job(i) for i in range(1, count + 1)]
+            seconds += consumers_drain(
+                ctx, jobs, processes=processes, batch=10, repeats=1, name="payment",
+                extra_env=extra,
+            )  # fmt: skip
+        values = [count / s for s in seconds]
+        if processes == 1:
+            base = values
+        rows.append(
+            Row(
+                SECTION,
+                f"consumer payment, {processes} process(es), gateway {PAYMENT_LATENCY_MS} ms",
+                "jobs/s",
+                values,
+                "1 process (ratio = speed-up)"
+                if processes > 1
+                else f"1000 / {PAYMENT_LATENCY_MS} ms",
+                base if processes > 1 else [1000 / PAYMENT_LATENCY_MS] * len(values),
+                f"{count:,} charges, one SQLite database",
+            )
+        )
+    return rows
 
 
 def raw_single(ctx: Context, jobs: list[bytes]) -> float:
@@ -230,4 +293,5 @@ def run(ctx: Context) -> list[Row]:
                 one_process,
             )
         )
+    rows += payment_scaling(ctx)
     return rows

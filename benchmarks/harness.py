@@ -40,6 +40,8 @@ class Mode:
     drain_batches: tuple[int, ...]
     drain_processes: tuple[int, ...]
     drain_info_logs: bool
+    payment_jobs: int
+    """Charges per run of the payment scaling rows (1/2/4 real payment processes)."""
     publish_events: int
     http_seconds: float
     http_clients: int
@@ -61,6 +63,7 @@ MODES = {
         drain_batches=(100, 1),
         drain_processes=(1, 2, 4),
         drain_info_logs=False,
+        payment_jobs=400,
         publish_events=3_000,
         http_seconds=1.5,
         http_clients=16,
@@ -79,6 +82,7 @@ MODES = {
         drain_batches=(100, 10, 1),
         drain_processes=(1, 2, 4),
         drain_info_logs=True,
+        payment_jobs=2_000,
         publish_events=20_000,
         http_seconds=10.0,
         http_clients=16,

@@ -1,14 +1,15 @@
 """2. Publish: OrderPlaced events/s through the real publisher and the outbox relay.
 
 Every event goes where PATTERN=both sends it: PUBLISH on the order channel and RPUSH to
-the three consumer queues, in one Lua call per event (atomic per event).
+the queues OrderPlaced is routed to (payment, email), in one Lua call per event (atomic
+per event).
 
 - ``EventPublisher.publish``: one event per call (what a request does after commit);
 - ``EventPublisher.publish_serialized``: pipelines of 100 (what the relay sends);
 - the outbox relay's ``run_once`` in batches of 100: claim rows (UPDATE ... RETURNING),
   publish them, mark them published, on SQLite WAL (and PostgreSQL when available).
 
-Limit, same run: the same writes (PUBLISH + 3 RPUSH per event) sent raw, pipelined 100
+Limit, same run: the same writes (PUBLISH + 2 RPUSH per event) sent raw, pipelined 100
 events at a time, no Lua, no atomicity.
 """
 
@@ -53,16 +54,16 @@ def _timed(action: Callable[[], None]) -> float:
 
 
 def _check(client: redis.Redis, count: int) -> None:
-    for queue in keys.CONSUMER_QUEUES:
+    for queue in envelope.queues_for(envelope.ORDER_PLACED):
         got = client.llen(keys.pending(queue))
         if got != count:
             raise RuntimeError(f"queue {queue} holds {got} events, expected {count}")
 
 
 def raw_pipelined(ctx: Context, payloads: list[str]) -> float:
-    """PUBLISH + 3 RPUSH per event, pipelines of 100 events, no Lua."""
+    """PUBLISH + one RPUSH per queue of the event, pipelines of 100 events, no Lua."""
     client = _client(ctx)
-    queues = [keys.pending(q) for q in keys.CONSUMER_QUEUES]
+    queues = [keys.pending(q) for q in envelope.queues_for(envelope.ORDER_PLACED)]
 
     def send() -> None:
         for i in range(0, len(payloads), BATCH):
@@ -156,11 +157,11 @@ def run(ctx: Context) -> list[Row]:
 
     ctx.log(f"publish: {n} events per run")
     limit = rate(repeat(mode.repeats, functools.partial(raw_pipelined, ctx, payloads)))
-    limit_name = "raw pipelined PUBLISH + 3 RPUSH, 100 events/pipeline"
+    limit_name = "raw pipelined PUBLISH + 2 RPUSH, 100 events/pipeline"
     rows = [
         Row(
             SECTION,
-            "EventPublisher.publish, 1 event per call (Lua: channel + 3 queues)",
+            "EventPublisher.publish, 1 event per call (Lua: channel + 2 queues)",
             "events/s",
             rate(repeat(mode.repeats, functools.partial(publisher_single, ctx, batch))),
             limit_name,

@@ -5,10 +5,13 @@ Idempotency-Key per order, retried on 5xx, 429 and connection errors) while its 
 happens, waits until the system has settled, then counts from the database:
 
 - placed: orders the API confirmed (201/200) to the client;
-- completed: orders whose history has all three outcomes (payment, invoice, email);
+- completed: orders that are settled: ``completed`` (payment, invoice, shipment, the
+  received and shipped emails) or ``cancelled`` (payment declined, the received and
+  declined emails);
 - lost: orders asked for that never completed;
-- duplicated: orders with a second charge, invoice, email row or recorded outcome, plus
-  orders stored beyond one per Idempotency-Key;
+- duplicated: orders with a second charge, invoice, shipment, email of one step or
+  recorded outcome, a cancelled order that was invoiced or shipped anyway, plus orders
+  stored beyond one per Idempotency-Key;
 - dead-lettered: messages added to the dead-letter lists;
 - recover s: from the end of the fault (or of intake, whichever is later) until every
   order of the scenario was complete;

@@ -1,12 +1,13 @@
 """The real system as child processes, for fault scenarios (``make chaos``, tests/e2e).
 
 :class:`Stack` runs a dedicated ``redis-server`` with AOF, ``orders-api`` (gunicorn, in-
-process outbox relays), ``smtp-sink`` and ``consumer`` processes for payment, invoice,
-email and updates, all on one SQLite database, and offers the faults: SIGKILL any of
-them, stop or kill Redis, cut one consumer's network to Redis (:class:`TcpProxy`), lock
-the database. It also places orders like a careful client (each with an
-Idempotency-Key, retried until it gets an answer) and counts what the system did with
-them, straight from the database: outcomes, charges, invoices, emails.
+process outbox relays), ``smtp-sink``, ``consumer`` processes for payment, invoice,
+shipping and email and ``orders-updates``, each service on its own SQLite database,
+and offers the faults: SIGKILL any of them, stop or kill Redis, cut one consumer's
+network to Redis (:class:`TcpProxy`), lock the database. It also places orders like a
+careful client (each with an Idempotency-Key, retried until it gets an answer) and
+counts what the system did with them, straight from the databases: outcomes, charges,
+invoices, shipments, emails.
 
 Nothing here is simulated except where a docstring says so.
 """
@@ -43,13 +44,13 @@ from devtools.procs import Proc, http_ok, wait_until
 from devtools.redis_server import RedisServer, free_port
 from messaging import keys
 from messaging.queue import RedisQueue
+from orders import lifecycle
 from orders.models import Order, OrderHistory
-from orders.reconcile import SLOTS
 
 BIN = Path(sys.executable).parent
 
-CONSUMERS = ("payment", "invoice", "email", "updates")
-QUEUE_OF = {"payment": "payment", "invoice": "invoice", "email": "email"}
+CONSUMERS = ("payment", "invoice", "shipping", "email", "updates")
+QUEUE_OF = {name: name for name in keys.CONSUMER_QUEUES}
 QUEUE_OF["updates"] = keys.ORDER_UPDATES_QUEUE
 CHAOS_API_ENV = {
     "RELAY_CLAIM_SECONDS": "2",
@@ -517,21 +518,27 @@ class Stack:
         return total
 
     def completed(self, order_ids: Sequence[int]) -> set[int]:
-        """The orders among ``order_ids`` whose history has all three outcomes."""
+        """The orders among ``order_ids`` that are settled (:func:`lifecycle.settled`).
+
+        Completed with its invoice, shipment and two emails (received, shipped), or
+        cancelled with its two emails (received, payment declined).
+        """
         if not order_ids:
             return set()
-        slots: dict[int, set[str]] = {}
+        low, high = min(order_ids), max(order_ids)
+        steps: dict[int, set[str]] = {}
         with Session(self.engine) as s:
-            rows = s.execute(
-                select(OrderHistory.order_id, OrderHistory.type).where(
-                    OrderHistory.order_id.between(min(order_ids), max(order_ids))
+            status = dict(
+                s.execute(select(Order.id, Order.status).where(Order.id.between(low, high))).all()
+            )
+            for order_id, data in s.execute(
+                select(OrderHistory.order_id, OrderHistory.data).where(
+                    OrderHistory.order_id.between(low, high),
+                    OrderHistory.type == "CustomerNotified",
                 )
-            ).all()
-        for order_id, event_type in rows:
-            if event_type in SLOTS:
-                slots.setdefault(order_id, set()).add(SLOTS[event_type])
-        full = set(SLOTS.values())
-        return {o for o in order_ids if slots.get(o) == full}
+            ).all():
+                steps.setdefault(order_id, set()).add(str(json.loads(data).get("step")))
+        return {o for o in order_ids if lifecycle.settled(status.get(o, ""), steps.get(o, set()))}
 
     def max_order_id(self) -> int:
         with Session(self.engine) as s:
@@ -541,9 +548,11 @@ class Stack:
         """Duplicate effects among orders ``first_id..last_id``, from the database and mail.
 
         ``orders``: orders the database holds in that id range; the others are counts
-        of orders with more than one charge, invoice, email row or recorded outcome of
-        one kind, and ``smtp_resends``: emails delivered again with the same Message-ID
-        (the documented SMTP window; receivers drop them by Message-ID).
+        of orders with more than one charge, invoice, shipment, email of one step or
+        recorded outcome of one kind; ``declined_fulfilled``: cancelled orders that got
+        an invoice or a shipment anyway (must be 0); and ``smtp_resends``: emails
+        delivered again with the same Message-ID (the documented SMTP window; receivers
+        drop them by Message-ID).
         """
 
         def in_range(column: Any) -> Any:
@@ -555,13 +564,28 @@ class Stack:
 
         charges = order_ids("payment", store.GatewayCharge.order_id)
         invoices = order_ids("invoice", store.Invoice.order_id)
-        emails = order_ids("email", store.EmailSent.order_id)
+        shipments = order_ids("shipping", store.Shipment.order_id)
+        with Session(self.engines["email"]) as s:
+            emails = Counter(
+                s.execute(
+                    select(store.EmailSent.order_id, store.EmailSent.step).where(
+                        in_range(store.EmailSent.order_id)
+                    )
+                ).all()
+            )
         with Session(self.engine) as s:
             orders = s.scalar(select(func.count()).select_from(Order).where(in_range(Order.id)))
+            cancelled = set(
+                s.scalars(
+                    select(Order.id).where(in_range(Order.id), Order.status == lifecycle.CANCELLED)
+                ).all()
+            )
+            # One outcome per (order, type, step): a payment has one answer, an email
+            # one per step. Distinct event ids of one kind are a duplicate effect.
             history = Counter(
-                (oid, SLOTS.get(t, t))
-                for oid, t in s.execute(
-                    select(OrderHistory.order_id, OrderHistory.type).where(
+                (oid, t, json.loads(data).get("step"))
+                for oid, t, data in s.execute(
+                    select(OrderHistory.order_id, OrderHistory.type, OrderHistory.data).where(
                         in_range(OrderHistory.order_id)
                     )
                 ).all()
@@ -569,8 +593,10 @@ class Stack:
         dup = {
             "charges": sum(1 for n in charges.values() if n > 1),
             "invoices": sum(1 for n in invoices.values() if n > 1),
+            "shipments": sum(1 for n in shipments.values() if n > 1),
             "emails": sum(1 for n in emails.values() if n > 1),
             "outcomes": sum(1 for n in history.values() if n > 1),
+            "declined_fulfilled": len(cancelled & (set(invoices) | set(shipments))),
         }
         return {"orders": int(orders or 0), **dup}
 

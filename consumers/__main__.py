@@ -1,8 +1,8 @@
 """Console script ``consumer NAME`` (also ``python -m consumers NAME``).
 
-NAME is ``payment``, ``invoice``, ``email`` or ``noop`` (benchmarks). Each service opens
-its own database (``<NAME>_DATABASE_URL``) and creates its own tables; the run itself is
-the messaging core's (:mod:`messaging.runner`). Exit codes: 0 stopped by a signal,
+NAME is ``payment``, ``invoice``, ``shipping``, ``email`` or ``noop`` (benchmarks). Each
+service opens its own database (``<NAME>_DATABASE_URL``) and creates its own tables; the
+run itself is the messaging core's (:mod:`messaging.runner`). Exit codes: 0 stopped by a signal,
 1 Redis (or the database) unreachable at start, 2 bad configuration (one line on
 stderr), 3 unhealthy (a handler thread died or hung; see :mod:`messaging.worker`).
 """
@@ -22,6 +22,7 @@ from consumers.email import EmailHandler
 from consumers.invoice import InvoiceHandler
 from consumers.noop import NoopHandler
 from consumers.payment import PaymentHandler
+from consumers.shipping import ShippingHandler
 from messaging import runner
 from messaging.config import EXIT_BAD_CONFIG, ConfigError
 from messaging.handler import Handler
@@ -29,6 +30,7 @@ from messaging.handler import Handler
 HANDLERS: dict[str, Callable[[Engine, ConsumerSettings], Handler]] = {
     "payment": PaymentHandler.from_settings,
     "invoice": lambda engine, _settings: InvoiceHandler(engine),
+    "shipping": lambda engine, _settings: ShippingHandler(engine),
     "email": EmailHandler.from_settings,
 }
 """Consumer service name -> handler factory (its engine is its own database's)."""

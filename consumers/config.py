@@ -1,7 +1,8 @@
-"""Configuration of the consumer services (payment, invoice, email) and smtp-sink.
+"""Configuration of the consumer services (payment, invoice, shipping, email) and smtp-sink.
 
 Each service owns its data: its database URL is its own variable
-(``PAYMENT_DATABASE_URL``, ``INVOICE_DATABASE_URL``, ``EMAIL_DATABASE_URL``), a separate
+(``PAYMENT_DATABASE_URL``, ``INVOICE_DATABASE_URL``, ``SHIPPING_DATABASE_URL``,
+``EMAIL_DATABASE_URL``), a separate
 SQLite file under ``var/`` by default and a separate PostgreSQL database in compose.
 The worker runtime's variables are :data:`messaging.config.WORKER_ENV_VARS`.
 """
@@ -27,6 +28,7 @@ from messaging.config import (
 DATABASE_VARS: dict[str, str] = {
     "payment": "PAYMENT_DATABASE_URL",
     "invoice": "INVOICE_DATABASE_URL",
+    "shipping": "SHIPPING_DATABASE_URL",
     "email": "EMAIL_DATABASE_URL",
 }
 """Consumer name -> the variable naming its own database."""
@@ -34,6 +36,9 @@ DATABASE_VARS: dict[str, str] = {
 ENV_VARS: tuple[EnvVar, ...] = declare(
     EnvVar("PAYMENT_DATABASE_URL", "sqlite:///var/payment.db", "The payment service's database."),
     EnvVar("INVOICE_DATABASE_URL", "sqlite:///var/invoice.db", "The invoice service's database."),
+    EnvVar(
+        "SHIPPING_DATABASE_URL", "sqlite:///var/shipping.db", "The shipping service's database."
+    ),
     EnvVar("EMAIL_DATABASE_URL", "sqlite:///var/email.db", "The email service's database."),
     EnvVar("PAYMENT_DECLINE_RATE", "0.0", "Share of payments the simulated gateway declines."),
     EnvVar("PAYMENT_TRANSIENT_ERROR_RATE", "0.0", "Share of gateway calls that fail transiently."),
@@ -48,7 +53,7 @@ ENV_VARS: tuple[EnvVar, ...] = declare(
     EnvVar("SMTP_HOST", "localhost", "SMTP server the email consumer sends to (smtp-sink binds)."),
     EnvVar("SMTP_PORT", "1025", "SMTP port (the email consumer's target, smtp-sink's listen)."),
     EnvVar("SMTP_TIMEOUT", "10.0", "Seconds before an SMTP connection or command times out."),
-    EnvVar("EMAIL_FROM", "orders@example.com", "From address of confirmation emails."),
+    EnvVar("EMAIL_FROM", "orders@example.com", "From address of the customer emails."),
     EnvVar("SMTP_SINK_DIR", "var/mail", "Where smtp-sink stores each message as a .eml file."),
 )
 """The consumer services' own variables."""

@@ -1,7 +1,18 @@
-"""The email consumer: sends each order's confirmation over SMTP, once.
+"""The email consumer: tells the customer each visible step of an order once, over SMTP.
 
-The message has a plain-text and an HTML part (every value HTML-escaped) and a
-``Message-ID`` derived from the order and the step: ``<order-{id}.confirmation@{domain}>``.
+Steps (event -> email): OrderPlaced -> "received" (the order and its lines),
+PaymentDeclined -> "payment_declined" (the order is cancelled), ShipmentBooked ->
+"shipped" (carrier and tracking number). Each email is reported as
+``CustomerNotified {order_id, step, message_id}``.
+
+Later steps carry no address, so the email service keeps its own copy from OrderPlaced
+(table ``email_recipients``, written before the first send is tried). A
+PaymentDeclined or ShipmentBooked that arrives before its order's OrderPlaced was
+handled (its first send is still being retried) is retried until it is.
+
+Every message has a plain-text and an HTML part (every value HTML-escaped) and a
+``Message-ID`` fixed by the order and the step: ``<order-{id}.{step}@{domain}>``.
+``emails_sent`` is unique per (order, step).
 
 Claim, then send (one email per order and step even with several workers and
 duplicate messages): before talking to SMTP the handler inserts a row in
@@ -13,26 +24,21 @@ dies between claim and send does not lose the email: the lease expires and the n
 delivery takes it over.
 
 The one window no consumer can close: the SMTP server accepts the message, and the
-worker dies before it commits the "processed" row. The message is then redelivered
-(after the lease) and the email sent a second time - with the SAME Message-ID, which
-is what receiving systems (and the tests, which count distinct Message-IDs)
-deduplicate on. SMTP has no idempotency key; the Message-ID is the closest thing it
-has.
+worker dies before it commits the "sent" row. The message is then redelivered (after
+the lease) and the email sent a second time - with the SAME Message-ID, which is what
+receiving systems (and the tests, which count distinct Message-IDs) deduplicate on.
+SMTP has no idempotency key; the Message-ID is the closest thing it has.
 
 An SMTP server that cannot be reached, times out or answers 4xx is a retryable error;
 a 5xx answer (recipient refused) is permanent.
 
-Each handler thread keeps one SMTP connection open across messages (connect, EHLO and
-QUIT per message cost more round trips than the message itself); a connection the
-server closed is reopened once at once, any failure drops it (see
-:meth:`EmailHandler.send`).
-
 Recipients: exactly one per message, the order's ``customer_email``, checked again here
-with the order service's rule (one addr-spec, :func:`recipient`): whatever sits on the
-queue may not have come through the API. An address that fails is a permanent error
-(dead-lettered with the reason), never mailed. The envelope recipient is passed to SMTP
-explicitly (``to_addrs=[address]``): smtplib would otherwise read the recipients from
-the ``To:`` header, where one string with commas or encoded-words becomes many.
+with the order service's rule (one addr-spec, :func:`recipient`) when OrderPlaced is
+recorded: whatever sits on the queue may not have come through the API. An address that
+fails is a permanent error (dead-lettered with the reason), never stored nor mailed.
+The envelope recipient is passed to SMTP explicitly (``to_addrs=[address]``): smtplib
+would otherwise read the recipients from the ``To:`` header, where one string with
+commas or encoded-words becomes many.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import smtplib
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import parseaddr
 from typing import Any
@@ -54,12 +61,12 @@ from sqlalchemy.orm import Session
 
 from consumers import store
 from consumers.config import ConsumerSettings
-from consumers.handler import Order, order_of
-from messaging import envelope
+from consumers.handler import order_id_of, order_of, stable_event_id, text_field
+from messaging import envelope, keys
 from messaging.handler import outcome
 from messaging.queue import PermanentError, RetryableError
 
-QUEUE = "email"
+QUEUE = keys.EMAIL_QUEUE
 SENDER = "email-service"
 MAX_ADDRESS_LENGTH = 254
 
@@ -84,62 +91,116 @@ def recipient(address: str) -> str:
     return checked.ascii_email
 
 
-STEP = "confirmation"
-"""The email step this handler sends (one per order: the claim's key with the order)."""
+STEP_RECEIVED = "received"
+STEP_PAYMENT_DECLINED = "payment_declined"
+STEP_SHIPPED = "shipped"
+STEPS: dict[str, str] = {
+    envelope.ORDER_PLACED: STEP_RECEIVED,
+    envelope.PAYMENT_DECLINED: STEP_PAYMENT_DECLINED,
+    envelope.SHIPMENT_BOOKED: STEP_SHIPPED,
+}
+"""Event type -> the customer-visible step it is told as."""
 
 CLAIM_POLL_SECONDS = 0.2
 """How often a delivery that found another's live claim looks at it again."""
 
 
-def message_id(order_id: int, sender: str) -> str:
-    """The Message-ID of an order's confirmation: stable per order and step, so even a
-    re-send in the one window left (see the module doc) is dropped by receivers."""
+class RecipientUnknown(RetryableError):
+    """A later step arrived before the order's OrderPlaced was handled here."""
+
+
+def message_id(order_id: int, step: str, sender: str) -> str:
+    """The Message-ID of one step's email (stable per order and step)."""
     domain = sender.rsplit("@", 1)[-1] or "localhost"
-    return f"<order-{order_id}.{STEP}@{domain}>"
+    return f"<order-{order_id}.{step}@{domain}>"
 
 
-def render(order: Order, *, event_id: str, sender: str) -> EmailMessage:
-    """The confirmation email: plain text and HTML alternatives (one checked recipient)."""
-    msg = EmailMessage()
-    msg["Subject"] = f"Your order #{order.order_id} is confirmed"
-    msg["From"] = sender
-    msg["To"] = recipient(order.customer_email)
-    msg["Message-ID"] = message_id(order.order_id, sender)
-    rows = [
-        (
-            str(line.get("sku", "")),
-            str(line.get("quantity", "")),
-            str(line.get("unit_price", "")),
-            str(line.get("line_total", "")),
+@dataclass(frozen=True)
+class Letter:
+    """What one email says: subject, paragraphs and optional table rows."""
+
+    subject: str
+    paragraphs: list[str]
+    rows: list[tuple[str, str, str, str]]
+    footer: str = ""
+
+
+def _letter(event: dict[str, Any], who: store.Recipient) -> Letter:
+    """The text of the email for ``event``'s step."""
+    order_id = who.order_id
+    if event["type"] == envelope.ORDER_PLACED:
+        order = order_of(event)
+        rows = [
+            (
+                str(line.get("sku", "")),
+                str(line.get("quantity", "")),
+                str(line.get("unit_price", "")),
+                str(line.get("line_total", "")),
+            )
+            for line in order.lines
+        ]
+        return Letter(
+            f"We received your order #{order_id}",
+            [f"Thank you for your order #{order_id}. We will charge your card now."],
+            rows,
+            f"Total: {order.total} {order.currency}",
         )
-        for line in order.lines
-    ]
-    text = [f"Thank you for your order #{order.order_id}.", ""]
-    text += [f"  {q} x {sku} @ {price} = {total} {order.currency}" for sku, q, price, total in rows]
-    text += ["", f"Total: {order.total} {order.currency}", ""]
-    msg.set_content("\n".join(text))
+    if event["type"] == envelope.PAYMENT_DECLINED:
+        reason = text_field(event, "reason")
+        return Letter(
+            f"Your order #{order_id} is cancelled: payment declined",
+            [
+                f"Your payment of {who.total} {who.currency} for order "
+                f"#{order_id} was declined ({reason}).",
+                "The order is cancelled; nothing was charged and nothing will be shipped.",
+            ],
+            [],
+        )
+    carrier = text_field(event, "carrier")
+    tracking = text_field(event, "tracking_number")
+    return Letter(
+        f"Your order #{order_id} has shipped",
+        [f"Your order #{order_id} is on its way with {carrier}.", f"Tracking number: {tracking}"],
+        [],
+    )
+
+
+def render(event: dict[str, Any], who: store.Recipient, *, step: str, sender: str) -> EmailMessage:
+    """The email of one step: plain text and HTML alternatives (values HTML-escaped).
+
+    ``who.email`` was checked by :func:`recipient` when it was recorded.
+    """
+    letter = _letter(event, who)
+    msg = EmailMessage()
+    msg["Subject"] = letter.subject
+    msg["From"] = sender
+    msg["To"] = who.email
+    msg["Message-ID"] = message_id(who.order_id, step, sender)
+    text = [*letter.paragraphs, ""]
+    text += [f"  {q} x {sku} @ {price} = {total}" for sku, q, price, total in letter.rows]
+    if letter.footer:
+        text += ["", letter.footer]
+    msg.set_content("\n".join(text) + "\n")
     e = html.escape
-    cells = "".join(
-        f"<tr><td>{e(sku)}</td><td>{e(q)}</td><td>{e(price)}</td><td>{e(total)}</td></tr>"
-        for sku, q, price, total in rows
-    )
-    msg.add_alternative(
-        "<!doctype html><html><body>"
-        f"<p>Thank you for your order #{order.order_id}.</p>"
-        "<table><tr><th>Item</th><th>Qty</th><th>Price</th><th>Total</th></tr>"
-        f"{cells}</table>"
-        f"<p><strong>Total: {e(order.total)} {e(order.currency)}</strong></p>"
-        "</body></html>",
-        subtype="html",
-    )
+    body = "".join(f"<p>{e(p)}</p>" for p in letter.paragraphs)
+    if letter.rows:
+        cells = "".join(
+            f"<tr><td>{e(sku)}</td><td>{e(q)}</td><td>{e(price)}</td><td>{e(total)}</td></tr>"
+            for sku, q, price, total in letter.rows
+        )
+        head = "<tr><th>Item</th><th>Qty</th><th>Price</th><th>Total</th></tr>"
+        body += f"<table>{head}{cells}</table>"
+    if letter.footer:
+        body += f"<p><strong>{e(letter.footer)}</strong></p>"
+    msg.add_alternative(f"<!doctype html><html><body>{body}</body></html>", subtype="html")
     return msg
 
 
 class EmailHandler:
-    """Sends each order's confirmation once and reports ConfirmationEmailSent."""
+    """Sends each order's step emails once each and reports CustomerNotified."""
 
     queue = QUEUE
-    accepts = frozenset({envelope.ORDER_PLACED})
+    accepts = envelope.accepted_by(QUEUE)
 
     def __init__(
         self,
@@ -232,21 +293,41 @@ class EmailHandler:
                 self._drop()
                 raise RetryableError(f"SMTP {self.host}:{self.port} unavailable: {exc}") from exc
 
+    def _recipient(self, event: dict[str, Any], order_id: int) -> store.Recipient:
+        """Who to write to: recorded now from OrderPlaced, looked up for later steps."""
+        with Session(self.engine) as session, session.begin():
+            known = session.get(store.Recipient, order_id)
+            if known is None and event["type"] == envelope.ORDER_PLACED:
+                order = order_of(event)
+                known = store.Recipient(
+                    order_id=order_id,
+                    email=recipient(order.customer_email),
+                    currency=order.currency,
+                    total=order.total,
+                )
+                session.add(known)
+                session.flush()
+            if known is None:
+                raise RecipientUnknown(f"order #{order_id}: OrderPlaced not handled here yet")
+            session.expunge(known)
+            return known
+
     def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
-        """Claim the order's confirmation, send it, record it; return the outcome event.
+        """Claim the order's step, send its email, record it; return CustomerNotified.
 
         The claim commits before the send (:func:`consumers.store.claim_effect`): a
-        second worker with a copy of the same OrderPlaced (or another OrderPlaced of the
-        same order) finds it and retries later, then re-emits the first one's outcome.
+        second worker with a copy of the same event (or another event of the same order
+        and step) finds it and waits, then re-emits the first one's outcome.
         """
         stored = store.lookup(self.engine, QUEUE, event["id"])
         if stored is not None:
             return stored
-        order = order_of(event)
-        to = recipient(order.customer_email)
+        step = STEPS[event["type"]]
+        order_id = order_of(event).order_id if step == STEP_RECEIVED else order_id_of(event)
+        who = self._recipient(event, order_id)
         owner = uuid.uuid4().hex  # this delivery's claim (another thread: another one)
         state, done = store.claim_effect(
-            self.engine, order.order_id, STEP, event["id"], owner, self.claim_seconds
+            self.engine, order_id, step, event["id"], owner, self.claim_seconds
         )
         if state == "done" and done is not None:
             emitted, _new = store.record_outcome(self.engine, QUEUE, event, done)
@@ -259,120 +340,51 @@ class EmailHandler:
         while state == "busy":
             if time.monotonic() > deadline:
                 raise RetryableError(
-                    f"another worker is sending the {STEP} email of order #{order.order_id}"
+                    f"another worker is sending the {step} email of order #{order_id}"
                 )
             time.sleep(CLAIM_POLL_SECONDS)
             state, done = store.claim_effect(
-                self.engine, order.order_id, STEP, event["id"], owner, self.claim_seconds
+                self.engine, order_id, step, event["id"], owner, self.claim_seconds
             )
         if state == "done" and done is not None:
             emitted, _new = store.record_outcome(self.engine, QUEUE, event, done)
             return emitted
-        msg = render(order, event_id=event["id"], sender=self.sender)
+        mid = message_id(order_id, step, self.sender)
         try:
-            self.send(msg, to)
+            self.send(render(event, who, step=step, sender=self.sender), who.email)
         except Exception:
             # Not sent: free the claim, so this message's retry (or a copy) claims again
             # at once instead of waiting for the lease.
-            store.release_claim(self.engine, order.order_id, STEP, owner)
+            store.release_claim(self.engine, order_id, step, owner)
             raise
-        mid = str(msg["Message-ID"])
-        result = outcome(
-            envelope.CONFIRMATION_EMAIL_SENT,
-            {"order_id": order.order_id, "to": order.customer_email, "message_id": mid},
-            order_id=order.order_id,
-            sender=SENDER,
-            message=f"Confirmation email sent for order #{order.order_id}",
-        )
 
-        def record(session: Any) -> list[dict[str, Any]]:
-            claim = session.get(store.EmailClaim, (order.order_id, STEP))
-            if claim is not None:
-                claim.state, claim.outcome = "sent", json.dumps([result])
-            if session.get(store.EmailSent, mid) is None:
-                session.add(
-                    store.EmailSent(
-                        message_id=mid,
-                        order_id=order.order_id,
-                        event_id=event["id"],
-                        recipient=order.customer_email,
-                    )
+        def record(session: Session) -> list[dict[str, Any]]:
+            sent = session.get(store.EmailSent, mid)
+            if sent is None:
+                sent = store.EmailSent(
+                    message_id=mid,
+                    order_id=order_id,
+                    step=step,
+                    event_id=event["id"],
+                    recipient=who.email,
                 )
-            return [result]
+                session.add(sent)
+                session.flush()
+            result = [
+                outcome(
+                    envelope.CUSTOMER_NOTIFIED,
+                    {"order_id": order_id, "step": step, "message_id": mid},
+                    order_id=order_id,
+                    sender=SENDER,
+                    message=f"Customer notified for order #{order_id}: {step.replace('_', ' ')}",
+                    event_id=stable_event_id(envelope.CUSTOMER_NOTIFIED, order_id, step),
+                    at=sent.sent_at,
+                )
+            ]
+            claim = session.get(store.EmailClaim, (order_id, step))
+            if claim is not None:
+                claim.state, claim.outcome = "sent", json.dumps(result)
+            return result
 
         emitted, _new = store.process_once(self.engine, QUEUE, event, record)
         return emitted
-
-    def handle_batch(self, events: list[dict[str, Any]]) -> list[list[dict[str, Any]] | None]:
-        """Send a taken batch's emails on the kept connection, then record them at once.
-
-        One look-up for the batch (what was sent before), each new message sent in
-        order, then ONE transaction records every sent message. A send that fails
-        stops the batch there: the messages already sent are recorded (so they are
-        not sent again), that one and the rest are left to :meth:`handle`, which
-        classifies the failure. An event with bad data is left to it as well. If the
-        recording transaction fails, the sent messages are sent again on redelivery,
-        same Message-ID: the window the module doc names, batch-wide.
-        """
-        stored = store.lookup_many(self.engine, QUEUE, [event["id"] for event in events])
-        results: list[list[dict[str, Any]] | None] = []
-        sent: dict[str, tuple[Order, str, list[dict[str, Any]]]] = {}
-        failed = False
-        for event in events:
-            if event["id"] in stored:
-                results.append(stored[event["id"]])
-                continue
-            if event["id"] in sent:  # the same event twice in one batch: sent once
-                results.append(sent[event["id"]][2])
-                continue
-            if failed:
-                results.append(None)
-                continue
-            try:
-                order = order_of(event)
-                to = recipient(order.customer_email)
-                msg = render(order, event_id=event["id"], sender=self.sender)
-            except PermanentError:  # bad data: handle() dead-letters it; go on
-                results.append(None)
-                continue
-            try:
-                self.send(msg, to)
-            except Exception:  # noqa: BLE001 - handle() sends again and classifies it
-                failed = True
-                results.append(None)
-                continue
-            mid = str(msg["Message-ID"])
-            result = [
-                outcome(
-                    envelope.CONFIRMATION_EMAIL_SENT,
-                    {"order_id": order.order_id, "to": order.customer_email, "message_id": mid},
-                    order_id=order.order_id,
-                    sender=SENDER,
-                    message=f"Confirmation email sent for order #{order.order_id}",
-                )
-            ]
-            sent[event["id"]] = (order, mid, result)
-            results.append(result)
-        if sent:
-
-            def record(session: Session, event: dict[str, Any]) -> list[dict[str, Any]]:
-                order, mid, result = sent[event["id"]]
-                if session.get(store.EmailSent, mid) is None:
-                    session.add(
-                        store.EmailSent(
-                            message_id=mid,
-                            order_id=order.order_id,
-                            event_id=event["id"],
-                            recipient=order.customer_email,
-                        )
-                    )
-                return result
-
-            unique = {event["id"]: event for event in events if event["id"] in sent}
-            recorded = store.process_batch(self.engine, QUEUE, list(unique.values()), record)
-            outcomes = dict(zip(unique, recorded, strict=True))
-            results = [
-                outcomes.get(event["id"], r) if r is not None else None
-                for event, r in zip(events, results, strict=True)
-            ]
-        return results

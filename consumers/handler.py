@@ -1,4 +1,4 @@
-"""What the consumer services share beyond the messaging core: reading OrderPlaced.
+"""What the consumer services share beyond the messaging core: reading event data.
 
 The handler protocol and outcome events are :mod:`messaging.handler`'s.
 """
@@ -6,6 +6,7 @@ The handler protocol and outcome events are :mod:`messaging.handler`'s.
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,3 +47,42 @@ def order_of(event: dict[str, Any]) -> Order:
     if not isinstance(lines, list) or not lines or not all(isinstance(x, dict) for x in lines):
         raise PermanentError("invalid OrderPlaced data: lines must be a non-empty list")
     return Order(order_id, email, currency, total, lines)
+
+
+def order_id_of(event: dict[str, Any]) -> int:
+    """The ``data.order_id`` of any order event; raise PermanentError when it is invalid."""
+    order_id = event["data"].get("order_id")
+    if not isinstance(order_id, int) or isinstance(order_id, bool) or order_id < 1:
+        raise PermanentError(f"invalid {event.get('type')} data: order_id {order_id!r}")
+    return order_id
+
+
+def text_field(event: dict[str, Any], name: str, pattern: re.Pattern[str] | None = None) -> str:
+    """A required string field of ``data``; raise PermanentError naming it when invalid."""
+    value = event["data"].get(name)
+    if not isinstance(value, str) or not value or (pattern and not pattern.match(value)):
+        raise PermanentError(f"invalid {event.get('type')} data: {name} {value!r}")
+    return value
+
+
+def money_field(event: dict[str, Any], name: str) -> str:
+    """A required decimal-string money field of ``data`` (``"12.50"``)."""
+    return text_field(event, name, _MONEY)
+
+
+def currency_field(event: dict[str, Any]) -> str:
+    """The required ISO 4217 ``data.currency``."""
+    return text_field(event, "currency", _CURRENCY)
+
+
+_OUTCOME_NAMESPACE = uuid.UUID("6f1c2a52-93a4-4c57-9a3b-0d2f4d1e7c11")
+
+
+def stable_event_id(event_type: str, order_id: int, step: str = "") -> str:
+    """A UUID fixed by (type, order, step): one order's effect always reports one event id.
+
+    A service whose effect is unique per order (an invoice, a shipment, an email per
+    step) reports it under this id, so any re-emission - a redelivered job, a second
+    PaymentCaptured for the same order - is the same event to everyone downstream.
+    """
+    return str(uuid.uuid5(_OUTCOME_NAMESPACE, f"{event_type}:{order_id}:{step}"))

@@ -1,4 +1,7 @@
-"""The invoice consumer: one invoice per order, numbered INV-<year>-<6 digits>, gap-free.
+"""The invoice consumer: one invoice per paid order, numbered INV-<year>-<6 digits>, gap-free.
+
+It works on PaymentCaptured (never on OrderPlaced): an order whose payment was declined
+is never invoiced. The invoice total is the captured amount.
 
 The number comes from a counter row per year, incremented in the SAME transaction as
 the invoice insert: if the insert does not commit, neither does the increment, so no
@@ -10,6 +13,7 @@ transaction starts with BEGIN IMMEDIATE (the database's write lock, see
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,12 +22,12 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from consumers import store
-from consumers.handler import Order, order_of
-from messaging import envelope
+from consumers.handler import currency_field, money_field, order_id_of, stable_event_id
+from messaging import envelope, keys
 from messaging.handler import outcome
 from messaging.queue import PermanentError
 
-QUEUE = "invoice"
+QUEUE = keys.INVOICE_QUEUE
 SENDER = "invoice-service"
 
 
@@ -48,20 +52,34 @@ def invoice_number(year: int, sequence: int) -> str:
     return f"INV-{year:04d}-{sequence:06d}"
 
 
+@dataclass(frozen=True)
+class Capture:
+    """The fields of a PaymentCaptured event the invoice uses."""
+
+    order_id: int
+    amount: str
+    currency: str
+
+
+def capture_of(event: dict[str, Any]) -> Capture:
+    """Check a PaymentCaptured event's data; raise PermanentError naming what is wrong."""
+    return Capture(order_id_of(event), money_field(event, "amount"), currency_field(event))
+
+
 class InvoiceHandler:
-    """Issues each order's invoice once and reports InvoiceIssued."""
+    """Issues each paid order's invoice once and reports InvoiceIssued."""
 
     queue = QUEUE
-    accepts = frozenset({envelope.ORDER_PLACED})
+    accepts = envelope.accepted_by(QUEUE)
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         """Issue (idempotently) and return the outcome event."""
-        order = order_of(event)
+        capture = capture_of(event)
         emitted, _new = store.process_once(
-            self.engine, QUEUE, event, lambda session: _issue(session, event, order)
+            self.engine, QUEUE, event, lambda session: _issue(session, event, capture)
         )
         return emitted
 
@@ -72,39 +90,40 @@ class InvoiceHandler:
         that inserts the invoices, all committed or none. An event with bad data is
         left to :meth:`handle` (which dead-letters it).
         """
-        orders: dict[str, Order] = {}
+        captures: dict[str, Capture] = {}
         for event in events:
             try:
-                orders[event["id"]] = order_of(event)
+                captures[event["id"]] = capture_of(event)
             except PermanentError:
                 continue
-        good = [event for event in events if event["id"] in orders]
+        good = [event for event in events if event["id"] in captures]
         done = iter(
             store.process_batch(
                 self.engine,
                 QUEUE,
                 good,
-                lambda session, event: _issue(session, event, orders[event["id"]]),
+                lambda session, event: _issue(session, event, captures[event["id"]]),
             )
         )
-        return [next(done) if event["id"] in orders else None for event in events]
+        return [next(done) if event["id"] in captures else None for event in events]
 
 
-def _issue(session: Session, event: dict[str, Any], order: Order) -> list[dict[str, Any]]:
+def _issue(session: Session, event: dict[str, Any], capture: Capture) -> list[dict[str, Any]]:
     """Issue the order's invoice in the session's transaction (or find the one it has)."""
+    order_id = capture.order_id
     invoice = session.scalars(
-        select(store.Invoice).where(store.Invoice.order_id == order.order_id)
+        select(store.Invoice).where(store.Invoice.order_id == order_id)
     ).first()
-    if invoice is None:  # else: another event for the same order; one invoice
+    if invoice is None:  # else: another capture of the same order; one invoice
         year = datetime.now(UTC).year
         counter = _counter(session, year)
         counter.last += 1
         invoice = store.Invoice(
-            order_id=order.order_id,
+            order_id=order_id,
             invoice_number=invoice_number(year, counter.last),
             event_id=event["id"],
-            total=order.total,
-            currency=order.currency,
+            total=capture.amount,
+            currency=capture.currency,
         )
         session.add(invoice)
         session.flush()
@@ -112,13 +131,15 @@ def _issue(session: Session, event: dict[str, Any], order: Order) -> list[dict[s
         outcome(
             envelope.INVOICE_ISSUED,
             {
-                "order_id": order.order_id,
+                "order_id": order_id,
                 "invoice_number": invoice.invoice_number,
                 "total": invoice.total,
                 "currency": invoice.currency,
             },
-            order_id=order.order_id,
+            order_id=order_id,
             sender=SENDER,
-            message=f"Invoice {invoice.invoice_number} issued for order #{order.order_id}",
+            message=f"Invoice {invoice.invoice_number} issued for order #{order_id}",
+            event_id=stable_event_id(envelope.INVOICE_ISSUED, order_id),
+            at=invoice.issued_at,
         )
     ]

@@ -3,7 +3,8 @@
 Outcomes, as a real card gateway has them:
 
 - captured: emits ``PaymentCaptured {order_id, payment_id, amount, currency}``;
-- declined (a business answer, never retried): emits ``PaymentDeclined {order_id, reason}``;
+- declined (a business answer, never retried): emits
+  ``PaymentDeclined {order_id, reason, amount, currency}``: the order is cancelled;
 - transient error (timeout, 503): raises :class:`~messaging.queue.RetryableError`, so the
   message is retried with backoff.
 
@@ -45,11 +46,11 @@ from sqlalchemy.orm import Session
 from consumers import store
 from consumers.config import ConsumerSettings
 from consumers.handler import Order, order_of
-from messaging import envelope
+from messaging import envelope, keys
 from messaging.handler import outcome
 from messaging.queue import RetryableError
 
-QUEUE = "payment"
+QUEUE = keys.PAYMENT_QUEUE
 SENDER = "payment-service"
 DECLINE_EMAIL = "decline@example.com"
 """Customer email whose payments are always declined."""
@@ -156,7 +157,7 @@ class PaymentHandler:
     """Charges each OrderPlaced once and reports PaymentCaptured or PaymentDeclined."""
 
     queue = QUEUE
-    accepts = frozenset({envelope.ORDER_PLACED})
+    accepts = envelope.accepted_by(QUEUE)
 
     def __init__(self, engine: Engine, gateway: SimulatedGateway) -> None:
         self.engine = engine
@@ -220,7 +221,12 @@ class PaymentHandler:
         else:
             result = outcome(
                 envelope.PAYMENT_DECLINED,
-                {"order_id": order.order_id, "reason": charge.reason or "declined"},
+                {
+                    "order_id": order.order_id,
+                    "reason": charge.reason or "declined",
+                    "amount": charge.amount,
+                    "currency": charge.currency,
+                },
                 order_id=order.order_id,
                 sender=SENDER,
                 message=f"Payment declined for order #{order.order_id}",

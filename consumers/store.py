@@ -1,7 +1,8 @@
 """The consumer services' tables and the idempotent "process once" step.
 
 Each service owns its database (``PAYMENT_DATABASE_URL``, ``INVOICE_DATABASE_URL``,
-``EMAIL_DATABASE_URL``: SQLite files locally, separate PostgreSQL databases in compose)
+``SHIPPING_DATABASE_URL``, ``EMAIL_DATABASE_URL``: SQLite files locally, separate
+PostgreSQL databases in compose)
 and creates only its own tables in it (:data:`SERVICE_TABLES`). ``consumer_processed`` holds one
 row per (queue, event id) with the outcome events the handling produced, written in
 the same transaction as the effect: a duplicate delivery finds the row and re-emits
@@ -201,12 +202,41 @@ class Invoice(Base):
     issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
+class Shipment(Base):
+    """One carrier booking per order (the shipping service's own table)."""
+
+    __tablename__ = "shipments"
+    __table_args__ = (UniqueConstraint("order_id"), UniqueConstraint("tracking_number"))
+    shipment_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    order_id: Mapped[int] = mapped_column(Integer)
+    carrier: Mapped[str] = mapped_column(String(40))
+    tracking_number: Mapped[str] = mapped_column(String(40))
+    event_id: Mapped[str] = mapped_column(String(64))
+    """The PaymentCaptured event that booked it."""
+    booked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Recipient(Base):
+    """Who to tell about an order: recorded by the email service from OrderPlaced.
+
+    Later steps (PaymentDeclined, ShipmentBooked) carry no address: the email service
+    keeps its own copy instead of asking the order service."""
+
+    __tablename__ = "email_recipients"
+    order_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    email: Mapped[str] = mapped_column(String(320))
+    currency: Mapped[str] = mapped_column(String(3))
+    total: Mapped[str] = mapped_column(String(32))
+
+
 class EmailSent(Base):
-    """A confirmation email handed to the SMTP server."""
+    """A customer email handed to the SMTP server: at most one per (order, step)."""
 
     __tablename__ = "emails_sent"
+    __table_args__ = (UniqueConstraint("order_id", "step"),)
     message_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     order_id: Mapped[int] = mapped_column(Integer, index=True)
+    step: Mapped[str] = mapped_column(String(32))
     event_id: Mapped[str] = mapped_column(String(64))
     recipient: Mapped[str] = mapped_column(String(320))
     sent_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
@@ -242,7 +272,8 @@ def make_engine(url: str) -> Engine:
 SERVICE_TABLES: dict[str, tuple[type[Base], ...]] = {
     "payment": (Processed, GatewayCharge, Payment),
     "invoice": (Processed, InvoiceCounter, Invoice),
-    "email": (Processed, EmailSent, EmailClaim),
+    "shipping": (Processed, Shipment),
+    "email": (Processed, Recipient, EmailSent, EmailClaim),
 }
 """The tables each service creates in its own database (and nothing else's)."""
 

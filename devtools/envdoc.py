@@ -16,7 +16,10 @@ SECTIONS: tuple[tuple[str, tuple[EnvVar, ...]], ...] = (
     ("every process", core_config.ENV_VARS),
     ("order service (orders-api, orders-relay, orders-updates)", order_config.ENV_VARS),
     ("queue workers (consumer NAME, orders-updates)", core_config.WORKER_ENV_VARS),
-    ("consumer services (payment, invoice, email) and smtp-sink", consumer_config.ENV_VARS),
+    (
+        "consumer services (payment, invoice, shipping, email) and smtp-sink",
+        consumer_config.ENV_VARS,
+    ),
 )
 """Who reads which variables, in the README's order."""
 

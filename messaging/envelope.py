@@ -12,20 +12,47 @@ import json
 import uuid
 from typing import Any
 
+from messaging import keys
 from messaging.logs import utc_now_iso
 
 ORDER_PLACED = "OrderPlaced"
 PAYMENT_CAPTURED = "PaymentCaptured"
 PAYMENT_DECLINED = "PaymentDeclined"
 INVOICE_ISSUED = "InvoiceIssued"
-CONFIRMATION_EMAIL_SENT = "ConfirmationEmailSent"
-EVENT_TYPES = (
-    ORDER_PLACED,
-    PAYMENT_CAPTURED,
-    PAYMENT_DECLINED,
-    INVOICE_ISSUED,
-    CONFIRMATION_EMAIL_SENT,
-)
+SHIPMENT_BOOKED = "ShipmentBooked"
+CUSTOMER_NOTIFIED = "CustomerNotified"
+
+ROUTES: dict[str, tuple[str, ...]] = {
+    ORDER_PLACED: (keys.PAYMENT_QUEUE, keys.EMAIL_QUEUE),
+    PAYMENT_CAPTURED: (keys.INVOICE_QUEUE, keys.SHIPPING_QUEUE, keys.ORDER_UPDATES_QUEUE),
+    PAYMENT_DECLINED: (keys.EMAIL_QUEUE, keys.ORDER_UPDATES_QUEUE),
+    INVOICE_ISSUED: (keys.ORDER_UPDATES_QUEUE,),
+    SHIPMENT_BOOKED: (keys.EMAIL_QUEUE, keys.ORDER_UPDATES_QUEUE),
+    CUSTOMER_NOTIFIED: (keys.ORDER_UPDATES_QUEUE,),
+}
+"""The choreography: event type -> the queues it is pushed to (PATTERN queue or both).
+
+This table is the only place that says who works on what. Payment works on OrderPlaced;
+invoice and shipping on PaymentCaptured (so a declined order is never invoiced or
+shipped); email on the three customer-visible steps; the order service records every
+outcome from ``order-updates``."""
+
+EVENT_TYPES = tuple(ROUTES)
+
+
+def queues_for(event_type: str) -> tuple[str, ...]:
+    """The queues an event type is pushed to; raises ValueError for an unknown type."""
+    try:
+        return ROUTES[event_type]
+    except KeyError:
+        raise ValueError(f"unknown event type {event_type!r}") from None
+
+
+def accepted_by(queue: str) -> frozenset[str]:
+    """The event types routed to ``queue`` (what its consumer must accept)."""
+    return frozenset(t for t, queues in ROUTES.items() if queue in queues)
+
+
 VERSION = 1
 """Current version of every event's data shape."""
 

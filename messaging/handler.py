@@ -8,6 +8,7 @@ order service's ``orders-updates``.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from messaging import envelope
@@ -41,8 +42,33 @@ class BatchHandler(Handler, Protocol):
         """Do the batch's work; outcomes per event (None: do it alone)."""
 
 
+def rfc3339(value: datetime) -> str:
+    """A stored time as UTC RFC 3339 (SQLite hands it back without its zone)."""
+    aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return aware.isoformat()
+
+
 def outcome(
-    event_type: str, data: dict[str, Any], *, order_id: int, sender: str, message: str
+    event_type: str,
+    data: dict[str, Any],
+    *,
+    order_id: int,
+    sender: str,
+    message: str,
+    event_id: str | None = None,
+    at: datetime | None = None,
 ) -> dict[str, Any]:
-    """An outcome event envelope (new id, now), counted by order id."""
-    return envelope.envelope(event_type, data, message=message, sender=sender, count=order_id)
+    """An outcome event envelope, counted by order id.
+
+    A new id and the current time unless ``event_id`` and ``at`` (when the effect was
+    stored) are given: then a re-emission is byte for byte the first one.
+    """
+    return envelope.envelope(
+        event_type,
+        data,
+        message=message,
+        sender=sender,
+        count=order_id,
+        event_id=event_id,
+        timestamp=None if at is None else rfc3339(at),
+    )

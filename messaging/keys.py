@@ -18,8 +18,17 @@ HELLO_QUEUE = "message_queue"
 ORDER_EVENTS_CHANNEL = "orders:events"
 """Pub/sub channel carrying every domain event (OrderPlaced and the outcomes): live only."""
 
-CONSUMER_QUEUES: tuple[str, ...] = ("payment", "invoice", "email")
-"""The queues that receive one job per OrderPlaced (PATTERN queue or both)."""
+PAYMENT_QUEUE = "payment"
+"""Queue of the payment service (OrderPlaced)."""
+INVOICE_QUEUE = "invoice"
+"""Queue of the invoice service (PaymentCaptured)."""
+SHIPPING_QUEUE = "shipping"
+"""Queue of the shipping service (PaymentCaptured)."""
+EMAIL_QUEUE = "email"
+"""Queue of the email service (OrderPlaced, PaymentDeclined, ShipmentBooked)."""
+
+CONSUMER_QUEUES: tuple[str, ...] = (PAYMENT_QUEUE, INVOICE_QUEUE, SHIPPING_QUEUE, EMAIL_QUEUE)
+"""The consumer services' queues; which events go to which is ``events.ROUTES``."""
 
 ORDER_UPDATES_QUEUE = "order-updates"
 """Queue of outcome events (PaymentCaptured, InvoiceIssued, ...) the order service records."""

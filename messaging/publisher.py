@@ -1,17 +1,15 @@
 """Publish domain events to Redis: one Lua script per event, so one event is atomic.
 
-Routing (PATTERN decides the paths, the event type the queues):
-
-- ``OrderPlaced``: PUBLISH to :data:`~messaging.keys.ORDER_EVENTS_CHANNEL` (pubsub, both)
-  and RPUSH to ``pending(q)`` for every q in :data:`~messaging.keys.CONSUMER_QUEUES`
-  (queue, both);
-- every other type (the outcomes): PUBLISH to the same channel (pubsub, both) and RPUSH
-  to ``pending(ORDER_UPDATES_QUEUE)`` (queue, both).
+Routing (PATTERN decides the paths, the event type the queues): every event is
+PUBLISHed to :data:`~messaging.keys.ORDER_EVENTS_CHANNEL` (pubsub, both) and RPUSHed to
+``pending(q)`` for exactly the queues :data:`orders.envelope.ROUTES` names for its type
+(queue, both). The order API, the outbox relay and the consumers' outcome events all
+go through this one publisher, so the catalogue's table is the only routing there is.
 
 The script runs the PUBLISH and the pushes as one unit: a subscriber never sees an
 event that a queue did not get.
 
-On Redis Cluster (REDIS_CLUSTER=1) the three queues live in three slots, so no script
+On Redis Cluster (REDIS_CLUSTER=1) the queues live in different slots, so no script
 can touch them all. There a batch is one RPUSH per queue (all of the batch's events for
 that queue, in order: atomic per queue), sent through one cluster pipeline, and only
 when every push succeeded the PUBLISHes follow. A failure part way raises: the outbox
@@ -57,11 +55,10 @@ return #KEYS
 def route(event_type: str, pattern: Pattern) -> tuple[str, list[str]]:
     """The channel ('' for none) and the list keys an event of this type goes to."""
     channel = keys.ORDER_EVENTS_CHANNEL if pattern in ("pubsub", "both") else ""
+    queues = envelope.queues_for(event_type)  # raises on an unknown type
     if pattern not in ("queue", "both"):
         return channel, []
-    if event_type == envelope.ORDER_PLACED:
-        return channel, [keys.pending(q) for q in keys.CONSUMER_QUEUES]
-    return channel, [keys.pending(keys.ORDER_UPDATES_QUEUE)]
+    return channel, [keys.pending(q) for q in queues]
 
 
 class EventPublisher:

@@ -1,13 +1,10 @@
-"""Recording outcome events (payment, invoice, email) in an order's history.
+"""Recording outcome events in an order's history and moving its status on.
 
-The consumers report what they did as events on ``pending(ORDER_UPDATES_QUEUE)``; a
-worker there calls :func:`record_event` for each, in its own transaction, and commits.
-Recording is idempotent by event id, so a redelivered event changes nothing.
-
-Status rules (computed from the whole history, so arrival order does not matter):
-``placed`` until the first outcome, then ``processing``; ``payment_declined`` once a
-PaymentDeclined is recorded; ``completed`` once PaymentCaptured, InvoiceIssued and
-ConfirmationEmailSent are all recorded.
+The consumers report what they did as events; the order service's ``order-updates``
+worker calls :func:`record_event` for each, in its own transaction, and commits.
+Recording is idempotent by event id, so a redelivered event changes nothing. The status
+moves by :data:`orders.lifecycle.TRANSITIONS`, so events that arrive late, twice or out
+of order never move an order backwards (see that module).
 """
 
 from __future__ import annotations
@@ -20,37 +17,14 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from messaging import envelope
-from orders.models import (
-    STATUS_COMPLETED,
-    STATUS_PAYMENT_DECLINED,
-    STATUS_PROCESSING,
-    Order,
-    OrderHistory,
-)
+from orders import lifecycle
+from orders.models import Order, OrderHistory
 
-OUTCOME_TYPES = (
-    envelope.PAYMENT_CAPTURED,
-    envelope.PAYMENT_DECLINED,
-    envelope.INVOICE_ISSUED,
-    envelope.CONFIRMATION_EMAIL_SENT,
-)
-COMPLETION = frozenset(
-    {envelope.PAYMENT_CAPTURED, envelope.INVOICE_ISSUED, envelope.CONFIRMATION_EMAIL_SENT}
-)
+OUTCOME_TYPES = lifecycle.OUTCOME_TYPES
 
 
 class UnknownOrder(LookupError):
     """The event names an order this service does not have."""
-
-
-def status_for(types: set[str]) -> str:
-    """The order status implied by the set of outcome types recorded."""
-    if envelope.PAYMENT_DECLINED in types:
-        return STATUS_PAYMENT_DECLINED
-    if COMPLETION <= types:
-        return STATUS_COMPLETED
-    return STATUS_PROCESSING
 
 
 def _occurred_at(raw: Any) -> datetime:
@@ -66,8 +40,8 @@ def record_event(session: Session, event: dict[str, Any]) -> bool:
     """Add an outcome event to its order's history and update the order's status.
 
     Call it inside a transaction the caller commits. The order row is locked first
-    (``SELECT ... FOR UPDATE`` on PostgreSQL) so two outcomes of one order recorded at
-    once both count towards the status.
+    (``SELECT ... FOR UPDATE`` on PostgreSQL) and the status is replayed from the whole
+    history after the insert, so two outcomes of one order recorded at once both count.
 
     Args:
         session: An open session; the caller commits.
@@ -114,11 +88,17 @@ def record_event(session: Session, event: dict[str, Any]) -> bool:
     )
     if result.scalar_one_or_none() is None:  # a duplicate: nothing inserted
         return False
-    types = set(
+    # Replay every recorded event in recording order, read after our insert: on SQLite
+    # the insert holds the write lock (the SELECT of the order above may have read
+    # before another recorder committed, pysqlite begins transactions at the first
+    # write), on PostgreSQL the row lock does. So two outcomes of one order recorded at
+    # once both count; the table makes the result independent of their order.
+    order.status = lifecycle.replay(
         session.execute(
-            select(OrderHistory.type).where(OrderHistory.order_id == order_id)
+            select(OrderHistory.type)
+            .where(OrderHistory.order_id == order_id)
+            .order_by(OrderHistory.id)
         ).scalars()
     )
-    order.status = status_for(types)
     session.flush()
     return True

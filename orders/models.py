@@ -25,10 +25,10 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeEngine
 
-STATUS_PLACED = "placed"
-STATUS_PROCESSING = "processing"
-STATUS_PAYMENT_DECLINED = "payment_declined"
-STATUS_COMPLETED = "completed"
+from orders import lifecycle
+
+STATUS_PLACED = lifecycle.PLACED
+"""A new order's status; every other status comes from :mod:`orders.lifecycle`."""
 
 
 def utc_now() -> datetime:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from messaging import envelope, monitor
+from orders import lifecycle
 from orders.config import OrderServiceSettings
 from orders.money import MAX_UNIT_PRICE
 from orders.validation import (
@@ -316,12 +318,17 @@ def _schemas(settings: OrderServiceSettings) -> dict[str, Any]:
                 "total",
                 "created_at",
                 "history",
+                "timeline",
             ],
             "additionalProperties": False,
             "properties": {
                 "id": {"type": "integer", "minimum": 1},
                 "status": {
-                    "enum": ["placed", "processing", "payment_declined", "completed"],
+                    "description": (
+                        "placed -> paid -> invoiced|shipped -> completed (invoice AND "
+                        "shipment), or placed -> cancelled (payment declined)."
+                    ),
+                    "enum": list(lifecycle.STATES),
                 },
                 "customer_email": {"type": "string"},
                 "currency": {"type": "string", "pattern": CURRENCY_PATTERN},
@@ -329,6 +336,26 @@ def _schemas(settings: OrderServiceSettings) -> dict[str, Any]:
                 "total": money,
                 "created_at": {"type": "string", "format": "date-time"},
                 "history": {"type": "array", "items": _ref("HistoryEntry")},
+                "timeline": {
+                    "description": (
+                        "OrderPlaced, then every recorded outcome in the order it was "
+                        "recorded, with the status it left and what it did."
+                    ),
+                    "type": "array",
+                    "items": _ref("TimelineEntry"),
+                },
+            },
+        },
+        "TimelineEntry": {
+            "type": "object",
+            "required": ["type", "at", "status", "effect"],
+            "additionalProperties": False,
+            "properties": {
+                "type": {"enum": [envelope.ORDER_PLACED, *lifecycle.OUTCOME_TYPES]},
+                "event_id": {"type": "string"},
+                "at": {"type": "string", "format": "date-time"},
+                "status": {"enum": list(lifecycle.STATES)},
+                "effect": {"enum": ["advanced", "unchanged", "conflict"]},
             },
         },
         "HistoryEntry": {
@@ -337,14 +364,7 @@ def _schemas(settings: OrderServiceSettings) -> dict[str, Any]:
             "additionalProperties": False,
             "properties": {
                 "event_id": {"type": "string"},
-                "type": {
-                    "enum": [
-                        "PaymentCaptured",
-                        "PaymentDeclined",
-                        "InvoiceIssued",
-                        "ConfirmationEmailSent",
-                    ]
-                },
+                "type": {"enum": list(lifecycle.OUTCOME_TYPES)},
                 "occurred_at": {"type": "string", "format": "date-time"},
                 "data": {"type": "object"},
             },
@@ -399,7 +419,7 @@ QUEUE_NAME = {
     "name": "queue",
     "in": "path",
     "required": True,
-    "schema": {"enum": ["payment", "invoice", "email", "order-updates"]},
+    "schema": {"enum": list(monitor.QUEUES)},
 }
 LETTER_ID = {
     "name": "letter_id",

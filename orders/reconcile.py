@@ -8,11 +8,13 @@ already marked published, so the relay will not send them again), outcome events
 the same way.
 
 This pass finds every order placed between ``window`` and ``older_than`` seconds ago
-that does not have all three outcomes in its history (a payment outcome, an invoice,
-an email) and publishes its *stored* OrderPlaced event again: the outbox row's payload,
-same event id. That is safe because every consumer dedupes by event id: a consumer that
-already did its work re-emits its stored outcome (same outcome event id, which the
-order service records once), one that never got the job does it now.
+that is not settled (:func:`orders.lifecycle.settled`: completed or cancelled, with
+every email of that path recorded) and publishes its *stored* OrderPlaced event again:
+the outbox row's payload, same event id. That is safe because every consumer dedupes
+by event id and re-emits its stored outcome on a duplicate (same outcome event id,
+which the order service records once): payment re-emits PaymentCaptured, which sends
+invoice and shipping their jobs again, and so on down the chain. A consumer that never
+got its job does it now.
 
 Run it after an incident, or from cron: ``orders-relay --reconcile --older-than 60``.
 """
@@ -30,17 +32,10 @@ from sqlalchemy.orm import Session
 
 from messaging import envelope
 from messaging.publisher import EventPublisher
+from orders import lifecycle
 from orders.models import Order, OrderHistory, Outbox, utc_now
 
 log = logging.getLogger("orders-relay")
-
-SLOTS = {
-    envelope.PAYMENT_CAPTURED: "payment",
-    envelope.PAYMENT_DECLINED: "payment",
-    envelope.INVOICE_ISSUED: "invoice",
-    envelope.CONFIRMATION_EMAIL_SENT: "email",
-}
-"""Outcome type -> the consumer it comes from; an order is settled with all three."""
 
 
 @dataclass(frozen=True)
@@ -56,28 +51,27 @@ class ReconcileResult:
 
 
 def incomplete_orders(engine: Engine, older_than: float, window: float) -> tuple[int, list[int]]:
-    """(orders in the window, ids of those without all three outcomes), oldest first."""
+    """(orders in the window, ids of those not settled yet), oldest first."""
     now = utc_now()
     newest = now - timedelta(seconds=older_than)
     oldest = now - timedelta(seconds=window)
     with Session(engine) as session:
-        ids = session.scalars(
-            select(Order.id)
+        rows = session.execute(
+            select(Order.id, Order.status)
             .where(Order.created_at <= newest, Order.created_at >= oldest)
             .order_by(Order.id)
         ).all()
-        if not ids:
+        if not rows:
             return 0, []
-        slots: dict[int, set[str]] = defaultdict(set)
-        for order_id, event_type in session.execute(
-            select(OrderHistory.order_id, OrderHistory.type).where(
-                OrderHistory.order_id.between(ids[0], ids[-1])
+        steps: dict[int, set[str]] = defaultdict(set)
+        for order_id, data in session.execute(
+            select(OrderHistory.order_id, OrderHistory.data).where(
+                OrderHistory.order_id.between(rows[0].id, rows[-1].id),
+                OrderHistory.type == envelope.CUSTOMER_NOTIFIED,
             )
         ):
-            if event_type in SLOTS:
-                slots[order_id].add(SLOTS[event_type])
-    full = set(SLOTS.values())
-    return len(ids), [i for i in ids if slots[i] != full]
+            steps[order_id].add(str(json.loads(data).get("step")))
+    return len(rows), [r.id for r in rows if not lifecycle.settled(r.status, steps[r.id])]
 
 
 def stored_order_placed(engine: Engine, order_ids: list[int]) -> dict[int, str]:

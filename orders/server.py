@@ -119,7 +119,7 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
         services = order_services(self.settings)
         app = create_app(services=services)
         _app = app
-        app.wsgi_app = shed_stale_requests(  # type: ignore[method-assign]
+        app.wsgi_app = shed_stale_requests(  # type: ignore[method-assign,assignment]
             app.wsgi_app, self.settings.request_queue_timeout
         )
         if self.settings.relay_in_process:

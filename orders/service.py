@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from messaging import envelope
+from orders import lifecycle
 from orders.models import STATUS_PLACED, Order, OrderLine, Outbox, utc_now
 from orders.money import format_money, line_total, order_total
 from orders.validation import OrderRequest, Problem
@@ -230,6 +231,7 @@ def place_order(
         "total": format_money(total),
         "created_at": timestamp,
         "history": [],
+        "timeline": [_placed_entry(timestamp)],
     }
     return PlaceResult(order_id, True, event, body, outbox_id)
 
@@ -251,8 +253,37 @@ def list_orders(session: Session, limit: int, before_id: int | None) -> list[Ord
     return list(session.execute(query.order_by(Order.id.desc()).limit(limit)).scalars())
 
 
+def _placed_entry(at: str) -> dict[str, Any]:
+    """The first timeline entry of every order."""
+    return {
+        "type": envelope.ORDER_PLACED,
+        "at": at,
+        "status": lifecycle.PLACED,
+        "effect": "advanced",
+    }
+
+
+def order_timeline(order: Order, history: list[Any]) -> list[dict[str, Any]]:
+    """OrderPlaced, then each recorded outcome in recording order, through the state machine."""
+    recorded = sorted(history, key=lambda entry: entry.id)
+    entries = [_placed_entry(_rfc3339(order.created_at))]
+    steps = lifecycle.timeline(entry.type for entry in recorded)
+    for entry, line in zip(recorded, steps, strict=True):
+        entries.append(
+            {
+                "type": entry.type,
+                "event_id": entry.event_id,
+                "at": _rfc3339(entry.occurred_at),
+                "status": line.status,
+                "effect": line.effect,
+            }
+        )
+    return entries
+
+
 def order_to_dict(order: Order, history: list[Any] | None = None) -> dict[str, Any]:
     """The API representation of an order (``history`` given: skip loading it)."""
+    history = order.history if history is None else history
     return {
         "id": order.id,
         "status": order.status,
@@ -276,6 +307,7 @@ def order_to_dict(order: Order, history: list[Any] | None = None) -> dict[str, A
                 "occurred_at": _rfc3339(entry.occurred_at),
                 "data": json.loads(entry.data),
             }
-            for entry in (order.history if history is None else history)
+            for entry in history
         ],
+        "timeline": order_timeline(order, history),
     }

@@ -8,7 +8,9 @@ from decimal import Decimal
 from pathlib import Path
 
 import jsonschema
+import pytest
 
+from messaging import envelope, keys
 from messaging.publisher import route
 from orders.models import Order, OrderLine
 from orders.service import order_placed_event
@@ -51,10 +53,30 @@ def test_one_item_is_singular() -> None:
     assert ": 1 item, " in order_placed_event(order)["message"]
 
 
-def test_routing_by_type_and_pattern() -> None:
-    assert route("OrderPlaced", "both") == (
-        "orders:events",
-        ["queue:{payment}:pending", "queue:{invoice}:pending", "queue:{email}:pending"],
-    )
-    assert route("OrderPlaced", "pubsub") == ("orders:events", [])
-    assert route("InvoiceIssued", "queue") == ("", ["queue:{order-updates}:pending"])
+@pytest.mark.parametrize(
+    ("event_type", "queues"),
+    [
+        ("OrderPlaced", ["payment", "email"]),
+        ("PaymentCaptured", ["invoice", "shipping", "order-updates"]),
+        ("PaymentDeclined", ["email", "order-updates"]),
+        ("InvoiceIssued", ["order-updates"]),
+        ("ShipmentBooked", ["email", "order-updates"]),
+        ("CustomerNotified", ["order-updates"]),
+    ],
+)
+def test_routing_by_type_and_pattern(event_type: str, queues: list[str]) -> None:
+    """The catalogue (docs/architecture.md): each type to exactly its queues."""
+    pending = [f"queue:{{{q}}}:pending" for q in queues]
+    assert route(event_type, "both") == ("orders:events", pending)
+    assert route(event_type, "queue") == ("", pending)
+    assert route(event_type, "pubsub") == ("orders:events", [])
+
+
+def test_every_consumer_queue_gets_some_event() -> None:
+    routed = {q for queues in envelope.ROUTES.values() for q in queues}
+    assert routed == {*keys.CONSUMER_QUEUES, keys.ORDER_UPDATES_QUEUE}
+
+
+def test_route_rejects_an_unknown_type() -> None:
+    with pytest.raises(ValueError, match="unknown event type"):
+        route("ConfirmationEmailSent", "both")

@@ -1,8 +1,9 @@
 """Chaos: orders through the real API while consumers are SIGKILLed and Redis restarts.
 
 Setup: a dedicated Redis with AOF (``appendfsync always``), the real ``orders-api``
-(gunicorn, in-process outbox relays), two ``consumer`` processes per queue (payment,
-invoice, email, orders-updates), ``smtp-sink``, each service on its own database.
+(gunicorn, in-process outbox relays), two worker processes per queue (payment,
+invoice, shipping, email, orders-updates), ``smtp-sink``, each service on its own
+database.
 
 While at least 500 orders are placed through ``POST /orders`` (a thread pool, each
 request retried with its Idempotency-Key), a chaos thread SIGKILLs a random consumer
@@ -10,10 +11,13 @@ every fraction of a second and starts a replacement; Redis is SIGKILLed and star
 again once midway; poison messages are pushed straight onto every queue. Then we wait
 (deadline poll) until everything settles and check the guarantees:
 
-- every order has exactly one payment outcome, at most one invoice (gap-free
-  numbers), exactly one email effect (one row, one distinct Message-ID);
-- every order's history holds its three outcomes; nothing is left in a processing
-  list, pending or delayed; the poison messages, and only they, are dead letters.
+- every order has exactly one charge and one payment outcome;
+- a captured order ends ``completed`` with one invoice (gap-free numbers), one
+  shipment and two emails (received, shipped); a declined order ends ``cancelled``
+  with no invoice, no shipment and two emails (received, payment declined); every
+  email has one row and one distinct Message-ID;
+- nothing is left in a processing list, pending or delayed; the poison messages, and
+  only they, are dead letters.
 
 It runs on two topologies. ``single``: one redis-server, SQLite, 500 orders, Redis
 SIGKILLed and restarted. ``cluster``: a Redis Cluster of 3 masters with a replica each,
@@ -46,11 +50,12 @@ from sqlalchemy.orm import Session
 from chaos.stack import order_body, post_order
 from consumers import store
 from devtools import databases
-from devtools.procs import http_ok
+from devtools.procs import Timeout, http_ok, wait_until
 from devtools.redis_server import RedisCluster, RedisServer, free_port
 from messaging import envelope, keys
 from messaging.queue import RedisQueue
 from messaging.worker import REDIS_ERRORS
+from orders import lifecycle
 from orders.models import Order, OrderHistory
 from tests.helpers import BIN, Proc, wait_for
 from tests.orders_app import PostgresCluster
@@ -63,8 +68,8 @@ ORDERS = {"single": 500, "cluster": 300}
 WORKERS_PER_QUEUE = 2
 MAX_KILLS = 30
 """SIGKILLs during placement (each restart costs a Python start-up on 2 cores)."""
-CONSUMERS = ("payment", "invoice", "email", "updates")
-QUEUE_OF = {"payment": "payment", "invoice": "invoice", "email": "email"}
+CONSUMERS = ("payment", "invoice", "shipping", "email", "updates")
+QUEUE_OF = {name: name for name in keys.CONSUMER_QUEUES}
 QUEUE_OF["updates"] = keys.ORDER_UPDATES_QUEUE
 POISON = [
     b"\xff\xfe\x00 not utf-8",
@@ -258,8 +263,15 @@ def test_chaos(topology_name: str, tmp_path: Path, request: pytest.FixtureReques
 
         def settled() -> bool:
             with Session(engine) as s:
-                history = s.scalar(select(func.count()).select_from(OrderHistory)) or 0
-            if history < 3 * n_orders:
+                final = s.scalar(
+                    select(func.count()).select_from(Order).where(Order.status.in_(lifecycle.FINAL))
+                )
+                notified = s.scalar(
+                    select(func.count())
+                    .select_from(OrderHistory)
+                    .where(OrderHistory.type == envelope.CUSTOMER_NOTIFIED)
+                )
+            if final != n_orders or (notified or 0) < 2 * n_orders:
                 return False
             for q in queues:
                 st = q.stats()
@@ -267,11 +279,22 @@ def test_chaos(topology_name: str, tmp_path: Path, request: pytest.FixtureReques
                     return False
             return True
 
-        wait_for(settled, timeout=150, interval=0.5, message="every order to settle")
+        def where() -> str:
+            with Session(engine) as s:
+                statuses = dict(
+                    s.execute(select(Order.status, func.count()).group_by(Order.status)).all()
+                )
+            figures = {q.name: q.stats() for q in queues}
+            return f"every order to settle (statuses {statuses}, queues {figures})"
+
+        try:
+            wait_until(settled, 150, 0.5, "every order to settle")
+        except Timeout:
+            pytest.fail(f"timed out after 150s waiting for {where()}")
 
         # --- the guarantees --------------------------------------------------------
         processed: Counter[tuple[str, int]] = Counter()
-        for name in ("payment", "invoice", "email"):
+        for name in keys.CONSUMER_QUEUES:
             with Session(engines[name]) as s:
                 processed.update(
                     s.execute(select(store.Processed.queue, store.Processed.order_id)).all()
@@ -283,13 +306,15 @@ def test_chaos(topology_name: str, tmp_path: Path, request: pytest.FixtureReques
         with Session(engines["invoice"]) as s:
             invoices = s.scalars(select(store.Invoice.invoice_number)).all()
             invoice_orders = s.scalars(select(store.Invoice.order_id)).all()
+        with Session(engines["shipping"]) as s:
+            shipment_orders = s.scalars(select(store.Shipment.order_id)).all()
         with Session(engines["email"]) as s:
-            emails = s.scalars(select(store.EmailSent.order_id)).all()
+            emails = s.execute(select(store.EmailSent.order_id, store.EmailSent.step)).all()
         with Session(engine) as s:
             history_rows = s.execute(select(OrderHistory.order_id, OrderHistory.type)).all()
-            statuses = Counter(s.scalars(select(Order.status)).all())
-            all_orders = s.scalars(select(Order.id)).all()
-        assert sorted(all_orders) == order_ids
+            status_of = dict(s.execute(select(Order.id, Order.status)).all())
+            statuses = Counter(status_of.values())
+        assert sorted(status_of) == order_ids
 
         payment_outcomes = Counter(
             oid
@@ -299,20 +324,38 @@ def test_chaos(topology_name: str, tmp_path: Path, request: pytest.FixtureReques
         assert all(payment_outcomes[o] == 1 for o in order_ids), "one payment outcome each"
         assert Counter(oid for oid, _ in charges) == Counter(order_ids), "one charge each"
         assert all(status in ("captured", "declined") for _, status in charges)
-        assert max(Counter(invoice_orders).values()) == 1, "at most one invoice per order"
+        captured = sorted(oid for oid, st in charges if st == "captured")
+        declined = sorted(oid for oid, st in charges if st == "declined")
+        assert declined, "the scripted decline@example.com orders"
+        assert [o for o in order_ids if status_of[o] == "completed"] == captured
+        assert [o for o in order_ids if status_of[o] == "cancelled"] == declined
+        assert sorted(invoice_orders) == captured, "one invoice per paid order, none else"
+        assert sorted(shipment_orders) == captured, "one shipment per paid order, none else"
         year = invoices[0][4:8]
         assert sorted(invoices) == [f"INV-{year}-{n:06d}" for n in range(1, len(invoices) + 1)]
-        assert Counter(emails) == Counter(order_ids), "one email effect per order"
-        per_order = Counter(oid for oid, _ in history_rows)
-        assert all(per_order[o] == 3 for o in order_ids), "three outcomes recorded per order"
-        assert all(processed[(q, o)] == 1 for q in QUEUE_OF.values() if q != "order-updates"
-                   for o in order_ids)  # fmt: skip
+        expected_emails = Counter(
+            {(o, "received"): 1 for o in order_ids}
+            | {(o, "shipped"): 1 for o in captured}
+            | {(o, "payment_declined"): 1 for o in declined}
+        )
+        assert Counter(emails) == expected_emails, "one email per order and step"
+        per_type = Counter(history_rows)
+        for o in captured:
+            for t in (envelope.INVOICE_ISSUED, envelope.SHIPMENT_BOOKED):
+                assert per_type[(o, t)] == 1, (o, t)
+        assert all(per_type[(o, envelope.CUSTOMER_NOTIFIED)] == 2 for o in order_ids)
+        # One handled event per order on payment; two on email; one per paid order on
+        # invoice and shipping.
+        assert all(processed[("payment", o)] == 1 for o in order_ids)
+        assert all(processed[("email", o)] == 2 for o in order_ids)
+        assert all(processed[(q, o)] == 1 for q in ("invoice", "shipping") for o in captured)
+        assert not any(processed[(q, o)] for q in ("invoice", "shipping") for o in declined)
 
         message_ids = []
         for eml in mail_dir.glob("*.eml"):
             msg = email.message_from_bytes(eml.read_bytes(), policy=default_policy)
             message_ids.append(str(msg["Message-ID"]))
-        assert len(set(message_ids)) == n_orders, "one distinct Message-ID per order"
+        assert len(set(message_ids)) == len(emails), "one distinct Message-ID per email"
 
         for name, q in zip(CONSUMERS, queues, strict=True):
             dead = sorted(letter.raw for letter in q.dead_letters())
@@ -327,7 +370,7 @@ def test_chaos(topology_name: str, tmp_path: Path, request: pytest.FixtureReques
             f"payments={len(charges)} "
             f"captured={sum(1 for _, st in charges if st == 'captured')} "
             f"declined={sum(1 for _, st in charges if st == 'declined')} "
-            f"invoices={len(invoices)} emails={len(emails)} "
+            f"invoices={len(invoices)} shipments={len(shipment_orders)} emails={len(emails)} "
             f"smtp_messages={len(message_ids)} "
             f"duplicate_smtp_sends={len(message_ids) - len(set(message_ids))} "
             f"history={len(history_rows)} statuses={dict(statuses)} "

@@ -97,8 +97,14 @@ def test_place_an_order_and_watch_it_complete(page: Any, stack: Stack) -> None:
     order_id = page.get_attribute("#order-result", "data-order-id")
     assert page.text_content("#order-result") == f"placed order #{order_id} (37.50 EUR)"
 
-    # The live feed: OrderPlaced, then the three outcomes, as they are published.
-    for event_type in ("OrderPlaced", "PaymentCaptured", "InvoiceIssued", "ConfirmationEmailSent"):
+    # The live feed: OrderPlaced, then every outcome of the choreography, as published.
+    for event_type in (
+        "OrderPlaced",
+        "PaymentCaptured",
+        "InvoiceIssued",
+        "ShipmentBooked",
+        "CustomerNotified",
+    ):
         page.wait_for_selector(f'#feed-list li[data-type="{event_type}"][data-order="{order_id}"]')
     # Recent orders: polled, no reload, until the status is final.
     status = f'#order-rows tr[data-order-id="{order_id}"] td[data-field=status]'

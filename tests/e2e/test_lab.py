@@ -33,7 +33,8 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = [
-    "mail", "updates", "subscriber", "publisher", "payment", "invoice", "email", "stream", "api"
+    "mail", "updates", "subscriber", "publisher", "payment", "invoice", "shipping", "email",
+    "stream", "api",
 ]  # fmt: skip
 """Every program but Redis (and the log listener), as `make ps` names them."""
 START_TIMEOUT = 240.0

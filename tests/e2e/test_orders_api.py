@@ -13,7 +13,7 @@ import pytest
 import redis as redis_lib
 
 from devtools.redis_server import free_port
-from messaging import keys
+from messaging import envelope, keys
 from tests.helpers import BIN, Proc, wait_for
 from tests.orders_app import ORDER
 
@@ -63,7 +63,7 @@ def test_orders_api_places_an_order_and_the_relay_feeds_the_queues(
         assert status == 201 and created["total"] == "25.00"
         again, same = _post(base + "/orders", ORDER, "e2e-1")
         assert (again, same["id"]) == (200, created["id"])
-        queues = [keys.pending(q) for q in keys.CONSUMER_QUEUES]
+        queues = [keys.pending(q) for q in envelope.queues_for(envelope.ORDER_PLACED)]
         wait_for(lambda: all(redis.llen(k) == 1 for k in queues), message="one job per queue")
         for key in queues:
             job = json.loads(redis.lindex(key, 0))

@@ -72,10 +72,10 @@ def test_an_unreachable_database_is_503_problem_json(redis_url: str) -> None:
     flask_app.extensions["orders"].close()
 
 
-def _outcome(event_type: str, order_id: int) -> dict[str, object]:
+def _outcome(event_type: str, order_id: int, **data: str) -> dict[str, object]:
     return envelope.envelope(
         event_type,
-        {"order_id": order_id},
+        {"order_id": order_id, **data},
         message=event_type,
         sender="test",
         count=order_id,
@@ -95,16 +95,23 @@ def test_reconcile_republishes_the_stored_event_of_incomplete_orders_only(
     assert [e["data"]["order_id"] for e in first_publish] == [done, lost]
     svc = app.extensions["orders"]
     with svc.sessions.begin() as session:
-        for event_type in (envelope.PAYMENT_CAPTURED, envelope.INVOICE_ISSUED):
+        for event_type in (
+            envelope.PAYMENT_CAPTURED,
+            envelope.INVOICE_ISSUED,
+            envelope.SHIPMENT_BOOKED,
+        ):
             record_event(session, _outcome(event_type, done))
-        record_event(session, _outcome(envelope.CONFIRMATION_EMAIL_SENT, done))
-        record_event(session, _outcome(envelope.PAYMENT_DECLINED, lost))  # only one of three
+        for step in ("received", "shipped"):
+            record_event(session, _outcome(envelope.CUSTOMER_NOTIFIED, done, step=step))
+        # Cancelled, but its "payment declined" email never got recorded: not settled.
+        record_event(session, _outcome(envelope.PAYMENT_DECLINED, lost))
+        record_event(session, _outcome(envelope.CUSTOMER_NOTIFIED, lost, step="received"))
     redis.flushdb()  # Redis lost the jobs (say, the AOF tail of a power cut)
 
     result = reconcile(svc.engine, svc.publisher, older_than=0, window=3600)
 
     assert result.checked == 2 and result.incomplete == [lost] and result.republished == 1
-    for queue in keys.CONSUMER_QUEUES:
+    for queue in envelope.queues_for(envelope.ORDER_PLACED):
         again = [json.loads(m) for m in redis.lrange(keys.pending(queue), 0, -1)]
-        assert again == [first_publish[1]], "the stored event, same id, to every queue"
+        assert again == [first_publish[1]], "the stored event, same id, to its queues"
     assert reconcile(svc.engine, svc.publisher, older_than=3600, window=7200).checked == 0

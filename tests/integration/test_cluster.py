@@ -35,7 +35,7 @@ def test_wait_replicas_holds_a_publish_until_a_replica_has_it(topology: Topology
     publisher = EventPublisher(client, "queue", wait_replicas=1)
     if topology.cluster:  # every master has a replica: WAIT 1 is satisfied
         publisher.publish(event)
-        for queue in keys.CONSUMER_QUEUES:
+        for queue in envelope.queues_for(envelope.ORDER_PLACED):
             assert [json.loads(m)["id"] for m in client.lrange(keys.pending(queue), 0, -1)] == [
                 event["id"]
             ]

@@ -30,16 +30,10 @@ from messaging.worker import Worker
 
 
 def order_placed(order_id: int, **data: Any) -> dict[str, Any]:
+    """A PaymentCaptured (what the invoice service works on) for the order."""
     return envelope.envelope(
-        envelope.ORDER_PLACED,
-        {
-            "order_id": order_id,
-            "customer_email": "ann@example.com",
-            "currency": "EUR",
-            "lines": [{"sku": "A", "quantity": 1, "unit_price": "5.00", "line_total": "5.00"}],
-            "total": "5.00",
-            **data,
-        },
+        envelope.PAYMENT_CAPTURED,
+        {"order_id": order_id, "payment_id": "pay_1", "amount": "5.00", "currency": "EUR", **data},
         message=f"order {order_id}",
         sender="test",
         count=order_id,
@@ -62,7 +56,7 @@ def test_one_batch_one_transaction_keeps_every_guarantee(
     before = order_placed(1)
     [first_outcome] = handler.handle(before)  # handled before the batch
     twice = order_placed(2)
-    bad = order_placed(3, total="lots")
+    bad = order_placed(3, amount="lots")
     batch = [
         envelope.dumps(before),
         envelope.dumps(twice),
@@ -88,7 +82,7 @@ def test_one_batch_one_transaction_keeps_every_guarantee(
     assert (stats["processed"], stats["dead_letters"]) == (5, 2)
     assert bclient.llen(keys.processing("invoice", worker.id)) == 0  # all settled
     reasons = [json.loads(d)["error"] for d in bclient.lrange(keys.dead("invoice"), 0, -1)]
-    assert any("total" in r for r in reasons) and len(reasons) == 2
+    assert any("amount" in r for r in reasons) and len(reasons) == 2
     with Session(engine) as session:
         invoices = {i.order_id: i.invoice_number for i in session.scalars(select(store.Invoice))}
     assert sorted(invoices) == [1, 2, 4, 5]

@@ -3,7 +3,7 @@
 Hypothesis generates garbage: random bytes, invalid UTF-8, JSON of every shape, JSON
 nested far deeper than any parser's recursion limit, megabyte payloads, envelopes with
 wrong field types, unknown event types and versions. Each batch is pushed onto a
-queue (payment, invoice, email, updates) followed by one valid message; a worker takes
+queue (payment, invoice, shipping, email, updates) followed by one valid message; a worker takes
 them through :meth:`RedisQueue.take` and :meth:`Worker.handle_one`, as its threads do.
 
 The promises: handling never raises; every message leaves the processing list as
@@ -37,7 +37,7 @@ from orders.updates import UpdatesHandler
 from orders.validation import validate_order
 from tests.orders_app import ORDER
 
-QUEUES = ["payment", "invoice", "email", "updates"]
+QUEUES = ["payment", "invoice", "shipping", "email", "updates"]
 
 json_scalars = st.one_of(
     st.none(),
@@ -63,6 +63,8 @@ envelopes = st.fixed_dictionaries(
                     "PaymentCaptured",
                     "PaymentDeclined",
                     "InvoiceIssued",
+                    "ShipmentBooked",
+                    "CustomerNotified",
                     "ConfirmationEmailSent",
                     "OrderCancelled",
                     "orderplaced",
@@ -124,7 +126,7 @@ def bclient(redis: redis_lib.Redis, redis_url: str) -> Iterator[redis_lib.Redis]
 
 
 def _valid(queue: str, order_id: int) -> dict[str, Any]:
-    if queue == "updates":
+    if queue in ("updates", "invoice", "shipping"):
         return envelope.envelope(
             envelope.PAYMENT_CAPTURED,
             {"order_id": order_id, "payment_id": "pay-1", "amount": "25.00", "currency": "EUR"},

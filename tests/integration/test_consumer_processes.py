@@ -45,6 +45,21 @@ def order_placed(order_id: int, email_to: str = "ann@example.com") -> dict[str, 
     )
 
 
+def payment_captured(order_id: int) -> dict[str, Any]:
+    return envelope.envelope(
+        envelope.PAYMENT_CAPTURED,
+        {
+            "order_id": order_id,
+            "payment_id": f"pay_{order_id}",
+            "amount": "3.50",
+            "currency": "EUR",
+        },
+        message=f"Payment captured for order #{order_id}",
+        sender="payment-service",
+        count=order_id,
+    )
+
+
 class Env:
     """Starts consumer processes against one Redis and one database.
 
@@ -206,7 +221,7 @@ def test_second_signal_exits_at_once(env: Env, bredis: redis_lib.Redis) -> None:
 
 def test_duplicate_deliveries_produce_one_effect(env: Env, bredis: redis_lib.Redis) -> None:
     queue = RedisQueue(bredis, "invoice")
-    event = order_placed(42)
+    event = payment_captured(42)
     payload = envelope.dumps(event)
     queue.push(payload, payload, payload)  # the outbox relay may send an event twice
     env.start("invoice", CONSUMER_BATCH_SIZE="1")
@@ -219,6 +234,29 @@ def test_duplicate_deliveries_produce_one_effect(env: Env, bredis: redis_lib.Red
     assert len({e["id"] for e in emitted}) == 1  # ... the SAME stored outcome event
 
 
+def test_shipping_books_once_per_order_and_tells_email_and_the_order_service(
+    env: Env, bredis: redis_lib.Redis
+) -> None:
+    queue = RedisQueue(bredis, keys.SHIPPING_QUEUE)
+    first = payment_captured(5)
+    # A redelivery, and a second capture of order 5 (another event id).
+    queue.push(
+        *(envelope.dumps(e) for e in (first, first, payment_captured(5), payment_captured(6)))
+    )
+    env.start("shipping", "--concurrency", "2", CONSUMER_BATCH_SIZE="1")
+    wait_for(lambda: queue.stats()["processed"] == 4, timeout=20, message="four deliveries")
+    with Session(env.engine()) as session:
+        shipments = session.scalars(select(store.Shipment).order_by(store.Shipment.order_id)).all()
+    assert [s.order_id for s in shipments] == [5, 6]
+    booked = updates(bredis)
+    assert {e["type"] for e in booked} == {envelope.SHIPMENT_BOOKED}
+    assert len({e["id"] for e in booked}) == 2  # one event per order, however often told
+    to_email = [json.loads(m) for m in bredis.lrange(keys.pending(keys.EMAIL_QUEUE), 0, -1)]
+    assert sorted(e["id"] for e in to_email) == sorted(e["id"] for e in booked)
+    by_order = {e["data"]["order_id"]: e["data"]["tracking_number"] for e in booked}
+    assert by_order == {s.order_id: s.tracking_number for s in shipments}
+
+
 def test_invoice_numbers_are_gap_free_under_four_concurrent_workers(
     env: Env, bredis: redis_lib.Redis, database_url: str
 ) -> None:
@@ -226,7 +264,7 @@ def test_invoice_numbers_are_gap_free_under_four_concurrent_workers(
     env.db_url = database_url
     queue = RedisQueue(bredis, "invoice")
     count = 120
-    queue.push(*(envelope.dumps(order_placed(i)) for i in range(1, count + 1)))
+    queue.push(*(envelope.dumps(payment_captured(i)) for i in range(1, count + 1)))
     for _ in range(2):  # 2 processes x 2 threads = 4 concurrent workers
         env.start("invoice", "--concurrency", "2", CONSUMER_BATCH_SIZE="2", LOG_LEVEL="WARNING")
     wait_for(lambda: queue.stats()["processed"] == count, timeout=60, message="all invoices")
@@ -258,17 +296,14 @@ def test_email_goes_over_real_smtp_and_is_retried_while_smtp_is_down(
     wait_for(lambda: updates(bredis), timeout=30, message="the email sent")
     [eml] = list(mail_dir.glob("*.eml"))
     msg = email.message_from_bytes(eml.read_bytes(), policy=default_policy)
-    assert msg["Message-ID"] == "<order-7.confirmation@example.com>"
+    assert msg["Message-ID"] == "<order-7.received@example.com>"
     assert msg["To"] == "bob@example.com"
+    assert msg["Subject"] == "We received your order #7"
     html = msg.get_body(("html",))
     assert html is not None and "&lt;i&gt;SKU&lt;/i&gt;" in html.get_content()
     [sent] = updates(bredis)
-    assert sent["type"] == envelope.CONFIRMATION_EMAIL_SENT
-    assert sent["data"] == {
-        "order_id": 7,
-        "to": "bob@example.com",
-        "message_id": msg["Message-ID"],
-    }
+    assert sent["type"] == envelope.CUSTOMER_NOTIFIED
+    assert sent["data"] == {"order_id": 7, "step": "received", "message_id": msg["Message-ID"]}
     assert rows(env.engine(), store.EmailSent) == 1
     sink.wait_output("smtp-sink: stored")
 
@@ -282,10 +317,10 @@ def test_worker_survives_a_redis_restart(
     env = Env(tmp_path, server.url)
     try:
         proc = env.start("invoice")
-        queue.push(envelope.dumps(order_placed(1)))
+        queue.push(envelope.dumps(payment_captured(1)))
         wait_for(lambda: queue.stats()["processed"] == 1, timeout=20, message="first invoice")
         server.restart()
-        queue.push(envelope.dumps(order_placed(2)))
+        queue.push(envelope.dumps(payment_captured(2)))
         wait_for(lambda: queue.stats()["processed"] == 2, timeout=30, message="second invoice")
         assert rows(env.engine(), store.Invoice) == 2
         assert "lost Redis" in proc.output()
@@ -411,7 +446,7 @@ def test_two_email_workers_and_every_order_placed_twice_send_one_email_each(
     ids = _message_ids(mail_dir)
     assert len(ids) == 30 and len(set(ids)) == 30  # one email per order, no re-send
     assert rows(env.engine(), store.EmailSent) == 30
-    sent = [u for u in updates(bredis) if u["type"] == envelope.CONFIRMATION_EMAIL_SENT]
+    sent = [u for u in updates(bredis) if u["type"] == envelope.CUSTOMER_NOTIFIED]
     assert len(sent) == 60 and len({u["id"] for u in sent}) == 30  # the same outcome twice
 
 
@@ -426,7 +461,7 @@ def test_an_email_claimed_by_a_worker_that_died_before_sending_is_still_sent(
     with Session(engine) as session, session.begin():
         session.add(
             store.EmailClaim(
-                order_id=9, step="confirmation", owner="dead", event_id="e", state="sending",
+                order_id=9, step="received", owner="dead", event_id="e", state="sending",
                 lease_until_ms=session.scalar(select(database.now_ms("sqlite"))) + 2000,
             )
         )  # fmt: skip
@@ -435,4 +470,4 @@ def test_an_email_claimed_by_a_worker_that_died_before_sending_is_still_sent(
     env.start("email", SMTP_PORT=str(port), SMTP_HOST="127.0.0.1")
     wait_for(lambda: queue.stats()["processed"] == 1, timeout=30, message="the email sent")
     assert queue.stats()["retried"] >= 1  # it waited for the dead owner's lease
-    assert _message_ids(mail_dir) == ["<order-9.confirmation@example.com>"]
+    assert _message_ids(mail_dir) == ["<order-9.received@example.com>"]

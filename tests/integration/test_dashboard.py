@@ -101,7 +101,7 @@ def test_figures_read_from_redis(known: RedisQueue, raw: redis_lib.Redis) -> Non
 def test_api_queues_shows_the_known_figures(app: Flask, known: RedisQueue) -> None:
     body = app.test_client().get("/api/queues", headers=OPERATOR).get_json()
     by_name = {q["name"]: q for q in body["queues"]}
-    assert list(by_name) == ["payment", "invoice", "email", "order-updates"]
+    assert list(by_name) == ["payment", "invoice", "shipping", "email", "order-updates"]
     assert {k: by_name["payment"][k] for k in EXPECTED} == EXPECTED
     assert by_name["invoice"]["pending"] == 0
 
@@ -387,7 +387,7 @@ def test_admin_orders_show(tmp_path: Path, redis_url: str, app: Flask) -> None:
     result = _admin(redis_url, "orders", "show", str(order_id), DATABASE_URL=db_url)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == f"order #{order_id}  processing"
+    assert lines[0] == f"order #{order_id}  paid"
     assert "customer:  ada@example.com" in lines
     assert "total:     25.00 EUR" in lines
     assert lines[-1].endswith(f"PaymentCaptured  {captured['id']}")

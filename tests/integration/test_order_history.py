@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from flask import Flask
+from sqlalchemy.exc import OperationalError
 
 from messaging import envelope
+from orders import lifecycle
 from orders.history import UnknownOrder, record_event
 from orders.models import Order
 from tests.orders_app import ADMIN, ORDER
@@ -39,51 +42,105 @@ def _place(app: Flask, body: dict[str, Any] | None = None) -> int:
     return int(response.get_json()["id"])
 
 
-def test_status_follows_the_outcomes_and_duplicates_change_nothing(
-    make_app: Callable[..., Flask],
-) -> None:
+DATA: dict[str, dict[str, Any]] = {
+    envelope.PAYMENT_CAPTURED: {"payment_id": "p-1", "amount": "25.00", "currency": "EUR"},
+    envelope.PAYMENT_DECLINED: {"reason": "card expired", "amount": "25.00", "currency": "EUR"},
+    envelope.INVOICE_ISSUED: {
+        "invoice_number": "INV-2026-000001",
+        "total": "25.00",
+        "currency": "EUR",
+    },
+    envelope.SHIPMENT_BOOKED: {
+        "shipment_id": "shp_1",
+        "carrier": "SimParcel",
+        "tracking_number": "1Z1",
+    },
+    envelope.CUSTOMER_NOTIFIED: {"step": "received", "message_id": "<order-1.received@x>"},
+}
+# Events that drive a new order into each state (from placed).
+REACH = {
+    lifecycle.PLACED: [],
+    lifecycle.PAID: [envelope.PAYMENT_CAPTURED],
+    lifecycle.INVOICED: [envelope.PAYMENT_CAPTURED, envelope.INVOICE_ISSUED],
+    lifecycle.SHIPPED: [envelope.PAYMENT_CAPTURED, envelope.SHIPMENT_BOOKED],
+    lifecycle.COMPLETED: [
+        envelope.PAYMENT_CAPTURED,
+        envelope.INVOICE_ISSUED,
+        envelope.SHIPMENT_BOOKED,
+    ],
+    lifecycle.CANCELLED: [envelope.PAYMENT_DECLINED],
+}
+
+
+def _event(event_type: str, order_id: int, second: int = 1) -> dict[str, Any]:
+    return _outcome(
+        event_type, order_id, f"2026-11-28T10:00:{second:02d}+00:00", **DATA[event_type]
+    )
+
+
+def _status(app: Flask, order_id: int) -> str:
+    return str(app.test_client().get(f"/orders/{order_id}").get_json()["status"])
+
+
+def test_every_state_event_pair_through_the_database(make_app: Callable[..., Flask]) -> None:
+    """record_event applies lifecycle.TRANSITIONS: one order per (state, event) pair."""
+    app = make_app(NO_REDIS)
+    for (state, event_type), (after, _effect) in lifecycle.TRANSITIONS.items():
+        order_id = _place(app)
+        for n, earlier in enumerate(REACH[state]):
+            assert _record(app, _event(earlier, order_id, n))
+        assert _status(app, order_id) == state
+        assert _record(app, _event(event_type, order_id, 30)) is True
+        assert _status(app, order_id) == after, (state, event_type)
+
+
+def test_late_duplicate_and_out_of_order_events(make_app: Callable[..., Flask]) -> None:
     app = make_app(NO_REDIS)
     order_id = _place(app)
     client = app.test_client()
-    email = _outcome(
-        envelope.CONFIRMATION_EMAIL_SENT, order_id, "2026-11-28T10:00:03+00:00",
-        to="ada@example.com", message_id="m-1",
-    )  # fmt: skip
-    paid = _outcome(
-        envelope.PAYMENT_CAPTURED, order_id, "2026-11-28T10:00:01+00:00",
-        payment_id="p-1", amount="25.00", currency="EUR",
-    )  # fmt: skip
-    invoiced = _outcome(
-        envelope.INVOICE_ISSUED, order_id, "2026-11-28T10:00:02Z",
-        invoice_number="INV-2026-000001", total="25.00", currency="EUR",
-    )  # fmt: skip
+    invoiced = _event(envelope.INVOICE_ISSUED, order_id, 2)
+    paid = _event(envelope.PAYMENT_CAPTURED, order_id, 1)
+    shipped = _event(envelope.SHIPMENT_BOOKED, order_id, 3)
+    late_decline = _event(envelope.PAYMENT_DECLINED, order_id, 4)
 
-    assert _record(app, email) is True
-    assert client.get(f"/orders/{order_id}").get_json()["status"] == "processing"
-    assert _record(app, email) is False  # redelivered
-    assert _record(app, paid) is True
-    assert client.get(f"/orders/{order_id}").get_json()["status"] == "processing"
-    assert _record(app, invoiced) is True
+    assert _record(app, invoiced) is True  # InvoiceIssued before PaymentCaptured
+    assert _status(app, order_id) == "invoiced"
+    assert _record(app, invoiced) is False  # redelivered: same event id
+    assert _record(app, paid) is True  # the late PaymentCaptured
+    assert _status(app, order_id) == "invoiced"
+    assert _record(app, shipped) is True
+    assert _record(app, {**shipped, "id": str(uuid.uuid4())}) is True  # a re-emitted copy
+    assert _status(app, order_id) == "completed"
+    assert _record(app, late_decline) is True  # recorded, but never un-pays the order
     body = client.get(f"/orders/{order_id}").get_json()
     assert body["status"] == "completed"
-    # In order of occurrence, not of arrival; the duplicate is not there.
+    # History in order of occurrence; timeline in order of recording, with effects.
     assert [h["type"] for h in body["history"]] == [
         envelope.PAYMENT_CAPTURED,
         envelope.INVOICE_ISSUED,
-        envelope.CONFIRMATION_EMAIL_SENT,
+        envelope.SHIPMENT_BOOKED,
+        envelope.SHIPMENT_BOOKED,
+        envelope.PAYMENT_DECLINED,
     ]
     assert body["history"][1]["occurred_at"] == "2026-11-28T10:00:02.000000+00:00"
-    assert body["history"][1]["data"]["invoice_number"] == "INV-2026-000001"
+    assert [(t["type"], t["status"], t["effect"]) for t in body["timeline"]] == [
+        (envelope.ORDER_PLACED, "placed", "advanced"),
+        (envelope.INVOICE_ISSUED, "invoiced", "advanced"),
+        (envelope.PAYMENT_CAPTURED, "invoiced", "unchanged"),
+        (envelope.SHIPMENT_BOOKED, "completed", "advanced"),
+        (envelope.SHIPMENT_BOOKED, "completed", "unchanged"),
+        (envelope.PAYMENT_DECLINED, "completed", "conflict"),
+    ]
 
 
-def test_payment_declined(make_app: Callable[..., Flask]) -> None:
+def test_payment_declined_cancels_the_order(make_app: Callable[..., Flask]) -> None:
     app = make_app(NO_REDIS)
     order_id = _place(app)
-    declined = _outcome(
-        envelope.PAYMENT_DECLINED, order_id, "2026-11-28T10:00:01+00:00", reason="card expired"
-    )
-    assert _record(app, declined)
-    assert app.test_client().get(f"/orders/{order_id}").get_json()["status"] == "payment_declined"
+    assert _record(app, _event(envelope.PAYMENT_DECLINED, order_id))
+    assert _status(app, order_id) == "cancelled"
+    # A capture after the cancellation (the gateway answering twice) changes nothing.
+    assert _record(app, _event(envelope.PAYMENT_CAPTURED, order_id, 5))
+    assert _status(app, order_id) == "cancelled"
 
 
 @pytest.mark.parametrize(
@@ -101,7 +158,7 @@ def test_bad_events_are_rejected(
 ) -> None:
     app = make_app(NO_REDIS)
     order_id = _place(app)
-    event = {**_outcome(envelope.PAYMENT_DECLINED, order_id, "2026-11-28T10:00:00Z", reason="x")}
+    event = _event(envelope.PAYMENT_DECLINED, order_id)
     event.update(change)
     with pytest.raises(error):
         _record(app, event)
@@ -136,3 +193,38 @@ def test_invoice_is_html_escaped_and_only_after_invoice_issued(
     public = client.get(f"/orders/{order_id}/invoice").get_data(as_text=True)
     assert "&lt;***@example.com" in public and "script" not in public
     assert client.get("/orders/999/invoice").status_code == 404
+
+
+def test_two_outcomes_of_one_order_recorded_at_once_both_count(
+    make_app: Callable[..., Flask],
+) -> None:
+    """InvoiceIssued and ShipmentBooked of one order, recorded concurrently (two
+    orders-updates workers): the order ends completed, whichever commits first."""
+    app = make_app(NO_REDIS)
+    orders = [_place(app) for _ in range(20)]
+    for order_id in orders:
+        assert _record(app, _event(envelope.PAYMENT_CAPTURED, order_id))
+    errors: list[BaseException] = []
+
+    def record(event: dict[str, Any], barrier: threading.Barrier) -> None:
+        barrier.wait()
+        for _ in range(50):  # a writer that lost SQLite's lock retries, as the worker does
+            try:
+                _record(app, event)
+                return
+            except OperationalError:
+                threading.Event().wait(0.01)
+        errors.append(AssertionError(f"could not record {event['type']}"))
+
+    for order_id in orders:
+        barrier = threading.Barrier(2)
+        threads = [
+            threading.Thread(target=record, args=(_event(t, order_id, 2), barrier))
+            for t in (envelope.INVOICE_ISSUED, envelope.SHIPMENT_BOOKED)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert not errors
+    assert [_status(app, o) for o in orders] == ["completed"] * len(orders)

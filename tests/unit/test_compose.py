@@ -172,5 +172,5 @@ def test_cluster_override_points_every_client_at_the_cluster() -> None:
         assert service["depends_on"]["redis-cluster-init"] == {
             "condition": "service_completed_successfully"
         }
-    for name in ("payment", "invoice", "email", "orders-updates"):
+    for name in ("payment", "invoice", "shipping", "email", "orders-updates"):
         assert clients[name]["deploy"]["replicas"] >= 2, name

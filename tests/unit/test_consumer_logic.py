@@ -17,10 +17,11 @@ from sqlalchemy.orm import Session
 
 from consumers import store
 from consumers.config import ConsumerSettings
-from consumers.email import message_id, render
-from consumers.handler import order_of
+from consumers.email import EmailHandler, RecipientUnknown, message_id, render
+from consumers.handler import order_of, stable_event_id
 from consumers.invoice import InvoiceHandler
 from consumers.payment import GatewayUnavailable, PaymentHandler, SimulatedGateway, payment_key
+from consumers.shipping import ShippingHandler
 from messaging import envelope
 from messaging.config import ConfigError
 from messaging.queue import (
@@ -46,6 +47,16 @@ def order_placed(order_id: int = 1, email: str = "ann@example.com", **data: Any)
     }
     return envelope.envelope(
         envelope.ORDER_PLACED, payload, message="placed", sender="orders-api", count=order_id
+    )
+
+
+def captured(order_id: int = 1, amount: str = "10.00") -> dict[str, Any]:
+    return envelope.envelope(
+        envelope.PAYMENT_CAPTURED,
+        {"order_id": order_id, "payment_id": "pay_1", "amount": amount, "currency": "EUR"},
+        message="captured",
+        sender="payment-service",
+        count=order_id,
     )
 
 
@@ -213,7 +224,12 @@ def test_payment_magic_emails(engine: Engine) -> None:
     handler = PaymentHandler(engine, SimulatedGateway(engine, flaky_calls=2))
     [declined] = handler.handle(order_placed(1, email="decline@example.com"))
     assert declined["type"] == envelope.PAYMENT_DECLINED
-    assert declined["data"] == {"order_id": 1, "reason": "card declined by issuer"}
+    assert declined["data"] == {
+        "order_id": 1,
+        "reason": "card declined by issuer",
+        "amount": "10.00",
+        "currency": "EUR",
+    }
     flaky = order_placed(2, email="flaky@example.com")
     for _ in range(2):
         with pytest.raises(GatewayUnavailable):
@@ -239,33 +255,150 @@ def test_seeded_gateway_decisions_are_deterministic(tmp_path: Path) -> None:
 
 def test_invoice_twice_issues_one_invoice(engine: Engine) -> None:
     handler = InvoiceHandler(engine)
-    event = order_placed(9)
+    event = captured(9, amount="12.50")
     first = handler.handle(event)
     assert handler.handle(event) == first
-    # Another event for the same order (never expected) still yields the one invoice.
-    [other] = handler.handle(order_placed(9))
-    assert other["data"]["invoice_number"] == first[0]["data"]["invoice_number"]
+    # A second capture of the same order (never expected) still yields the one invoice,
+    # reported under the same event id.
+    assert handler.handle(captured(9)) == first
     assert count(engine, store.Invoice) == 1
-    assert first[0]["data"]["invoice_number"].endswith("-000001")
+    [issued] = first
+    assert issued["data"]["invoice_number"].endswith("-000001")
+    assert issued["data"]["total"] == "12.50"
+    assert issued["id"] == stable_event_id(envelope.INVOICE_ISSUED, 9)
 
 
 def test_invoice_numbers_are_consecutive(engine: Engine) -> None:
     handler = InvoiceHandler(engine)
-    numbers = [handler.handle(order_placed(i))[0]["data"]["invoice_number"] for i in range(1, 6)]
+    numbers = [handler.handle(captured(i))[0]["data"]["invoice_number"] for i in range(1, 6)]
     assert [int(n.rsplit("-", 1)[1]) for n in numbers] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("handler_class", [InvoiceHandler, ShippingHandler])
+def test_invoice_and_shipping_refuse_order_placed(engine: Engine, handler_class: type[Any]) -> None:
+    """They work on PaymentCaptured only: an OrderPlaced on their queue is malformed."""
+    handler = handler_class(engine)
+    assert handler.accepts == frozenset({envelope.PAYMENT_CAPTURED})
+    with pytest.raises(MalformedMessage, match="OrderPlaced"):
+        parse(json.dumps(order_placed(1)).encode(), handler.accepts)
+
+
+def test_shipping_books_one_shipment_per_order(engine: Engine) -> None:
+    handler = ShippingHandler(engine)
+    event = captured(5)
+    [booked] = handler.handle(event)
+    assert booked["type"] == envelope.SHIPMENT_BOOKED
+    assert booked["id"] == stable_event_id(envelope.SHIPMENT_BOOKED, 5)
+    data = booked["data"]
+    assert data["order_id"] == 5 and data["carrier"] == "SimParcel"
+    assert data["tracking_number"].startswith("1Z") and len(data["tracking_number"]) == 18
+    assert handler.handle(event) == [booked]  # redelivered: the stored outcome
+    assert handler.handle(captured(5)) == [booked]  # another capture: the same shipment
+    [other] = handler.handle(captured(6))
+    assert other["data"]["tracking_number"] != data["tracking_number"]
+    assert count(engine, store.Shipment) == 2
+
+
+def test_shipment_unique_per_order_is_enforced_by_the_table(engine: Engine) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    with pytest.raises(IntegrityError), Session(engine) as session, session.begin():
+        for n in (1, 2):
+            session.add(
+                store.Shipment(
+                    shipment_id=f"s{n}", order_id=7, carrier="c", tracking_number=f"t{n}",
+                    event_id=f"e{n}",
+                )
+            )  # fmt: skip
+
+
+def declined(order_id: int = 1) -> dict[str, Any]:
+    return envelope.envelope(
+        envelope.PAYMENT_DECLINED,
+        {"order_id": order_id, "reason": "card declined", "amount": "10.00", "currency": "EUR"},
+        message="declined",
+        sender="payment-service",
+        count=order_id,
+    )
+
+
+def shipment_booked(order_id: int = 1) -> dict[str, Any]:
+    return envelope.envelope(
+        envelope.SHIPMENT_BOOKED,
+        {"order_id": order_id, "shipment_id": "s", "carrier": "SimParcel",
+         "tracking_number": "1ZTRACK<&>"},
+        message="booked",
+        sender="shipping-service",
+        count=order_id,
+    )  # fmt: skip
 
 
 def test_email_is_rendered_escaped_with_a_stable_message_id() -> None:
     event = order_placed(4)
-    msg = render(order_of(event), event_id=event["id"], sender="orders@example.com")
-    assert msg["Message-ID"] == "<order-4.confirmation@example.com>"  # per order and step
-    assert message_id(event["data"]["order_id"], "orders@example.com") == msg["Message-ID"]
+    recipient = store.Recipient(order_id=4, email="ann@example.com", currency="EUR", total="10.00")
+    msg = render(event, recipient, step="received", sender="orders@example.com")
+    assert msg["Message-ID"] == "<order-4.received@example.com>"  # per order and step
+    assert message_id(4, "received", "orders@example.com") == msg["Message-ID"]
     html_part = msg.get_body(("html",))
     text_part = msg.get_body(("plain",))
     assert html_part is not None and text_part is not None
     assert "&lt;b&gt;A&amp;B&lt;/b&gt;" in html_part.get_content()
     assert "<b>A&B</b>" in text_part.get_content()  # plain text is not HTML
     assert "Total: 10.00 EUR" in text_part.get_content()
+    shipped = render(shipment_booked(4), recipient, step="shipped", sender="orders@example.com")
+    assert "1ZTRACK&lt;&amp;&gt;" in shipped.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    assert "Tracking number: 1ZTRACK<&>" in shipped.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+
+
+class _Outbox(EmailHandler):
+    """The real handler with SMTP replaced by a list (unit tests: no network)."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine, host="unused", port=0, sender="orders@example.com")
+        self.sent: list[Any] = []
+
+    def send(self, msg: Any, to: str) -> None:
+        assert msg["To"] == to
+        self.sent.append(msg)
+
+
+def test_email_tells_each_step_once(engine: Engine) -> None:
+    handler = _Outbox(engine)
+    placed = order_placed(3)
+    for event in (placed, placed, shipment_booked(3), shipment_booked(3)):
+        [notified] = handler.handle(event)
+        assert notified["type"] == envelope.CUSTOMER_NOTIFIED
+    subjects = [m["Subject"] for m in handler.sent]
+    assert subjects == ["We received your order #3", "Your order #3 has shipped"]
+    assert notified["data"] == {
+        "order_id": 3,
+        "step": "shipped",
+        "message_id": "<order-3.shipped@example.com>",
+    }
+    assert notified["id"] == stable_event_id(envelope.CUSTOMER_NOTIFIED, 3, "shipped")
+    assert count(engine, store.EmailSent) == 2
+
+
+def test_email_for_a_declined_order(engine: Engine) -> None:
+    handler = _Outbox(engine)
+    handler.handle(order_placed(8, email="decline@example.com"))
+    [notified] = handler.handle(declined(8))
+    assert notified["data"]["step"] == "payment_declined"
+    [received, cancelled] = handler.sent
+    assert cancelled["To"] == "decline@example.com"
+    assert cancelled["Subject"] == "Your order #8 is cancelled: payment declined"
+    assert "10.00 EUR" in cancelled.get_body(("plain",)).get_content()
+
+
+def test_a_step_before_order_placed_is_retried(engine: Engine) -> None:
+    """ShipmentBooked overtook OrderPlaced (its send is being retried): no address yet."""
+    handler = _Outbox(engine)
+    with pytest.raises(RecipientUnknown):
+        handler.handle(shipment_booked(2))
+    assert classify(RecipientUnknown("x")) == "retry"
+    handler.handle(order_placed(2))
+    handler.handle(shipment_booked(2))
+    assert [m["Subject"] for m in handler.sent][-1] == "Your order #2 has shipped"
 
 
 def test_process_once_keeps_the_first_outcome(engine: Engine) -> None:

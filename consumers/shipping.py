@@ -1,0 +1,109 @@
+"""The shipping consumer: books one carrier shipment per paid order.
+
+It works on PaymentCaptured, so a declined order is never shipped. The carrier is
+simulated: a booking is a shipment id and a tracking number (``1Z`` + 16 characters,
+the shape of a parcel carrier's). A real carrier API would be called where
+:func:`book` runs, with the order id as its idempotency key.
+
+Idempotent per order, enforced by the data: ``shipments.order_id`` is unique and the
+booking commits with the ``consumer_processed`` row in one transaction. A second
+PaymentCaptured for the same order (or a redelivery) finds the shipment and reports it
+again under the same event id (:func:`consumers.handler.stable_event_id`); two workers
+racing on one order collide on the unique key, and the loser reports the winner's.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from consumers import store
+from consumers.handler import order_id_of, stable_event_id
+from messaging import envelope, keys
+from messaging.handler import outcome
+
+QUEUE = keys.SHIPPING_QUEUE
+SENDER = "shipping-service"
+CARRIER = "SimParcel"
+"""The simulated carrier's name, reported in ShipmentBooked."""
+_TRACKING_ALPHABET = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZ"
+
+
+def tracking_number() -> str:
+    """A new random tracking number, e.g. ``1Z7K3M9Q2W4E6R8T0Y``."""
+    return "1Z" + "".join(secrets.choice(_TRACKING_ALPHABET) for _ in range(16))
+
+
+def book(order_id: int) -> tuple[str, str, str]:
+    """Book a parcel with the simulated carrier: (shipment id, carrier, tracking number)."""
+    return f"shp_{uuid.uuid4().hex[:24]}", CARRIER, tracking_number()
+
+
+def booked_event(shipment: store.Shipment) -> dict[str, Any]:
+    """The ShipmentBooked event of a shipment (the same id every time)."""
+    return outcome(
+        envelope.SHIPMENT_BOOKED,
+        {
+            "order_id": shipment.order_id,
+            "shipment_id": shipment.shipment_id,
+            "carrier": shipment.carrier,
+            "tracking_number": shipment.tracking_number,
+        },
+        order_id=shipment.order_id,
+        sender=SENDER,
+        message=(
+            f"Shipment booked for order #{shipment.order_id}: "
+            f"{shipment.carrier} {shipment.tracking_number}"
+        ),
+        event_id=stable_event_id(envelope.SHIPMENT_BOOKED, shipment.order_id),
+        at=shipment.booked_at,
+    )
+
+
+class ShippingHandler:
+    """Books each paid order's shipment once and reports ShipmentBooked."""
+
+    queue = QUEUE
+    accepts = envelope.accepted_by(QUEUE)
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        """Book (idempotently) and return the outcome event."""
+        order_id = order_id_of(event)
+
+        def ship(session: Session) -> list[dict[str, Any]]:
+            shipment = session.scalars(
+                select(store.Shipment).where(store.Shipment.order_id == order_id)
+            ).first()
+            if shipment is None:  # else: another capture of the same order; one shipment
+                shipment_id, carrier, tracking = book(order_id)
+                shipment = store.Shipment(
+                    shipment_id=shipment_id,
+                    order_id=order_id,
+                    carrier=carrier,
+                    tracking_number=tracking,
+                    event_id=event["id"],
+                )
+                session.add(shipment)
+                session.flush()
+            return [booked_event(shipment)]
+
+        try:
+            emitted, _new = store.process_once(self.engine, QUEUE, event, ship)
+        except IntegrityError:
+            # Another event of the same order booked it concurrently: report that one.
+            with Session(self.engine) as session:
+                shipment = session.scalars(
+                    select(store.Shipment).where(store.Shipment.order_id == order_id)
+                ).first()
+                if shipment is None:
+                    raise
+                return [booked_event(shipment)]
+        return emitted
