@@ -254,7 +254,12 @@ def test_chaos(topology_name: str, tmp_path: Path, request: pytest.FixtureReques
         finally:
             placing_done.set()
             chaos_thread.join()
-        assert redis_restarted.is_set(), "the chaos thread never crashed Redis"
+        if not redis_restarted.is_set():
+            # Intake outran the kills (placing is fast now): crash Redis while the
+            # consumers still work through the backlog, so the crash always lands.
+            crash()
+            redis_restarted.set()
+        assert cluster.kills > 0, "the chaos thread never killed a consumer"
         assert len(set(order_ids)) == n_orders
         cluster.top_up()
 
