@@ -149,7 +149,9 @@ def test_the_logged_url_logs_in_once_and_the_cookie_is_strict(client: FlaskClien
     page = client.get("/")
     assert page.status_code == 200 and 'id="order-form"' in page.get_data(as_text=True)
     assert client.get("/api/queues").status_code == 200
-    assert client.get("/events/stream?x=1", buffered=False).status_code == 200
+    # The feed lives on orders-stream: the logged-in page is sent there (a 307).
+    feed = client.get("/events/stream?x=1", buffered=False)
+    assert feed.status_code == 307 and "/events/stream" in feed.headers["Location"]
 
 
 def test_the_login_form_sets_the_cookie(client: FlaskClient) -> None:
