@@ -109,13 +109,14 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
     def load(self) -> Flask:
         """Runs in each worker after the fork: build the app (and the relay thread)."""
         global _relay_stop, _app
-        from orders.app import create_app
-
         logs.configure(self.settings.base.log_format, self.settings.base.log_level)
         # A worker that boots while the master shuts down can find the metrics directory
         # already cleaned; recreate it rather than fail the boot (gunicorn's exit code 3).
+        # Before importing the app: importing orders.metrics creates its counter files.
         if os.environ.get(MULTIPROC_ENV):
             Path(os.environ[MULTIPROC_ENV]).mkdir(parents=True, exist_ok=True)
+        from orders.app import create_app
+
         services = order_services(self.settings)
         app = create_app(services=services)
         _app = app
