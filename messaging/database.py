@@ -8,6 +8,8 @@ process that starts at the same moment.
 from __future__ import annotations
 
 import logging
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +39,41 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     #   "database is locked". Each service has its own file, so the only writers
     #   that queue are one service's own threads and processes.
     # - foreign_keys=ON: SQLite enforces REFERENCES only when asked.
+    #
+    # busy_timeout comes first, so that every later statement waits for a sibling's
+    # lock. WAL is a property of the file, kept once set: a connection reads the mode
+    # and switches only when the file is not in WAL yet. The switch needs the file to
+    # itself, and SQLite answers "database is locked" to it at once (its busy handler is
+    # not consulted while another connection on a fresh file holds or recovers the
+    # lock), so processes that open one new file at the same instant retry it, bounded.
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
+    try:
+        cursor.execute("PRAGMA busy_timeout=10000")
+        _switch_to_wal(cursor)
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def _switch_to_wal(cursor: Any, *, budget_seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + budget_seconds
+    pause = 0.005
+    while True:
+        try:
+            mode = cursor.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() == "wal":
+                return
+            mode = cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() in ("wal", "memory"):  # ":memory:" databases stay memory
+                return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+        if time.monotonic() >= deadline:
+            raise sqlite3.OperationalError("database is locked: could not switch to WAL")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
 def database_engine(database_url: str, **overrides: Any) -> Engine:
