@@ -5,6 +5,14 @@ samples the real ``orders-api`` (gunicorn workers) with py-spy while vegeta offe
 orders at a fixed rate, and prints the CPU time per order by layer: the figure to
 quote for "where does an order's CPU go".
 
+``python -m benchmarks.profiling cpu [--rate 150] [--seconds 8] [--database ...]``
+offers the same fixed rate to bare Flask and to ``orders-api`` (the bench's server
+settings) and prints the CPU each request cost every process that serves it: the
+server's master and workers, Redis and PostgreSQL. CPU seconds do not move with the
+machine's load the way requests a second do, so this is the figure to compare two
+versions of the order path on a shared machine (their ratio is what the intake row's
+ratio would be on an idle one, less the load tool's share).
+
 ``python -m benchmarks.profiling post [--count 2000] [--database sqlite|postgresql]``
 profiles POST /orders through the real Flask app (test client: no HTTP server, so the
 profile is our code, Flask, SQLAlchemy, the driver and Redis) and prints where the time
@@ -16,6 +24,7 @@ Redis server; the HTML profiles go to ``bench-results/profile-*.html``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import threading
@@ -115,9 +124,9 @@ def profile_post(redis_url: str, database_url: str, count: int) -> None:
             raise RuntimeError(f"POST /orders answered {response.status_code}")
     profiler.stop()
     elapsed = time.perf_counter() - start
-    marker = app.extensions.get("orders.marker")
-    if marker is not None:
-        marker.close()
+    publisher = app.extensions.get("orders.publisher")  # orders.api.PUBLISHER
+    if publisher is not None:
+        publisher.close()
     app.extensions["orders"].close()
     print(f"{count} POST /orders in {elapsed:.2f}s: {count / elapsed:,.0f}/s in one thread")
     print_split("POST /orders, time by layer", layer_split(profiler), count)
@@ -238,6 +247,67 @@ def profile_server(redis_url: str, database_url: str, seconds: float, rate: floa
     print(f"\n{samples:.0f} samples; collapsed stacks (flamegraph input): {out}")
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes so far (those that exited count 0)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (after pid and comm)
+    return total / tick
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    import subprocess
+
+    found = [pid]
+    for child in subprocess.run(
+        ["pgrep", "-P", str(pid)], capture_output=True, text=True
+    ).stdout.split():
+        found += _tree(int(child))
+    return found
+
+
+def profile_cpu(
+    redis_url: str, database_url: str, postmaster: int | None, seconds: float, rate: float
+) -> None:
+    """CPU per request of bare Flask and of orders-api at one offered rate."""
+    from benchmarks import vegeta
+    from benchmarks.harness import BIN, MODES, Context
+    from benchmarks.intake import body_file, start_api
+
+    work = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
+    ctx = Context(mode=MODES["quick"], work=work, redis_url=redis_url)
+    client = redis.Redis.from_url(redis_url)
+    redis_pid = int(client.info("server")["process_id"])
+    client.close()
+    body = body_file(ctx)
+    print(f"{rate:g} requests/s offered for {seconds:g} s to each server\n")
+    print("| server | answered | CPU µs per request (server, Redis, database) | p50 ms |")
+    print("|---|---:|---:|---:|")
+    for name, argv in (
+        ("bare Flask", [str(BIN / "python"), "-m", "benchmarks.bare_app"]),
+        ("orders-api", None),
+    ):
+        url = database_url if argv is None else f"sqlite:///{work / 'unused.db'}"
+        api, base = start_api(ctx, url, argv)
+        try:
+            vegeta.post(f"{base}/orders", body, requests=200, clients=4)  # warm up
+            pids = _tree(api.popen.pid) + [redis_pid]
+            if postmaster is not None and argv is None:
+                pids += _tree(postmaster)
+            before = _cpu_seconds(pids)
+            load = vegeta.post(f"{base}/orders", body, seconds=seconds, rate=rate)
+            used = _cpu_seconds(pids) - before
+        finally:
+            api.terminate(15.0)
+        print(f"| {name} | {load.ok} | {used / max(load.ok, 1) * 1e6:,.0f} | {load.p(50):.1f} |")
+
+
 def _layer_of_names(frames: list[str]) -> str:
     for frame in reversed(frames):
         for layer, needles in LAYERS:
@@ -257,9 +327,9 @@ def _save(profiler: Profiler, name: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one profile."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profiling")
-    parser.add_argument("target", choices=["post", "drain", "server"])
+    parser.add_argument("target", choices=["post", "drain", "server", "cpu"])
     parser.add_argument("--seconds", type=float, default=10.0, help="server: load time")
-    parser.add_argument("--rate", type=float, default=200.0, help="server: orders/s offered")
+    parser.add_argument("--rate", type=float, default=0.0, help="server, cpu: requests/s offered")
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
@@ -282,7 +352,13 @@ def main(argv: list[str] | None = None) -> int:
                 cluster = PostgresCluster(bin_dir).start()
                 database_url = cluster.create_database()
             if args.target == "server":
-                profile_server(server.url, database_url, args.seconds, args.rate)
+                profile_server(server.url, database_url, args.seconds, args.rate or 200.0)
+            elif args.target == "cpu":
+                postmaster = None
+                if cluster is not None:
+                    pid_file = cluster.data / "postmaster.pid"
+                    postmaster = int(pid_file.read_text().split()[0])
+                profile_cpu(server.url, database_url, postmaster, args.seconds, args.rate or 150.0)
             else:
                 profile_post(server.url, database_url, args.count or 2000)
     finally:

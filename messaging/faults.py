@@ -30,6 +30,9 @@ The points: where each sits (what the process has just done) -> the recovery tha
 - ``api.after_commit``: POST /orders committed the order and its outbox row (born
   claimed), before the fast-path publish -> a relay publishes the row once its claim
   has expired; the client's retry with its Idempotency-Key finds the order.
+- ``api.before_publish``: POST /orders committed and handed its event to the worker's
+  background publisher (the 201 may be on its way), which is about to send it -> as
+  for ``api.after_commit``: the relay publishes the claimed row once the claim expires.
 - ``relay.after_publish``: a relay published a claimed batch, did not mark it -> the
   claims expire and a relay publishes the rows again: duplicates with the same event
   ids, which consumers drop; never a loss.
@@ -57,6 +60,7 @@ POINTS = frozenset(
         "worker.after_emit",
         "worker.before_ack",
         "api.after_commit",
+        "api.before_publish",
         "relay.after_publish",
     }
 )
