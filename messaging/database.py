@@ -232,6 +232,16 @@ class DriverInsert:
 
 
 @contextmanager
+def _pipelined(dbapi_connection: Any) -> Iterator[None]:
+    pipeline = getattr(dbapi_connection, "pipeline", None)  # psycopg 3; sqlite3 has none
+    if pipeline is None:
+        yield
+        return
+    with pipeline():
+        yield
+
+
+@contextmanager
 def driver_transaction(engine: Engine) -> Iterator[Any]:
     """A pooled connection's DBAPI cursor in one transaction: commit, or roll back.
 
@@ -241,6 +251,11 @@ def driver_transaction(engine: Engine) -> Iterator[Any]:
     (``IntegrityError``, ``OperationalError`` ...), so the callers' handlers (a 503 for
     a locked or unreachable database) see no difference; a lost connection is
     invalidated, as SQLAlchemy does.
+
+    On PostgreSQL (psycopg) the transaction runs in pipeline mode: statements whose
+    results are not read yet go out together, so BEGIN travels with the first
+    statement and an executemany with the next one (4 round trips for an order instead
+    of 6; on a busy machine each round trip costs a scheduler wake-up of the server).
     """
     dialect = engine.dialect
     dbapi_error = dialect.loaded_dbapi.Error
@@ -249,7 +264,7 @@ def driver_transaction(engine: Engine) -> Iterator[Any]:
     try:
         cursor = raw.cursor()
         try:
-            with write_lock(engine):
+            with write_lock(engine), _pipelined(raw.dbapi_connection):
                 yield cursor
                 raw.commit()
         except BaseException:
