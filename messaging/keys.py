@@ -84,8 +84,19 @@ def deaths(queue: str) -> str:
     return f"{_tag(queue)}:deaths"
 
 
+def revivable(queue: str) -> str:
+    """Sorted set of transient dead letters (their stored JSON), scored by the time
+    they are next revived (put back on pending)."""
+    return f"{_tag(queue)}:revivable"
+
+
+def revive_tick(queue: str) -> str:
+    """String with a one-second TTL: some worker revived dead letters this second."""
+    return f"{_tag(queue)}:revive-tick"
+
+
 def stats(queue: str) -> str:
-    """Hash of counters: processed, failed, retried, dead."""
+    """Hash of counters: processed, failed, retried, dead, revived."""
     return f"{_tag(queue)}:stats"
 
 
