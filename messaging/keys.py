@@ -95,6 +95,12 @@ def revive_tick(queue: str) -> str:
     return f"{_tag(queue)}:revive-tick"
 
 
+def revive_recovered(queue: str) -> str:
+    """String set when a revived message was acked (its dependency is back): every
+    transient dead letter is then due at once, at the revival's rate bound."""
+    return f"{_tag(queue)}:revive-recovered"
+
+
 def stats(queue: str) -> str:
     """Hash of counters: processed, failed, retried, dead, revived."""
     return f"{_tag(queue)}:stats"

@@ -46,7 +46,10 @@ puts due ones back on pending at a bounded rate per queue (CONSUMER_REVIVE_RATE 
 second, whichever worker gets there first). A revived message keeps its first failure,
 so it is a probe: one attempt, and if the dependency is still down it is dead-lettered
 again at once and waits twice as long (CONSUMER_REVIVE_SECONDS, doubling, at most the
-budget) before the next probe. Once the dependency is back, the probes succeed.
+budget) before the next probe. Once the dependency is back a probe succeeds; its ack
+sets ``revive-recovered(q)``, and from then on every transient dead letter is due:
+the rest follow at the rate bound, not after their own schedules. A transient
+dead-lettering clears that flag again (the dependency went away again).
 
 Every state change that touches two keys is one Lua script, and every script first
 removes the message from the worker's processing list and does nothing else if it was
@@ -322,13 +325,21 @@ for i = 2, n + 1 do
   if suspects and removed > 0 then redis.call('HDEL', KEYS[4], redis.sha1hex(ARGV[i])) end
 end
 if #ARGV > n + 1 then
+  if redis.call('HLEN', KEYS[2]) > 0 then
+    for i = n + 2, #ARGV do  -- a revived message went through: its dependency is back
+      local v = redis.call('HGET', KEYS[2], ARGV[i])
+      if v and not string.match(v, ' 0$') and string.match(v, ' %d+$') then
+        redis.call('SET', KEYS[5], '1')
+      end
+    end
+  end
   redis.call('HDEL', KEYS[2], unpack(ARGV, n + 2))
 end
 if done > 0 then redis.call('HINCRBY', KEYS[3], 'processed', done) end
 return done
 """
 
-# KEYS: processing, attempts, delayed, dead, stats, deaths, revivable
+# KEYS: processing, attempts, delayed, dead, stats, deaths, revivable, recovered
 # ARGV: raw, id, now, error, failed_at, queue, text, b64, mode, max_attempts,
 #       budget, backoff base, backoff cap, jitter (0..1), revive seconds
 # mode: '1' permanent (dead now), '2' transient (retried until the budget is spent),
@@ -367,8 +378,10 @@ if cause then
   local encoded = cjson.encode(entry)
   redis.call('RPUSH', KEYS[4], encoded)
   if cause == 'transient' and ARGV[8] == '' then
-    local wait = math.min(budget, tonumber(ARGV[15]) * 2 ^ math.min(revivals, 40))
+    local first_wait = tonumber(ARGV[15])
+    local wait = math.min(math.max(budget, first_wait), first_wait * 2 ^ math.min(revivals, 40))
     redis.call('ZADD', KEYS[7], now + wait, encoded)
+    redis.call('DEL', KEYS[8])  -- the dependency is (still, again) away
   end
   if ARGV[2] ~= '' then redis.call('HDEL', KEYS[2], ARGV[2]) end
   redis.call('HDEL', KEYS[6], redis.sha1hex(ARGV[1]))
@@ -386,17 +399,24 @@ redis.call('HINCRBY', KEYS[5], 'retried', 1)
 return {1, n}
 """
 
-# KEYS: revivable, dead, pending, attempts, stats, tick. ARGV: now ('' = TIME), limit,
-# tick ms (0: no rate bound). A letter no longer in the dead list (an operator requeued
-# or discarded it) is only forgotten. The attempts entry comes back with one more
-# revival and the same first failure: a revived message's budget is already spent.
+# KEYS: revivable, dead, pending, attempts, stats, tick, recovered. ARGV: now ('' =
+# TIME), limit, tick ms (0: no rate bound). A letter no longer in the dead list (an
+# operator requeued or discarded it) is only forgotten. The attempts entry comes back
+# with one more revival and the same first failure: a revived message's budget is
+# already spent. Once a revived message was acked (the recovered flag), every letter
+# is due: the rest follow at the rate bound instead of waiting out their schedules.
 _REVIVE = """
 if ARGV[3] ~= '0' and not redis.call('SET', KEYS[6], '1', 'NX', 'PX', ARGV[3]) then
   return -1
 end
 local now = tonumber(ARGV[1])
 if not now then local t = redis.call('TIME') now = t[1] + t[2] / 1e6 end
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[2])
+local upto = now
+if redis.call('EXISTS', KEYS[7]) == 1 then
+  if redis.call('ZCARD', KEYS[1]) == 0 then redis.call('DEL', KEYS[7]) return 0 end
+  upto = '+inf'
+end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', upto, 'LIMIT', 0, ARGV[2])
 local n = 0
 for _, e in ipairs(due) do
   redis.call('ZREM', KEYS[1], e)
@@ -471,7 +491,7 @@ return redis.call('SADD', KEYS[2], ARGV[1])
 
 _PURGE = """
 local n = redis.call('LLEN', KEYS[1])
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 return n
 """
 
@@ -523,6 +543,7 @@ class RedisQueue:
         self.revive_seconds = revive_seconds
         self.revive_rate = revive_rate
         self.revivable_key = keys.revivable(name)
+        self.recovered_key = keys.revive_recovered(name)
         self.pending_key = keys.pending(name)
         self.delayed_key = keys.delayed(name)
         self.dead_key = keys.dead(name)
@@ -594,6 +615,7 @@ class RedisQueue:
                     self.attempts_key,
                     self.stats_key,
                     self.deaths_key,
+                    self.recovered_key,
                 ],
                 args=[len(messages), *messages, *ids],
             )
@@ -629,6 +651,7 @@ class RedisQueue:
                 self.stats_key,
                 self.deaths_key,
                 self.revivable_key,
+                self.recovered_key,
             ],
             args=[
                 message,
@@ -755,6 +778,7 @@ class RedisQueue:
                     self.attempts_key,
                     self.stats_key,
                     keys.revive_tick(self.name),
+                    self.recovered_key,
                 ],
                 args=["" if now is None else repr(now), self.revive_rate, 1000 if bounded else 0],
             )
@@ -792,7 +816,7 @@ class RedisQueue:
 
     def purge_dead(self) -> int:
         """Delete every dead letter; returns how many there were."""
-        return int(self._purge(keys=[self.dead_key, self.revivable_key]))
+        return int(self._purge(keys=[self.dead_key, self.revivable_key, self.recovered_key]))
 
     # --- observing -------------------------------------------------------------
 

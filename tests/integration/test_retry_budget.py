@@ -200,6 +200,30 @@ def test_a_transient_dead_letter_is_revived_and_probes_with_one_attempt(
     assert q.stats()["revived"] == 2
 
 
+def test_once_a_probe_succeeds_the_other_letters_follow_without_their_schedules(
+    bredis: redis_lib.Redis,
+) -> None:
+    q = RedisQueue(bredis, Q, retry_seconds=0.0, revive_seconds=100.0)
+    probe, a, b = message(10), message(11), message(12)
+    q.push(probe)
+    [taken] = q.take("w1", 1, timeout=0)
+    assert q.fail("w1", taken, "refused", transient=True, now=T0) == "dead"  # due T0+100
+    q.push(a, b)
+    for _ in range(2):
+        [taken] = q.take("w1", 1, timeout=0)
+        assert q.fail("w1", taken, "refused", transient=True, now=T0 + 50) == "dead"
+    assert q.revive(now=T0 + 100, bounded=False) == 1  # only the probe is due
+    [taken] = q.take("w1", 1, timeout=0)
+    assert taken == probe and q.ack("w1", [taken]) == 1  # the dependency is back
+    assert q.revive(now=T0 + 101, bounded=False) == 2  # a and b: 49 s early
+    assert sorted(bredis.lrange(keys.pending(Q), 0, -1)) == sorted([a, b])
+    # Down again: a transient dead-lettering ends the shortcut; schedules rule again.
+    [taken, _] = q.take("w1", 2, timeout=0)
+    assert q.fail("w1", taken, "refused", transient=True, now=T0 + 102) == "dead"
+    assert q.revive(now=T0 + 103, bounded=False) == 0
+    assert q.revive(now=T0 + 102 + 200, bounded=False) == 1  # its doubled wait
+
+
 def test_revival_is_rate_bounded_per_queue(bredis: redis_lib.Redis) -> None:
     """Two workers call revive as fast as they can: no call revives more than the rate,
     and two calls that revive are a second apart (the turn lives on Redis's clock)."""
