@@ -37,6 +37,7 @@ import json
 import logging
 import queue as local
 import threading
+import time
 from typing import Any
 
 import redis
@@ -206,9 +207,16 @@ class ChannelWorker(Worker):
         reason = super().health()
         if reason or self.stop.is_set():
             return reason
+        now = time.monotonic()
         for thread in self._channel_threads:
             if not thread.is_alive():
                 return f"channel thread {thread.name} died"
+            since = self._progress.get(thread.name)
+            if since is not None and now - since > self.stuck_seconds:
+                return (
+                    f"channel thread {thread.name} stuck for {now - since:.0f} s"
+                    f" (CONSUMER_STUCK_SECONDS {self.stuck_seconds:g})"
+                )
         return ""
 
     def run(self) -> int:
@@ -222,6 +230,11 @@ class ChannelWorker(Worker):
         ]
         for thread in self._channel_threads:
             thread.start()
+        # Registered (the heartbeat, "workers alive") only once Redis confirmed the
+        # subscription: a worker counted alive is one that hears what is published.
+        while not self.subscribed.wait(0.2):
+            if self.stop.is_set() or self.unhealthy.is_set():
+                break
         code = super().run()
         for thread in self._channel_threads:
             thread.join(5.0)
