@@ -319,8 +319,8 @@ def cmd_watch(_args: argparse.Namespace, settings: Settings) -> int:
         "both": "every event as it is emitted",
     }[settings.pattern]
     print(
-        f"watching {keys.ORDER_EVENTS_CHANNEL} (live only: earlier events are not shown); "
-        f"Ctrl-C stops\nPATTERN={settings.pattern}: {source}",
+        f"watching {keys.ORDER_EVENTS_CHANNEL} (live only: earlier events are not shown; "
+        f"PATTERN={settings.pattern}: {source}); Ctrl-C stops",
         flush=True,
     )
     try:
