@@ -51,6 +51,24 @@ ENV_VARS: tuple[EnvVar, ...] = declare(
     EnvVar("RELAY_BATCH", "100", "Most outbox rows the relay publishes per poll."),
     EnvVar("RELAY_CLAIM_SECONDS", "15", "Seconds a claimed outbox row is reserved."),
     EnvVar(
+        "RECONCILE_INTERVAL_SECONDS",
+        "30",
+        "Seconds between automatic reconciliation passes (one relay per pass holds a Redis "
+        "lock); 0 = off.",
+    ),
+    EnvVar(
+        "RECONCILE_AFTER_SECONDS",
+        "300",
+        "An order unsettled this long is stuck (orders_stuck, orders-admin stuck) and "
+        "re-published, at most once per this many seconds.",
+    ),
+    EnvVar("RECONCILE_BATCH", "100", "Most stuck orders one reconciliation pass re-publishes."),
+    EnvVar(
+        "RECONCILE_WINDOW_SECONDS",
+        "86400",
+        "Only orders placed within this many seconds are checked for being stuck.",
+    ),
+    EnvVar(
         "PROMETHEUS_MULTIPROC_DIR",
         "",
         "orders-api metrics files of its workers (empty: a temp dir).",
@@ -95,6 +113,23 @@ def _stream_url(env: Mapping[str, str]) -> str:
     return raw
 
 
+def _interval(env: Mapping[str, str], name: str) -> float:
+    value = env_float(env, name, 0.0, 86400.0)
+    if 0 < value < 0.1:
+        raise ConfigError(f"invalid {name} {env_str(env, name)!r}: must be 0 (off) or >= 0.1")
+    return value
+
+
+def _window(env: Mapping[str, str]) -> float:
+    window = env_float(env, "RECONCILE_WINDOW_SECONDS", 1.0, 86400.0 * 365)
+    if window < env_float(env, "RECONCILE_AFTER_SECONDS", 0.0, 86400.0 * 30):
+        raise ConfigError(
+            f"invalid RECONCILE_WINDOW_SECONDS {env_str(env, 'RECONCILE_WINDOW_SECONDS')!r}: "
+            "must be at least RECONCILE_AFTER_SECONDS"
+        )
+    return window
+
+
 @dataclass(frozen=True)
 class OrderServiceSettings:
     """Configuration of orders-api and orders-relay: the common Settings plus their own."""
@@ -126,6 +161,14 @@ class OrderServiceSettings:
     """ADMIN_TOKEN: the operator credential; empty: generated at start (orders.auth)."""
     allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")
     """ALLOWED_HOSTS: host names a request's Host may name (HOST is added; * = any)."""
+    reconcile_interval: float = 30.0
+    """RECONCILE_INTERVAL_SECONDS: between automatic passes; 0 turns them off."""
+    reconcile_after: float = 300.0
+    """RECONCILE_AFTER_SECONDS: unsettled this long counts as stuck."""
+    reconcile_batch: int = 100
+    """RECONCILE_BATCH: most orders re-published per pass."""
+    reconcile_window: float = 86400.0
+    """RECONCILE_WINDOW_SECONDS: how far back stuck orders are looked for."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OrderServiceSettings:
@@ -171,4 +214,8 @@ class OrderServiceSettings:
             rate_limit_per_minute=env_int(env, "RATE_LIMIT_PER_MINUTE", 0, 1_000_000),
             admin_token=admin_token,
             allowed_hosts=allowed,
+            reconcile_interval=_interval(env, "RECONCILE_INTERVAL_SECONDS"),
+            reconcile_after=env_float(env, "RECONCILE_AFTER_SECONDS", 0.0, 86400.0 * 30),
+            reconcile_batch=env_int(env, "RECONCILE_BATCH", 1, 100_000),
+            reconcile_window=_window(env),
         )
