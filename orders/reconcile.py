@@ -7,8 +7,8 @@ already marked published, outcome events on ``order-updates``, acks); a ``FLUSHA
 (an operator's mistake, a cache tool pointed at the wrong Redis) loses all of them; a
 failover to a replica that lagged behind loses writes in the same way.
 
-A pass finds the orders :func:`orders.service.stuck_orders` names (placed between
-``window`` and ``older_than`` seconds ago, not settled) and publishes their *stored*
+A pass finds the orders :func:`orders.stuck.stuck_orders` names (placed within the
+last day, not settled, no step recorded for ``older_than`` seconds) and publishes their *stored*
 OrderPlaced event again: the outbox row's payload, same event id. That is safe because
 every consumer's effect is unique per order and step in its own database (one payment
 row per order, one invoice, one shipment, one email per order and step, each claimed
@@ -56,8 +56,9 @@ from sqlalchemy.orm import Session
 
 from messaging import envelope, keys
 from messaging.publisher import EventPublisher
+from orders import stuck as stuck_view
 from orders.models import Order, Outbox
-from orders.service import StuckOrder, stuck_orders
+from orders.stuck import StuckOrder
 
 log = logging.getLogger("orders-relay")
 
@@ -82,12 +83,16 @@ class ReconcileResult:
     """OrderPlaced events published again."""
 
 
+ALL = 10**9
+"""``limit`` meaning every stuck order."""
+
+
 def incomplete_orders(
-    engine: Engine, older_than: float, window: float, limit: int | None = None
+    engine: Engine, older_than: float, window: float, limit: int = ALL
 ) -> list[StuckOrder]:
-    """The stuck orders (:func:`orders.service.stuck_orders`), oldest first."""
+    """The stuck orders (:func:`orders.stuck.stuck_orders`), oldest first."""
     with Session(engine) as session:
-        return stuck_orders(session, older_than, window, limit)
+        return stuck_view.stuck_orders(session, older_than, window=window, limit=limit).orders
 
 
 def stored_order_placed(engine: Engine, orders: list[StuckOrder]) -> dict[int, str]:
@@ -170,7 +175,7 @@ class AutoReconciler:
         interval: float = 30.0,
         after: float = 300.0,
         batch: int = 100,
-        window: float = 86400.0,
+        window: float = stuck_view.WINDOW_SECONDS,
         republish: bool = True,
     ) -> None:
         self.engine = engine
@@ -267,11 +272,10 @@ def auto_reconciler(
     interval: float,
     after: float,
     batch: int,
-    window: float,
     pattern: str,
 ) -> AutoReconciler:
     """The relay's reconciler; with PATTERN=pubsub it counts but does not re-publish."""
     return AutoReconciler(
         engine, publisher, client, owner=owner, interval=interval, after=after, batch=batch,
-        window=window, republish=pattern != "pubsub",
+        republish=pattern != "pubsub",
     )  # fmt: skip

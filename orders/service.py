@@ -17,31 +17,15 @@ import functools
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import (
-    Connection,
-    Engine,
-    Table,
-    and_,
-    bindparam,
-    exists,
-    func,
-    insert,
-    not_,
-    or_,
-    select,
-)
-from sqlalchemy import cast as sql_cast
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import Connection, Engine, Table, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, aliased, selectinload
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.orm import Session, selectinload
 
 from messaging import database, envelope
 from orders import lifecycle
-from orders.models import STATUS_PLACED, Order, OrderHistory, OrderLine, Outbox, utc_now
+from orders.models import STATUS_PLACED, Order, OrderLine, Outbox, utc_now
 from orders.money import format_money, line_total, order_total
 from orders.validation import OrderRequest, Problem
 
@@ -347,119 +331,3 @@ def order_to_dict(order: Order, history: list[Any] | None = None) -> dict[str, A
         ],
         "timeline": order_timeline(order, history),
     }
-
-
-# --- stuck orders -----------------------------------------------------------------------
-# One definition of "stuck", shared by the auto-reconciliation (orders.reconcile), the
-# ``orders_stuck`` metric, ``orders-admin stuck`` and the dashboard's stuck view.
-
-
-@dataclass(frozen=True)
-class StuckOrder:
-    """An order placed a while ago that is not settled (:func:`orders.lifecycle.settled`)."""
-
-    order_id: int
-    status: str
-    created_at: datetime
-    age_seconds: float
-    """Seconds since it was placed, at the time of the query."""
-    notified: frozenset[str]
-    """The email steps recorded for it so far (``received``, ``shipped``...)."""
-
-
-def _step_of(history: Any, dialect: str) -> ColumnElement[Any]:
-    """A CustomerNotified row's ``data.step`` (the history stores its data as JSON text)."""
-    if dialect == "postgresql":
-        return sql_cast(history.data, postgresql.JSON)["step"].astext
-    return func.json_extract(history.data, "$.step")
-
-
-def _settled_clause(dialect: str) -> ColumnElement[bool]:
-    """SQL for :func:`orders.lifecycle.settled`: a final state and every email it owes."""
-
-    def notified(step: str) -> ColumnElement[bool]:
-        history = aliased(OrderHistory)
-        return exists().where(
-            history.order_id == Order.id,
-            history.type == envelope.CUSTOMER_NOTIFIED,
-            _step_of(history, dialect) == step,
-        )
-
-    return or_(
-        *(
-            and_(Order.status == status, *(notified(step) for step in sorted(steps)))
-            for status, steps in lifecycle.NOTIFIED_STEPS.items()
-        )
-    )
-
-
-def _stuck_where(
-    dialect: str, older_than: float, window: float, now: datetime
-) -> list[ColumnElement[bool]]:
-    return [
-        Order.created_at <= now - timedelta(seconds=older_than),
-        Order.created_at >= now - timedelta(seconds=window),
-        not_(_settled_clause(dialect)),
-    ]
-
-
-def stuck_orders(
-    session: Session,
-    older_than: float,
-    window: float = 86400.0,
-    limit: int | None = None,
-    now: datetime | None = None,
-) -> list[StuckOrder]:
-    """Orders placed between ``window`` and ``older_than`` seconds ago and not settled.
-
-    Oldest first, at most ``limit``. Settled means a final state (completed or
-    cancelled) with every email of that path recorded, as :func:`lifecycle.settled`
-    says; the test is one SQL statement (JSON ``step`` of the CustomerNotified rows read
-    by the database), so it costs one pass over the window's orders, not a load of
-    their history. Used by reconciliation, the ``orders_stuck`` metric, ``orders-admin
-    stuck`` and the dashboard.
-    """
-    now = now or utc_now()
-    dialect = session.get_bind().dialect.name
-    query = (
-        select(Order.id, Order.status, Order.created_at)
-        .where(*_stuck_where(dialect, older_than, window, now))
-        .order_by(Order.id)
-    )
-    if limit is not None:
-        query = query.limit(limit)
-    rows = session.execute(query).all()
-    if not rows:
-        return []
-    ids = [row.id for row in rows]
-    steps: dict[int, set[str]] = {i: set() for i in ids}
-    for order_id, data in session.execute(
-        select(OrderHistory.order_id, OrderHistory.data).where(
-            OrderHistory.order_id.in_(ids), OrderHistory.type == envelope.CUSTOMER_NOTIFIED
-        )
-    ):
-        steps[order_id].add(str(json.loads(data).get("step")))
-    return [
-        StuckOrder(
-            row.id,
-            row.status,
-            row.created_at,
-            max(0.0, (now - row.created_at).total_seconds()),
-            frozenset(steps[row.id]),
-        )
-        for row in rows
-    ]
-
-
-def count_stuck(
-    session: Session, older_than: float, window: float = 86400.0, now: datetime | None = None
-) -> dict[str, int]:
-    """How many orders :func:`stuck_orders` would return, by status (absent: none)."""
-    now = now or utc_now()
-    dialect = session.get_bind().dialect.name
-    rows = session.execute(
-        select(Order.status, func.count(Order.id))
-        .where(*_stuck_where(dialect, older_than, window, now))
-        .group_by(Order.status)
-    ).all()
-    return {str(status): int(count) for status, count in rows}

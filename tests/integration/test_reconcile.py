@@ -1,9 +1,9 @@
 """Stuck orders and their automatic reconciliation, on real Redis and SQLite/PostgreSQL.
 
-What "stuck" means is one SQL query (orders.service.stuck_orders), shared by the
-relay's automatic pass, the ``orders_stuck`` metric, ``orders-admin stuck`` and the
-dashboard; these tests pin it to :func:`orders.lifecycle.settled`, then show that the
-pass runs by itself after a FLUSHALL, once per interval for the whole fleet (the Redis
+What "stuck" means is one function (orders.stuck.stuck_orders, tested in
+test_stuck_orders.py), shared by the relay's automatic pass, the ``orders_stuck``
+metric, ``orders-admin stuck`` and the dashboard. These tests show that the pass runs by
+itself after a FLUSHALL, once per interval for the whole fleet (the Redis
 lock), re-publishes each order once per RECONCILE_AFTER_SECONDS, stays away from a
 backlog and only counts under PATTERN=pubsub.
 """
@@ -18,13 +18,11 @@ from pathlib import Path
 import redis as redis_lib
 from flask import Flask
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
 
 from messaging import envelope, keys
 from orders.history import record_event
 from orders.models import Order, Outbox
 from orders.reconcile import AutoReconciler
-from orders.service import count_stuck, stuck_orders
 from tests.helpers import BIN, Proc, wait_for
 from tests.orders_app import order
 
@@ -75,39 +73,6 @@ def _age(app: Flask, seconds: float) -> None:
 
 def _pending(redis: redis_lib.Redis, queue: str = "payment") -> list[int]:
     return [json.loads(m)["data"]["order_id"] for m in redis.lrange(keys.pending(queue), 0, -1)]
-
-
-def test_stuck_orders_are_the_unsettled_ones_of_the_window(
-    make_app: Callable[..., Flask], redis_url: str, redis: redis_lib.Redis
-) -> None:
-    app = make_app(redis_url, RATE_LIMIT_PER_MINUTE="0")
-    done, declined, placed, no_shipped_mail, paid = _place(app, 5)
-    _record(app, done, *FULFILLED, steps=("received", "shipped"))
-    _record(app, declined, envelope.PAYMENT_DECLINED, steps=("received",))  # owes a mail
-    _record(app, no_shipped_mail, *FULFILLED, steps=("received", "received"))
-    _record(app, paid, envelope.PAYMENT_CAPTURED, steps=("received",))
-    with Session(app.extensions["orders"].engine) as session:
-        stuck = stuck_orders(session, older_than=0)
-        assert [(s.order_id, s.status) for s in stuck] == [
-            (declined, "cancelled"),
-            (placed, "placed"),
-            (no_shipped_mail, "completed"),
-            (paid, "paid"),
-        ]
-        assert stuck[0].notified == {"received"} and stuck[1].notified == frozenset()
-        assert all(s.age_seconds >= 0 for s in stuck)
-        assert [s.order_id for s in stuck_orders(session, older_than=0, limit=2)] == [
-            declined,
-            placed,
-        ]
-        assert count_stuck(session, older_than=0) == {
-            "cancelled": 1,
-            "placed": 1,
-            "completed": 1,
-            "paid": 1,
-        }
-        assert stuck_orders(session, older_than=3600) == [], "younger than the threshold"
-        assert count_stuck(session, older_than=3600) == {}
 
 
 def _reconciler(app: Flask, client: redis_lib.Redis, owner: str, **kw: object) -> AutoReconciler:
