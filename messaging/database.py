@@ -184,41 +184,54 @@ class DriverInsert:
     SQLAlchemy's exceptions.
     """
 
-    def __init__(self, table: Table, dialect: Dialect, *, returning_id: bool = False) -> None:
+    def __init__(
+        self,
+        table: Table,
+        dialect: Dialect,
+        *,
+        returning_id: bool = False,
+        sql_values: dict[str, Any] | None = None,
+    ) -> None:
+        """``sql_values``: columns set by a SQL expression (the database's clock ...)."""
         self.table = table
         self.dialect = dialect
         # SQLite hands back the new row's id as lastrowid; PostgreSQL needs RETURNING.
         self.returning = returning_id and dialect.name != "sqlite"
-        self._compiled: dict[tuple[str, ...], tuple[str, list[Any]]] = {}
+        self.sql_values = sql_values or {}
+        self._compiled: dict[tuple[str, ...], tuple[str, list[tuple[str, Any]]]] = {}
         self._positional = dialect.paramstyle in ("qmark", "numeric", "format")
 
-    def _prepare(self, columns: tuple[str, ...]) -> tuple[str, list[Any]]:
+    def _prepare(self, columns: tuple[str, ...]) -> tuple[str, list[tuple[str, Any]]]:
         found = self._compiled.get(columns)
         if found is None:
-            statement = insert(self.table)
+            statement = insert(self.table).values(self.sql_values)
             if self.returning:
                 statement = statement.returning(*self.table.primary_key.columns)
             compiled = statement.compile(dialect=self.dialect, column_keys=list(columns))
-            if self._positional and list(compiled.positiontup or ()) != list(columns):
-                raise ValueError(f"unexpected bind order in {compiled.string!r}")
-            processors = [
-                self.table.c[name].type.dialect_impl(self.dialect).bind_processor(self.dialect)
-                for name in columns
+            # The binds in the statement's own order (the table's column order).
+            names = list(compiled.positiontup or ()) if self._positional else list(columns)
+            if sorted(names) != sorted(columns):
+                raise ValueError(f"binds {names} of {compiled.string!r} are not {columns}")
+            binds = [
+                (
+                    name,
+                    self.table.c[name].type.dialect_impl(self.dialect).bind_processor(self.dialect),
+                )
+                for name in names
             ]
-            found = self._compiled.setdefault(columns, (compiled.string, processors))
+            found = self._compiled.setdefault(columns, (compiled.string, binds))
         return found
 
-    def _params(self, processors: list[Any], row: dict[str, Any]) -> Any:
-        values = [
-            value if process is None else process(value)
-            for process, value in zip(processors, row.values(), strict=True)
-        ]
-        return values if self._positional else dict(zip(row, values, strict=True))
+    def _params(self, binds: list[tuple[str, Any]], row: dict[str, Any]) -> Any:
+        values = [row[name] if process is None else process(row[name]) for name, process in binds]
+        if self._positional:
+            return values
+        return {name: value for (name, _), value in zip(binds, values, strict=True)}
 
     def one(self, cursor: Any, row: dict[str, Any]) -> int | None:
         """Insert one row; returns its primary key when built with ``returning_id``."""
-        sql, processors = self._prepare(tuple(row))
-        cursor.execute(sql, self._params(processors, row))
+        sql, binds = self._prepare(tuple(row))
+        cursor.execute(sql, self._params(binds, row))
         if self.returning:
             return int(cursor.fetchone()[0])
         return int(cursor.lastrowid) if self.dialect.name == "sqlite" else None
@@ -227,8 +240,8 @@ class DriverInsert:
         """Insert rows that all name the same columns (one executemany)."""
         if not rows:
             return
-        sql, processors = self._prepare(tuple(rows[0]))
-        cursor.executemany(sql, [self._params(processors, row) for row in rows])
+        sql, binds = self._prepare(tuple(rows[0]))
+        cursor.executemany(sql, [self._params(binds, row) for row in rows])
 
 
 @contextmanager

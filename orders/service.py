@@ -19,14 +19,13 @@ import json
 import logging
 import weakref
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, bindparam, select
+from sqlalchemy import Connection, Dialect, Engine, Table, bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from messaging import envelope
+from messaging import database, envelope
 from messaging.database import DriverInsert, driver_transaction
 from orders import lifecycle
 from orders.models import STATUS_PLACED, Order, OrderLine, Outbox, utc_now
@@ -114,11 +113,38 @@ _FIND_BY_KEY = select(_ORDERS.c.id, _ORDERS.c.request_hash).where(
 )
 
 
-@dataclass(frozen=True)
 class _Inserts:
-    orders: DriverInsert
-    lines: DriverInsert
-    outbox: DriverInsert
+    """The hot path's INSERTs for one engine (the outbox's per claim length)."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.orders = DriverInsert(_ORDERS, dialect, returning_id=True)
+        self.lines = DriverInsert(cast(Table, OrderLine.__table__), dialect)
+        self._outbox: dict[float, DriverInsert] = {}
+
+    def outbox(self, claim_seconds: float) -> DriverInsert:
+        """The outbox insert, its row born claimed until the *database's* now + claim.
+
+        The relay compares claims with the database's clock
+        (:func:`messaging.database.now_plus`); a claim written with this host's clock
+        would be an hour long on a host an hour ahead (the relay leaves a failed fast
+        path's row alone that long) and expired at birth on a host an hour behind
+        (every relay races the fast path: duplicates).
+        """
+        found = self._outbox.get(claim_seconds)
+        if found is None:
+            found = self._outbox.setdefault(
+                claim_seconds,
+                DriverInsert(
+                    cast(Table, Outbox.__table__),
+                    self.dialect,
+                    returning_id=True,
+                    sql_values={
+                        "claimed_until": database.now_plus(self.dialect.name, claim_seconds)
+                    },
+                ),
+            )
+        return found
 
 
 _INSERTS: weakref.WeakKeyDictionary[Engine, _Inserts] = weakref.WeakKeyDictionary()
@@ -127,15 +153,7 @@ _INSERTS: weakref.WeakKeyDictionary[Engine, _Inserts] = weakref.WeakKeyDictionar
 def _inserts(engine: Engine) -> _Inserts:
     found = _INSERTS.get(engine)
     if found is None:
-        dialect = engine.dialect
-        found = _INSERTS.setdefault(
-            engine,
-            _Inserts(
-                DriverInsert(_ORDERS, dialect, returning_id=True),
-                DriverInsert(cast(Table, OrderLine.__table__), dialect),
-                DriverInsert(cast(Table, Outbox.__table__), dialect, returning_id=True),
-            ),
-        )
+        found = _INSERTS.setdefault(engine, _Inserts(engine.dialect))
     return found
 
 
@@ -169,7 +187,8 @@ def place_order(
     is returned, or a 422 when it was stored for another body. Two concurrent requests
     with one key race the same way: the loser answers with the winner's order.
 
-    The outbox row is created already claimed for ``claim_seconds``: the caller
+    The outbox row is created already claimed for ``claim_seconds`` (on the database's
+    clock, which the relays compare claims with): the caller
     publishes it right after commit (the fast path) and the relay leaves it alone until
     the claim expires, so the event is not sent twice by a relay racing the request.
 
@@ -227,14 +246,13 @@ def place_order(
                 timestamp,
             )  # fmt: skip
             payload = envelope.dumps(event)
-            outbox_id = inserts.outbox.one(
+            outbox_id = inserts.outbox(float(claim_seconds)).one(
                 cursor,
                 {
                     "event_id": event["id"],
                     "type": event["type"],
                     "payload": payload,
                     "created_at": now,
-                    "claimed_until": now + timedelta(seconds=claim_seconds),
                     "attempts": 0,
                 },
             )
