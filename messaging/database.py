@@ -272,7 +272,10 @@ def driver_transaction(engine: Engine) -> Iterator[Any]:
     """
     dialect = engine.dialect
     dbapi_error = dialect.loaded_dbapi.Error
-    raw = engine.raw_connection()
+    try:
+        raw = engine.raw_connection()  # the pool does not wrap a failed connect
+    except dbapi_error as exc:
+        raise DBAPIError.instance(None, None, exc, dbapi_error, dialect=dialect) from exc
     cursor = None
     try:
         cursor = raw.cursor()
