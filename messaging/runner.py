@@ -85,6 +85,7 @@ def run(
             max_crashes=settings.max_crashes,
             backoff_base=settings.backoff_base,
             backoff_max=settings.backoff_max,
+            express_ratio=settings.express_ratio,
         )
         worker = Worker(
             queue,
