@@ -3,8 +3,12 @@
 Routing (PATTERN decides the paths, the event type the queues): every event is
 PUBLISHed to :data:`~messaging.keys.ORDER_EVENTS_CHANNEL` (pubsub, both) and RPUSHed to
 ``pending(q)`` for exactly the queues :data:`orders.envelope.ROUTES` names for its type
-(queue, both). The order API, the outbox relay and the consumers' outcome events all
-go through this one publisher, so the catalogue's table is the only routing there is.
+(queue, both). With ``pubsub`` the consumers subscribe to that channel
+(:mod:`messaging.channel`); with ``queue`` the channel is only the live feed: the order
+service's publisher PUBLISHes its own events there anyway (``feed=True``) and
+``orders-updates`` each outcome it records, so the feed shows what the service records.
+The order API, the outbox relay and the consumers' outcome events all go through this
+one publisher, so the catalogue's table is the only routing there is.
 
 The script runs the PUBLISH and the pushes as one unit: a subscriber never sees an
 event that a queue did not get.
@@ -71,12 +75,16 @@ return redis.call('RPUSH', target, unpack(ARGV))
 """
 
 
-def route(event_type: str, pattern: Pattern, express: bool = False) -> tuple[str, list[str]]:
+def route(
+    event_type: str, pattern: Pattern, feed: bool = False, express: bool = False
+) -> tuple[str, list[str]]:
     """The channel ('' for none) and the list keys an event of this type goes to.
 
-    For an express event the keys are (pending, express) pairs, one per queue.
+    ``feed``: PUBLISH it whatever PATTERN says (the order service's own events, so the
+    live feed is not silent with ``PATTERN=queue``; nobody consumes from it then).
+    ``express``: the keys are (pending, express) pairs, one per queue.
     """
-    channel = keys.ORDER_EVENTS_CHANNEL if pattern in ("pubsub", "both") else ""
+    channel = keys.ORDER_EVENTS_CHANNEL if feed or pattern in ("pubsub", "both") else ""
     queues = envelope.queues_for(event_type)  # raises on an unknown type
     if pattern not in ("queue", "both"):
         return channel, []
@@ -93,14 +101,21 @@ class EventPublisher:
         pattern: PATTERN.
         wait_replicas: REDIS_WAIT_REPLICAS; when > 0 every publish ends with ``WAIT``
             and raises :class:`ReplicaAckError` if fewer replicas acknowledged.
+        feed: also PUBLISH with ``PATTERN=queue`` (the order service's publisher: its
+            OrderPlaced reach the live feed in every pattern; see :func:`route`).
     """
 
     def __init__(
-        self, redis_client: redis.Redis | RedisCluster, pattern: Pattern, wait_replicas: int = 0
+        self,
+        redis_client: redis.Redis | RedisCluster,
+        pattern: Pattern,
+        wait_replicas: int = 0,
+        feed: bool = False,
     ) -> None:
         self.redis = redis_client
         self.pattern = pattern
         self.wait_replicas = wait_replicas
+        self.feed = feed
         self.cluster = isinstance(redis_client, RedisCluster)
         # Cluster: never used (cross-slot); registering would connect a lazy client.
         self._script = (
@@ -110,7 +125,7 @@ class EventPublisher:
 
     def _call(self, event_type: str, payload: str, client: Any) -> Any:
         express = envelope.is_express(payload)
-        channel, list_keys = route(event_type, self.pattern, express)
+        channel, list_keys = route(event_type, self.pattern, self.feed, express)
         assert self._script is not None  # single node only
         return self._script(
             keys=list_keys, args=[payload, channel, "1" if express else ""], client=client
@@ -155,7 +170,7 @@ class EventPublisher:
         published: list[tuple[str, str]] = []
         for event_type, payload in batch:
             fast = envelope.is_express(payload)
-            channel, list_keys = route(event_type, self.pattern, fast)
+            channel, list_keys = route(event_type, self.pattern, self.feed, fast)
             if fast:
                 for pair in zip(list_keys[::2], list_keys[1::2], strict=True):
                     pushes.setdefault(pair, []).append(payload)
