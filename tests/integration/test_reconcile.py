@@ -24,7 +24,7 @@ from orders.history import record_event
 from orders.models import Order, Outbox
 from orders.reconcile import AutoReconciler
 from tests.helpers import BIN, Proc, wait_for
-from tests.orders_app import order
+from tests.orders_app import ADMIN, order
 
 
 def _outcome(event_type: str, order_id: int, **data: str) -> dict[str, object]:
@@ -185,3 +185,33 @@ def test_the_relay_reconciles_by_itself_after_a_flushall(
         assert "re-published OrderPlaced" in relay.output()
     finally:
         relay.kill()
+
+
+def _sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in the exposition")
+
+
+def test_stuck_orders_and_reconciliation_are_metrics(
+    make_app: Callable[..., Flask], redis_url: str, redis: redis_lib.Redis
+) -> None:
+    app = make_app(redis_url, RATE_LIMIT_PER_MINUTE="0", ORDER_STUCK_SECONDS="60")
+    client = app.test_client()
+    done, *_lost = _place(app, 3)
+
+    def scrape() -> str:
+        response = client.get("/metrics", headers=ADMIN)
+        assert response.status_code == 200
+        return response.get_data(as_text=True)
+
+    assert _sample(scrape(), "orders_stuck") == 0, "just placed: not stuck yet"
+    _age(app, 120)
+    assert _sample(scrape(), "orders_stuck") == 3
+    _record(app, done, *FULFILLED, steps=("received", "shipped"))
+    assert _sample(scrape(), "orders_stuck") == 2
+    before = _sample(scrape(), "orders_reconcile_republished_total")
+    redis.flushall()
+    assert _reconciler(app, redis, "relay-a", after=60.0).run_pass().republished == 2
+    assert _sample(scrape(), "orders_reconcile_republished_total") == before + 2
