@@ -685,9 +685,14 @@ def run_scenario(stack: Stack, scenario: Scenario, params: Params) -> Result:
     quiet = 6.0 + (RECONCILE_QUIET if scenario.reconcile else 0.0)
     complete, last_progress = _settle(stack, ids, params.settle_timeout, quiet=quiet)
     lost_before: int | None = None
+    # (An orders-api restart starts its counters again: then this scenario's count is lost.)
+    republished = max(
+        0, int(stack.metric("orders_reconcile_republished_total") - republished_before)
+    )
     if scenario.reconcile:
-        lost_before = int(stack.metric("orders_reconcile_republished_total") - republished_before)
-        notes.add(f"{lost_before} stuck orders re-published by the relays' automatic reconcile")
+        lost_before = republished
+    if scenario.reconcile or republished:
+        notes.add(f"{republished} stuck orders re-published by the relays' automatic reconcile")
     completed = stack.completed(ids)
     if not complete:
         notes.add(
