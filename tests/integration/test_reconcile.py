@@ -24,23 +24,7 @@ from orders.history import record_event
 from orders.models import Order, Outbox
 from orders.reconcile import AutoReconciler
 from tests.helpers import BIN, Proc, wait_for
-<<<<<<< HEAD
-from tests.orders_app import ADMIN, order
-
-
-def _outcome(event_type: str, order_id: int, **data: str) -> dict[str, object]:
-    return envelope.envelope(
-        event_type,
-        {"order_id": order_id, **data},
-        message=event_type,
-        sender="test",
-        count=order_id,
-        timestamp=datetime.now(UTC).isoformat(),
-    )
-
-=======
-from tests.orders_app import order, outcome
->>>>>>> main
+from tests.orders_app import ADMIN, order, outcome
 
 FULFILLED = (envelope.PAYMENT_CAPTURED, envelope.INVOICE_ISSUED, envelope.SHIPMENT_BOOKED)
 
