@@ -11,10 +11,12 @@ generated from those declarations (``python -m devtools.envdoc``).
 
 from __future__ import annotations
 
+import argparse
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Literal, NoReturn, TypeVar
 
 EXIT_OK = 0
 EXIT_NO_REDIS = 1
@@ -28,6 +30,53 @@ PATTERNS: tuple[Pattern, ...] = ("pubsub", "queue", "both")
 
 class ConfigError(ValueError):
     """An environment variable has a value we cannot use. The message is one line."""
+
+
+# --- the start of every console script ----------------------------------------------------
+
+_ENV_EPILOG = (
+    "Configuration: environment variables only; the README's Configuration table "
+    "lists each with its default."
+)
+
+_S = TypeVar("_S")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are bad configuration: one line on stderr, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``prog: message`` (no usage block) and exit :data:`EXIT_BAD_CONFIG`."""
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+
+
+def command_line(prog: str, description: str | None) -> OneLineParser:
+    """The parser of a console script: its description as written, and where config lives.
+
+    Parse it before anything else happens, so ``--help`` prints and exits without
+    starting a service, opening a database or connecting to Redis.
+    """
+    return OneLineParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_ENV_EPILOG,
+    )
+
+
+def load_settings(prog: str, load: Callable[[], _S]) -> _S:
+    """``load()`` the process's settings; a :class:`ConfigError` ends the process.
+
+    The one way every console script refuses bad configuration: ``prog: <what was
+    wrong>`` as one line on stderr, then exit :data:`EXIT_BAD_CONFIG` (``SystemExit``,
+    as argparse does for a bad argument).
+    """
+    try:
+        return load()
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_CONFIG) from None
 
 
 @dataclass(frozen=True)

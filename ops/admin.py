@@ -8,6 +8,7 @@
     orders-admin dead-letters requeue QUEUE (ID ... | --all)
     orders-admin dead-letters purge QUEUE (ID ... | --all)
     orders-admin orders show ORDER_ID
+    orders-admin stuck [--older-than SECONDS]
     orders-admin watch
 
 A dead letter's ID is the 12-hex-digit id that ``list`` prints (it stays valid while
@@ -27,7 +28,7 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
 from redis.backoff import NoBackoff
@@ -40,6 +41,9 @@ from messaging.connection import redis_client
 from messaging.database import database_engine
 from messaging.queue import RedisQueue
 from orders.config import OrderServiceSettings
+
+if TYPE_CHECKING:
+    from orders.stuck import StuckReport
 
 PROG = "orders-admin"
 EXIT_FAILED = 1
@@ -233,6 +237,51 @@ def cmd_order_show(args: argparse.Namespace, _settings: Settings) -> int:
     return EXIT_OK
 
 
+# --- stuck orders ---------------------------------------------------------------------------
+
+
+def stuck_table(report: StuckReport) -> str:
+    """The ``stuck`` listing: a summary line, then one aligned row per order."""
+    if not report.total:
+        return f"no stuck orders (none idle for more than {report.older_than:g} s)"
+    header = ["order", "status", "age", "idle", "waiting for"]
+    rows = [
+        [f"#{o.order_id}", o.status, f"{o.age_seconds:.0f}s", f"{o.idle_seconds:.0f}s",
+         o.waiting_for]
+        for o in report.orders
+    ]  # fmt: skip
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        f"{report.total} stuck order(s): not settled, no step for more than "
+        f"{report.older_than:g} s" + (f" (oldest {len(rows)} shown)" if report.total > len(rows)
+                                      else "")
+    ]  # fmt: skip
+    for cells in [header, *rows]:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def cmd_stuck(args: argparse.Namespace, _settings: Settings) -> int:
+    from sqlalchemy.orm import Session
+
+    from orders.stuck import stuck_orders
+
+    service_settings = OrderServiceSettings.from_env()
+    older_than = service_settings.stuck_seconds if args.older_than is None else args.older_than
+    if not 0 <= older_than <= 86400:
+        raise Failure("--older-than must be between 0 and 86400 seconds", EXIT_BAD_CONFIG)
+    engine = database_engine(service_settings.database_url)
+    try:
+        with Session(engine) as session:
+            print(stuck_table(stuck_orders(session, older_than)))
+    except SQLAlchemyError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise Failure(f"cannot read the database: {first}") from None
+    finally:
+        engine.dispose()
+    return EXIT_OK
+
+
 # --- watch --------------------------------------------------------------------------------
 
 
@@ -325,6 +374,18 @@ def parser() -> argparse.ArgumentParser:
     show = osub.add_parser("show", help="an order's status and history")
     show.add_argument("order_id", metavar="ORDER_ID", type=int)
     show.set_defaults(func=cmd_order_show)
+
+    st = sub.add_parser(
+        "stuck", help="orders that stopped advancing: state, age and what they wait for"
+    )
+    st.add_argument(
+        "--older-than",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="idle for at least this long (default ORDER_STUCK_SECONDS, 30)",
+    )
+    st.set_defaults(func=cmd_stuck)
 
     w = sub.add_parser("watch", help="follow the order event channel live (Ctrl-C stops)")
     w.set_defaults(func=cmd_watch)

@@ -51,6 +51,12 @@ ENV_VARS: tuple[EnvVar, ...] = declare(
     EnvVar("RELAY_BATCH", "100", "Most outbox rows the relay publishes per poll."),
     EnvVar("RELAY_CLAIM_SECONDS", "15", "Seconds a claimed outbox row is reserved."),
     EnvVar(
+        "ORDER_STUCK_SECONDS",
+        "30",
+        "An unsettled order with no step for this many seconds is listed as stuck "
+        "(dashboard, orders-admin stuck).",
+    ),
+    EnvVar(
         "PROMETHEUS_MULTIPROC_DIR",
         "",
         "orders-api metrics files of its workers (empty: a temp dir).",
@@ -126,6 +132,8 @@ class OrderServiceSettings:
     """ADMIN_TOKEN: the operator credential; empty: generated at start (orders.auth)."""
     allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")
     """ALLOWED_HOSTS: host names a request's Host may name (HOST is added; * = any)."""
+    stuck_seconds: float = 30.0
+    """ORDER_STUCK_SECONDS: idle time after which an unsettled order counts as stuck."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OrderServiceSettings:
@@ -171,4 +179,5 @@ class OrderServiceSettings:
             rate_limit_per_minute=env_int(env, "RATE_LIMIT_PER_MINUTE", 0, 1_000_000),
             admin_token=admin_token,
             allowed_hosts=allowed,
+            stuck_seconds=env_float(env, "ORDER_STUCK_SECONDS", 1.0, 86400.0),
         )

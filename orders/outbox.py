@@ -41,7 +41,7 @@ from sqlalchemy import Engine, bindparam, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from messaging import database, faults, logs, tracing
-from messaging.config import EXIT_BAD_CONFIG, EXIT_NO_REDIS, EXIT_OK, ConfigError
+from messaging.config import EXIT_NO_REDIS, EXIT_OK, command_line, load_settings
 from messaging.publisher import EventPublisher
 from orders.bootstrap import OrderServices, create_schema, order_services
 from orders.config import OrderServiceSettings
@@ -364,10 +364,10 @@ def start_relay_thread(services: OrderServices) -> tuple[threading.Thread, threa
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="orders-relay",
-        description="Publish unpublished outbox events; or, with --reconcile, re-publish "
-        "OrderPlaced for orders whose outcomes never arrived (see orders/reconcile.py).",
+    parser = command_line(
+        "orders-relay",
+        "Publish unpublished outbox events; or, with --reconcile, re-publish OrderPlaced\n"
+        "for orders whose outcomes never arrived (see orders/reconcile.py).",
     )
     parser.add_argument(
         "--reconcile", action="store_true", help="run one reconciliation pass and exit"
@@ -389,11 +389,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Console script ``orders-relay``: the relay as its own process (or --reconcile)."""
     args = _parse_args(argv)
-    try:
-        settings = OrderServiceSettings.from_env()
-    except ConfigError as exc:
-        print(f"orders-relay: {exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+    settings = load_settings("orders-relay", OrderServiceSettings.from_env)
     logs.configure(settings.base.log_format, settings.base.log_level)
     try:
         services = order_services(settings)

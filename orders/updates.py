@@ -9,7 +9,6 @@ idempotent by event id, so a redelivered or re-emitted outcome changes nothing.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Any
@@ -19,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from messaging import keys, runner
-from messaging.config import EXIT_BAD_CONFIG, ConfigError, WorkerSettings, database_url
+from messaging.config import WorkerSettings, command_line, database_url, load_settings
 from messaging.database import database_engine
 from messaging.queue import PermanentError
 from orders import history
@@ -47,22 +46,17 @@ class UpdatesHandler:
 
 def main(argv: list[str] | None = None) -> int:
     """Console script ``orders-updates``: record outcome events until SIGTERM/SIGINT."""
-    parser = argparse.ArgumentParser(
-        prog="orders-updates",
-        description="Record the other services' outcome events in the order service's "
-        "database (order history and status). Reads DATABASE_URL, REDIS_*, CONSUMER_*.",
+    parser = command_line(
+        "orders-updates",
+        "Record the other services' outcome events in the order service's database\n"
+        "(order history and status). Reads DATABASE_URL, REDIS_*, CONSUMER_*.",
     )
     parser.add_argument("--concurrency", type=int, default=None, help="handler threads")
     args = parser.parse_args(argv)
     if args.concurrency is not None and not 1 <= args.concurrency <= 256:
-        print(f"orders-updates: invalid --concurrency {args.concurrency}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
-    try:
-        settings = WorkerSettings.from_env()
-        url = database_url(os.environ, "DATABASE_URL")
-    except ConfigError as exc:
-        print(f"orders-updates: {exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        parser.error(f"invalid --concurrency {args.concurrency}")
+    settings = load_settings("orders-updates", WorkerSettings.from_env)
+    url = load_settings("orders-updates", lambda: database_url(os.environ, "DATABASE_URL"))
 
     def open_handler() -> tuple[UpdatesHandler, Any]:
         engine = database_engine(url)

@@ -9,6 +9,7 @@ const ORDER_POLL_MS = 2000;
 const FEED_MAX = 200;
 const QUEUE_FIELDS = ["pending", "in_flight", "delayed", "dead", "processed", "failed"];
 const STAGE_POLL_MS = 5000;
+const STUCK_POLL_MS = 3000;
 const DEPTH_POINTS = 400; // queue depth samples kept (10 minutes at QUEUE_POLL_MS)
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"];
 
@@ -240,6 +241,49 @@ function renderOrders(body) {
 async function refreshOrders() {
   try {
     renderOrders(await getJson("/orders?limit=10"));
+  } catch (_) {
+    // keep the last rows; the next poll tries again
+  }
+}
+
+// --- stuck orders ------------------------------------------------------------------------
+
+function seconds(value) {
+  const s = Math.round(Number(value));
+  return s < 120 ? s + " s" : Math.round(s / 60) + " min";
+}
+
+function renderStuck(body) {
+  document.getElementById("stuck-threshold").textContent = String(body.older_than_seconds);
+  const rows = body.orders.map((order) => {
+    const tr = el("tr");
+    tr.dataset.orderId = String(order.id);
+    const idCell = el("td");
+    const link = el("a", "#" + order.id);
+    link.href = "#order/" + encodeURIComponent(order.id);
+    idCell.appendChild(link);
+    tr.appendChild(idCell);
+    tr.appendChild(el("td", order.status, "status-" + order.status));
+    tr.appendChild(el("td", order.waiting_for));
+    tr.appendChild(el("td", seconds(order.age_seconds), "num"));
+    tr.appendChild(el("td", seconds(order.idle_seconds), "num"));
+    return tr;
+  });
+  if (!rows.length) {
+    const none = el("td", "none", "note");
+    none.colSpan = 5;
+    const tr = el("tr");
+    tr.appendChild(none);
+    rows.push(tr);
+  }
+  replaceChildren(document.getElementById("stuck-rows"), rows);
+  document.getElementById("stuck-total").textContent =
+    body.total > body.orders.length ? body.total + " in all, the oldest shown" : "";
+}
+
+async function refreshStuck() {
+  try {
+    renderStuck(await getJson("/api/orders/stuck"));
   } catch (_) {
     // keep the last rows; the next poll tries again
   }
@@ -581,7 +625,9 @@ function start() {
   openStream();
   refreshQueues();
   refreshOrders();
+  refreshStuck();
   window.setInterval(refreshQueues, QUEUE_POLL_MS);
+  window.setInterval(refreshStuck, STUCK_POLL_MS);
   window.setInterval(refreshOrders, ORDER_POLL_MS);
 }
 
