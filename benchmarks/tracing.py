@@ -4,9 +4,9 @@ Three settings of the same processes, each measured in turn on the same Redis:
 
 - **disabled** (``OTEL_SDK_DISABLED=true``): OpenTelemetry's no-op tracer, no SDK; an
   envelope carries only a context it was given. The limit: as if there were no tracing.
-- **off** (the default: no ``OTEL_EXPORTER_OTLP_ENDPOINT``): the SDK mints a span per
-  request and per message, so every envelope and log line carries a trace id; nothing
-  is exported (no span processor).
+- **off** (the default: no ``OTEL_EXPORTER_OTLP_ENDPOINT``): a new span id per request
+  and per message (non-recording spans, no SDK), so every envelope and log line carries
+  a trace id; nothing is built or exported.
 - **on** (``OTEL_EXPORTER_OTLP_ENDPOINT`` set): spans are batched and exported over
   OTLP/HTTP to a real receiver in this process (:mod:`devtools.otlp_receiver`).
 
@@ -49,7 +49,7 @@ def traced_job(n: int) -> bytes:
 
 
 def post_rates(ctx: Context, env: dict[str, str], label: str) -> list[vegeta.Load]:
-    """orders-api on a fresh SQLite database with ``env`` added, under section 3's load."""
+    """orders-api on a fresh SQLite database with ``env`` added: a warm-up, one timed run."""
     port = free_port()
     database_url = f"sqlite:///{ctx.scratch('tracing-' + label) / 'orders.db'}"
     proc = Proc(
@@ -60,7 +60,11 @@ def post_rates(ctx: Context, env: dict[str, str], label: str) -> list[vegeta.Loa
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http_ok(f"{base}/healthz", proc)
-        loads = intake.measure(ctx, base, intake.body_file(ctx))
+        url, body = f"{base}/orders", intake.body_file(ctx)
+        vegeta.post(url, body, requests=100, clients=4)  # warm-up
+        loads = [
+            vegeta.post(url, body, seconds=ctx.mode.http_seconds, clients=ctx.mode.http_clients)
+        ]
         proc.check_alive()
     finally:
         proc.terminate(15.0)
@@ -75,23 +79,27 @@ def run(ctx: Context) -> list[Row]:
     rows: list[Row] = []
     with OTLPReceiver() as receiver:
         envs = settings(receiver)
-        drains: dict[str, list[float]] = {}
-        spans: dict[str, int] = {}
-        for label, env in envs.items():
-            before = len(receiver.spans())
-            ctx.log(f"tracing: consumer noop drain, {label}")
-            times = drain.consumers_drain(
-                ctx, jobs, processes=1, batch=100, repeats=mode.repeats, extra_env=env
-            )
-            drains[label] = [len(jobs) / t for t in times]
-            spans[label] = len(receiver.spans()) - before
-        posts: dict[str, list[vegeta.Load]] = {}
-        post_spans: dict[str, int] = {}
-        for label, env in envs.items():
-            before = len(receiver.spans())
-            ctx.log(f"tracing: POST /orders, {label}")
-            posts[label] = post_rates(ctx, env, label)
-            post_spans[label] = len(receiver.spans()) - before
+        drains: dict[str, list[float]] = {label: [] for label in envs}
+        spans: dict[str, int] = dict.fromkeys(envs, 0)
+        # Interleaved (one run of each setting per round): the machine's load drifts
+        # between rounds, and each setting then sees the same drift.
+        for round_ in range(mode.repeats):
+            for label, env in envs.items():
+                before = len(receiver.spans())
+                ctx.log(f"tracing: consumer noop drain, {label}, round {round_ + 1}")
+                times = drain.consumers_drain(
+                    ctx, jobs, processes=1, batch=100, repeats=1, extra_env=env
+                )
+                drains[label] += [len(jobs) / t for t in times]
+                spans[label] += len(receiver.spans()) - before
+        posts: dict[str, list[vegeta.Load]] = {label: [] for label in envs}
+        post_spans: dict[str, int] = dict.fromkeys(envs, 0)
+        for round_ in range(mode.http_repeats):
+            for label, env in envs.items():
+                before = len(receiver.spans())
+                ctx.log(f"tracing: POST /orders, {label}, round {round_ + 1}")
+                posts[label] += post_rates(ctx, env, f"{label}-{round_}")
+                post_spans[label] += len(receiver.spans()) - before
     sent = len(jobs) * mode.repeats
     for label in ("off", "on"):
         rows.append(

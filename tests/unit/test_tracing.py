@@ -139,3 +139,16 @@ def test_otel_settings() -> None:
     )
     assert tracing.traces_url(settings.otel_endpoint) == "http://127.0.0.1:4318/v1/traces"
     assert Settings.from_env({}).otel_endpoint == ""
+
+
+def test_without_an_endpoint_spans_are_ids_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    monkeypatch.setattr(tracing, "_mint_ids", RandomIdGenerator())  # what configure() sets
+    with tracing.consumer_span({"id": "e", "traceparent": VALID, "data": {}}, "payment") as span:
+        child = tracing.envelope_fields()["traceparent"]
+    assert not span.is_recording()
+    assert child.startswith(f"00-{TRACE}-") and child.endswith("-01") and SPAN not in child
+    with tracing.server_span("POST /orders", Headers([("traceparent", "garbage")]), {}):
+        root = tracing.parse_traceparent(tracing.envelope_fields()["traceparent"])
+    assert root is not None and f"{root.trace_id:032x}" != TRACE and root.trace_flags == 1
