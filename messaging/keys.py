@@ -106,3 +106,17 @@ def rate_limit(client: str) -> str:
 def stream_ticket(ticket: str) -> str:
     """String whose existence lets one dashboard page open the live feed (orders-stream)."""
     return f"stream-ticket:{ticket}"
+
+
+RECONCILE_KEYS_PATTERN = "reconcile:*"
+"""Every key of the automatic reconciliation (its lock, its per-order marks)."""
+
+RECONCILE_LOCK = "reconcile:lock"
+"""String held (SET NX PX) by the relay that runs this interval's reconciliation pass."""
+
+
+def reconciled(order_id: int) -> str:
+    """String (with a TTL) marking an order re-published by reconciliation recently."""
+    if isinstance(order_id, bool) or not isinstance(order_id, int) or order_id < 0:
+        raise ValueError(f"invalid order id {order_id!r}")
+    return f"reconcile:order:{order_id}"

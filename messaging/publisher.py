@@ -3,8 +3,12 @@
 Routing (PATTERN decides the paths, the event type the queues): every event is
 PUBLISHed to :data:`~messaging.keys.ORDER_EVENTS_CHANNEL` (pubsub, both) and RPUSHed to
 ``pending(q)`` for exactly the queues :data:`orders.envelope.ROUTES` names for its type
-(queue, both). The order API, the outbox relay and the consumers' outcome events all
-go through this one publisher, so the catalogue's table is the only routing there is.
+(queue, both). With ``pubsub`` the consumers subscribe to that channel
+(:mod:`messaging.channel`); with ``queue`` the channel is only the live feed: the order
+service's publisher PUBLISHes its own events there anyway (``feed=True``) and
+``orders-updates`` each outcome it records, so the feed shows what the service records.
+The order API, the outbox relay and the consumers' outcome events all go through this
+one publisher, so the catalogue's table is the only routing there is.
 
 The script runs the PUBLISH and the pushes as one unit: a subscriber never sees an
 event that a queue did not get.
@@ -52,9 +56,13 @@ return #KEYS
 """
 
 
-def route(event_type: str, pattern: Pattern) -> tuple[str, list[str]]:
-    """The channel ('' for none) and the list keys an event of this type goes to."""
-    channel = keys.ORDER_EVENTS_CHANNEL if pattern in ("pubsub", "both") else ""
+def route(event_type: str, pattern: Pattern, feed: bool = False) -> tuple[str, list[str]]:
+    """The channel ('' for none) and the list keys an event of this type goes to.
+
+    ``feed``: PUBLISH it whatever PATTERN says (the order service's own events, so the
+    live feed is not silent with ``PATTERN=queue``; nobody consumes from it then).
+    """
+    channel = keys.ORDER_EVENTS_CHANNEL if feed or pattern in ("pubsub", "both") else ""
     queues = envelope.queues_for(event_type)  # raises on an unknown type
     if pattern not in ("queue", "both"):
         return channel, []
@@ -69,14 +77,21 @@ class EventPublisher:
         pattern: PATTERN.
         wait_replicas: REDIS_WAIT_REPLICAS; when > 0 every publish ends with ``WAIT``
             and raises :class:`ReplicaAckError` if fewer replicas acknowledged.
+        feed: also PUBLISH with ``PATTERN=queue`` (the order service's publisher: its
+            OrderPlaced reach the live feed in every pattern; see :func:`route`).
     """
 
     def __init__(
-        self, redis_client: redis.Redis | RedisCluster, pattern: Pattern, wait_replicas: int = 0
+        self,
+        redis_client: redis.Redis | RedisCluster,
+        pattern: Pattern,
+        wait_replicas: int = 0,
+        feed: bool = False,
     ) -> None:
         self.redis = redis_client
         self.pattern = pattern
         self.wait_replicas = wait_replicas
+        self.feed = feed
         self.cluster = isinstance(redis_client, RedisCluster)
         # Cluster: never used (cross-slot); registering would connect a lazy client.
         self._script = (
@@ -85,7 +100,7 @@ class EventPublisher:
         )  # fmt: skip
 
     def _call(self, event_type: str, payload: str, client: Any) -> Any:
-        channel, list_keys = route(event_type, self.pattern)
+        channel, list_keys = route(event_type, self.pattern, self.feed)
         assert self._script is not None  # single node only
         return self._script(keys=list_keys, args=[payload, channel], client=client)
 
@@ -126,7 +141,7 @@ class EventPublisher:
         pushes: dict[str, list[str]] = {}
         published: list[tuple[str, str]] = []
         for event_type, payload in batch:
-            channel, list_keys = route(event_type, self.pattern)
+            channel, list_keys = route(event_type, self.pattern, self.feed)
             for key in list_keys:
                 pushes.setdefault(key, []).append(payload)
             if channel:

@@ -27,6 +27,7 @@ KEY_PATTERNS: tuple[str, ...] = (
     keys.QUEUE_KEYS_PATTERN,  # every key of every reliable queue (pending, processing, ...)
     keys.HELLO_QUEUE,
     keys.rate_limit("*"),
+    keys.RECONCILE_KEYS_PATTERN,  # the relays' reconciliation lock and per-order marks
 )
 """Key patterns (``~``): nothing else exists in this project's keyspace."""
 

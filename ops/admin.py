@@ -312,9 +312,15 @@ def cmd_watch(_args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     pubsub = _client(settings).pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.ORDER_EVENTS_CHANNEL)
+    source = {
+        "pubsub": "every event as it is emitted; the consumers read this channel too",
+        "queue": "what the order service records: each order placed, each outcome once"
+        " orders-updates has recorded it",
+        "both": "every event as it is emitted",
+    }[settings.pattern]
     print(
-        f"watching {keys.ORDER_EVENTS_CHANNEL} (live only: earlier events are not shown); "
-        "Ctrl-C stops",
+        f"watching {keys.ORDER_EVENTS_CHANNEL} (live only: earlier events are not shown; "
+        f"PATTERN={settings.pattern}: {source}); Ctrl-C stops",
         flush=True,
     )
     try:

@@ -64,8 +64,12 @@ def order_services(settings: OrderServiceSettings) -> OrderServices:
         engine=engine,
         sessions=sessionmaker(engine, expire_on_commit=False),
         redis=client,
+        # feed=True: OrderPlaced reaches the live feed with PATTERN=queue too.
         publisher=EventPublisher(
-            client, settings.base.pattern, wait_replicas=settings.base.redis_wait_replicas
+            client,
+            settings.base.pattern,
+            wait_replicas=settings.base.redis_wait_replicas,
+            feed=True,
         ),
         monitor=redis_client(
             settings.base,

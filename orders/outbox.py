@@ -29,12 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from sqlalchemy import Engine, bindparam, or_, select, update
@@ -46,6 +48,9 @@ from messaging.publisher import EventPublisher
 from orders.bootstrap import OrderServices, create_schema, order_services
 from orders.config import OrderServiceSettings
 from orders.models import Outbox, utc_now
+
+if TYPE_CHECKING:
+    from orders.reconcile import AutoReconciler
 
 log = logging.getLogger("orders-relay")
 
@@ -244,6 +249,8 @@ class Relay:
     batch: int = 100
     interval: float = 0.5
     claim_seconds: float = 15.0
+    reconciler: AutoReconciler | None = None
+    """Runs between polls (see :mod:`orders.reconcile`); None: no automatic pass."""
 
     def __post_init__(self) -> None:
         self._redis_down = False
@@ -337,19 +344,36 @@ class Relay:
         """Poll until ``stop`` is set; a full batch polls again at once."""
         while not stop.is_set():
             published = self.run_once()
+            if self.reconciler is not None:
+                self.reconciler.maybe_run()
             if published < self.batch:
                 stop.wait(self.interval)
 
 
 def relay_for(services: OrderServices) -> Relay:
-    """A relay configured from the services' settings."""
+    """A relay configured from the services' settings, with its automatic reconciler."""
+    # Imported here: it creates Prometheus counters, which in orders-api must come after
+    # the worker's metrics directory exists (orders.server).
+    from orders.reconcile import auto_reconciler
+
     settings = services.settings
+    reconciler = auto_reconciler(
+        services.engine,
+        services.publisher,
+        services.redis,
+        owner=f"{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}",
+        interval=settings.reconcile_interval,
+        after=settings.reconcile_after,
+        batch=settings.reconcile_batch,
+        pattern=settings.base.pattern,
+    )
     return Relay(
         services.engine,
         services.publisher,
         batch=settings.relay_batch,
         interval=settings.relay_interval,
         claim_seconds=settings.relay_claim_seconds,
+        reconciler=reconciler,
     )
 
 
@@ -409,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             services.close()
         print(
-            f"orders-relay: reconcile: {result.checked} orders checked, "
-            f"{len(result.incomplete)} incomplete, {result.republished} OrderPlaced re-published"
+            f"orders-relay: reconcile: {len(result.incomplete)} orders stuck, "
+            f"{result.republished} OrderPlaced re-published"
         )
         return EXIT_OK
     stop = threading.Event()
@@ -423,8 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, handle_signal)
     tracing.configure_process(settings.base, "orders-relay")
     log.info(
-        "Outbox relay started: pattern %s, every %ss, batches of %d",
+        "Outbox relay started: pattern %s, every %ss, batches of %d; reconcile every %ss",
         settings.base.pattern, settings.relay_interval, settings.relay_batch,
+        settings.reconcile_interval,
     )  # fmt: skip
     relay_for(services).run(stop)
     services.close()

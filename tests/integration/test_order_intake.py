@@ -72,11 +72,10 @@ def test_post_stores_and_emits_per_pattern(
     stored = json.loads(row.payload)
     assert stored["data"]["order_id"] == body["id"]
 
-    if pattern in ("pubsub", "both"):
-        message = wait_for(lambda: pubsub.get_message(timeout=0.1), message="order event")
-        assert json.loads(message["data"]) == stored
-    else:
-        assert pubsub.get_message(timeout=0.2) is None
+    # Every pattern: with queue only for the live feed (the order service's own event).
+    message = wait_for(lambda: pubsub.get_message(timeout=0.1), message="order event")
+    assert json.loads(message["data"]) == stored
+    assert pubsub.get_message(timeout=0.2) is None  # once
     expected = 1 if pattern in ("queue", "both") else 0
     assert [redis.llen(k) for k in QUEUE_KEYS] == [expected] * len(QUEUE_KEYS)
     if expected:
