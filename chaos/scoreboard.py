@@ -17,7 +17,8 @@ happens, waits until the system has settled, then counts from the database:
   order of the scenario was complete;
 - fault fired: the fault's own count of what it did (SIGKILLs that landed, bytes of
   AOF dropped, bytes a partition swallowed, /readyz failures seen while Redis was
-  down...). A scenario whose fault did not fire proved nothing: the test fails on 0;
+  down, sends the SMTP outage refused...). A scenario whose fault did not fire proved
+  nothing: the test fails on 0;
 - 5xx: answers other than 503 (a 500 is a bug): never retried, always a failure.
 
 ``python -m chaos`` (``make chaos``) runs the full set; ``--quick`` fewer orders and
@@ -479,6 +480,52 @@ def slow_consumer(stack: Stack, params: Params, done: threading.Event, notes: No
     notes.fire(peak, "messages of backlog at the peak")
 
 
+SMTP_DOWN_SECONDS = 60.0
+"""How long the "SMTP down" fault keeps the mail server away (its name says it)."""
+
+
+def _refused_sends(stack: Stack) -> int:
+    """Email sends the consumers logged as refused: "SMTP host:port unavailable"."""
+    needle = f"SMTP 127.0.0.1:{stack.smtp_port} unavailable"
+    return sum(
+        path.read_text(errors="replace").count(needle) for path in stack.root.glob("email-*.log")
+    )
+
+
+def smtp_down(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
+    """The mail server stops for 60 s during intake, then comes back.
+
+    Every send meanwhile is refused (counted from the email workers' own log lines: the
+    fault fired). A refused send is a transient failure: retried with capped backoff
+    for CONSUMER_RETRY_SECONDS, which the stack sets shorter than the outage, so the
+    emails that wait longest are dead-lettered as transient during it; the workers
+    revive those by themselves once the server answers again. Promise: every order gets
+    each of its emails once, and no dead letter is left.
+    """
+    start = time.monotonic()
+    assert stack.client is not None
+    email = RedisQueue(stack.client, "email")
+    _at(0.3, params, start)
+    before = email.stats()
+    refused_before = _refused_sends(stack)
+    stack.stop_sink()
+    time.sleep(SMTP_DOWN_SECONDS)  # the fault's length
+    refused = _refused_sends(stack) - refused_before
+    dead = email.stats()["dead"] - before["dead"]
+    stack.start_sink()
+    notes.cleared_at = time.monotonic()
+    notes.add(f"smtp-sink stopped {SMTP_DOWN_SECONDS:g} s")
+    notes.fire(refused, "email sends refused while SMTP was down")
+    # The revivals happen after the fault: wait for them (the settle counts them too).
+    deadline = time.monotonic() + params.settle_timeout
+    while email.revivable() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    revived = email.stats()["revived"] - before["revived"]
+    notes.add(
+        f"{dead} dead-lettered as transient meanwhile, {revived} transient dead letters revived"
+    )
+
+
 STREAMS = 200
 """Event streams the "open streams" fault holds open during intake."""
 
@@ -581,6 +628,12 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario("consumer partitioned from Redis", "none lost, none doubled", partition),
     Scenario("200 open streams during intake", "none lost, none doubled", open_streams),
+    Scenario(
+        "SMTP down 60 s",
+        "none lost, none doubled, no dead letter left",
+        smtp_down,
+        quick=False,  # a minute long: tests/e2e/test_smtp_outage.py runs it on its own
+    ),
 )
 
 

@@ -343,7 +343,30 @@ def settings_fields() -> list[str]:
 WORKER_ENV_VARS: tuple[EnvVar, ...] = declare(
     EnvVar("CONSUMER_CONCURRENCY", "1", "Handler threads per consumer process (--concurrency)."),
     EnvVar("CONSUMER_BATCH_SIZE", "10", "Messages a worker thread takes and acks per round trip."),
-    EnvVar("CONSUMER_MAX_ATTEMPTS", "5", "Failed attempts before a message is dead-lettered."),
+    EnvVar(
+        "CONSUMER_MAX_ATTEMPTS",
+        "5",
+        "Failed attempts before a message is dead-lettered (unexpected errors; a transient "
+        "one has CONSUMER_RETRY_SECONDS, a permanent one is dead-lettered at once).",
+    ),
+    EnvVar(
+        "CONSUMER_RETRY_SECONDS",
+        "3600",
+        "Seconds a transient failure (connection refused, timeout, SMTP 4xx, database "
+        "away) is retried, from the message's first failure, before it is dead-lettered.",
+    ),
+    EnvVar(
+        "CONSUMER_REVIVE_SECONDS",
+        "60",
+        "Wait before a transient dead letter is tried again by itself; doubles each time "
+        "it fails again (up to CONSUMER_RETRY_SECONDS). Once one succeeds, the rest follow "
+        "at CONSUMER_REVIVE_RATE.",
+    ),
+    EnvVar(
+        "CONSUMER_REVIVE_RATE",
+        "10",
+        "Transient dead letters put back on their queue per second, at most (per queue).",
+    ),
     EnvVar(
         "CONSUMER_MAX_CRASHES",
         "5",
@@ -376,6 +399,9 @@ class WorkerSettings:
     stuck_seconds: float = 300.0
     max_crashes: int = 5
     metrics_port: int = 0
+    retry_seconds: float = 3600.0
+    revive_seconds: float = 60.0
+    revive_rate: int = 10
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -392,6 +418,9 @@ class WorkerSettings:
             stuck_seconds=env_float(env, "CONSUMER_STUCK_SECONDS", 1.0, 86400.0),
             max_crashes=env_int(env, "CONSUMER_MAX_CRASHES", 1, 1000),
             metrics_port=env_int(env, "METRICS_PORT", 0, 65535),
+            retry_seconds=env_float(env, "CONSUMER_RETRY_SECONDS", 0.0, 30 * 86400.0),
+            revive_seconds=env_float(env, "CONSUMER_REVIVE_SECONDS", 0.1, 30 * 86400.0),
+            revive_rate=env_int(env, "CONSUMER_REVIVE_RATE", 1, 100_000),
         )
 
 

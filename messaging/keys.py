@@ -84,8 +84,25 @@ def deaths(queue: str) -> str:
     return f"{_tag(queue)}:deaths"
 
 
+def revivable(queue: str) -> str:
+    """Sorted set of transient dead letters (their stored JSON), scored by the time
+    they are next revived (put back on pending)."""
+    return f"{_tag(queue)}:revivable"
+
+
+def revive_tick(queue: str) -> str:
+    """String with a one-second TTL: some worker revived dead letters this second."""
+    return f"{_tag(queue)}:revive-tick"
+
+
+def revive_recovered(queue: str) -> str:
+    """String set when a revived message was acked (its dependency is back): every
+    transient dead letter is then due at once, at the revival's rate bound."""
+    return f"{_tag(queue)}:revive-recovered"
+
+
 def stats(queue: str) -> str:
-    """Hash of counters: processed, failed, retried, dead."""
+    """Hash of counters: processed, failed, retried, dead, revived."""
     return f"{_tag(queue)}:stats"
 
 

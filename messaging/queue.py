@@ -15,8 +15,11 @@ slot thanks to the ``{q}`` tag):
   are scored and compared on Redis's clock (``TIME`` inside the scripts), never a
   worker's: one worker an hour ahead would otherwise promote every retry at once (no
   backoff for anyone), one an hour behind would park its retries for an hour.
-- ``attempts(q)`` hash event id -> failed attempts; ``dead(q)`` list of JSON dead
-  letters; ``stats(q)`` hash of counters (processed, failed, retried, dead).
+- ``attempts(q)`` hash event id -> ``"<failed attempts> <first failure> <revivals>"``
+  (the first failure on Redis's clock); ``dead(q)`` list of JSON dead letters;
+  ``stats(q)`` hash of counters (processed, failed, retried, dead, revived).
+- ``revivable(q)`` sorted set of the dead letters of a transient cause, scored by when
+  they are next tried (see *Retry budgets* below).
 - ``deaths(q)`` hash SHA-1 of the message -> workers that died holding it. The reaper
   counts one for every message it takes back from a dead worker (as Sidekiq Pro's
   super_fetch counts recoveries). A message with a count is a *suspect*: the take
@@ -25,6 +28,28 @@ slot thanks to the ``{q}`` tag):
   reaper, and are taken again on their own), and its count is its own. A suspect that
   has killed CONSUMER_MAX_CRASHES workers is dead-lettered when it is next taken, with
   the reason "worker died N times handling it". An ack or a dead letter forgets it.
+
+Retry budgets (as the ``backoff`` library's ``max_time``, not only Celery's and
+Dramatiq's ``max_retries``): :func:`classify` sorts a failure into three kinds. A
+*permanent* one (bad data, SMTP 5xx) is dead-lettered at once; an unexpected one (a
+bug, most likely) after CONSUMER_MAX_ATTEMPTS; a *transient* one (connection refused,
+a timeout, SMTP 4xx, a database that does not answer) is retried with capped
+exponential backoff and full jitter until CONSUMER_RETRY_SECONDS have passed since the
+message's first failure, however many attempts that takes: a 15 s SMTP outage no
+longer spends five attempts and dead-letters the mail for good. The first failure's
+time lives in the attempts hash, keyed by event id, so it survives the reaper and the
+delayed set (the budget cannot restart by accident); the last retry is scheduled at the
+budget's end at the latest. A transient dead letter is not the end either (Sidekiq's
+dead set waits for an operator; a passing outage should not need one): it is also
+scored in ``revivable(q)``, and every worker's housekeeping calls :meth:`revive`, which
+puts due ones back on pending at a bounded rate per queue (CONSUMER_REVIVE_RATE a
+second, whichever worker gets there first). A revived message keeps its first failure,
+so it is a probe: one attempt, and if the dependency is still down it is dead-lettered
+again at once and waits twice as long (CONSUMER_REVIVE_SECONDS, doubling, at most the
+budget) before the next probe. Once the dependency is back a probe succeeds; its ack
+sets ``revive-recovered(q)``, and from then on every transient dead letter is due:
+the rest follow at the rate bound, not after their own schedules. A transient
+dead-lettering clears that flag again (the dependency went away again).
 
 Every state change that touches two keys is one Lua script, and every script first
 removes the message from the worker's processing list and does nothing else if it was
@@ -40,6 +65,7 @@ import hashlib
 import json
 import logging
 import random
+import smtplib
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -59,6 +85,12 @@ DEFAULT_BACKOFF_BASE = 1.0
 """Seconds of the first retry's maximum delay; doubles with each attempt."""
 DEFAULT_BACKOFF_MAX = 60.0
 """Cap of the retry delay in seconds."""
+DEFAULT_RETRY_SECONDS = 3600.0
+"""Seconds a transient failure is retried, from the first failure (CONSUMER_RETRY_SECONDS)."""
+DEFAULT_REVIVE_SECONDS = 60.0
+"""First wait before a transient dead letter is tried again; doubles per failed revival."""
+DEFAULT_REVIVE_RATE = 10
+"""Transient dead letters revived per second and queue, at most (CONSUMER_REVIVE_RATE)."""
 PROMOTE_LIMIT = 1000
 """Most delayed messages one promoter call moves (it runs again on the next tick)."""
 
@@ -75,15 +107,53 @@ class MalformedMessage(PermanentError):
     """The raw message is not an envelope this queue accepts."""
 
 
-def classify(exc: BaseException) -> Literal["retry", "dead"]:
+Verdict = Literal["dead", "transient", "retry"]
+"""What a failure means: dead-letter now, retry within the time budget, or retry
+within the attempt limit."""
+
+_NOT_TRANSIENT_OS_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+"""OSErrors that a wait does not fix (a path, a permission): counted attempts."""
+
+_TRANSIENT_NAMES = frozenset(
+    {
+        "sqlalchemy.exc.OperationalError",  # connection refused, "database is locked"
+        "sqlalchemy.exc.DisconnectionError",
+        "sqlalchemy.exc.TimeoutError",  # the pool had no connection to give
+    }
+)
+"""Transient errors known by name: the core must not import SQLAlchemy for them."""
+
+
+def classify(exc: BaseException) -> Verdict:
     """Decide what a handler failure means for the message.
 
-    Permanent errors (including malformed messages) go to the dead letters at once;
-    anything else is retried until the attempts run out, as Dramatiq does: an
-    unexpected exception may be a passing condition (a locked database, a network
-    blip), and a bug still ends in the dead letters after the last attempt.
+    ``dead``: a :class:`PermanentError` (malformed messages included) or an SMTP 5xx
+    answer: a retry cannot fix it. ``transient``: a :class:`RetryableError`, a
+    connection or timeout error, an SMTP 4xx answer or a lost SMTP connection, a
+    database that does not answer: retried until the time budget is spent.
+    ``retry``: anything else, retried until the attempts run out, as Dramatiq does: an
+    unexpected exception may be a passing condition, and a bug still ends in the dead
+    letters after the last attempt.
     """
-    return "dead" if isinstance(exc, PermanentError) else "retry"
+    if isinstance(exc, PermanentError):
+        return "dead"
+    if isinstance(exc, RetryableError):
+        return "transient"
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        codes = [code for code, _ in exc.recipients.values()]
+        return "dead" if codes and all(code >= 500 for code in codes) else "transient"
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return "dead" if exc.smtp_code >= 500 else "transient"
+    if isinstance(exc, OSError):  # ConnectionError, TimeoutError, socket.gaierror, ...
+        return "retry" if isinstance(exc, _NOT_TRANSIENT_OS_ERRORS) else "transient"
+    names = {f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__}
+    return "transient" if names & _TRANSIENT_NAMES else "retry"
 
 
 def backoff(
@@ -163,6 +233,18 @@ class DeadLetter:
     queue: str
     raw: bytes
     """The original message bytes (from ``message_b64`` when it was not UTF-8)."""
+    cause: str = ""
+    """``permanent``, ``attempts`` (out of attempts) or ``transient`` (out of time:
+    revived automatically); empty in letters stored before causes were recorded."""
+    first_failed: float | None = None
+    """Redis time of the message's first failure (transient letters)."""
+    revivals: int = 0
+    """Times a transient letter was revived and failed again."""
+
+    @property
+    def transient(self) -> bool:
+        """True when the dependency was away: :meth:`RedisQueue.revive` retries it."""
+        return self.cause == "transient"
 
     @classmethod
     def load(cls, entry: bytes) -> DeadLetter:
@@ -181,6 +263,9 @@ class DeadLetter:
             failed_at=str(data["failed_at"]),
             queue=str(data["queue"]),
             raw=raw,
+            cause=str(data.get("cause", "")),
+            first_failed=float(data["first_failed"]) if "first_failed" in data else None,
+            revivals=int(data.get("revivals", 0)),
         )
 
 
@@ -240,40 +325,114 @@ for i = 2, n + 1 do
   if suspects and removed > 0 then redis.call('HDEL', KEYS[4], redis.sha1hex(ARGV[i])) end
 end
 if #ARGV > n + 1 then
+  if redis.call('HLEN', KEYS[2]) > 0 then
+    for i = n + 2, #ARGV do  -- a revived message went through: its dependency is back
+      local v = redis.call('HGET', KEYS[2], ARGV[i])
+      if v and not string.match(v, ' 0$') and string.match(v, ' %d+$') then
+        redis.call('SET', KEYS[5], '1')
+      end
+    end
+  end
   redis.call('HDEL', KEYS[2], unpack(ARGV, n + 2))
 end
 if done > 0 then redis.call('HINCRBY', KEYS[3], 'processed', done) end
 return done
 """
 
-# KEYS: processing, attempts, delayed, dead, stats, deaths
-# ARGV: raw, id, now, error, failed_at, queue, text, b64, permanent, delay_1 .. delay_max
-# delay_k is the wait after the k-th failure; there are max_attempts of them.
+# KEYS: processing, attempts, delayed, dead, stats, deaths, revivable, recovered
+# ARGV: raw, id, now, error, failed_at, queue, text, b64, mode, max_attempts,
+#       budget, backoff base, backoff cap, jitter (0..1), revive seconds
+# mode: '1' permanent (dead now), '2' transient (retried until the budget is spent),
+# '0' anything else (retried until max_attempts). The attempts hash holds, per event
+# id, "<failures> <first failure> <revivals>"; the first failure is kept as it is.
 _FAIL = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return {0, 0} end
-local n
+local now = tonumber(ARGV[3])
+if not now then local t = redis.call('TIME') now = t[1] + t[2] / 1e6 end
+local n, first, revivals = 1, now, 0
 if ARGV[2] ~= '' then
-  n = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-else
-  n = 1
+  local v = redis.call('HGET', KEYS[2], ARGV[2])
+  if v then
+    local c, f, r = string.match(v, '^(%d+) ?([%d.]*) ?(%d*)$')
+    n = (tonumber(c) or 0) + 1
+    first = tonumber(f) or now
+    revivals = tonumber(r) or 0
+  end
 end
 redis.call('HINCRBY', KEYS[5], 'failed', 1)
-local max = #ARGV - 9
-if ARGV[9] == '1' or n >= max then
+local mode, budget = ARGV[9], tonumber(ARGV[11])
+local cause
+if mode == '1' then cause = 'permanent'
+elseif mode == '2' then if now - first >= budget then cause = 'transient' end
+elseif n >= tonumber(ARGV[10]) then cause = 'attempts' end
+if cause then
   local entry = {message = ARGV[7], error = ARGV[4], attempts = n,
-                 failed_at = ARGV[5], queue = ARGV[6]}
+                 failed_at = ARGV[5], queue = ARGV[6], cause = cause}
   if ARGV[8] ~= '' then entry['message_b64'] = ARGV[8] end
-  redis.call('RPUSH', KEYS[4], cjson.encode(entry))
+  if cause == 'transient' then
+    entry['error'] = 'retry budget of ' .. ARGV[11] .. ' s spent: ' .. ARGV[4]
+    entry['first_failed'] = first
+    entry['revivals'] = revivals
+    entry['event_id'] = ARGV[2]
+  end
+  local encoded = cjson.encode(entry)
+  redis.call('RPUSH', KEYS[4], encoded)
+  if cause == 'transient' and ARGV[8] == '' then
+    local first_wait = tonumber(ARGV[15])
+    local wait = math.min(math.max(budget, first_wait), first_wait * 2 ^ math.min(revivals, 40))
+    redis.call('ZADD', KEYS[7], now + wait, encoded)
+    redis.call('DEL', KEYS[8])  -- the dependency is (still, again) away
+  end
   if ARGV[2] ~= '' then redis.call('HDEL', KEYS[2], ARGV[2]) end
   redis.call('HDEL', KEYS[6], redis.sha1hex(ARGV[1]))
   redis.call('HINCRBY', KEYS[5], 'dead', 1)
   return {2, n}
 end
-local now = tonumber(ARGV[3])
-if not now then local t = redis.call('TIME') now = t[1] + t[2] / 1e6 end
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[9 + n]), ARGV[1])
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[2], ARGV[2], string.format('%d %.6f %d', n, first, revivals))
+end
+local delay = math.min(tonumber(ARGV[13]), tonumber(ARGV[12]) * 2 ^ math.min(n - 1, 62))
+delay = delay * tonumber(ARGV[14])
+if mode == '2' then delay = math.min(delay, first + budget - now) end
+redis.call('ZADD', KEYS[3], now + delay, ARGV[1])
 redis.call('HINCRBY', KEYS[5], 'retried', 1)
 return {1, n}
+"""
+
+# KEYS: revivable, dead, pending, attempts, stats, tick, recovered. ARGV: now ('' =
+# TIME), limit, tick ms (0: no rate bound). A letter no longer in the dead list (an
+# operator requeued or discarded it) is only forgotten. The attempts entry comes back
+# with one more revival and the same first failure: a revived message's budget is
+# already spent. Once a revived message was acked (the recovered flag), every letter
+# is due: the rest follow at the rate bound instead of waiting out their schedules.
+_REVIVE = """
+if ARGV[3] ~= '0' and not redis.call('SET', KEYS[6], '1', 'NX', 'PX', ARGV[3]) then
+  return -1
+end
+local now = tonumber(ARGV[1])
+if not now then local t = redis.call('TIME') now = t[1] + t[2] / 1e6 end
+local upto = now
+if redis.call('EXISTS', KEYS[7]) == 1 then
+  if redis.call('ZCARD', KEYS[1]) == 0 then redis.call('DEL', KEYS[7]) return 0 end
+  upto = '+inf'
+end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', upto, 'LIMIT', 0, ARGV[2])
+local n = 0
+for _, e in ipairs(due) do
+  redis.call('ZREM', KEYS[1], e)
+  if redis.call('LREM', KEYS[2], 1, e) == 1 then
+    local d = cjson.decode(e)
+    local id = d['event_id'] or ''
+    if id ~= '' then
+      redis.call('HSET', KEYS[4], id, string.format('%d %.6f %d',
+        d['attempts'], d['first_failed'] or now, (d['revivals'] or 0) + 1))
+    end
+    redis.call('RPUSH', KEYS[3], d['message'])
+    n = n + 1
+  end
+end
+if n > 0 then redis.call('HINCRBY', KEYS[5], 'revived', n) end
+return n
 """
 
 # ARGV: now ('' = Redis's own clock, TIME), limit.
@@ -332,7 +491,7 @@ return redis.call('SADD', KEYS[2], ARGV[1])
 
 _PURGE = """
 local n = redis.call('LLEN', KEYS[1])
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 return n
 """
 
@@ -341,6 +500,7 @@ if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 if ARGV[3] ~= '' then redis.call('HDEL', KEYS[3], ARGV[3]) end
 redis.call('HDEL', KEYS[4], redis.sha1hex(ARGV[2]))
+redis.call('ZREM', KEYS[5], ARGV[1])
 return 1
 """
 
@@ -355,6 +515,9 @@ class RedisQueue:
         max_crashes: workers a message may kill before it is dead-lettered.
         backoff_base: seconds, see :func:`backoff`.
         backoff_max: seconds, see :func:`backoff`.
+        retry_seconds: the time budget of a transient failure, from the first one.
+        revive_seconds: first wait before a transient dead letter is revived.
+        revive_rate: transient dead letters revived per second, at most.
     """
 
     def __init__(
@@ -366,6 +529,9 @@ class RedisQueue:
         max_crashes: int = DEFAULT_MAX_CRASHES,
         backoff_base: float = DEFAULT_BACKOFF_BASE,
         backoff_max: float = DEFAULT_BACKOFF_MAX,
+        retry_seconds: float = DEFAULT_RETRY_SECONDS,
+        revive_seconds: float = DEFAULT_REVIVE_SECONDS,
+        revive_rate: int = DEFAULT_REVIVE_RATE,
     ) -> None:
         self.client = client
         self.name = name
@@ -373,6 +539,11 @@ class RedisQueue:
         self.max_crashes = max_crashes
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        self.retry_seconds = retry_seconds
+        self.revive_seconds = revive_seconds
+        self.revive_rate = revive_rate
+        self.revivable_key = keys.revivable(name)
+        self.recovered_key = keys.revive_recovered(name)
         self.pending_key = keys.pending(name)
         self.delayed_key = keys.delayed(name)
         self.dead_key = keys.dead(name)
@@ -390,6 +561,7 @@ class RedisQueue:
         self._requeue = client.register_script(_REQUEUE)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._purge = client.register_script(_PURGE)
+        self._revive = client.register_script(_REVIVE)
 
     # --- producing -------------------------------------------------------------
 
@@ -443,6 +615,7 @@ class RedisQueue:
                     self.attempts_key,
                     self.stats_key,
                     self.deaths_key,
+                    self.recovered_key,
                 ],
                 args=[len(messages), *messages, *ids],
             )
@@ -455,19 +628,20 @@ class RedisQueue:
         error: str,
         *,
         permanent: bool = False,
+        transient: bool = False,
         now: float | None = None,
     ) -> str:
         """Settle a failed message: retry later, or dead-letter it.
 
         In one Lua call: remove it from processing, count the attempt, and either ZADD
-        it to the delayed set (due after :func:`backoff`) or, when permanent or out of
-        attempts, append a dead letter. Returns ``'retried'``, ``'dead'``, or ``'lost'``
-        when it was no longer ours (the reaper returned it to pending meanwhile).
+        it to the delayed set (due after :func:`backoff`, computed in the script from
+        the attempt count) or append a dead letter: at once when ``permanent``; for a
+        ``transient`` failure once ``retry_seconds`` have passed since the message's
+        first failure; for any other once ``max_attempts`` failed. Returns
+        ``'retried'``, ``'dead'``, or ``'lost'`` when it was no longer ours (the reaper
+        returned it to pending meanwhile). ``now`` replaces Redis's clock (tests).
         """
         text, b64 = _text_and_b64(message)
-        delays = [
-            backoff(n, self.backoff_base, self.backoff_max) for n in range(1, self.max_attempts + 1)
-        ]
         outcome, _attempts = self._fail(
             keys=[
                 keys.processing(self.name, worker),
@@ -476,6 +650,8 @@ class RedisQueue:
                 self.dead_key,
                 self.stats_key,
                 self.deaths_key,
+                self.revivable_key,
+                self.recovered_key,
             ],
             args=[
                 message,
@@ -486,8 +662,13 @@ class RedisQueue:
                 self.name,
                 text,
                 b64,
-                "1" if permanent else "0",
-                *(repr(d) for d in delays),
+                "1" if permanent else "2" if transient else "0",
+                self.max_attempts,
+                f"{self.retry_seconds:f}".rstrip("0").rstrip("."),
+                repr(self.backoff_base),
+                repr(self.backoff_max),
+                repr(random.random()),  # the full jitter's draw
+                repr(self.revive_seconds),
             ],
         )
         return {0: "lost", 1: "retried", 2: "dead"}[int(outcome)]
@@ -578,6 +759,35 @@ class RedisQueue:
             )
         )
 
+    def revive(self, now: float | None = None, *, bounded: bool = True) -> int:
+        """Put due transient dead letters back on pending; returns how many (-1: not
+        this worker's turn).
+
+        Run by every worker's housekeeping. ``bounded``: at most ``revive_rate`` per
+        second for the whole queue, whichever worker calls first (a key with a
+        one-second TTL is the turn). Each revived message keeps its first failure, so
+        a failure that is still transient dead-letters it again at once, to be
+        revived after twice the wait.
+        """
+        return int(
+            self._revive(
+                keys=[
+                    self.revivable_key,
+                    self.dead_key,
+                    self.pending_key,
+                    self.attempts_key,
+                    self.stats_key,
+                    keys.revive_tick(self.name),
+                    self.recovered_key,
+                ],
+                args=["" if now is None else repr(now), self.revive_rate, 1000 if bounded else 0],
+            )
+        )
+
+    def revivable(self) -> int:
+        """Transient dead letters waiting to be revived (work not given up on)."""
+        return int(self.client.zcard(self.revivable_key))
+
     # --- dead letters ----------------------------------------------------------
 
     def dead_letters(self, start: int = 0, stop: int = -1) -> list[DeadLetter]:
@@ -592,7 +802,13 @@ class RedisQueue:
         for letter in chosen:
             moved += int(
                 self._requeue(
-                    keys=[self.dead_key, self.pending_key, self.attempts_key, self.deaths_key],
+                    keys=[
+                        self.dead_key,
+                        self.pending_key,
+                        self.attempts_key,
+                        self.deaths_key,
+                        self.revivable_key,
+                    ],
                     args=[letter.entry, letter.raw, event_id_of(letter.raw)],
                 )
             )
@@ -600,7 +816,7 @@ class RedisQueue:
 
     def purge_dead(self) -> int:
         """Delete every dead letter; returns how many there were."""
-        return int(self._purge(keys=[self.dead_key]))
+        return int(self._purge(keys=[self.dead_key, self.revivable_key, self.recovered_key]))
 
     # --- observing -------------------------------------------------------------
 
@@ -626,6 +842,7 @@ class RedisQueue:
             "failed": counters.get("failed", 0),
             "retried": counters.get("retried", 0),
             "dead": counters.get("dead", 0),
+            "revived": counters.get("revived", 0),
             "pending": int(pending),
             "delayed": int(delayed),
             "dead_letters": int(dead),

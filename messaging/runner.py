@@ -110,6 +110,9 @@ def _run(
             max_crashes=settings.max_crashes,
             backoff_base=settings.backoff_base,
             backoff_max=settings.backoff_max,
+            retry_seconds=settings.retry_seconds,
+            revive_seconds=settings.revive_seconds,
+            revive_rate=settings.revive_rate,
         )
         publisher = EventPublisher(
             client, settings.base.pattern, wait_replicas=settings.base.redis_wait_replicas

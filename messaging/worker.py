@@ -4,7 +4,8 @@ One process is one worker id (``hostname-pid-xxxxxxxx``) with one processing lis
 shared by its threads. Each thread loops: take a batch (one round trip), handle each
 message, ack the handled ones together (one round trip). A failure is settled at once
 (retry or dead letter, one Lua call). A housekeeping thread refreshes the heartbeat,
-promotes due retries and reaps dead workers, every half second.
+promotes due retries, revives due transient dead letters (messaging.queue's retry
+budgets) and reaps dead workers, every half second.
 
 Order matters at the end of a message: the handler commits its effect, the outcome
 event is emitted, and only then is the message acked. A crash anywhere before the ack
@@ -245,7 +246,13 @@ class Worker:
                 verdict = classify(exc)
                 error = f"{type(exc).__name__}: {exc}"
                 tracing.set_error(span, error)
-                result = self.queue.fail(self.id, raw, error, permanent=verdict == "dead")
+                result = self.queue.fail(
+                    self.id,
+                    raw,
+                    error,
+                    permanent=verdict == "dead",
+                    transient=verdict == "transient",
+                )
                 metrics.observe_failed(name)
                 log.warning(
                     "%s: event %s order #%s failed (%s), %s",
@@ -457,6 +464,12 @@ class Worker:
                         self.queue.name, self.id,
                     )  # fmt: skip
                 self.queue.promote()
+                revived = self.queue.revive()
+                if revived > 0:
+                    log.warning(
+                        "%s: revived %d dead letter(s) of a transient cause",
+                        self.queue.name, revived,
+                    )  # fmt: skip
                 self.queue.reap()
                 if self._sweep_orphans.is_set():
                     self._release_orphans()

@@ -164,6 +164,9 @@ def cmd_dead_show(args: argparse.Namespace, settings: Settings) -> int:
     print(f"queue:     {printable(letter.queue)}")
     print(f"failed at: {printable(letter.failed_at)}")
     print(f"attempts:  {letter.attempts}")
+    if letter.cause:
+        revives = " (revived by the workers: the dependency was away)" if letter.transient else ""
+        print(f"cause:     {letter.cause}{revives}")
     print(f"error:     {printable(letter.error)}")
     print(f"message:   {printable(letter.message)}")
     return EXIT_OK
