@@ -22,11 +22,12 @@ exist, 2 bad arguments or configuration. Errors are one line on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -43,6 +44,8 @@ from messaging.queue import RedisQueue
 from orders.config import OrderServiceSettings
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from orders.stuck import StuckReport
 
 PROG = "orders-admin"
@@ -213,30 +216,37 @@ def cmd_dead_purge(args: argparse.Namespace, settings: Settings) -> int:
 # --- orders -------------------------------------------------------------------------------
 
 
-def cmd_order_show(args: argparse.Namespace, _settings: Settings) -> int:
+@contextlib.contextmanager
+def _order_database(database_url: str) -> Iterator[Session]:
+    """A session on the order service's database for one command; a database error is
+    one line ("cannot read the database: ..."), exit 1."""
     from sqlalchemy.orm import Session
 
-    from orders.service import load_order
-
-    service_settings = OrderServiceSettings.from_env()
-    engine = database_engine(service_settings.database_url)
+    engine = database_engine(database_url)
     try:
         with Session(engine) as session:
-            order = load_order(session, args.order_id)
-            if order is None:
-                raise Failure(f"there is no order {args.order_id}")
-            print(f"order #{order.id}  {order.status}")
-            print(f"customer:  {printable(order.customer_email)}")
-            print(f"total:     {order.total} {order.currency}")
-            print(f"placed at: {order.created_at.isoformat()}")
-            print("history:" if order.history else "history:   (none yet)")
-            for entry in order.history:
-                print(f"  {entry.occurred_at.isoformat()}  {entry.type}  {entry.event_id}")
+            yield session
     except SQLAlchemyError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise Failure(f"cannot read the database: {first}") from None
     finally:
         engine.dispose()
+
+
+def cmd_order_show(args: argparse.Namespace, _settings: Settings) -> int:
+    from orders.service import load_order
+
+    with _order_database(OrderServiceSettings.from_env().database_url) as session:
+        order = load_order(session, args.order_id)
+        if order is None:
+            raise Failure(f"there is no order {args.order_id}")
+        print(f"order #{order.id}  {order.status}")
+        print(f"customer:  {printable(order.customer_email)}")
+        print(f"total:     {order.total} {order.currency}")
+        print(f"placed at: {order.created_at.isoformat()}")
+        print("history:" if order.history else "history:   (none yet)")
+        for entry in order.history:
+            print(f"  {entry.occurred_at.isoformat()}  {entry.type}  {entry.event_id}")
     return EXIT_OK
 
 
@@ -265,23 +275,14 @@ def stuck_table(report: StuckReport) -> str:
 
 
 def cmd_stuck(args: argparse.Namespace, _settings: Settings) -> int:
-    from sqlalchemy.orm import Session
-
     from orders.stuck import stuck_orders
 
     service_settings = OrderServiceSettings.from_env()
     older_than = service_settings.stuck_seconds if args.older_than is None else args.older_than
     if not 0 <= older_than <= 86400:
         raise Failure("--older-than must be between 0 and 86400 seconds", EXIT_BAD_CONFIG)
-    engine = database_engine(service_settings.database_url)
-    try:
-        with Session(engine) as session:
-            print(stuck_table(stuck_orders(session, older_than)))
-    except SQLAlchemyError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise Failure(f"cannot read the database: {first}") from None
-    finally:
-        engine.dispose()
+    with _order_database(service_settings.database_url) as session:
+        print(stuck_table(stuck_orders(session, older_than)))
     return EXIT_OK
 
 

@@ -20,6 +20,15 @@ function el(tag, text, className) {
   return node;
 }
 
+// A table's only row when it has nothing to show: one cell across its columns.
+function noteRow(text, columns) {
+  const td = el("td", text, "note");
+  td.colSpan = columns;
+  const tr = el("tr");
+  tr.appendChild(td);
+  return tr;
+}
+
 function replaceChildren(parent, children) {
   while (parent.firstChild) parent.removeChild(parent.firstChild);
   for (const child of children) parent.appendChild(child);
@@ -216,16 +225,21 @@ async function refreshQueues() {
 
 // --- recent orders ----------------------------------------------------------------------
 
+// An order's id as a link to its detail view (the timeline).
+function orderCell(id) {
+  const td = el("td");
+  const link = el("a", "#" + id);
+  link.href = "#order/" + encodeURIComponent(id);
+  link.className = "order-link";
+  td.appendChild(link);
+  return td;
+}
+
 function renderOrders(body) {
   const rows = body.items.map((order) => {
     const tr = el("tr");
     tr.dataset.orderId = String(order.id);
-    const idCell = el("td");
-    const link = el("a", "#" + order.id);
-    link.href = "#order/" + encodeURIComponent(order.id);
-    link.className = "order-link";
-    idCell.appendChild(link);
-    tr.appendChild(idCell);
+    tr.appendChild(orderCell(order.id));
     const status = el("td", order.status, "status-" + order.status);
     status.dataset.field = "status";
     tr.appendChild(status);
@@ -258,24 +272,14 @@ function renderStuck(body) {
   const rows = body.orders.map((order) => {
     const tr = el("tr");
     tr.dataset.orderId = String(order.id);
-    const idCell = el("td");
-    const link = el("a", "#" + order.id);
-    link.href = "#order/" + encodeURIComponent(order.id);
-    idCell.appendChild(link);
-    tr.appendChild(idCell);
+    tr.appendChild(orderCell(order.id));
     tr.appendChild(el("td", order.status, "status-" + order.status));
     tr.appendChild(el("td", order.waiting_for));
     tr.appendChild(el("td", seconds(order.age_seconds), "num"));
     tr.appendChild(el("td", seconds(order.idle_seconds), "num"));
     return tr;
   });
-  if (!rows.length) {
-    const none = el("td", "none", "note");
-    none.colSpan = 5;
-    const tr = el("tr");
-    tr.appendChild(none);
-    rows.push(tr);
-  }
+  if (!rows.length) rows.push(noteRow("none", 5));
   replaceChildren(document.getElementById("stuck-rows"), rows);
   document.getElementById("stuck-total").textContent =
     body.total > body.orders.length ? body.total + " in all, the oldest shown" : "";
@@ -330,11 +334,14 @@ async function placeOrder(event) {
         customer_email: value("customer_email"),
         currency: value("currency"),
         items: collectLines(form),
+        priority: form.elements["express"].checked ? "express" : "standard",
       },
       { "Idempotency-Key": submissionKey },
     );
     submissionKey = null; // placed: the next submit is a new order
-    out.textContent = "placed order #" + order.id + " (" + order.total + " " + order.currency + ")";
+    out.textContent =
+      "placed order #" + order.id + " (" + order.total + " " + order.currency +
+      (order.priority === "express" ? ", express" : "") + ")";
     out.dataset.orderId = String(order.id);
     out.className = "";
     refreshOrders();
@@ -565,13 +572,7 @@ function renderStageRows(stages) {
     tr.appendChild(p99);
     return tr;
   });
-  if (!rows.length) {
-    const td = el("td", "no events in the window", "note");
-    td.colSpan = 4;
-    const tr = el("tr");
-    tr.appendChild(td);
-    rows.push(tr);
-  }
+  if (!rows.length) rows.push(noteRow("no events in the window", 4));
   replaceChildren(document.getElementById("stage-rows"), rows);
 }
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import redis as redis_lib
@@ -24,19 +24,7 @@ from orders.history import record_event
 from orders.models import Order, Outbox
 from orders.reconcile import AutoReconciler
 from tests.helpers import BIN, Proc, wait_for
-from tests.orders_app import order
-
-
-def _outcome(event_type: str, order_id: int, **data: str) -> dict[str, object]:
-    return envelope.envelope(
-        event_type,
-        {"order_id": order_id, **data},
-        message=event_type,
-        sender="test",
-        count=order_id,
-        timestamp=datetime.now(UTC).isoformat(),
-    )
-
+from tests.orders_app import order, outcome
 
 FULFILLED = (envelope.PAYMENT_CAPTURED, envelope.INVOICE_ISSUED, envelope.SHIPMENT_BOOKED)
 
@@ -54,9 +42,9 @@ def _place(app: Flask, n: int) -> list[int]:
 def _record(app: Flask, order_id: int, *types: str, steps: tuple[str, ...] = ()) -> None:
     with app.extensions["orders"].sessions.begin() as session:
         for event_type in types:
-            record_event(session, _outcome(event_type, order_id))
+            record_event(session, outcome(event_type, order_id))
         for step in steps:
-            record_event(session, _outcome(envelope.CUSTOMER_NOTIFIED, order_id, step=step))
+            record_event(session, outcome(envelope.CUSTOMER_NOTIFIED, order_id, step=step))
 
 
 def _age(app: Flask, seconds: float) -> None:

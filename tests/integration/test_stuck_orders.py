@@ -22,7 +22,7 @@ from orders import lifecycle
 from orders.history import record_event
 from orders.models import Order, utc_now
 from orders.stuck import stuck_orders
-from tests.orders_app import ADMIN, ORDER
+from tests.orders_app import ADMIN, ORDER, outcome
 
 NO_REDIS = "redis://127.0.0.1:1/0"
 
@@ -45,14 +45,7 @@ def _age(app: Flask, order_id: int, seconds: float) -> None:
 
 def _record(app: Flask, order_id: int, event_type: str, ago: float, **data: Any) -> None:
     stamp = (utc_now() - timedelta(seconds=ago)).isoformat()
-    event = envelope.envelope(
-        event_type,
-        {"order_id": order_id, **data},
-        message=f"{event_type} {order_id}",
-        sender="test",
-        count=order_id,
-        timestamp=stamp,
-    )
+    event = outcome(event_type, order_id, stamp, **data)
     with app.extensions["orders"].sessions.begin() as session:
         record_event(session, event)
 
