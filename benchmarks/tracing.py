@@ -1,4 +1,4 @@
-"""8. Tracing: what trace context and OpenTelemetry cost, off and on, in the same run.
+"""9. Tracing: what trace context and OpenTelemetry cost, off and on, in the same run.
 
 Three settings of the same processes, each measured in turn on the same Redis:
 
@@ -27,7 +27,7 @@ from devtools.otlp_receiver import OTLPReceiver
 from devtools.procs import Proc
 from devtools.redis_server import free_port
 
-SECTION = "8"
+SECTION = "9"
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 """The context every drained job carries (a caller's), so consumer spans are children."""
 
