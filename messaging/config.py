@@ -312,8 +312,8 @@ WORKER_ENV_VARS: tuple[EnvVar, ...] = declare(
         "CONSUMER_REVIVE_SECONDS",
         "60",
         "Wait before a transient dead letter is tried again by itself; doubles each time "
-        "it fails again (up to CONSUMER_RETRY_SECONDS). Once one succeeds, the rest follow "
-        "at CONSUMER_REVIVE_RATE.",
+        "it fails again (up to CONSUMER_RETRY_SECONDS), but one letter is tried at least "
+        "this often; once one succeeds, the rest follow at CONSUMER_REVIVE_RATE.",
     ),
     EnvVar(
         "CONSUMER_REVIVE_RATE",
@@ -328,6 +328,11 @@ WORKER_ENV_VARS: tuple[EnvVar, ...] = declare(
     EnvVar("CONSUMER_BACKOFF_BASE", "1.0", "Seconds of the first retry delay (doubles each time)."),
     EnvVar("CONSUMER_BACKOFF_MAX", "60.0", "Cap of the retry delay in seconds (full jitter)."),
     EnvVar("CONSUMER_HEARTBEAT_TTL", "10", "Seconds a worker's heartbeat lives; gone = reaped."),
+    EnvVar(
+        "CONSUMER_EXPRESS_RATIO",
+        "10",
+        "Express messages taken in a row while standard work waits before one standard one.",
+    ),
     EnvVar(
         "CONSUMER_STUCK_SECONDS",
         "300",
@@ -352,6 +357,7 @@ class WorkerSettings:
     stuck_seconds: float = 300.0
     max_crashes: int = 5
     metrics_port: int = 0
+    express_ratio: int = 10
     retry_seconds: float = 3600.0
     revive_seconds: float = 60.0
     revive_rate: int = 10
@@ -371,6 +377,7 @@ class WorkerSettings:
             stuck_seconds=env_float(env, "CONSUMER_STUCK_SECONDS", 1.0, 86400.0),
             max_crashes=env_int(env, "CONSUMER_MAX_CRASHES", 1, 1000),
             metrics_port=env_int(env, "METRICS_PORT", 0, 65535),
+            express_ratio=env_int(env, "CONSUMER_EXPRESS_RATIO", 1, 1_000_000),
             retry_seconds=env_float(env, "CONSUMER_RETRY_SECONDS", 0.0, 30 * 86400.0),
             revive_seconds=env_float(env, "CONSUMER_REVIVE_SECONDS", 0.1, 30 * 86400.0),
             revive_rate=env_int(env, "CONSUMER_REVIVE_RATE", 1, 100_000),

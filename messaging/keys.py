@@ -49,6 +49,16 @@ def pending(queue: str) -> str:
     return f"{_tag(queue)}:pending"
 
 
+def express(queue: str) -> str:
+    """List of express messages waiting: taken before ``pending`` (see messaging.queue)."""
+    return f"{_tag(queue)}:express"
+
+
+def express_streak(queue: str) -> str:
+    """Counter: express messages taken in a row while standard work waited (anti-starvation)."""
+    return f"{_tag(queue)}:express-streak"
+
+
 def processing(queue: str, worker: str) -> str:
     """List of one worker's in-flight messages (the reliable-move target)."""
     return f"{_tag(queue)}:processing:{worker}"
@@ -93,6 +103,11 @@ def revivable(queue: str) -> str:
 def revive_tick(queue: str) -> str:
     """String with a one-second TTL: some worker revived dead letters this second."""
     return f"{_tag(queue)}:revive-tick"
+
+
+def revive_probe(queue: str) -> str:
+    """String living CONSUMER_REVIVE_SECONDS after the last revival (no canary needed)."""
+    return f"{_tag(queue)}:revive-probe"
 
 
 def revive_recovered(queue: str) -> str:

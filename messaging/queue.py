@@ -4,6 +4,16 @@ Layout of one queue ``q`` (every key comes from :mod:`messaging.keys`, all in on
 slot thanks to the ``{q}`` tag):
 
 - ``pending(q)`` list: producers RPUSH JSON envelopes; workers take from the left.
+- ``express(q)`` list: express messages (envelope ``"priority": "express"``) that
+  arrived while standard work waited. Workers take from it first; after
+  CONSUMER_EXPRESS_RATIO express messages in a row (``express_streak(q)`` counts them
+  across takes) they take one standard message while both lists hold work, so express
+  traffic never starves standard work (Sidekiq's and asynq's weighted queues, with the
+  weight as a streak). An express message that finds pending empty has nothing to jump
+  and goes to pending itself: a worker waiting in BLMOVE (which watches one list) gets
+  it at once, and no worker ever waits while express work is there. Every script that
+  puts a message back (reap, release, promote, requeue) applies the same rule, so a
+  crash, a retry or a requeued dead letter keeps the message's priority.
 - ``processing(q, worker)`` list per worker: a message is moved here atomically when
   taken (LMOVE/BLMOVE, the reliable-queue pattern) and removed only by an ack, a retry,
   a dead-letter or a release. A crash leaves it here; nothing is lost.
@@ -46,7 +56,9 @@ puts due ones back on pending at a bounded rate per queue (CONSUMER_REVIVE_RATE 
 second, whichever worker gets there first). A revived message keeps its first failure,
 so it is a probe: one attempt, and if the dependency is still down it is dead-lettered
 again at once and waits twice as long (CONSUMER_REVIVE_SECONDS, doubling, at most the
-budget) before the next probe. Once the dependency is back a probe succeeds; its ack
+budget) before the next probe; and whenever nothing was revived for
+CONSUMER_REVIVE_SECONDS the earliest letter goes ahead of its schedule, so a
+dependency that is back is noticed within that time. Once a probe succeeds, its ack
 sets ``revive-recovered(q)``, and from then on every transient dead letter is due:
 the rest follow at the rate bound, not after their own schedules. A transient
 dead-lettering clears that flag again (the dependency went away again).
@@ -93,6 +105,9 @@ DEFAULT_REVIVE_RATE = 10
 """Transient dead letters revived per second and queue, at most (CONSUMER_REVIVE_RATE)."""
 PROMOTE_LIMIT = 1000
 """Most delayed messages one promoter call moves (it runs again on the next tick)."""
+DEFAULT_EXPRESS_RATIO = 10
+"""Express messages taken in a row, while standard work waits, before one standard
+message is (CONSUMER_EXPRESS_RATIO): standard work keeps at least 1/11 of the takes."""
 
 
 class RetryableError(Exception):
@@ -285,10 +300,41 @@ class Consumer(Protocol):
         """Not started: put back at the head of pending."""
 
 
-# KEYS: pending, processing, deaths. ARGV: count, sha1 of a message the caller already
-# holds in this batch ('' if none). Returns {deaths of a suspect taken alone or 0, m...}.
-# Fast path: no suspects on the queue (HLEN 0), plain LMOVEs. Otherwise a suspect (a
-# message some worker died holding) is only ever taken alone.
+# Shared by every script that puts a message back in line (reap, release, promote,
+# requeue, push): which lane a message belongs to, and where it goes. ``'"express"'`` is
+# a cheap filter; only a message that contains it is decoded. Garbage is standard.
+_LANES = """
+local function is_express(m)
+  if not string.find(m, '"express"', 1, true) then return false end
+  local ok, e = pcall(cjson.decode, m)
+  return ok and type(e) == 'table' and e['priority'] == 'express'
+end
+-- An express message goes to the express list only when standard work waits: with no
+-- backlog there is nothing to jump, and on pending a worker blocked in BLMOVE gets it.
+local function lane(pending, express, m)
+  if is_express(m) and redis.call('LLEN', pending) > 0 then return express end
+  return pending
+end
+-- Put messages back at the heads of their lanes, in order: standard ones first, so
+-- the lane rule sees them.
+local function to_heads(pending, express, ms)
+  local fast = {}
+  for i = #ms, 1, -1 do
+    if is_express(ms[i]) then fast[#fast + 1] = ms[i]
+    else redis.call('LPUSH', pending, ms[i]) end
+  end
+  local target = pending
+  if redis.call('LLEN', pending) > 0 then target = express end
+  for _, m in ipairs(fast) do redis.call('LPUSH', target, m) end
+end
+"""
+
+# KEYS: pending, processing, deaths, express, streak. ARGV: count, sha1 of a message the
+# caller already holds in this batch ('' if none), ratio. Returns {deaths of a suspect
+# taken alone or 0, m...}. Express first, but after ``ratio`` express messages in a row
+# one standard message while standard work waits (the anti-starvation rule; the streak
+# survives between calls in KEYS[5]). Fast path: no express work and no suspects, plain
+# LMOVEs. A suspect (a message some worker died holding) is only ever taken alone.
 _TAKE = """
 local out = {0}
 local suspects = redis.call('HLEN', KEYS[3]) > 0
@@ -296,21 +342,40 @@ if suspects and ARGV[2] ~= '' then
   local d = redis.call('HGET', KEYS[3], ARGV[2])
   if d then out[1] = tonumber(d) return out end
 end
+local express = redis.call('LLEN', KEYS[4])
+local had_express = express > 0
+local ratio = tonumber(ARGV[3])
+local streak = 0
+if had_express then streak = tonumber(redis.call('GET', KEYS[5]) or '0') end
 for i = 1, tonumber(ARGV[1]) do
+  local src = KEYS[1]
+  if express > 0 and (streak < ratio or redis.call('LLEN', KEYS[1]) == 0) then
+    src = KEYS[4]
+  end
+  local alone = false
   if suspects then
-    local head = redis.call('LINDEX', KEYS[1], 0)
+    local head = redis.call('LINDEX', src, 0)
     if not head then break end
     local d = redis.call('HGET', KEYS[3], redis.sha1hex(head))
     if d then
       if #out > 1 or ARGV[2] ~= '' then break end
       out[1] = tonumber(d)
-      out[2] = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
-      return out
+      alone = true
     end
   end
-  local m = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+  local m = redis.call('LMOVE', src, KEYS[2], 'LEFT', 'RIGHT')
   if not m then break end
   out[#out + 1] = m
+  if src == KEYS[4] then
+    express = express - 1
+    streak = streak + 1
+  else
+    streak = 0
+  end
+  if alone then break end
+end
+if had_express then
+  if express == 0 then redis.call('DEL', KEYS[5]) else redis.call('SET', KEYS[5], streak) end
 end
 return out
 """
@@ -399,13 +464,17 @@ redis.call('HINCRBY', KEYS[5], 'retried', 1)
 return {1, n}
 """
 
-# KEYS: revivable, dead, pending, attempts, stats, tick, recovered. ARGV: now ('' =
-# TIME), limit, tick ms (0: no rate bound). A letter no longer in the dead list (an
-# operator requeued or discarded it) is only forgotten. The attempts entry comes back
-# with one more revival and the same first failure: a revived message's budget is
-# already spent. Once a revived message was acked (the recovered flag), every letter
-# is due: the rest follow at the rate bound instead of waiting out their schedules.
-_REVIVE = """
+# KEYS: revivable, dead, pending, attempts, stats, tick, recovered, express, probe. ARGV:
+# now ('' = TIME), limit, tick ms (0: no rate bound), probe ms (0: none). When nothing
+# was revived for a probe interval, the earliest letter is revived ahead of its
+# schedule. A letter no longer in the dead list (an operator requeued or discarded it)
+# is only forgotten. The attempts entry comes back with one more revival and the same
+# first failure: a revived message's budget is already spent. Once a revived message
+# was acked (the recovered flag), every letter is due: the rest follow at the rate
+# bound instead of waiting out their schedules.
+_REVIVE = (
+    _LANES
+    + """
 if ARGV[3] ~= '0' and not redis.call('SET', KEYS[6], '1', 'NX', 'PX', ARGV[3]) then
   return -1
 end
@@ -417,6 +486,13 @@ if redis.call('EXISTS', KEYS[7]) == 1 then
   upto = '+inf'
 end
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', upto, 'LIMIT', 0, ARGV[2])
+if ARGV[4] ~= '0' then
+  if #due > 0 then
+    redis.call('SET', KEYS[9], '1', 'PX', ARGV[4])
+  elseif redis.call('SET', KEYS[9], '1', 'NX', 'PX', ARGV[4]) then
+    due = redis.call('ZRANGE', KEYS[1], 0, 0)  -- the canary: the earliest, ahead of time
+  end
+end
 local n = 0
 for _, e in ipairs(due) do
   redis.call('ZREM', KEYS[1], e)
@@ -427,51 +503,66 @@ for _, e in ipairs(due) do
       redis.call('HSET', KEYS[4], id, string.format('%d %.6f %d',
         d['attempts'], d['first_failed'] or now, (d['revivals'] or 0) + 1))
     end
-    redis.call('RPUSH', KEYS[3], d['message'])
+    redis.call('RPUSH', lane(KEYS[3], KEYS[8], d['message']), d['message'])
     n = n + 1
   end
 end
 if n > 0 then redis.call('HINCRBY', KEYS[5], 'revived', n) end
 return n
 """
+)
 
-# ARGV: now ('' = Redis's own clock, TIME), limit.
-_PROMOTE = """
+# KEYS: delayed, pending, express. ARGV: now ('' = Redis's own clock, TIME), limit.
+_PROMOTE = (
+    _LANES
+    + """
 local now = tonumber(ARGV[1])
 if not now then local t = redis.call('TIME') now = t[1] + t[2] / 1e6 end
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[2])
 for _, m in ipairs(due) do
   redis.call('ZREM', KEYS[1], m)
-  redis.call('RPUSH', KEYS[2], m)
+  redis.call('RPUSH', lane(KEYS[2], KEYS[3], m), m)
 end
 return #due
 """
+)
 
-# Moves the tail first onto the head, so the list keeps its order at pending's head,
-# and counts a death for each message (KEYS[5]): the worker died holding it.
-_REAP = """
+# Moves the dead worker's list back to the heads of the lanes (in order), and counts a
+# death for each message (KEYS[5]): the worker died holding it. KEYS[6]: express.
+_REAP = (
+    _LANES
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
-local n = 0
-while true do
-  local m = redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'LEFT')
-  if not m then break end
-  redis.call('HINCRBY', KEYS[5], redis.sha1hex(m), 1)
-  n = n + 1
-end
+local held = redis.call('LRANGE', KEYS[2], 0, -1)
+redis.call('DEL', KEYS[2])
+for _, m in ipairs(held) do redis.call('HINCRBY', KEYS[5], redis.sha1hex(m), 1) end
+to_heads(KEYS[3], KEYS[6], held)
 redis.call('SREM', KEYS[4], ARGV[1])
-return n
+return #held
 """
+)
 
-_RELEASE = """
-local n = 0
-for i = #ARGV, 1, -1 do
-  if redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 then
-    redis.call('LPUSH', KEYS[2], ARGV[i])
-    n = n + 1
-  end
+# KEYS: processing, pending, express. ARGV: the messages, in order.
+_RELEASE = (
+    _LANES
+    + """
+local back = {}
+for i = 1, #ARGV do
+  if redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 then back[#back + 1] = ARGV[i] end
 end
-return n
+to_heads(KEYS[2], KEYS[3], back)
+return #back
 """
+)
+
+# KEYS: pending, express. ARGV: messages, each to the tail of its lane.
+_PUSH = (
+    _LANES
+    + """
+for i = 1, #ARGV do redis.call('RPUSH', lane(KEYS[1], KEYS[2], ARGV[i]), ARGV[i]) end
+return redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2])
+"""
+)
 
 _DEREGISTER = """
 redis.call('DEL', KEYS[1])
@@ -495,14 +586,18 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 return n
 """
 
-_REQUEUE = """
+# KEYS: dead, pending, attempts, deaths, revivable, express.
+_REQUEUE = (
+    _LANES
+    + """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('RPUSH', lane(KEYS[2], KEYS[6], ARGV[2]), ARGV[2])
 if ARGV[3] ~= '' then redis.call('HDEL', KEYS[3], ARGV[3]) end
 redis.call('HDEL', KEYS[4], redis.sha1hex(ARGV[2]))
 redis.call('ZREM', KEYS[5], ARGV[1])
 return 1
 """
+)
 
 
 class RedisQueue:
@@ -515,6 +610,8 @@ class RedisQueue:
         max_crashes: workers a message may kill before it is dead-lettered.
         backoff_base: seconds, see :func:`backoff`.
         backoff_max: seconds, see :func:`backoff`.
+        express_ratio: express messages taken in a row while standard work waits
+            before one standard message is (the anti-starvation rule).
         retry_seconds: the time budget of a transient failure, from the first one.
         revive_seconds: first wait before a transient dead letter is revived.
         revive_rate: transient dead letters revived per second, at most.
@@ -529,22 +626,28 @@ class RedisQueue:
         max_crashes: int = DEFAULT_MAX_CRASHES,
         backoff_base: float = DEFAULT_BACKOFF_BASE,
         backoff_max: float = DEFAULT_BACKOFF_MAX,
+        express_ratio: int = DEFAULT_EXPRESS_RATIO,
         retry_seconds: float = DEFAULT_RETRY_SECONDS,
         revive_seconds: float = DEFAULT_REVIVE_SECONDS,
         revive_rate: int = DEFAULT_REVIVE_RATE,
     ) -> None:
+        if express_ratio < 1:
+            raise ValueError(f"express_ratio must be >= 1, got {express_ratio}")
         self.client = client
         self.name = name
         self.max_attempts = max_attempts
         self.max_crashes = max_crashes
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        self.express_ratio = express_ratio
         self.retry_seconds = retry_seconds
         self.revive_seconds = revive_seconds
         self.revive_rate = revive_rate
         self.revivable_key = keys.revivable(name)
         self.recovered_key = keys.revive_recovered(name)
         self.pending_key = keys.pending(name)
+        self.express_key = keys.express(name)
+        self.streak_key = keys.express_streak(name)
         self.delayed_key = keys.delayed(name)
         self.dead_key = keys.dead(name)
         self.workers_key = keys.workers(name)
@@ -561,13 +664,20 @@ class RedisQueue:
         self._requeue = client.register_script(_REQUEUE)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._purge = client.register_script(_PURGE)
+        self._push = client.register_script(_PUSH)
         self._revive = client.register_script(_REVIVE)
 
     # --- producing -------------------------------------------------------------
 
     def push(self, *messages: bytes | str) -> int:
-        """RPUSH messages onto pending; returns the new length."""
-        return int(self.client.rpush(self.pending_key, *messages))
+        """Append messages to their lanes (express or standard); returns the waiting count.
+
+        Producers of events use :class:`messaging.publisher.EventPublisher`, which applies
+        the same rule; this is for tools and tests.
+        """
+        if not messages:
+            return 0
+        return int(self._push(keys=[self.pending_key, self.express_key], args=list(messages)))
 
     # --- consuming -------------------------------------------------------------
 
@@ -580,8 +690,8 @@ class RedisQueue:
         has killed ``max_crashes`` workers is dead-lettered here instead of returned.
         """
         processing = keys.processing(self.name, worker)
-        tag = [self.pending_key, processing, self.deaths_key]
-        deaths, *got = self._take(keys=tag, args=[count, ""])
+        tag = [self.pending_key, processing, self.deaths_key, self.express_key, self.streak_key]
+        deaths, *got = self._take(keys=tag, args=[count, "", self.express_ratio])
         if not got and timeout > 0:
             first: bytes | None = self.client.blmove(  # type: ignore[assignment]
                 self.pending_key, processing, timeout, "LEFT", "RIGHT"
@@ -589,7 +699,7 @@ class RedisQueue:
             if first is None:
                 return []
             sha = hashlib.sha1(first).hexdigest()  # a hash key, not security
-            deaths, *more = self._take(keys=tag, args=[count - 1, sha])
+            deaths, *more = self._take(keys=tag, args=[count - 1, sha, self.express_ratio])
             got = [first, *more]
         if deaths and int(deaths) >= self.max_crashes:
             [poison] = got
@@ -683,7 +793,8 @@ class RedisQueue:
             return 0
         return int(
             self._release(
-                keys=[keys.processing(self.name, worker), self.pending_key], args=list(messages)
+                keys=[keys.processing(self.name, worker), self.pending_key, self.express_key],
+                args=list(messages),
             )
         )
 
@@ -739,6 +850,7 @@ class RedisQueue:
                         self.pending_key,
                         self.workers_key,
                         self.deaths_key,
+                        self.express_key,
                     ],
                     args=[worker],
                 )
@@ -754,7 +866,7 @@ class RedisQueue:
         """Move delayed messages that are due back to pending; returns how many."""
         return int(
             self._promote(
-                keys=[self.delayed_key, self.pending_key],
+                keys=[self.delayed_key, self.pending_key, self.express_key],
                 args=["" if now is None else repr(now), limit],
             )
         )
@@ -765,7 +877,11 @@ class RedisQueue:
 
         Run by every worker's housekeeping. ``bounded``: at most ``revive_rate`` per
         second for the whole queue, whichever worker calls first (a key with a
-        one-second TTL is the turn). Each revived message keeps its first failure, so
+        one-second TTL is the turn), and at least one letter per ``revive_seconds``
+        (the earliest, ahead of its schedule when nothing else was due: a canary, so a
+        dependency that is back is noticed within ``revive_seconds`` even when every
+        letter's own wait has doubled to an hour). ``bounded=False``: the schedules
+        alone (tests). Each revived message keeps its first failure, so
         a failure that is still transient dead-letters it again at once, to be
         revived after twice the wait.
         """
@@ -779,8 +895,15 @@ class RedisQueue:
                     self.stats_key,
                     keys.revive_tick(self.name),
                     self.recovered_key,
+                    self.express_key,
+                    keys.revive_probe(self.name),
                 ],
-                args=["" if now is None else repr(now), self.revive_rate, 1000 if bounded else 0],
+                args=[
+                    "" if now is None else repr(now),
+                    self.revive_rate,
+                    1000 if bounded else 0,
+                    max(1, int(self.revive_seconds * 1000)) if bounded else 0,
+                ],
             )
         )
 
@@ -808,6 +931,7 @@ class RedisQueue:
                         self.attempts_key,
                         self.deaths_key,
                         self.revivable_key,
+                        self.express_key,
                     ],
                     args=[letter.entry, letter.raw, event_id_of(letter.raw)],
                 )
@@ -832,18 +956,20 @@ class RedisQueue:
         ]
         pipe = self.client.pipeline(transaction=False)
         pipe.llen(self.pending_key)
+        pipe.llen(self.express_key)
         pipe.zcard(self.delayed_key)
         pipe.llen(self.dead_key)
         for w in workers:
             pipe.llen(keys.processing(self.name, w))
-        pending, delayed, dead, *inflight = pipe.execute()
+        pending, express, delayed, dead, *inflight = pipe.execute()
         return {
             "processed": counters.get("processed", 0),
             "failed": counters.get("failed", 0),
             "retried": counters.get("retried", 0),
             "dead": counters.get("dead", 0),
             "revived": counters.get("revived", 0),
-            "pending": int(pending),
+            "pending": int(pending) + int(express),
+            "express": int(express),
             "delayed": int(delayed),
             "dead_letters": int(dead),
             "in_flight": sum(int(n) for n in inflight),

@@ -91,6 +91,7 @@ def run(
             max_crashes=settings.max_crashes,
             backoff_base=settings.backoff_base,
             backoff_max=settings.backoff_max,
+            express_ratio=settings.express_ratio,
             retry_seconds=settings.retry_seconds,
             revive_seconds=settings.revive_seconds,
             revive_rate=settings.revive_rate,

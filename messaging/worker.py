@@ -46,7 +46,7 @@ from typing import Any, Protocol
 
 import redis
 
-from messaging import faults, metrics
+from messaging import envelope, faults, metrics
 from messaging.config import EXIT_OK
 from messaging.handler import Handler
 from messaging.queue import MalformedMessage, RedisQueue, classify, parse
@@ -257,6 +257,7 @@ class Worker:
                 extra=self._extra(event, order_id),
             )  # fmt: skip
             return False
+        envelope.inherit_priority(outcomes, event)
         self._emit(outcomes)
         metrics.observe_handled(name, event)
         log.info(
@@ -315,6 +316,8 @@ class Worker:
         alone += [raw for (raw, _), outs in zip(parsed, results, strict=True) if outs is None]
         done: list[bytes] = []
         if done_events:
+            for _, event, outs in done_events:
+                envelope.inherit_priority(outs, event)
             self._emit([o for _, _, outs in done_events for o in outs])
             for raw, event, outs in done_events:
                 order_id = event["data"].get("order_id", "-")

@@ -42,7 +42,7 @@ COMMANDS: tuple[str, ...] = (
     # the reliable queue (consumers/queue.py) and the publisher's Lua scripts
     "evalsha", "eval", "script|load", "script|exists",
     "blmove", "lmove", "lrem", "lpush", "llen", "lrange",
-    "set", "del", "exists", "sadd", "srem", "smembers",
+    "get", "set", "del", "exists", "sadd", "srem", "smembers",
     "hincrby", "hdel", "hget", "hlen", "hgetall", "lindex",
     "zadd", "zrem", "zrangebyscore", "zcard",
     "multi", "exec", "discard",

@@ -68,6 +68,7 @@ def order_placed_event(order: Order) -> dict[str, Any]:
         ],
         format_money(order.total),
         _rfc3339(order.created_at),
+        order.priority or envelope.STANDARD,
     )
 
 
@@ -78,17 +79,21 @@ def _order_placed(
     lines: list[dict[str, Any]],
     total: str,
     timestamp: str,
+    priority: str = envelope.STANDARD,
 ) -> dict[str, Any]:
     items = sum(int(line["quantity"]) for line in lines)
+    data: dict[str, Any] = {
+        "order_id": order_id,
+        "customer_email": customer_email,
+        "currency": currency,
+        "lines": lines,
+        "total": total,
+    }
+    if priority == envelope.EXPRESS:  # standard: left out, as the contract's default
+        data["priority"] = priority
     return envelope.envelope(
         envelope.ORDER_PLACED,
-        {
-            "order_id": order_id,
-            "customer_email": customer_email,
-            "currency": currency,
-            "lines": lines,
-            "total": total,
-        },
+        data,
         message=(
             f"Order {order_id} placed by {customer_email}: "
             f"{items} {'item' if items == 1 else 'items'}, {total} {currency}"
@@ -96,6 +101,7 @@ def _order_placed(
         sender=SENDER,
         count=order_id,
         timestamp=timestamp,
+        priority=priority,
     )
 
 
@@ -196,6 +202,7 @@ def place_order(
                         "currency": request.currency,
                         "total": total,
                         "status": STATUS_PLACED,
+                        "priority": request.priority,
                         "created_at": now,
                         "idempotency_key": key,
                         "request_hash": body_hash,
@@ -218,7 +225,7 @@ def place_order(
             )
             event = _order_placed(
                 order_id, request.customer_email, request.currency, lines, format_money(total),
-                timestamp,
+                timestamp, request.priority,
             )  # fmt: skip
             outbox_id = int(
                 conn.execute(
@@ -245,6 +252,7 @@ def place_order(
     body = {
         "id": order_id,
         "status": STATUS_PLACED,
+        "priority": request.priority,
         "customer_email": request.customer_email,
         "currency": request.currency,
         "lines": lines,
@@ -307,6 +315,7 @@ def order_to_dict(order: Order, history: list[Any] | None = None) -> dict[str, A
     return {
         "id": order.id,
         "status": order.status,
+        "priority": order.priority,
         "customer_email": order.customer_email,
         "currency": order.currency,
         "lines": [

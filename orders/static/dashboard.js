@@ -334,11 +334,14 @@ async function placeOrder(event) {
         customer_email: value("customer_email"),
         currency: value("currency"),
         items: collectLines(form),
+        priority: form.elements["express"].checked ? "express" : "standard",
       },
       { "Idempotency-Key": submissionKey },
     );
     submissionKey = null; // placed: the next submit is a new order
-    out.textContent = "placed order #" + order.id + " (" + order.total + " " + order.currency + ")";
+    out.textContent =
+      "placed order #" + order.id + " (" + order.total + " " + order.currency +
+      (order.priority === "express" ? ", express" : "") + ")";
     out.dataset.orderId = String(order.id);
     out.className = "";
     refreshOrders();

@@ -295,3 +295,25 @@ def test_fast_path_marks_in_batches_and_the_relay_never_resends(
     for key in QUEUE_KEYS:
         ids = [json.loads(j)["id"] for j in redis.lrange(key, 0, -1)]
         assert len(ids) == 20 and len(set(ids)) == 20
+
+
+def test_an_express_order_jumps_the_queues_backlog(
+    topology: Topology, make_app: Callable[..., Flask]
+) -> None:
+    """POST priority express: stored, and its OrderPlaced goes ahead of waiting work."""
+    app = make_app(topology.redis_url, "queue", **topology.env)
+    client = app.test_client()
+    assert client.post("/orders", json=ORDER).status_code == 201  # standard: the backlog
+    response = client.post("/orders", json=order(priority="express"))
+    assert response.status_code == 201
+    express_id = response.get_json()["id"]
+    redis = topology.client()
+    for queue in envelope.queues_for(envelope.ORDER_PLACED):
+        waiting = wait_for(lambda q=queue: redis.lrange(keys.express(q), 0, -1), message=queue)
+        [event] = [json.loads(m) for m in waiting]
+        assert (event["data"]["order_id"], event["priority"]) == (express_id, "express")
+        assert event["data"]["priority"] == "express"
+        assert [
+            json.loads(m)["data"]["order_id"] for m in redis.lrange(keys.pending(queue), 0, -1)
+        ] == [express_id - 1]
+    assert client.get(f"/orders/{express_id}", headers=ADMIN).get_json()["priority"] == "express"
