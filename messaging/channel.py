@@ -67,6 +67,8 @@ class ChannelWorker(Worker):
         self.received: local.Queue[bytes] = local.Queue()
         self.subscribed = threading.Event()
         """Set while the subscription is confirmed by Redis."""
+        self.subscriptions = 0
+        """Subscriptions Redis confirmed so far (more than one: it came back after a loss)."""
         self.ignored = 0
         """Channel events of types this handler does not work on."""
         self._channel_threads: list[threading.Thread] = []
@@ -100,6 +102,7 @@ class ChannelWorker(Worker):
                     if message is None:
                         continue
                     if message["type"] == "subscribe":
+                        self.subscriptions += 1
                         self.subscribed.set()
                         self._recovered()
                         delay = 0.1
