@@ -240,15 +240,7 @@ class Worker:
         except redis.RedisError:  # our Redis, not the message: keep it, settle later
             raise
         except Exception as exc:
-            verdict = classify(exc)
-            error = f"{type(exc).__name__}: {exc}"
-            result = self.queue.fail(self.id, raw, error, permanent=verdict == "dead")
-            metrics.observe_failed(name)
-            log.warning(
-                "%s: event %s order #%s failed (%s), %s",
-                name, event["id"], order_id, error, result,
-                extra=self._extra(event, order_id),
-            )  # fmt: skip
+            self._failed(raw, event, exc)
             return False
         self._emit(outcomes)
         metrics.observe_handled(name, event)
@@ -259,6 +251,20 @@ class Worker:
             extra=self._extra(event, order_id),
         )  # fmt: skip
         return True
+
+    def _failed(self, raw: bytes, event: dict[str, Any], exc: Exception) -> None:
+        """Settle one message whose handling raised ``exc``: retry or dead letter."""
+        name = self.queue.name
+        order_id = event["data"].get("order_id", "-")
+        verdict = classify(exc)
+        error = f"{type(exc).__name__}: {exc}"
+        result = self.queue.fail(self.id, raw, error, permanent=verdict == "dead")
+        metrics.observe_failed(name)
+        log.warning(
+            "%s: event %s order #%s failed (%s), %s",
+            name, event["id"], order_id, error, result,
+            extra=self._extra(event, order_id),
+        )  # fmt: skip
 
     def _emit(self, outcomes: list[dict[str, Any]]) -> None:
         """Publish committed outcomes, in order: one pipeline when the publisher has it."""
@@ -271,8 +277,8 @@ class Worker:
                 self.publisher.publish(outcome)
         faults.hit("worker.after_emit")
 
-    def handle_batch(self, raws: list[bytes]) -> list[bytes]:
-        """Handle a taken batch with one ``handle_batch`` call; returns the raws to ack.
+    def handle_batch(self, raws: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+        """Handle a taken batch with one ``handle_batch`` call; (raws to ack, un-started).
 
         Same order as :meth:`handle_one`, batch-wide: the handler commits every effect
         of the batch in one transaction, then the outcomes go out in one pipeline, then
@@ -280,7 +286,13 @@ class Worker:
         whose events then find their stored outcomes: the windows are those of one
         message, not wider. What the batch did not do (malformed, bad data, a failed
         send, or the whole batch when the handler raised and so committed nothing)
-        goes through :meth:`handle_one`, which settles failures one by one.
+        goes through :meth:`handle_one`, which settles failures one by one. An event
+        the handler tried and failed (an exception in its place: a send refused, a
+        gateway timeout) is settled as that failure at once, without a second try.
+
+        Shutdown: the handler gets ``stopping`` and starts no further event once it is
+        true (it returns None for those); those, and what would have been handled
+        alone, come back un-started, for the caller to put back at the head of pending.
         """
         name = self.queue.name
         batch_handler: Any = self.handler
@@ -291,21 +303,26 @@ class Worker:
                 parsed.append((raw, parse(raw, self.handler.accepts)))
             except MalformedMessage:
                 alone.append(raw)  # handle_one dead-letters it with the reason
-        results: list[list[dict[str, Any]] | None] = []
+        results: list[list[dict[str, Any]] | Exception | None] = []
         if parsed:
             try:
-                results = batch_handler.handle_batch([event for _, event in parsed])
+                results = batch_handler.handle_batch(
+                    [event for _, event in parsed], stopping=self.stop.is_set
+                )
             except redis.RedisError:  # our Redis, not the messages: keep them, settle later
                 raise
             except Exception as exc:  # nothing committed: one at a time settles each
                 log.info("%s: batch of %d failed (%s); one at a time", name, len(parsed), exc)
                 results = [None] * len(parsed)
-        done_events = [
-            (raw, event, outs)
-            for (raw, event), outs in zip(parsed, results, strict=True)
-            if outs is not None
-        ]
-        alone += [raw for (raw, _), outs in zip(parsed, results, strict=True) if outs is None]
+        done_events: list[tuple[bytes, dict[str, Any], list[dict[str, Any]]]] = []
+        failures: list[tuple[bytes, dict[str, Any], Exception]] = []
+        for (raw, event), outs in zip(parsed, results, strict=True):
+            if outs is None:
+                alone.append(raw)
+            elif isinstance(outs, Exception):
+                failures.append((raw, event, outs))
+            else:
+                done_events.append((raw, event, outs))
         done: list[bytes] = []
         if done_events:
             self._emit([o for _, _, outs in done_events for o in outs])
@@ -318,10 +335,14 @@ class Worker:
                     extra=self._extra(event, order_id),
                 )  # fmt: skip
                 done.append(raw)
-        for raw in alone:
+        for raw, event, error in failures:
+            self._failed(raw, event, error)
+        for n, raw in enumerate(alone):
+            if self.stop.is_set():
+                return done, alone[n:]
             if self.handle_one(raw):
                 done.append(raw)
-        return done
+        return done, []
 
     def _extra(self, event: dict[str, Any], order_id: Any) -> dict[str, Any]:
         """Fields of the JSON log line (LOG_FORMAT=json) for one event."""
@@ -355,9 +376,9 @@ class Worker:
                 if len(todo) > 1 and hasattr(self.handler, "handle_batch"):
                     if not self.stop.is_set():
                         self._stamp()
-                        done += self.handle_batch(todo)
-                        self.handled += len(done)
-                        todo = []
+                        handled, todo = self.handle_batch(todo)
+                        done += handled
+                        self.handled += len(handled)
                 while todo:
                     if self.stop.is_set():
                         break  # the rest goes back to pending in _settle
