@@ -19,12 +19,13 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import drain, e2e, hello_start, intake, publish, streams, subscriber
+from benchmarks import drain, e2e, hello_start, intake, priority, publish, streams, subscriber
 from benchmarks.harness import MODES, Context, Row, environment, markdown, write_results
 from devtools.redis_server import RedisServer
 
 SECTIONS: dict[str, Callable[[Context], list[Row]]] = {
     "drain": drain.run,
+    "priority": priority.run,
     "publish": publish.run,
     "intake": intake.run,
     "e2e": e2e.run,

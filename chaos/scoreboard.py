@@ -17,7 +17,8 @@ happens, waits until the system has settled, then counts from the database:
   order of the scenario was complete;
 - fault fired: the fault's own count of what it did (SIGKILLs that landed, bytes of
   AOF dropped, bytes a partition swallowed, /readyz failures seen while Redis was
-  down...). A scenario whose fault did not fire proved nothing: the test fails on 0;
+  down, sends the SMTP outage refused...). A scenario whose fault did not fire proved
+  nothing: the test fails on 0;
 - 5xx: answers other than 503 (a 500 is a bug): never retried, always a failure.
 
 ``python -m chaos`` (``make chaos``) runs the full set; ``--quick`` fewer orders and
@@ -350,13 +351,63 @@ def recovery_bound(params: Params) -> float:
     return ttl + interval + batch + worker_module.TAKE_TIMEOUT + interval
 
 
+class Slowdown:
+    """How much slower than its own CPU time a CPU-bound thread runs, measured now.
+
+    A worker's reaper is Python code that needs the CPU in time; on a machine where
+    other work holds the cores, every step of it waits in the run queue. The probe is
+    a background thread that computes for about 5 ms, sleeps 45 ms (a tenth of a core),
+    and keeps each slice's wall time and CPU time (``time.thread_time``). The ratio of
+    their sums over a window is how stretched CPU-bound work was in that window: about
+    1 on an idle machine, the load per core on a saturated one. Bounds that the
+    scenario derives from the settings are stretched by it, so they stay a property of
+    the code and are not a wall-clock threshold that only an idle machine meets.
+    """
+
+    def __init__(self) -> None:
+        self._slices: list[tuple[float, float, float]] = []  # (end, wall, cpu)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="slowdown-probe", daemon=True)
+
+    def __enter__(self) -> Slowdown:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.045):
+            wall0, cpu0 = time.monotonic(), time.thread_time()
+            while time.thread_time() - cpu0 < 0.005:
+                sum(range(200))
+            wall1, cpu1 = time.monotonic(), time.thread_time()
+            self._slices.append((wall1, wall1 - wall0, cpu1 - cpu0))
+
+    def between(self, start: float, end: float) -> float:
+        """The slowdown factor over ``[start, end]`` (monotonic seconds), at least 1."""
+        inside = [(w, c) for t, w, c in list(self._slices) if start <= t <= end + 0.05]
+        wall = sum(w for w, _ in inside)
+        cpu = sum(c for _, c in inside)
+        return max(1.0, wall / cpu) if cpu > 0 else 1.0
+
+
 def orphan_recovery(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
     """SIGKILL slow payment workers holding messages; time until those messages are out
     of the dead worker's list and out of pending again (taken by a live worker), and
-    assert each time is within :func:`recovery_bound`."""
+    assert each time is within :func:`recovery_bound`, stretched by the :class:`Slowdown`
+    measured while that recovery ran (1 on an idle machine)."""
+    with Slowdown() as slowdown:
+        _orphan_recovery(stack, params, done, notes, slowdown)
+
+
+def _orphan_recovery(
+    stack: Stack, params: Params, done: threading.Event, notes: Notes, slowdown: Slowdown
+) -> None:
     assert stack.client is not None
     client = stack.client
-    times: list[float] = []
+    times: list[tuple[float, float]] = []  # (seconds to recover, slowdown meanwhile)
     watchers: list[threading.Thread] = []
     rng = random.Random(14)
     slots = [s for s in stack.slots if s.name == "payment"]
@@ -366,7 +417,8 @@ def orphan_recovery(stack: Stack, params: Params, done: threading.Event, notes: 
         while time.monotonic() < deadline:
             pending = set(client.lrange(keys.pending("payment"), 0, -1))
             if not client.exists(dead_key) and not pending.intersection(held):
-                times.append(time.monotonic() - killed_at)
+                now = time.monotonic()
+                times.append((now - killed_at, slowdown.between(killed_at, now)))
                 return
             time.sleep(0.02)
 
@@ -396,10 +448,17 @@ def orphan_recovery(stack: Stack, params: Params, done: threading.Event, notes: 
     bound = recovery_bound(params)
     notes.fire(len(times), "SIGKILLs of workers holding messages, timed")
     if times:
-        notes.add(f"recovered in max {max(times):.1f} s (bound {bound:.1f} s from settings)")
-    if len(times) < len(watchers) or any(t > bound for t in times):
+        took, stretch = max(times)
+        notes.add(
+            f"recovered in max {took:.1f} s (bound {bound:.1f} s from settings"
+            + (f" x {stretch:.1f} slowdown measured meanwhile" if stretch > 1.05 else "")
+            + ")"
+        )
+    late = [(round(t, 1), round(f, 1)) for t, f in times if t > bound * f]
+    if len(times) < len(watchers) or late:
         raise AssertionError(
-            f"orphan recovery out of bound {bound:.1f} s: {sorted(times)} of {len(watchers)}"
+            f"orphan recovery out of bound {bound:.1f} s x slowdown: "
+            f"{late} (seconds, slowdown) of {len(watchers)}"
         )
 
 
@@ -477,6 +536,52 @@ def slow_consumer(stack: Stack, params: Params, done: threading.Event, notes: No
     notes.cleared_at = time.monotonic()
     notes.add(f"payment {params.slow_latency_ms} ms/call")
     notes.fire(peak, "messages of backlog at the peak")
+
+
+SMTP_DOWN_SECONDS = 60.0
+"""How long the "SMTP down" fault keeps the mail server away (its name says it)."""
+
+
+def _refused_sends(stack: Stack) -> int:
+    """Email sends the consumers logged as refused: "SMTP host:port unavailable"."""
+    needle = f"SMTP 127.0.0.1:{stack.smtp_port} unavailable"
+    return sum(
+        path.read_text(errors="replace").count(needle) for path in stack.root.glob("email-*.log")
+    )
+
+
+def smtp_down(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
+    """The mail server stops for 60 s during intake, then comes back.
+
+    Every send meanwhile is refused (counted from the email workers' own log lines: the
+    fault fired). A refused send is a transient failure: retried with capped backoff
+    for CONSUMER_RETRY_SECONDS, which the stack sets shorter than the outage, so the
+    emails that wait longest are dead-lettered as transient during it; the workers
+    revive those by themselves once the server answers again. Promise: every order gets
+    each of its emails once, and no dead letter is left.
+    """
+    start = time.monotonic()
+    assert stack.client is not None
+    email = RedisQueue(stack.client, "email")
+    _at(0.3, params, start)
+    before = email.stats()
+    refused_before = _refused_sends(stack)
+    stack.stop_sink()
+    time.sleep(SMTP_DOWN_SECONDS)  # the fault's length
+    refused = _refused_sends(stack) - refused_before
+    dead = email.stats()["dead"] - before["dead"]
+    stack.start_sink()
+    notes.cleared_at = time.monotonic()
+    notes.add(f"smtp-sink stopped {SMTP_DOWN_SECONDS:g} s")
+    notes.fire(refused, "email sends refused while SMTP was down")
+    # The revivals happen after the fault: wait for them (the settle counts them too).
+    deadline = time.monotonic() + params.settle_timeout
+    while email.revivable() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    revived = email.stats()["revived"] - before["revived"]
+    notes.add(
+        f"{dead} dead-lettered as transient meanwhile, {revived} transient dead letters revived"
+    )
 
 
 STREAMS = 200
@@ -581,6 +686,12 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario("consumer partitioned from Redis", "none lost, none doubled", partition),
     Scenario("200 open streams during intake", "none lost, none doubled", open_streams),
+    Scenario(
+        "SMTP down 60 s",
+        "none lost, none doubled, no dead letter left",
+        smtp_down,
+        quick=False,  # a minute long: tests/e2e/test_smtp_outage.py runs it on its own
+    ),
 )
 
 

@@ -60,6 +60,10 @@ CHAOS_API_ENV = {
 CHAOS_TUNING = {
     "CONSUMER_HEARTBEAT_TTL": "2",
     "CONSUMER_MAX_ATTEMPTS": "12",
+    # Retry budgets shorter than the "SMTP down 60 s" outage, so that scenario also
+    # proves that transient dead letters are revived once the dependency is back.
+    "CONSUMER_RETRY_SECONDS": "20",
+    "CONSUMER_REVIVE_SECONDS": "2",
     "CONSUMER_BATCH_SIZE": "5",
     # An email claim's lease is 6 x SMTP_TIMEOUT: a SIGKILLed worker's claim runs out
     # in 18 s instead of a minute (the local sink answers in milliseconds).
@@ -260,16 +264,7 @@ class Stack:
             "LOG_LEVEL": "WARNING",
             **self.common_env,
         }
-        self.sink = Proc(
-            [str(BIN / "smtp-sink")],
-            {
-                "SMTP_HOST": "127.0.0.1",
-                "SMTP_PORT": str(self.smtp_port),
-                "SMTP_SINK_DIR": str(self.mail_dir),
-            },
-            self.root / "sink.log",
-            append=True,
-        )
+        self.start_sink(wait=False)
         self.start_api()
         self.start_stream()
         if self.use_proxy:
@@ -287,6 +282,35 @@ class Stack:
         self.engine = self.engines["orders"]
         wait_until(self.workers_registered, 60, 0.1, "every consumer registered")
         return self
+
+    def start_sink(self, wait: bool = True) -> None:
+        """``smtp-sink`` on the stack's SMTP port (again, after :meth:`stop_sink`)."""
+        self.sink = Proc(
+            [str(BIN / "smtp-sink")],
+            {
+                "SMTP_HOST": "127.0.0.1",
+                "SMTP_PORT": str(self.smtp_port),
+                "SMTP_SINK_DIR": str(self.mail_dir),
+            },
+            self.root / "sink.log",
+            append=True,
+        )
+        if wait:
+            wait_until(self.sink_listening, 30, 0.05, "smtp-sink back")
+
+    def sink_listening(self) -> bool:
+        """True when something accepts connections on the SMTP port."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.smtp_port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def stop_sink(self) -> None:
+        """Stop ``smtp-sink`` (SIGTERM): from now on every send is refused."""
+        if self.sink is not None:
+            self.sink.terminate(20.0)
+        wait_until(lambda: not self.sink_listening(), 30, 0.05, "smtp-sink gone")
 
     def workers_registered(self) -> bool:
         try:
@@ -497,9 +521,14 @@ class Stack:
         return [RedisQueue(self.client, QUEUE_OF[name]) for name in CONSUMERS]  # type: ignore[arg-type]
 
     def backlog(self) -> int:
-        """Messages pending or delayed on every queue (-1 when Redis does not answer)."""
+        """Messages pending, delayed or dead of a transient cause (to be revived) on
+        every queue (-1 when Redis does not answer)."""
         try:
-            return sum(q.stats()["pending"] + q.stats()["delayed"] for q in self.queues())
+            total = 0
+            for q in self.queues():
+                stats = q.stats()
+                total += stats["pending"] + stats["delayed"] + q.revivable()
+            return total
         except redis_lib.RedisError:
             return -1
 

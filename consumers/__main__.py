@@ -24,7 +24,7 @@ from consumers.noop import NoopHandler
 from consumers.payment import PaymentHandler
 from consumers.shipping import ShippingHandler
 from messaging import runner
-from messaging.config import EXIT_BAD_CONFIG, ConfigError
+from messaging.config import command_line, load_settings
 from messaging.handler import Handler
 
 HANDLERS: dict[str, Callable[[Engine, ConsumerSettings], Handler]] = {
@@ -38,17 +38,11 @@ HANDLERS: dict[str, Callable[[Engine, ConsumerSettings], Handler]] = {
 NAMES = (*HANDLERS, "noop")
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"consumer: {message}", file=sys.stderr)
-        sys.exit(EXIT_BAD_CONFIG)
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = _OneLineParser(
-        prog="consumer",
-        description="Run one consumer service's worker: it takes its queue's messages, does "
-        "its work in its own database, emits the outcome event, then acknowledges.",
+    parser = command_line(
+        "consumer",
+        "Run one consumer service's worker: it takes its queue's messages, does its work\n"
+        "in its own database, emits the outcome event, then acknowledges.",
     )
     parser.add_argument("name", metavar="NAME", help=f"one of: {', '.join(NAMES)}")
     parser.add_argument("--concurrency", type=int, default=None, help="handler threads")
@@ -65,11 +59,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run one consumer until SIGTERM/SIGINT."""
     args = _parse(argv)
-    try:
-        settings = ConsumerSettings.from_env(service=args.name)
-    except ConfigError as exc:
-        print(f"consumer: {exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+    settings = load_settings("consumer", lambda: ConsumerSettings.from_env(service=args.name))
 
     def open_handler() -> tuple[Handler, Callable[[], None]]:
         if not settings.database_url:  # noop: no data of its own

@@ -8,7 +8,6 @@ uses Mailpit instead (a web UI on http://127.0.0.1:8025).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import os
@@ -26,7 +25,7 @@ from aiosmtpd.controller import Controller
 
 from consumers.config import ConsumerSettings
 from messaging import logs
-from messaging.config import EXIT_BAD_CONFIG, EXIT_OK, ConfigError
+from messaging.config import EXIT_OK, command_line, load_settings
 
 log = logging.getLogger("smtp-sink")
 
@@ -59,18 +58,8 @@ class EmlWriter:
 
 def main(argv: list[str] | None = None) -> int:
     """Run until SIGTERM/SIGINT."""
-    argparse.ArgumentParser(
-        prog="smtp-sink",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Configuration: environment variables only; the README's Configuration table "
-        "lists each with its default.",
-    ).parse_args(argv)  # only --help: nothing starts before this
-    try:
-        settings = ConsumerSettings.from_env()
-    except ConfigError as exc:
-        print(f"smtp-sink: {exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+    command_line("smtp-sink", __doc__).parse_args(argv)  # only --help
+    settings = load_settings("smtp-sink", ConsumerSettings.from_env)
     logs.configure(settings.base.log_format, settings.base.log_level)
     # aiosmtpd logs every connection at INFO (its own readiness probe included);
     # our one line per stored message is what a reader of `make up` wants.

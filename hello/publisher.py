@@ -14,7 +14,6 @@ Run it as ``hello-publisher`` or ``python -m hello.publisher``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import signal
@@ -27,7 +26,7 @@ from typing import Any
 import redis
 
 from messaging import keys, logs
-from messaging.config import EXIT_BAD_CONFIG, EXIT_NO_REDIS, EXIT_OK, ConfigError, Settings
+from messaging.config import EXIT_NO_REDIS, EXIT_OK, Settings, command_line, load_settings
 from messaging.connection import connect_with_retries, redis_client
 
 log = logging.getLogger("hello-publisher")
@@ -104,18 +103,8 @@ class HelloPublisher:
 
 def main(argv: list[str] | None = None) -> int:
     """Console script ``hello-publisher``."""
-    argparse.ArgumentParser(
-        prog="hello-publisher",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Configuration: environment variables only; the README's Configuration table "
-        "lists each with its default.",
-    ).parse_args(argv)  # only --help: nothing starts before this
-    try:
-        settings = Settings.from_env()
-    except ConfigError as exc:
-        print(f"hello-publisher: {exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+    command_line("hello-publisher", __doc__).parse_args(argv)  # only --help
+    settings = load_settings("hello-publisher", Settings.from_env)
     logs.configure(settings.log_format, settings.log_level)
     publisher = HelloPublisher(redis_client(settings), settings)
     signal.signal(signal.SIGTERM, publisher.handle_signal)

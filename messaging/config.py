@@ -11,10 +11,12 @@ generated from those declarations (``python -m devtools.envdoc``).
 
 from __future__ import annotations
 
+import argparse
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Literal, NoReturn, TypeVar
 
 EXIT_OK = 0
 EXIT_NO_REDIS = 1
@@ -28,6 +30,53 @@ PATTERNS: tuple[Pattern, ...] = ("pubsub", "queue", "both")
 
 class ConfigError(ValueError):
     """An environment variable has a value we cannot use. The message is one line."""
+
+
+# --- the start of every console script ----------------------------------------------------
+
+_ENV_EPILOG = (
+    "Configuration: environment variables only; the README's Configuration table "
+    "lists each with its default."
+)
+
+_S = TypeVar("_S")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are bad configuration: one line on stderr, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``prog: message`` (no usage block) and exit :data:`EXIT_BAD_CONFIG`."""
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+
+
+def command_line(prog: str, description: str | None) -> OneLineParser:
+    """The parser of a console script: its description as written, and where config lives.
+
+    Parse it before anything else happens, so ``--help`` prints and exits without
+    starting a service, opening a database or connecting to Redis.
+    """
+    return OneLineParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_ENV_EPILOG,
+    )
+
+
+def load_settings(prog: str, load: Callable[[], _S]) -> _S:
+    """``load()`` the process's settings; a :class:`ConfigError` ends the process.
+
+    The one way every console script refuses bad configuration: ``prog: <what was
+    wrong>`` as one line on stderr, then exit :data:`EXIT_BAD_CONFIG` (``SystemExit``,
+    as argparse does for a bad argument).
+    """
+    try:
+        return load()
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_CONFIG) from None
 
 
 @dataclass(frozen=True)
@@ -247,7 +296,30 @@ def settings_fields() -> list[str]:
 WORKER_ENV_VARS: tuple[EnvVar, ...] = declare(
     EnvVar("CONSUMER_CONCURRENCY", "1", "Handler threads per consumer process (--concurrency)."),
     EnvVar("CONSUMER_BATCH_SIZE", "10", "Messages a worker thread takes and acks per round trip."),
-    EnvVar("CONSUMER_MAX_ATTEMPTS", "5", "Failed attempts before a message is dead-lettered."),
+    EnvVar(
+        "CONSUMER_MAX_ATTEMPTS",
+        "5",
+        "Failed attempts before a message is dead-lettered (unexpected errors; a transient "
+        "one has CONSUMER_RETRY_SECONDS, a permanent one is dead-lettered at once).",
+    ),
+    EnvVar(
+        "CONSUMER_RETRY_SECONDS",
+        "3600",
+        "Seconds a transient failure (connection refused, timeout, SMTP 4xx, database "
+        "away) is retried, from the message's first failure, before it is dead-lettered.",
+    ),
+    EnvVar(
+        "CONSUMER_REVIVE_SECONDS",
+        "60",
+        "Wait before a transient dead letter is tried again by itself; doubles each time "
+        "it fails again (up to CONSUMER_RETRY_SECONDS). Once one succeeds, the rest follow "
+        "at CONSUMER_REVIVE_RATE.",
+    ),
+    EnvVar(
+        "CONSUMER_REVIVE_RATE",
+        "10",
+        "Transient dead letters put back on their queue per second, at most (per queue).",
+    ),
     EnvVar(
         "CONSUMER_MAX_CRASHES",
         "5",
@@ -256,6 +328,11 @@ WORKER_ENV_VARS: tuple[EnvVar, ...] = declare(
     EnvVar("CONSUMER_BACKOFF_BASE", "1.0", "Seconds of the first retry delay (doubles each time)."),
     EnvVar("CONSUMER_BACKOFF_MAX", "60.0", "Cap of the retry delay in seconds (full jitter)."),
     EnvVar("CONSUMER_HEARTBEAT_TTL", "10", "Seconds a worker's heartbeat lives; gone = reaped."),
+    EnvVar(
+        "CONSUMER_EXPRESS_RATIO",
+        "10",
+        "Express messages taken in a row while standard work waits before one standard one.",
+    ),
     EnvVar(
         "CONSUMER_STUCK_SECONDS",
         "300",
@@ -280,6 +357,10 @@ class WorkerSettings:
     stuck_seconds: float = 300.0
     max_crashes: int = 5
     metrics_port: int = 0
+    express_ratio: int = 10
+    retry_seconds: float = 3600.0
+    revive_seconds: float = 60.0
+    revive_rate: int = 10
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -296,6 +377,10 @@ class WorkerSettings:
             stuck_seconds=env_float(env, "CONSUMER_STUCK_SECONDS", 1.0, 86400.0),
             max_crashes=env_int(env, "CONSUMER_MAX_CRASHES", 1, 1000),
             metrics_port=env_int(env, "METRICS_PORT", 0, 65535),
+            express_ratio=env_int(env, "CONSUMER_EXPRESS_RATIO", 1, 1_000_000),
+            retry_seconds=env_float(env, "CONSUMER_RETRY_SECONDS", 0.0, 30 * 86400.0),
+            revive_seconds=env_float(env, "CONSUMER_REVIVE_SECONDS", 0.1, 30 * 86400.0),
+            revive_rate=env_int(env, "CONSUMER_REVIVE_RATE", 1, 100_000),
         )
 
 

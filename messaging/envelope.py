@@ -56,6 +56,42 @@ def accepted_by(queue: str) -> frozenset[str]:
 VERSION = 1
 """Current version of every event's data shape."""
 
+STANDARD = "standard"
+EXPRESS = "express"
+PRIORITIES = (STANDARD, EXPRESS)
+"""An order's priority (``data.priority`` of OrderPlaced, and the envelope's ``priority``)."""
+
+
+def is_express(event: dict[str, Any] | str | bytes) -> bool:
+    """Whether an event (a dict, or its JSON) is express: envelope ``priority`` = express.
+
+    The envelope's ``priority`` is the delivery class every queue reads (an order's
+    OrderPlaced sets it, and each outcome event inherits it from the event it answers:
+    :func:`inherit_priority`). A JSON text is decoded only when it mentions "express".
+    """
+    if isinstance(event, bytes):
+        event = event.decode("utf-8", errors="replace")
+    if isinstance(event, str):
+        if '"express"' not in event:
+            return False
+        try:
+            event = json.loads(event)
+        except (ValueError, RecursionError):
+            return False
+    return isinstance(event, dict) and event.get("priority") == EXPRESS
+
+
+def inherit_priority(outcomes: list[dict[str, Any]], cause: dict[str, Any]) -> None:
+    """Mark outcome events express when the event they answer is (in place).
+
+    Express work stays express on every queue it passes through: payment's
+    PaymentCaptured for an express order is express on invoice, shipping and
+    order-updates, and so on down the flow.
+    """
+    if is_express(cause):
+        for event in outcomes:
+            event["priority"] = EXPRESS
+
 
 def envelope(
     event_type: str,
@@ -66,11 +102,17 @@ def envelope(
     count: int,
     event_id: str | None = None,
     timestamp: str | None = None,
+    priority: str = STANDARD,
 ) -> dict[str, Any]:
-    """Build a domain event envelope (a new UUID and the current UTC time by default)."""
+    """Build a domain event envelope (a new UUID and the current UTC time by default).
+
+    ``priority`` express adds the envelope's ``priority`` field (standard leaves it out).
+    """
     if event_type not in EVENT_TYPES:
         raise ValueError(f"unknown event type {event_type!r}")
-    return {
+    if priority not in PRIORITIES:
+        raise ValueError(f"unknown priority {priority!r}")
+    event = {
         "id": event_id or str(uuid.uuid4()),
         "timestamp": timestamp or utc_now_iso(),
         "message": message,
@@ -80,6 +122,9 @@ def envelope(
         "version": VERSION,
         "data": data,
     }
+    if priority == EXPRESS:
+        event["priority"] = EXPRESS
+    return event
 
 
 def dumps(event: dict[str, Any]) -> str:

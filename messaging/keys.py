@@ -49,6 +49,16 @@ def pending(queue: str) -> str:
     return f"{_tag(queue)}:pending"
 
 
+def express(queue: str) -> str:
+    """List of express messages waiting: taken before ``pending`` (see messaging.queue)."""
+    return f"{_tag(queue)}:express"
+
+
+def express_streak(queue: str) -> str:
+    """Counter: express messages taken in a row while standard work waited (anti-starvation)."""
+    return f"{_tag(queue)}:express-streak"
+
+
 def processing(queue: str, worker: str) -> str:
     """List of one worker's in-flight messages (the reliable-move target)."""
     return f"{_tag(queue)}:processing:{worker}"
@@ -84,8 +94,25 @@ def deaths(queue: str) -> str:
     return f"{_tag(queue)}:deaths"
 
 
+def revivable(queue: str) -> str:
+    """Sorted set of transient dead letters (their stored JSON), scored by the time
+    they are next revived (put back on pending)."""
+    return f"{_tag(queue)}:revivable"
+
+
+def revive_tick(queue: str) -> str:
+    """String with a one-second TTL: some worker revived dead letters this second."""
+    return f"{_tag(queue)}:revive-tick"
+
+
+def revive_recovered(queue: str) -> str:
+    """String set when a revived message was acked (its dependency is back): every
+    transient dead letter is then due at once, at the revival's rate bound."""
+    return f"{_tag(queue)}:revive-recovered"
+
+
 def stats(queue: str) -> str:
-    """Hash of counters: processed, failed, retried, dead."""
+    """Hash of counters: processed, failed, retried, dead, revived."""
     return f"{_tag(queue)}:stats"
 
 
@@ -106,3 +133,17 @@ def rate_limit(client: str) -> str:
 def stream_ticket(ticket: str) -> str:
     """String whose existence lets one dashboard page open the live feed (orders-stream)."""
     return f"stream-ticket:{ticket}"
+
+
+RECONCILE_KEYS_PATTERN = "reconcile:*"
+"""Every key of the automatic reconciliation (its lock, its per-order marks)."""
+
+RECONCILE_LOCK = "reconcile:lock"
+"""String held (SET NX PX) by the relay that runs this interval's reconciliation pass."""
+
+
+def reconciled(order_id: int) -> str:
+    """String (with a TTL) marking an order re-published by reconciliation recently."""
+    if isinstance(order_id, bool) or not isinstance(order_id, int) or order_id < 0:
+        raise ValueError(f"invalid order id {order_id!r}")
+    return f"reconcile:order:{order_id}"

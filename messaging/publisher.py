@@ -3,8 +3,12 @@
 Routing (PATTERN decides the paths, the event type the queues): every event is
 PUBLISHed to :data:`~messaging.keys.ORDER_EVENTS_CHANNEL` (pubsub, both) and RPUSHed to
 ``pending(q)`` for exactly the queues :data:`orders.envelope.ROUTES` names for its type
-(queue, both). The order API, the outbox relay and the consumers' outcome events all
-go through this one publisher, so the catalogue's table is the only routing there is.
+(queue, both). With ``pubsub`` the consumers subscribe to that channel
+(:mod:`messaging.channel`); with ``queue`` the channel is only the live feed: the order
+service's publisher PUBLISHes its own events there anyway (``feed=True``) and
+``orders-updates`` each outcome it records, so the feed shows what the service records.
+The order API, the outbox relay and the consumers' outcome events all go through this
+one publisher, so the catalogue's table is the only routing there is.
 
 The script runs the PUBLISH and the pushes as one unit: a subscriber never sees an
 event that a queue did not get.
@@ -40,10 +44,22 @@ class ReplicaAckError(redis.RedisError):
 
 
 PUBLISH_SCRIPT = """
--- ARGV[1]: the event JSON; ARGV[2]: channel to PUBLISH to, or '' for none.
--- KEYS: the lists to RPUSH the event to. Returns the number of pushes.
+-- ARGV[1]: the event JSON; ARGV[2]: channel to PUBLISH to, or '' for none; ARGV[3]:
+-- '1' for an express event. KEYS: the lists to RPUSH the event to; for an express
+-- event (pending, express) pairs: it goes to the queue's express list when standard
+-- work waits on pending, else to pending (the lane rule of messaging.queue).
 if ARGV[2] ~= '' then
   redis.call('PUBLISH', ARGV[2], ARGV[1])
+end
+if ARGV[3] == '1' then
+  for i = 1, #KEYS, 2 do
+    if redis.call('LLEN', KEYS[i]) > 0 then
+      redis.call('RPUSH', KEYS[i + 1], ARGV[1])
+    else
+      redis.call('RPUSH', KEYS[i], ARGV[1])
+    end
+  end
+  return #KEYS / 2
 end
 for i = 1, #KEYS do
   redis.call('RPUSH', KEYS[i], ARGV[1])
@@ -51,13 +67,29 @@ end
 return #KEYS
 """
 
+EXPRESS_PUSH_SCRIPT = """
+-- Cluster: one queue's express events. KEYS: pending, express. ARGV: the events.
+local target = KEYS[1]
+if redis.call('LLEN', KEYS[1]) > 0 then target = KEYS[2] end
+return redis.call('RPUSH', target, unpack(ARGV))
+"""
 
-def route(event_type: str, pattern: Pattern) -> tuple[str, list[str]]:
-    """The channel ('' for none) and the list keys an event of this type goes to."""
-    channel = keys.ORDER_EVENTS_CHANNEL if pattern in ("pubsub", "both") else ""
+
+def route(
+    event_type: str, pattern: Pattern, feed: bool = False, express: bool = False
+) -> tuple[str, list[str]]:
+    """The channel ('' for none) and the list keys an event of this type goes to.
+
+    ``feed``: PUBLISH it whatever PATTERN says (the order service's own events, so the
+    live feed is not silent with ``PATTERN=queue``; nobody consumes from it then).
+    ``express``: the keys are (pending, express) pairs, one per queue.
+    """
+    channel = keys.ORDER_EVENTS_CHANNEL if feed or pattern in ("pubsub", "both") else ""
     queues = envelope.queues_for(event_type)  # raises on an unknown type
     if pattern not in ("queue", "both"):
         return channel, []
+    if express:
+        return channel, [k for q in queues for k in (keys.pending(q), keys.express(q))]
     return channel, [keys.pending(q) for q in queues]
 
 
@@ -69,14 +101,21 @@ class EventPublisher:
         pattern: PATTERN.
         wait_replicas: REDIS_WAIT_REPLICAS; when > 0 every publish ends with ``WAIT``
             and raises :class:`ReplicaAckError` if fewer replicas acknowledged.
+        feed: also PUBLISH with ``PATTERN=queue`` (the order service's publisher: its
+            OrderPlaced reach the live feed in every pattern; see :func:`route`).
     """
 
     def __init__(
-        self, redis_client: redis.Redis | RedisCluster, pattern: Pattern, wait_replicas: int = 0
+        self,
+        redis_client: redis.Redis | RedisCluster,
+        pattern: Pattern,
+        wait_replicas: int = 0,
+        feed: bool = False,
     ) -> None:
         self.redis = redis_client
         self.pattern = pattern
         self.wait_replicas = wait_replicas
+        self.feed = feed
         self.cluster = isinstance(redis_client, RedisCluster)
         # Cluster: never used (cross-slot); registering would connect a lazy client.
         self._script = (
@@ -85,9 +124,12 @@ class EventPublisher:
         )  # fmt: skip
 
     def _call(self, event_type: str, payload: str, client: Any) -> Any:
-        channel, list_keys = route(event_type, self.pattern)
+        express = envelope.is_express(payload)
+        channel, list_keys = route(event_type, self.pattern, self.feed, express)
         assert self._script is not None  # single node only
-        return self._script(keys=list_keys, args=[payload, channel], client=client)
+        return self._script(
+            keys=list_keys, args=[payload, channel, "1" if express else ""], client=client
+        )
 
     def publish(self, event: dict[str, Any]) -> None:
         """Publish one event. Raises redis.RedisError."""
@@ -123,24 +165,33 @@ class EventPublisher:
 
     def _publish_cluster(self, batch: list[tuple[str, str]]) -> None:
         """Cluster: one RPUSH per queue (+ WAIT on its node), then the PUBLISHes."""
-        pushes: dict[str, list[str]] = {}
+        # key -> payloads; an express event's key is "pending|express" (both one slot).
+        pushes: dict[tuple[str, ...], list[str]] = {}
         published: list[tuple[str, str]] = []
         for event_type, payload in batch:
-            channel, list_keys = route(event_type, self.pattern)
-            for key in list_keys:
-                pushes.setdefault(key, []).append(payload)
+            fast = envelope.is_express(payload)
+            channel, list_keys = route(event_type, self.pattern, self.feed, fast)
+            if fast:
+                for pair in zip(list_keys[::2], list_keys[1::2], strict=True):
+                    pushes.setdefault(pair, []).append(payload)
+            else:
+                for key in list_keys:
+                    pushes.setdefault((key,), []).append(payload)
             if channel:
                 published.append((channel, payload))
         if pushes:
             cluster: RedisCluster = self.redis  # type: ignore[assignment]
             with cluster.pipeline(transaction=False) as pipe:
-                for key, payloads in pushes.items():
-                    pipe.rpush(key, *payloads)
+                for lists, payloads in pushes.items():
+                    if len(lists) == 1:
+                        pipe.rpush(lists[0], *payloads)
+                    else:  # express: the lane rule, one script on the queue's slot
+                        pipe.execute_command("EVAL", EXPRESS_PUSH_SCRIPT, 2, *lists, *payloads)
                     if self.wait_replicas:
                         # Routed to the key's node: the pipeline sends both on one connection.
                         pipe.execute_command(
                             "WAIT", self.wait_replicas, WAIT_TIMEOUT_MS,
-                            target_nodes=cluster.get_node_from_key(key),
+                            target_nodes=cluster.get_node_from_key(lists[0]),
                         )  # fmt: skip
                 results = pipe.execute()
             self._check_wait(results[1::2] if self.wait_replicas else [])

@@ -1,5 +1,9 @@
 """Running one queue worker process: signals, Redis at start, the handler, metrics.
 
+PATTERN decides where the worker takes its events: from its queue (``queue``, ``both``:
+:class:`~messaging.worker.Worker`, nothing lost) or from the order channel (``pubsub``:
+:class:`~messaging.channel.ChannelWorker`, at most once).
+
 Every worker process (the consumer services' ``consumer NAME`` and the order service's
 ``orders-updates``) starts the same way; only the handler differs. Exit codes: 0
 stopped by a signal, 1 Redis (or the service's database) unreachable at start, 2 bad
@@ -17,8 +21,10 @@ import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 from messaging import logs, metrics
+from messaging.channel import ChannelWorker
 from messaging.config import EXIT_BAD_CONFIG, EXIT_NO_REDIS, EXIT_OK, WorkerSettings
 from messaging.connection import connect_with_retries, redis_client
 from messaging.handler import Handler
@@ -85,19 +91,28 @@ def run(
             max_crashes=settings.max_crashes,
             backoff_base=settings.backoff_base,
             backoff_max=settings.backoff_max,
+            express_ratio=settings.express_ratio,
+            retry_seconds=settings.retry_seconds,
+            revive_seconds=settings.revive_seconds,
+            revive_rate=settings.revive_rate,
         )
-        worker = Worker(
-            queue,
-            handler,
-            EventPublisher(
-                client, settings.base.pattern, wait_replicas=settings.base.redis_wait_replicas
-            ),
-            concurrency=concurrency or settings.concurrency,
-            batch_size=settings.batch_size,
-            heartbeat_ttl=settings.heartbeat_ttl,
-            stuck_seconds=settings.stuck_seconds,
-            stop=stop,
+        publisher = EventPublisher(
+            client, settings.base.pattern, wait_replicas=settings.base.redis_wait_replicas
         )
+        threads = concurrency or settings.concurrency
+        common: dict[str, Any] = {
+            "batch_size": settings.batch_size,
+            "heartbeat_ttl": settings.heartbeat_ttl,
+            "stuck_seconds": settings.stuck_seconds,
+            "stop": stop,
+        }
+        if settings.base.pattern == "pubsub":
+            # The events come from the channel (at most once); the queue keeps failures.
+            worker: Worker = ChannelWorker(
+                queue, handler, publisher, channel_concurrency=threads, **common
+            )
+        else:
+            worker = Worker(queue, handler, publisher, concurrency=threads, **common)
         return worker.run()
     finally:
         close()

@@ -4,7 +4,8 @@ One process is one worker id (``hostname-pid-xxxxxxxx``) with one processing lis
 shared by its threads. Each thread loops: take a batch (one round trip), handle each
 message, ack the handled ones together (one round trip). A failure is settled at once
 (retry or dead letter, one Lua call). A housekeeping thread refreshes the heartbeat,
-promotes due retries and reaps dead workers, every half second.
+promotes due retries, revives due transient dead letters (messaging.queue's retry
+budgets) and reaps dead workers, every half second.
 
 Order matters at the end of a message: the handler commits its effect, the outcome
 event is emitted, and only then is the message acked. A crash anywhere before the ack
@@ -45,7 +46,7 @@ from typing import Any, Protocol
 
 import redis
 
-from messaging import faults, metrics
+from messaging import envelope, faults, metrics
 from messaging.config import EXIT_OK
 from messaging.handler import Handler
 from messaging.queue import MalformedMessage, RedisQueue, classify, parse
@@ -242,6 +243,7 @@ class Worker:
         except Exception as exc:
             self._failed(raw, event, exc)
             return False
+        envelope.inherit_priority(outcomes, event)
         self._emit(outcomes)
         metrics.observe_handled(name, event)
         log.info(
@@ -258,7 +260,13 @@ class Worker:
         order_id = event["data"].get("order_id", "-")
         verdict = classify(exc)
         error = f"{type(exc).__name__}: {exc}"
-        result = self.queue.fail(self.id, raw, error, permanent=verdict == "dead")
+        result = self.queue.fail(
+            self.id,
+            raw,
+            error,
+            permanent=verdict == "dead",
+            transient=verdict == "transient",
+        )
         metrics.observe_failed(name)
         log.warning(
             "%s: event %s order #%s failed (%s), %s",
@@ -325,6 +333,8 @@ class Worker:
                 done_events.append((raw, event, outs))
         done: list[bytes] = []
         if done_events:
+            for _, event, outs in done_events:
+                envelope.inherit_priority(outs, event)
             self._emit([o for _, _, outs in done_events for o in outs])
             for raw, event, outs in done_events:
                 order_id = event["data"].get("order_id", "-")
@@ -466,6 +476,12 @@ class Worker:
                         self.queue.name, self.id,
                     )  # fmt: skip
                 self.queue.promote()
+                revived = self.queue.revive()
+                if revived > 0:
+                    log.warning(
+                        "%s: revived %d dead letter(s) of a transient cause",
+                        self.queue.name, revived,
+                    )  # fmt: skip
                 self.queue.reap()
                 if self._sweep_orphans.is_set():
                     self._release_orphans()

@@ -27,6 +27,7 @@ KEY_PATTERNS: tuple[str, ...] = (
     keys.QUEUE_KEYS_PATTERN,  # every key of every reliable queue (pending, processing, ...)
     keys.HELLO_QUEUE,
     keys.rate_limit("*"),
+    keys.RECONCILE_KEYS_PATTERN,  # the relays' reconciliation lock and per-order marks
 )
 """Key patterns (``~``): nothing else exists in this project's keyspace."""
 
@@ -41,7 +42,7 @@ COMMANDS: tuple[str, ...] = (
     # the reliable queue (consumers/queue.py) and the publisher's Lua scripts
     "evalsha", "eval", "script|load", "script|exists",
     "blmove", "lmove", "lrem", "lpush", "llen", "lrange",
-    "set", "del", "exists", "sadd", "srem", "smembers",
+    "get", "set", "del", "exists", "sadd", "srem", "smembers",
     "hincrby", "hdel", "hget", "hlen", "hgetall", "lindex",
     "zadd", "zrem", "zrangebyscore", "zcard",
     "multi", "exec", "discard",

@@ -8,6 +8,7 @@
     orders-admin dead-letters requeue QUEUE (ID ... | --all)
     orders-admin dead-letters purge QUEUE (ID ... | --all)
     orders-admin orders show ORDER_ID
+    orders-admin stuck [--older-than SECONDS]
     orders-admin watch
 
 A dead letter's ID is the 12-hex-digit id that ``list`` prints (it stays valid while
@@ -21,13 +22,14 @@ exist, 2 bad arguments or configuration. Errors are one line on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
 from redis.backoff import NoBackoff
@@ -40,6 +42,11 @@ from messaging.connection import redis_client
 from messaging.database import database_engine
 from messaging.queue import RedisQueue
 from orders.config import OrderServiceSettings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from orders.stuck import StuckReport
 
 PROG = "orders-admin"
 EXIT_FAILED = 1
@@ -160,6 +167,9 @@ def cmd_dead_show(args: argparse.Namespace, settings: Settings) -> int:
     print(f"queue:     {printable(letter.queue)}")
     print(f"failed at: {printable(letter.failed_at)}")
     print(f"attempts:  {letter.attempts}")
+    if letter.cause:
+        revives = " (revived by the workers: the dependency was away)" if letter.transient else ""
+        print(f"cause:     {letter.cause}{revives}")
     print(f"error:     {printable(letter.error)}")
     print(f"message:   {printable(letter.message)}")
     return EXIT_OK
@@ -206,30 +216,73 @@ def cmd_dead_purge(args: argparse.Namespace, settings: Settings) -> int:
 # --- orders -------------------------------------------------------------------------------
 
 
-def cmd_order_show(args: argparse.Namespace, _settings: Settings) -> int:
+@contextlib.contextmanager
+def _order_database(database_url: str) -> Iterator[Session]:
+    """A session on the order service's database for one command; a database error is
+    one line ("cannot read the database: ..."), exit 1."""
     from sqlalchemy.orm import Session
 
-    from orders.service import load_order
-
-    service_settings = OrderServiceSettings.from_env()
-    engine = database_engine(service_settings.database_url)
+    engine = database_engine(database_url)
     try:
         with Session(engine) as session:
-            order = load_order(session, args.order_id)
-            if order is None:
-                raise Failure(f"there is no order {args.order_id}")
-            print(f"order #{order.id}  {order.status}")
-            print(f"customer:  {printable(order.customer_email)}")
-            print(f"total:     {order.total} {order.currency}")
-            print(f"placed at: {order.created_at.isoformat()}")
-            print("history:" if order.history else "history:   (none yet)")
-            for entry in order.history:
-                print(f"  {entry.occurred_at.isoformat()}  {entry.type}  {entry.event_id}")
+            yield session
     except SQLAlchemyError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise Failure(f"cannot read the database: {first}") from None
     finally:
         engine.dispose()
+
+
+def cmd_order_show(args: argparse.Namespace, _settings: Settings) -> int:
+    from orders.service import load_order
+
+    with _order_database(OrderServiceSettings.from_env().database_url) as session:
+        order = load_order(session, args.order_id)
+        if order is None:
+            raise Failure(f"there is no order {args.order_id}")
+        print(f"order #{order.id}  {order.status}")
+        print(f"customer:  {printable(order.customer_email)}")
+        print(f"total:     {order.total} {order.currency}")
+        print(f"placed at: {order.created_at.isoformat()}")
+        print("history:" if order.history else "history:   (none yet)")
+        for entry in order.history:
+            print(f"  {entry.occurred_at.isoformat()}  {entry.type}  {entry.event_id}")
+    return EXIT_OK
+
+
+# --- stuck orders ---------------------------------------------------------------------------
+
+
+def stuck_table(report: StuckReport) -> str:
+    """The ``stuck`` listing: a summary line, then one aligned row per order."""
+    if not report.total:
+        return f"no stuck orders (none idle for more than {report.older_than:g} s)"
+    header = ["order", "status", "age", "idle", "waiting for"]
+    rows = [
+        [f"#{o.order_id}", o.status, f"{o.age_seconds:.0f}s", f"{o.idle_seconds:.0f}s",
+         o.waiting_for]
+        for o in report.orders
+    ]  # fmt: skip
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        f"{report.total} stuck order(s): not settled, no step for more than "
+        f"{report.older_than:g} s" + (f" (oldest {len(rows)} shown)" if report.total > len(rows)
+                                      else "")
+    ]  # fmt: skip
+    for cells in [header, *rows]:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def cmd_stuck(args: argparse.Namespace, _settings: Settings) -> int:
+    from orders.stuck import stuck_orders
+
+    service_settings = OrderServiceSettings.from_env()
+    older_than = service_settings.stuck_seconds if args.older_than is None else args.older_than
+    if not 0 <= older_than <= 86400:
+        raise Failure("--older-than must be between 0 and 86400 seconds", EXIT_BAD_CONFIG)
+    with _order_database(service_settings.database_url) as session:
+        print(stuck_table(stuck_orders(session, older_than)))
     return EXIT_OK
 
 
@@ -263,9 +316,15 @@ def cmd_watch(_args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     pubsub = _client(settings).pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.ORDER_EVENTS_CHANNEL)
+    source = {
+        "pubsub": "every event as it is emitted; the consumers read this channel too",
+        "queue": "what the order service records: each order placed, each outcome once"
+        " orders-updates has recorded it",
+        "both": "every event as it is emitted",
+    }[settings.pattern]
     print(
-        f"watching {keys.ORDER_EVENTS_CHANNEL} (live only: earlier events are not shown); "
-        "Ctrl-C stops",
+        f"watching {keys.ORDER_EVENTS_CHANNEL} (live only: earlier events are not shown; "
+        f"PATTERN={settings.pattern}: {source}); Ctrl-C stops",
         flush=True,
     )
     try:
@@ -325,6 +384,18 @@ def parser() -> argparse.ArgumentParser:
     show = osub.add_parser("show", help="an order's status and history")
     show.add_argument("order_id", metavar="ORDER_ID", type=int)
     show.set_defaults(func=cmd_order_show)
+
+    st = sub.add_parser(
+        "stuck", help="orders that stopped advancing: state, age and what they wait for"
+    )
+    st.add_argument(
+        "--older-than",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="idle for at least this long (default ORDER_STUCK_SECONDS, 30)",
+    )
+    st.set_defaults(func=cmd_stuck)
 
     w = sub.add_parser("watch", help="follow the order event channel live (Ctrl-C stops)")
     w.set_defaults(func=cmd_watch)

@@ -25,6 +25,29 @@ def create_schema(engine: Engine) -> None:
     from orders.models import Base
 
     create_tables(engine, Base.metadata)
+    _add_priority_column(engine)
+
+
+def _add_priority_column(engine: Engine) -> None:
+    """Add ``orders.priority`` to a database created before orders had one (additive only).
+
+    Concurrent starters may both try: the loser's "duplicate column" error is ignored.
+    """
+    from sqlalchemy import inspect, text
+    from sqlalchemy.exc import DBAPIError
+
+    if "priority" in {c["name"] for c in inspect(engine).get_columns("orders")}:
+        return
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "ALTER TABLE orders ADD COLUMN priority VARCHAR(16) NOT NULL DEFAULT 'standard'"
+                )
+            )
+    except DBAPIError as exc:
+        if "duplicate" not in str(exc).lower() and "already exists" not in str(exc).lower():
+            raise
 
 
 @dataclass
@@ -64,8 +87,12 @@ def order_services(settings: OrderServiceSettings) -> OrderServices:
         engine=engine,
         sessions=sessionmaker(engine, expire_on_commit=False),
         redis=client,
+        # feed=True: OrderPlaced reaches the live feed with PATTERN=queue too.
         publisher=EventPublisher(
-            client, settings.base.pattern, wait_replicas=settings.base.redis_wait_replicas
+            client,
+            settings.base.pattern,
+            wait_replicas=settings.base.redis_wait_replicas,
+            feed=True,
         ),
         monitor=redis_client(
             settings.base,

@@ -51,6 +51,25 @@ ENV_VARS: tuple[EnvVar, ...] = declare(
     EnvVar("RELAY_BATCH", "100", "Most outbox rows the relay publishes per poll."),
     EnvVar("RELAY_CLAIM_SECONDS", "15", "Seconds a claimed outbox row is reserved."),
     EnvVar(
+        "ORDER_STUCK_SECONDS",
+        "30",
+        "An unsettled order with no step for this many seconds is listed as stuck "
+        "(dashboard, orders-admin stuck, the orders_stuck metric).",
+    ),
+    EnvVar(
+        "RECONCILE_INTERVAL_SECONDS",
+        "30",
+        "Seconds between automatic reconciliation passes (one relay per pass holds a Redis "
+        "lock); 0 = off.",
+    ),
+    EnvVar(
+        "RECONCILE_AFTER_SECONDS",
+        "300",
+        "Reconciliation re-publishes an order stuck (no step) this long, at most once per "
+        "this many seconds.",
+    ),
+    EnvVar("RECONCILE_BATCH", "100", "Most stuck orders one reconciliation pass re-publishes."),
+    EnvVar(
         "PROMETHEUS_MULTIPROC_DIR",
         "",
         "orders-api metrics files of its workers (empty: a temp dir).",
@@ -95,6 +114,13 @@ def _stream_url(env: Mapping[str, str]) -> str:
     return raw
 
 
+def _interval(env: Mapping[str, str], name: str) -> float:
+    value = env_float(env, name, 0.0, 86400.0)
+    if 0 < value < 0.1:
+        raise ConfigError(f"invalid {name} {env_str(env, name)!r}: must be 0 (off) or >= 0.1")
+    return value
+
+
 @dataclass(frozen=True)
 class OrderServiceSettings:
     """Configuration of orders-api and orders-relay: the common Settings plus their own."""
@@ -126,6 +152,14 @@ class OrderServiceSettings:
     """ADMIN_TOKEN: the operator credential; empty: generated at start (orders.auth)."""
     allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")
     """ALLOWED_HOSTS: host names a request's Host may name (HOST is added; * = any)."""
+    stuck_seconds: float = 30.0
+    """ORDER_STUCK_SECONDS: idle time after which an unsettled order counts as stuck."""
+    reconcile_interval: float = 30.0
+    """RECONCILE_INTERVAL_SECONDS: between automatic passes; 0 turns them off."""
+    reconcile_after: float = 300.0
+    """RECONCILE_AFTER_SECONDS: stuck this long, an order is re-published."""
+    reconcile_batch: int = 100
+    """RECONCILE_BATCH: most orders re-published per pass."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OrderServiceSettings:
@@ -171,4 +205,8 @@ class OrderServiceSettings:
             rate_limit_per_minute=env_int(env, "RATE_LIMIT_PER_MINUTE", 0, 1_000_000),
             admin_token=admin_token,
             allowed_hosts=allowed,
+            stuck_seconds=env_float(env, "ORDER_STUCK_SECONDS", 1.0, 86400.0),
+            reconcile_interval=_interval(env, "RECONCILE_INTERVAL_SECONDS"),
+            reconcile_after=env_float(env, "RECONCILE_AFTER_SECONDS", 1.0, 86400.0),
+            reconcile_batch=env_int(env, "RECONCILE_BATCH", 1, 100_000),
         )

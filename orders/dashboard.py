@@ -13,6 +13,10 @@
 - ``GET /api/stages?minutes=10``: per stage (event type) the count and the p50/p99
   latency since the order was placed, in 10 s buckets (60 s beyond 15 minutes), from the
   order service's own history (:mod:`orders.timing`).
+- ``GET /api/orders/stuck?older_than=S``: orders that stopped advancing (not settled,
+  no step for S seconds, ORDER_STUCK_SECONDS by default), oldest first, with their
+  state, age and what they wait for (:mod:`orders.stuck`). With ``PATTERN=pubsub`` that
+  is where the orders a stopped consumer missed show up.
 - ``GET /api/queues``: every queue's figures (see :mod:`messaging.monitor`) plus processed
   per second since this worker's previous answer.
 - ``GET /api/queues/<queue>/dead-letters``, ``POST .../dead-letters/<id>/requeue`` and
@@ -38,7 +42,7 @@ from flask import Blueprint, Response, jsonify, redirect, render_template, reque
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from messaging import keys, monitor
-from orders import timing, validation
+from orders import stuck, timing, validation
 from orders.auth import CONTENT_SECURITY_POLICY
 from orders.extensions import services
 from orders.validation import Problem
@@ -166,6 +170,27 @@ def stages() -> Response:
     with services().sessions() as session:
         body = timing.stage_timings(session, datetime.now(UTC), minutes, bucket)
     return jsonify(body)
+
+
+# --- stuck orders ---------------------------------------------------------------------------
+
+
+@dashboard.get("/api/orders/stuck")
+def stuck_orders() -> Response:
+    """Orders not advancing for longer than ``older_than`` seconds (see orders.stuck)."""
+    settings = services().settings
+    raw = request.args.get("older_than")
+    older_than = settings.stuck_seconds
+    if raw is not None:
+        try:
+            older_than = float(raw)
+        except ValueError:
+            older_than = -1.0
+        if not 0 <= older_than <= 86400:  # also rejects nan
+            raise validation.bad_request("older_than", "must be a number of seconds, 0 to 86400")
+    with services().sessions() as session:
+        report = stuck.stuck_orders(session, older_than)
+    return jsonify({"pattern": settings.base.pattern, **report.to_dict()})
 
 
 # --- queues and dead letters -------------------------------------------------------------

@@ -93,6 +93,8 @@ class Order(Base):
     currency: Mapped[str] = mapped_column(String(3))
     total: Mapped[Decimal] = mapped_column(Money)
     status: Mapped[str] = mapped_column(String(32), default=STATUS_PLACED)
+    priority: Mapped[str] = mapped_column(String(16), default="standard")
+    """``standard`` or ``express`` (express work is taken first on every queue)."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utc_now)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
     request_hash: Mapped[str] = mapped_column(String(64))

@@ -305,6 +305,14 @@ def _schemas(settings: OrderServiceSettings) -> dict[str, Any]:
                     "description": "One line per SKU: a repeated SKU is rejected.",
                     "items": _ref("LineRequest"),
                 },
+                "priority": {
+                    "description": (
+                        "express work is taken before standard work on every queue the "
+                        "order passes through (standard work still progresses)."
+                    ),
+                    "enum": ["standard", "express"],
+                    "default": "standard",
+                },
             },
         },
         "Order": {
@@ -312,6 +320,7 @@ def _schemas(settings: OrderServiceSettings) -> dict[str, Any]:
             "required": [
                 "id",
                 "status",
+                "priority",
                 "customer_email",
                 "currency",
                 "lines",
@@ -330,6 +339,7 @@ def _schemas(settings: OrderServiceSettings) -> dict[str, Any]:
                     ),
                     "enum": list(lifecycle.STATES),
                 },
+                "priority": {"enum": ["standard", "express"]},
                 "customer_email": {"type": "string"},
                 "currency": {"type": "string", "pattern": CURRENCY_PATTERN},
                 "lines": {"type": "array", "minItems": 1, "items": line_out},

@@ -28,23 +28,28 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from sqlalchemy import Engine, bindparam, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from messaging import database, faults, logs
-from messaging.config import EXIT_BAD_CONFIG, EXIT_NO_REDIS, EXIT_OK, ConfigError
+from messaging.config import EXIT_NO_REDIS, EXIT_OK, command_line, load_settings
 from messaging.publisher import EventPublisher
 from orders.bootstrap import OrderServices, create_schema, order_services
 from orders.config import OrderServiceSettings
 from orders.models import Outbox, utc_now
+
+if TYPE_CHECKING:
+    from orders.reconcile import AutoReconciler
 
 log = logging.getLogger("orders-relay")
 
@@ -232,6 +237,8 @@ class Relay:
     batch: int = 100
     interval: float = 0.5
     claim_seconds: float = 15.0
+    reconciler: AutoReconciler | None = None
+    """Runs between polls (see :mod:`orders.reconcile`); None: no automatic pass."""
 
     def __post_init__(self) -> None:
         self._redis_down = False
@@ -317,19 +324,36 @@ class Relay:
         """Poll until ``stop`` is set; a full batch polls again at once."""
         while not stop.is_set():
             published = self.run_once()
+            if self.reconciler is not None:
+                self.reconciler.maybe_run()
             if published < self.batch:
                 stop.wait(self.interval)
 
 
 def relay_for(services: OrderServices) -> Relay:
-    """A relay configured from the services' settings."""
+    """A relay configured from the services' settings, with its automatic reconciler."""
+    # Imported here: it creates Prometheus counters, which in orders-api must come after
+    # the worker's metrics directory exists (orders.server).
+    from orders.reconcile import auto_reconciler
+
     settings = services.settings
+    reconciler = auto_reconciler(
+        services.engine,
+        services.publisher,
+        services.redis,
+        owner=f"{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}",
+        interval=settings.reconcile_interval,
+        after=settings.reconcile_after,
+        batch=settings.reconcile_batch,
+        pattern=settings.base.pattern,
+    )
     return Relay(
         services.engine,
         services.publisher,
         batch=settings.relay_batch,
         interval=settings.relay_interval,
         claim_seconds=settings.relay_claim_seconds,
+        reconciler=reconciler,
     )
 
 
@@ -344,10 +368,10 @@ def start_relay_thread(services: OrderServices) -> tuple[threading.Thread, threa
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="orders-relay",
-        description="Publish unpublished outbox events; or, with --reconcile, re-publish "
-        "OrderPlaced for orders whose outcomes never arrived (see orders/reconcile.py).",
+    parser = command_line(
+        "orders-relay",
+        "Publish unpublished outbox events; or, with --reconcile, re-publish OrderPlaced\n"
+        "for orders whose outcomes never arrived (see orders/reconcile.py).",
     )
     parser.add_argument(
         "--reconcile", action="store_true", help="run one reconciliation pass and exit"
@@ -369,11 +393,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Console script ``orders-relay``: the relay as its own process (or --reconcile)."""
     args = _parse_args(argv)
-    try:
-        settings = OrderServiceSettings.from_env()
-    except ConfigError as exc:
-        print(f"orders-relay: {exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+    settings = load_settings("orders-relay", OrderServiceSettings.from_env)
     logs.configure(settings.base.log_format, settings.base.log_level)
     try:
         services = order_services(settings)
@@ -393,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             services.close()
         print(
-            f"orders-relay: reconcile: {result.checked} orders checked, "
-            f"{len(result.incomplete)} incomplete, {result.republished} OrderPlaced re-published"
+            f"orders-relay: reconcile: {len(result.incomplete)} orders stuck, "
+            f"{result.republished} OrderPlaced re-published"
         )
         return EXIT_OK
     stop = threading.Event()
@@ -406,8 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, handle_signal)
     signal.signal(signal.SIGINT, handle_signal)
     log.info(
-        "Outbox relay started: pattern %s, every %ss, batches of %d",
+        "Outbox relay started: pattern %s, every %ss, batches of %d; reconcile every %ss",
         settings.base.pattern, settings.relay_interval, settings.relay_batch,
+        settings.reconcile_interval,
     )  # fmt: skip
     relay_for(services).run(stop)
     services.close()

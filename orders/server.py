@@ -9,7 +9,6 @@ relays' row claims keep the workers from publishing the same event twice.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -24,7 +23,7 @@ from gunicorn.app.base import BaseApplication
 from sqlalchemy.exc import SQLAlchemyError
 
 from messaging import logs
-from messaging.config import EXIT_BAD_CONFIG, ConfigError
+from messaging.config import command_line, load_settings
 from messaging.database import database_engine
 from orders import auth
 from orders.bootstrap import create_schema, order_services
@@ -130,18 +129,8 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
 
 def main(argv: list[str] | None = None) -> int:
     """Console script ``orders-api``."""
-    argparse.ArgumentParser(
-        prog="orders-api",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Configuration: environment variables only; the README's Configuration table "
-        "lists each with its default.",
-    ).parse_args(argv)  # only --help: nothing starts before this
-    try:
-        settings = OrderServiceSettings.from_env()
-    except ConfigError as exc:
-        print(f"orders-api: {exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+    command_line("orders-api", __doc__).parse_args(argv)  # only --help
+    settings = load_settings("orders-api", OrderServiceSettings.from_env)
     logs.configure(settings.base.log_format, settings.base.log_level)
     try:
         engine = database_engine(settings.database_url)

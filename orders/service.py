@@ -13,17 +13,17 @@ rolls back and returns the winner's order.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, Table, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from messaging import envelope
+from messaging import database, envelope
 from orders import lifecycle
 from orders.models import STATUS_PLACED, Order, OrderLine, Outbox, utc_now
 from orders.money import format_money, line_total, order_total
@@ -68,6 +68,7 @@ def order_placed_event(order: Order) -> dict[str, Any]:
         ],
         format_money(order.total),
         _rfc3339(order.created_at),
+        order.priority or envelope.STANDARD,
     )
 
 
@@ -78,17 +79,21 @@ def _order_placed(
     lines: list[dict[str, Any]],
     total: str,
     timestamp: str,
+    priority: str = envelope.STANDARD,
 ) -> dict[str, Any]:
     items = sum(int(line["quantity"]) for line in lines)
+    data: dict[str, Any] = {
+        "order_id": order_id,
+        "customer_email": customer_email,
+        "currency": currency,
+        "lines": lines,
+        "total": total,
+    }
+    if priority == envelope.EXPRESS:  # standard: left out, as the contract's default
+        data["priority"] = priority
     return envelope.envelope(
         envelope.ORDER_PLACED,
-        {
-            "order_id": order_id,
-            "customer_email": customer_email,
-            "currency": currency,
-            "lines": lines,
-            "total": total,
-        },
+        data,
         message=(
             f"Order {order_id} placed by {customer_email}: "
             f"{items} {'item' if items == 1 else 'items'}, {total} {currency}"
@@ -96,6 +101,7 @@ def _order_placed(
         sender=SENDER,
         count=order_id,
         timestamp=timestamp,
+        priority=priority,
     )
 
 
@@ -107,7 +113,27 @@ _FIND_BY_KEY = select(_ORDERS.c.id, _ORDERS.c.request_hash).where(
 )
 _INSERT_ORDER = insert(_ORDERS)
 _INSERT_LINE = insert(cast(Table, OrderLine.__table__))
-_INSERT_OUTBOX = insert(cast(Table, Outbox.__table__))
+
+
+@functools.lru_cache(maxsize=8)
+def _insert_outbox(dialect: str, claim_seconds: float) -> Any:
+    """The outbox insert, its row born claimed until the *database's* now + claim_seconds.
+
+    The relay compares claims with the database's clock (:func:`messaging.database.now_plus`);
+    a claim written with this host's clock would be an hour long on a host an hour
+    ahead (the relay leaves a failed fast path's row alone that long) and expired at
+    birth on a host an hour behind (every relay races the fast path: duplicates).
+    """
+    return insert(cast(Table, Outbox.__table__)).values(
+        claimed_until=database.now_plus(dialect, claim_seconds)
+    )
+
+
+def _dialect(conn: Connection | Session) -> str:
+    """The database's dialect name (callers may hand in a sessionmaker: a Session here)."""
+    if isinstance(conn, Session):
+        return conn.get_bind().dialect.name
+    return conn.dialect.name
 
 
 def _existing(conn: Connection, key: str, body_hash: str) -> int | None:
@@ -138,7 +164,8 @@ def place_order(
     the key's unique constraint is what actually decides a race (the loser's insert
     fails, it rolls back and answers with the winner's order).
 
-    The outbox row is created already claimed for ``claim_seconds``: the caller
+    The outbox row is created already claimed for ``claim_seconds`` (on the database's
+    clock, which the relays compare claims with): the caller
     publishes it right after commit (the fast path) and the relay leaves it alone until
     the claim expires, so the event is not sent twice by a relay racing the request.
 
@@ -175,6 +202,7 @@ def place_order(
                         "currency": request.currency,
                         "total": total,
                         "status": STATUS_PLACED,
+                        "priority": request.priority,
                         "created_at": now,
                         "idempotency_key": key,
                         "request_hash": body_hash,
@@ -197,17 +225,16 @@ def place_order(
             )
             event = _order_placed(
                 order_id, request.customer_email, request.currency, lines, format_money(total),
-                timestamp,
+                timestamp, request.priority,
             )  # fmt: skip
             outbox_id = int(
                 conn.execute(
-                    _INSERT_OUTBOX,
+                    _insert_outbox(_dialect(conn), float(claim_seconds)),
                     {
                         "event_id": event["id"],
                         "type": event["type"],
                         "payload": envelope.dumps(event),
                         "created_at": now,
-                        "claimed_until": now + timedelta(seconds=claim_seconds),
                         "attempts": 0,
                     },
                 ).inserted_primary_key[0]  # type: ignore[index]
@@ -225,6 +252,7 @@ def place_order(
     body = {
         "id": order_id,
         "status": STATUS_PLACED,
+        "priority": request.priority,
         "customer_email": request.customer_email,
         "currency": request.currency,
         "lines": lines,
@@ -287,6 +315,7 @@ def order_to_dict(order: Order, history: list[Any] | None = None) -> dict[str, A
     return {
         "id": order.id,
         "status": order.status,
+        "priority": order.priority,
         "customer_email": order.customer_email,
         "currency": order.currency,
         "lines": [

@@ -47,7 +47,7 @@ import redis
 from aiohttp import web
 
 from messaging import keys, logs
-from messaging.config import EXIT_BAD_CONFIG, ConfigError
+from messaging.config import command_line, load_settings
 from messaging.connection import redis_client
 from orders.config import OrderServiceSettings
 
@@ -343,13 +343,10 @@ class StreamServer:
         return response
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Console script ``orders-stream``."""
-    try:
-        settings = OrderServiceSettings.from_env()
-    except ConfigError as exc:
-        print(f"orders-stream: {exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+    command_line("orders-stream", __doc__).parse_args(argv)  # only --help
+    settings = load_settings("orders-stream", OrderServiceSettings.from_env)
     logs.configure(settings.base.log_format, settings.base.log_level)
     server = StreamServer(settings)
     log.info(

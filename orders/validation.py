@@ -7,7 +7,10 @@ first. Malformed JSON is 400, a semantically invalid order is 422.
 
 Rules for ``POST /orders`` (documented in the OpenAPI document too):
 
-- the body is a JSON object with exactly ``customer_email``, ``currency``, ``items``;
+- the body is a JSON object with exactly ``customer_email``, ``currency``, ``items`` and
+  optionally ``priority``;
+- ``priority``: ``"standard"`` (the default) or ``"express"``: express work is taken
+  before standard work on every queue the order passes through;
 - ``customer_email``: exactly one addr-spec (``local@domain.tld``), checked by
   `email-validator <https://pypi.org/project/email-validator/>`_ (what pydantic uses,
   without DNS look-ups): no display name, no list (commas), no comment, no quoted local
@@ -69,6 +72,9 @@ PRICE_RE = re.compile(r"[0-9]+(\.[0-9]+)?")
 DIGITS_RE = re.compile(r"[0-9]{1,18}")
 IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
 ORDER_FIELDS = ("customer_email", "currency", "items")
+OPTIONAL_ORDER_FIELDS = ("priority",)
+PRIORITIES = ("standard", "express")
+"""An order's priority (the contract's ``priority`` enum)."""
 LINE_FIELDS = ("sku", "quantity", "unit_price")
 
 
@@ -140,6 +146,7 @@ class OrderRequest:
     customer_email: str
     currency: str
     items: tuple[LineRequest, ...]
+    priority: str = "standard"
 
 
 def _reject_constant(name: str) -> Any:
@@ -181,13 +188,17 @@ class _Errors:
 
 
 def _check_fields(
-    obj: dict[str, Any], allowed: tuple[str, ...], prefix: str, errors: _Errors
+    obj: dict[str, Any],
+    allowed: tuple[str, ...],
+    prefix: str,
+    errors: _Errors,
+    optional: tuple[str, ...] = (),
 ) -> None:
     for name in allowed:
         if name not in obj:
             errors.add(prefix + name, "is required")
     for name in obj:
-        if name not in allowed:
+        if name not in allowed and name not in optional:
             errors.add(prefix + str(name), "unknown field")
 
 
@@ -221,6 +232,16 @@ def _email(value: Any, errors: _Errors) -> str:
     if message:
         errors.add(path, message)
     return address
+
+
+def _priority(value: Any, errors: _Errors) -> str:
+    if not isinstance(value, str):
+        errors.add("priority", f"must be a string, not {_type_name(value)}")
+    elif value not in PRIORITIES:
+        errors.add("priority", 'must be "standard" or "express"')
+    else:
+        return value
+    return "standard"
 
 
 def _currency(value: Any, errors: _Errors) -> str:
@@ -316,13 +337,14 @@ def validate_order(body: Any, max_lines: int = 100) -> OrderRequest:
     if not isinstance(body, dict):
         errors.add("body", f"must be a JSON object, not {_type_name(body)}")
         raise validation_problem(errors.items)
-    _check_fields(body, ORDER_FIELDS, "", errors)
+    _check_fields(body, ORDER_FIELDS, "", errors, OPTIONAL_ORDER_FIELDS)
     email = _email(body["customer_email"], errors) if "customer_email" in body else ""
     currency = _currency(body["currency"], errors) if "currency" in body else ""
     items = _items(body["items"], max_lines, errors) if "items" in body else ()
+    priority = _priority(body["priority"], errors) if "priority" in body else "standard"
     if errors.items:
         raise validation_problem(errors.items)
-    return OrderRequest(email, currency, items)
+    return OrderRequest(email, currency, items, priority)
 
 
 def request_hash(body: Any) -> str:

@@ -13,12 +13,14 @@ import os
 import shutil
 import subprocess
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from flask import Flask
 
 from devtools.redis_server import free_port
+from messaging import envelope
 from orders.app import create_app
 from orders.bootstrap import create_schema
 
@@ -34,6 +36,21 @@ ADMIN_TOKEN = "test-operator-token-0123456789"
 """The operator credential of every app :func:`build_app` makes (ADMIN_TOKEN)."""
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 """Headers that authenticate a test request as the operator."""
+
+
+def outcome(
+    event_type: str, order_id: int, timestamp: str | None = None, **data: Any
+) -> dict[str, Any]:
+    """An outcome event of order ``order_id`` as another service emits it (``timestamp``:
+    when it happened, UTC RFC 3339; now by default)."""
+    return envelope.envelope(
+        event_type,
+        {"order_id": order_id, **data},
+        message=f"{event_type} for order {order_id}",
+        sender="test",
+        count=order_id,
+        timestamp=timestamp or datetime.now(UTC).isoformat(),
+    )
 
 
 def order(**changes: Any) -> dict[str, Any]:

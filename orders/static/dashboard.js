@@ -9,6 +9,7 @@ const ORDER_POLL_MS = 2000;
 const FEED_MAX = 200;
 const QUEUE_FIELDS = ["pending", "in_flight", "delayed", "dead", "processed", "failed"];
 const STAGE_POLL_MS = 5000;
+const STUCK_POLL_MS = 3000;
 const DEPTH_POINTS = 400; // queue depth samples kept (10 minutes at QUEUE_POLL_MS)
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"];
 
@@ -17,6 +18,15 @@ function el(tag, text, className) {
   if (text !== undefined && text !== null) node.textContent = String(text);
   if (className) node.className = className;
   return node;
+}
+
+// A table's only row when it has nothing to show: one cell across its columns.
+function noteRow(text, columns) {
+  const td = el("td", text, "note");
+  td.colSpan = columns;
+  const tr = el("tr");
+  tr.appendChild(td);
+  return tr;
 }
 
 function replaceChildren(parent, children) {
@@ -215,16 +225,21 @@ async function refreshQueues() {
 
 // --- recent orders ----------------------------------------------------------------------
 
+// An order's id as a link to its detail view (the timeline).
+function orderCell(id) {
+  const td = el("td");
+  const link = el("a", "#" + id);
+  link.href = "#order/" + encodeURIComponent(id);
+  link.className = "order-link";
+  td.appendChild(link);
+  return td;
+}
+
 function renderOrders(body) {
   const rows = body.items.map((order) => {
     const tr = el("tr");
     tr.dataset.orderId = String(order.id);
-    const idCell = el("td");
-    const link = el("a", "#" + order.id);
-    link.href = "#order/" + encodeURIComponent(order.id);
-    link.className = "order-link";
-    idCell.appendChild(link);
-    tr.appendChild(idCell);
+    tr.appendChild(orderCell(order.id));
     const status = el("td", order.status, "status-" + order.status);
     status.dataset.field = "status";
     tr.appendChild(status);
@@ -240,6 +255,39 @@ function renderOrders(body) {
 async function refreshOrders() {
   try {
     renderOrders(await getJson("/orders?limit=10"));
+  } catch (_) {
+    // keep the last rows; the next poll tries again
+  }
+}
+
+// --- stuck orders ------------------------------------------------------------------------
+
+function seconds(value) {
+  const s = Math.round(Number(value));
+  return s < 120 ? s + " s" : Math.round(s / 60) + " min";
+}
+
+function renderStuck(body) {
+  document.getElementById("stuck-threshold").textContent = String(body.older_than_seconds);
+  const rows = body.orders.map((order) => {
+    const tr = el("tr");
+    tr.dataset.orderId = String(order.id);
+    tr.appendChild(orderCell(order.id));
+    tr.appendChild(el("td", order.status, "status-" + order.status));
+    tr.appendChild(el("td", order.waiting_for));
+    tr.appendChild(el("td", seconds(order.age_seconds), "num"));
+    tr.appendChild(el("td", seconds(order.idle_seconds), "num"));
+    return tr;
+  });
+  if (!rows.length) rows.push(noteRow("none", 5));
+  replaceChildren(document.getElementById("stuck-rows"), rows);
+  document.getElementById("stuck-total").textContent =
+    body.total > body.orders.length ? body.total + " in all, the oldest shown" : "";
+}
+
+async function refreshStuck() {
+  try {
+    renderStuck(await getJson("/api/orders/stuck"));
   } catch (_) {
     // keep the last rows; the next poll tries again
   }
@@ -286,11 +334,14 @@ async function placeOrder(event) {
         customer_email: value("customer_email"),
         currency: value("currency"),
         items: collectLines(form),
+        priority: form.elements["express"].checked ? "express" : "standard",
       },
       { "Idempotency-Key": submissionKey },
     );
     submissionKey = null; // placed: the next submit is a new order
-    out.textContent = "placed order #" + order.id + " (" + order.total + " " + order.currency + ")";
+    out.textContent =
+      "placed order #" + order.id + " (" + order.total + " " + order.currency +
+      (order.priority === "express" ? ", express" : "") + ")";
     out.dataset.orderId = String(order.id);
     out.className = "";
     refreshOrders();
@@ -521,13 +572,7 @@ function renderStageRows(stages) {
     tr.appendChild(p99);
     return tr;
   });
-  if (!rows.length) {
-    const td = el("td", "no events in the window", "note");
-    td.colSpan = 4;
-    const tr = el("tr");
-    tr.appendChild(td);
-    rows.push(tr);
-  }
+  if (!rows.length) rows.push(noteRow("no events in the window", 4));
   replaceChildren(document.getElementById("stage-rows"), rows);
 }
 
@@ -581,7 +626,9 @@ function start() {
   openStream();
   refreshQueues();
   refreshOrders();
+  refreshStuck();
   window.setInterval(refreshQueues, QUEUE_POLL_MS);
+  window.setInterval(refreshStuck, STUCK_POLL_MS);
   window.setInterval(refreshOrders, ORDER_POLL_MS);
 }
 

@@ -198,6 +198,7 @@ CASES: list[Case] = [
     # ConfirmationEmailSent was replaced by CustomerNotified: no longer a type.
     Case("type.enum", PLACED, ("type",), "ConfirmationEmailSent"),
     Case("traceparent.type", PLACED, ("traceparent",), 1),
+    Case("priority.enum", "order_placed_express.json", ("priority",), "urgent"),
     Case("traceparent.pattern", CAPTURED, ("traceparent",), "4bf92f3577b34da6a3ce929d0e0e4736"),
     Case(
         "traceparent.pattern--upper_case",

@@ -47,6 +47,20 @@ def test_order_placed_equals_the_golden_example() -> None:
     assert built["id"] != GOLDEN["id"]
 
 
+def test_an_express_order_is_express_in_data_and_envelope() -> None:
+    """data.priority is the order's own field; the envelope's is what queues read."""
+    order = _golden_order()
+    order.priority = "express"
+    built = order_placed_event(order)
+    jsonschema.Draft202012Validator(SCHEMA).validate(built)
+    assert (built["priority"], built["data"]["priority"]) == ("express", "express")
+    assert envelope.is_express(envelope.dumps(built))
+    assert {k: v for k, v in built.items() if k not in ("id", "priority", "data")} == {
+        k: v for k, v in GOLDEN.items() if k not in ("id", "data")
+    }
+    assert not envelope.is_express(order_placed_event(_golden_order()))
+
+
 def test_one_item_is_singular() -> None:
     order = _golden_order()
     order.lines[0].quantity = 1

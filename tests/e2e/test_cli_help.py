@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -18,16 +19,10 @@ from tests.helpers import BIN
 
 pytestmark = pytest.mark.e2e
 
-SCRIPTS = [
-    "orders-api",
-    "hello-publisher",
-    "smtp-sink",
-    "orders-relay",
-    "consumer",
-    "orders-admin",
-    "local-redis",
-    "orders-updates",
-]
+SCRIPTS = sorted(
+    tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
+)
+"""Every console script the package installs (a new one is checked without a list to edit)."""
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -61,3 +56,36 @@ def test_purge_without_ids_says_what_is_missing(redis_url: str) -> None:
         "orders-admin: purge: which dead letters? give their IDs "
         "(orders-admin dead-letters list payment) or --all\n"
     )
+
+
+BAD_CONFIG_ARGS = {
+    "consumer": ["payment"],
+    "orders-admin": ["queues"],
+}
+"""The arguments a script needs to get as far as reading its configuration."""
+
+READS_NO_SETTINGS = {"local-redis"}
+"""Scripts with no environment settings (local-redis takes flags only)."""
+
+
+@pytest.mark.parametrize("script", sorted(set(SCRIPTS) - READS_NO_SETTINGS))
+def test_bad_config_is_one_line_and_exit_2(script: str, tmp_path: Path) -> None:
+    env = {**os.environ, "PATTERN": "sometimes", "REDIS_PORT": str(free_port())}
+    env.pop("REDIS_URL", None)
+    done = subprocess.run(
+        [str(BIN / script), *BAD_CONFIG_ARGS.get(script, [])],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"{script}: invalid PATTERN 'sometimes': must be pubsub, queue or both\n"
+    ), done.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before it created anything
+
+
+def test_every_script_without_settings_is_a_console_script() -> None:
+    assert READS_NO_SETTINGS <= set(SCRIPTS)

@@ -1,7 +1,8 @@
 """The dashboard in a real headless Chromium (Debian's ``chromium``, driven by Playwright)
 against the real stack: place an order in the form, watch it in the live feed and see it
 reach ``completed`` without a reload; untrusted event text stays text; the feed comes
-back after Redis restarts. A screenshot goes to ``test-artifacts/dashboard.png``.
+back after Redis restarts; discard asks first (cancel keeps the dead letter). Screenshots
+go to ``test-artifacts/`` (``dashboard*.png``).
 
 Chromium is the system's (``apt-get install chromium``); Playwright never downloads a
 browser here. Missing locally: skipped. Missing in CI (``CI`` set): failed.
@@ -14,14 +15,15 @@ import os
 import re
 import shutil
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis as redis_lib
 
-from messaging import keys
+from messaging import keys, monitor
+from messaging.queue import RedisQueue
 from tests.e2e.conftest import Stack
 from tests.helpers import wait_for
 
@@ -289,4 +291,68 @@ def test_time_views_multi_line_form_and_phone_width(page: Any, stack: Stack) -> 
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, f"the page is {width} px wide at 390 px"
     page.screenshot(path=str(ARTIFACTS / "dashboard-390.png"), full_page=True)
+    assert page.errors == [], page.errors
+
+
+def test_discard_asks_first_cancel_keeps_the_dead_letter_confirm_deletes_it(
+    page: Any, stack: Stack
+) -> None:
+    """Discard deletes a dead letter for good, so the page asks: cancel keeps it (no
+    request is sent), confirm deletes that one letter and leaves the other."""
+    client = redis_lib.Redis.from_url(stack.redis.url)
+    queue = RedisQueue(client, "payment")
+    try:
+        # Garbage on the payment queue: the real payment consumer dead-letters it.
+        queue.push(b"garbage one: not an event", b"garbage two: not an event")
+        wait_for(lambda: len(queue.dead_letters()) == 2, 60, 0.1, "two dead letters")
+        ids = {letter.message: monitor.letter_id(letter.entry) for letter in queue.dead_letters()}
+        keep, drop = ids["garbage one: not an event"], ids["garbage two: not an event"]
+
+        posts: list[str] = []
+        page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+        dialogs: list[str] = []
+
+        def answer(accept: bool) -> Callable[[Any], None]:
+            def handle(dialog: Any) -> None:
+                dialogs.append(dialog.message)
+                if accept:
+                    dialog.accept()
+                else:
+                    dialog.dismiss()
+
+            return handle
+
+        # Locators, not element handles: the list is re-rendered every poll.
+        row = '#dead-list .dead-queue[data-queue=payment] tr[data-letter="{}"]'
+        discard = row + " button[data-action=discard]"
+        page.wait_for_selector(row.format(keep))
+        page.wait_for_selector(row.format(drop))
+
+        page.once("dialog", answer(False))
+        page.locator(discard.format(keep)).click()
+        wait_for(lambda: len(dialogs) == 1, 30, 0.05, "the confirmation for the first letter")
+        assert dialogs[0] == (
+            f"Discard dead letter {keep} of payment for good? It cannot be requeued afterwards."
+        )
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.locator("#dead").screenshot(path=str(ARTIFACTS / "dashboard-discard-cancelled.png"))
+
+        page.once("dialog", answer(True))
+        page.locator(discard.format(drop)).click()
+        wait_for(lambda: len(dialogs) == 2, 30, 0.05, "the confirmation for the second letter")
+        assert drop in dialogs[1]
+        wait_for(
+            lambda: [monitor.letter_id(x.entry) for x in queue.dead_letters()] == [keep],
+            30, 0.1, "the confirmed letter deleted, the cancelled one kept",
+        )  # fmt: skip
+        page.wait_for_selector(row.format(drop), state="detached")
+        page.wait_for_selector(row.format(keep))
+        # Only the confirmed discard reached the server (the cancelled one sent nothing,
+        # and it was clicked first, so any request of its would be in the list by now).
+        assert [u for u in posts if "/dead-letters/" in u] == [
+            f"{stack.base_url}/api/queues/payment/dead-letters/{drop}/discard"
+        ], posts
+        page.locator("#dead").screenshot(path=str(ARTIFACTS / "dashboard-discard-confirmed.png"))
+    finally:
+        client.close()
     assert page.errors == [], page.errors

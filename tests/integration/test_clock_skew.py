@@ -157,3 +157,60 @@ def test_a_relay_an_hour_ahead_does_not_steal_a_live_outbox_claim(
     finally:
         relay.kill()
         engine.dispose()
+
+
+PLACE_ONE_ORDER = """
+import hashlib, sys
+from decimal import Decimal
+from messaging.database import database_engine
+from orders.service import place_order
+from orders.validation import LineRequest, OrderRequest
+
+engine = database_engine(sys.argv[1])
+request = OrderRequest("ada@example.com", "EUR", (LineRequest("BOOK", 1, Decimal("12.50")),))
+result = place_order(engine, request, hashlib.sha256(b"x").hexdigest(), claim_seconds=15)
+print(result.outbox_id)
+"""
+
+
+@pytest.mark.parametrize("offset", ["+1h", "-1h"])
+def test_an_order_placed_on_a_skewed_host_is_born_claimed_on_the_database_clock(
+    offset: str, postgres_cluster: PostgresCluster
+) -> None:
+    """POST writes its outbox row claimed for RELAY_CLAIM_SECONDS; the relays compare
+    that claim with the database's clock, so it must be written with that clock too.
+    With the API host's clock an hour ahead the claim lasted an hour (a failed fast path
+    waited that long for the relay); an hour behind, it was expired at birth (every
+    relay raced the fast path and published the event twice)."""
+    import subprocess
+    import sys
+
+    from sqlalchemy import text
+
+    from messaging import database
+    from orders.bootstrap import create_schema
+
+    url = postgres_cluster.create_database()
+    engine = database.database_engine(url)
+    create_schema(engine)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", PLACE_ONE_ORDER, url],
+            env={**os.environ, **skewed(offset)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        outbox_id = int(done.stdout.strip().splitlines()[-1])
+        with engine.connect() as conn:
+            left = conn.execute(
+                text(
+                    "SELECT EXTRACT(EPOCH FROM claimed_until - clock_timestamp()) "
+                    "FROM outbox WHERE id = :id"
+                ),
+                {"id": outbox_id},
+            ).scalar_one()
+        assert 0 < float(left) <= 15, f"claim left {left} s on the database clock"
+    finally:
+        engine.dispose()

@@ -3,9 +3,11 @@ duplicates, gap-free invoices, email over real SMTP, reconnecting after a Redis 
 
 from __future__ import annotations
 
+import asyncio
 import email
 import json
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from email.policy import default as default_policy
@@ -188,35 +190,86 @@ def test_reaper_returns_the_messages_of_a_killed_worker_exactly_once(
     assert (stats["processed"], stats["pending"], stats["in_flight"]) == (1, 0, 0)
 
 
+class HeldSmtp:
+    """A real SMTP server (aiosmtpd, as smtp-sink) that holds every DATA until released.
+
+    Why: a shutdown test must signal a worker while it is *inside* a message. A fixed
+    handler latency only makes that likely (the signal can land between the take and
+    the first message, and then nothing is finished); a mail the server has received
+    and not yet answered is a message whose handling has certainly begun.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+        self.accepted: list[bytes] = []
+
+    async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:  # noqa: N802
+        """Called by aiosmtpd for each message: say it arrived, wait, then answer 250."""
+        self.arrived.set()
+        released = await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 300)
+        if not released:
+            return "451 the test never released this message"
+        self.accepted.append(envelope.content)
+        return "250 Message accepted for delivery"
+
+    def env(self) -> dict[str, str]:
+        """The email consumer's settings for this server (a timeout far past any wait)."""
+        return {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(self.port), "SMTP_TIMEOUT": "300"}
+
+
+@pytest.fixture
+def held_smtp() -> Iterator[HeldSmtp]:
+    from aiosmtpd.controller import Controller
+
+    server = HeldSmtp()
+    controller = Controller(server, hostname="127.0.0.1", port=server.port)
+    controller.start()
+    try:
+        yield server
+    finally:
+        server.release.set()
+        controller.stop()
+
+
 def test_sigterm_finishes_the_current_message_and_puts_the_rest_back(
-    env: Env, bredis: redis_lib.Redis
+    env: Env, bredis: redis_lib.Redis, held_smtp: HeldSmtp
 ) -> None:
-    queue = RedisQueue(bredis, "payment")
+    queue = RedisQueue(bredis, "email")
     batch = [order_placed(i) for i in (1, 2, 3)]
     queue.push(*(envelope.dumps(e) for e in batch))
-    proc = env.start("payment", PAYMENT_LATENCY_MS="1500", CONSUMER_BATCH_SIZE="3")
-    wait_for(lambda: queue.stats()["in_flight"] == 3, timeout=20, message="the batch taken")
+    proc = env.start("email", CONSUMER_BATCH_SIZE="3", **held_smtp.env())
+    # The first email is in the server's hands: the worker is inside message 1.
+    wait_for(held_smtp.arrived.is_set, timeout=60, interval=0.05, message="the first email")
+    assert queue.stats()["in_flight"] == 3
     proc.popen.send_signal(signal.SIGTERM)
-    assert proc.popen.wait(20) == 0, proc.output()
+    proc.wait_output("received signal 15", timeout=60)
+    held_smtp.release.set()
+    assert proc.popen.wait(60) == 0, proc.output()
     # The first (started) message was finished and acked; the two others are back, in order.
+    assert len(held_smtp.accepted) == 1
     assert [e["data"]["order_id"] for e in updates(bredis)] == [1]
-    assert [json.loads(m)["id"] for m in bredis.lrange(keys.pending("payment"), 0, -1)] == [
+    assert [json.loads(m)["id"] for m in bredis.lrange(keys.pending("email"), 0, -1)] == [
         batch[1]["id"],
         batch[2]["id"],
     ]
     assert queue.stats()["in_flight"] == 0
-    assert bredis.scard(keys.workers("payment")) == 0
-    assert "received signal 15" in proc.output()
+    assert bredis.scard(keys.workers("email")) == 0
 
 
-def test_second_signal_exits_at_once(env: Env, bredis: redis_lib.Redis) -> None:
-    RedisQueue(bredis, "payment").push(envelope.dumps(order_placed(1)))
-    proc = env.start("payment", PAYMENT_LATENCY_MS="60000")
-    wait_for(lambda: RedisQueue(bredis, "payment").stats()["in_flight"] == 1, timeout=20)
+def test_second_signal_exits_at_once(
+    env: Env, bredis: redis_lib.Redis, held_smtp: HeldSmtp
+) -> None:
+    RedisQueue(bredis, "email").push(envelope.dumps(order_placed(1)))
+    proc = env.start("email", **held_smtp.env())
+    wait_for(held_smtp.arrived.is_set, timeout=60, interval=0.05, message="the email")
     proc.popen.send_signal(signal.SIGTERM)
-    proc.wait_output("received signal 15")
+    proc.wait_output("received signal 15", timeout=60)
+    # The first signal waits for the held message; the second does not wait for it.
     proc.popen.send_signal(signal.SIGTERM)
-    assert proc.popen.wait(10) == 128 + signal.SIGTERM
+    assert proc.popen.wait(60) == 128 + signal.SIGTERM
+    assert held_smtp.accepted == []
 
 
 def test_duplicate_deliveries_produce_one_effect(env: Env, bredis: redis_lib.Redis) -> None:

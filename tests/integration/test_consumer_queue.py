@@ -97,7 +97,8 @@ def test_retry_goes_to_delayed_with_backoff_then_promoted(bredis: redis_lib.Redi
     [(member, score)] = bredis.zrange(keys.delayed(Q), 0, -1, withscores=True)
     assert member == message
     assert now <= score <= now + 10.0  # first retry: full jitter up to base
-    assert bredis.hget(keys.attempts(Q), json.loads(message)["id"]) == b"1"
+    state = bredis.hget(keys.attempts(Q), json.loads(message)["id"])  # "1 <first failure> 0"
+    assert state is not None and state.split()[0] == b"1"
     assert q.promote(now=now - 1) == 0  # not due yet
     assert q.promote(now=now + 10.0) == 1
     assert bredis.lrange(keys.pending(Q), 0, -1) == [message]
@@ -123,7 +124,8 @@ def test_dead_letter_after_max_attempts(bredis: redis_lib.Redis) -> None:
     assert letter.failed_at.endswith("+00:00")
     assert bredis.hlen(keys.attempts(Q)) == 0
     entry = json.loads(bredis.lindex(keys.dead(Q), 0))  # type: ignore[arg-type]
-    assert set(entry) == {"message", "error", "attempts", "failed_at", "queue"}
+    assert set(entry) == {"message", "error", "attempts", "failed_at", "queue", "cause"}
+    assert entry["cause"] == "attempts"
 
 
 def test_permanent_failure_is_dead_at_once(bredis: redis_lib.Redis) -> None:

@@ -314,6 +314,7 @@ def test_admin_dead_letters_list_show_requeue_purge(
     shown = _admin(redis_url, "dead-letters", "show", "payment", second_id)
     assert shown.returncode == 0
     assert "error:     PermanentError: <b>x</b>" in shown.stdout
+    assert "cause:     permanent\n" in shown.stdout  # not revived by itself
     assert '"id": "evt-3"' in shown.stdout
 
     requeued = _admin(redis_url, "dead-letters", "requeue", "payment", first_id)

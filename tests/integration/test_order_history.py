@@ -15,20 +15,9 @@ from messaging import envelope
 from orders import lifecycle
 from orders.history import UnknownOrder, record_event
 from orders.models import Order
-from tests.orders_app import ADMIN, ORDER
+from tests.orders_app import ADMIN, ORDER, outcome
 
 NO_REDIS = "redis://127.0.0.1:1/0"
-
-
-def _outcome(event_type: str, order_id: int, timestamp: str, **data: Any) -> dict[str, Any]:
-    return envelope.envelope(
-        event_type,
-        {"order_id": order_id, **data},
-        message=f"{event_type} for order {order_id}",
-        sender="test",
-        count=order_id,
-        timestamp=timestamp,
-    )
 
 
 def _record(app: Flask, event: dict[str, Any]) -> bool:
@@ -73,9 +62,7 @@ REACH = {
 
 
 def _event(event_type: str, order_id: int, second: int = 1) -> dict[str, Any]:
-    return _outcome(
-        event_type, order_id, f"2026-11-28T10:00:{second:02d}+00:00", **DATA[event_type]
-    )
+    return outcome(event_type, order_id, f"2026-11-28T10:00:{second:02d}+00:00", **DATA[event_type])
 
 
 def _status(app: Flask, order_id: int) -> str:
@@ -176,7 +163,7 @@ def test_invoice_is_html_escaped_and_only_after_invoice_issued(
     missing = client.get(f"/orders/{order_id}/invoice")
     assert missing.status_code == 404
     assert missing.content_type == "application/problem+json"
-    invoiced = _outcome(
+    invoiced = outcome(
         envelope.INVOICE_ISSUED, order_id, "2026-11-28T10:00:02Z",
         invoice_number="INV-2026-000042", total="25.00", currency="EUR",
     )  # fmt: skip

@@ -72,11 +72,10 @@ def test_post_stores_and_emits_per_pattern(
     stored = json.loads(row.payload)
     assert stored["data"]["order_id"] == body["id"]
 
-    if pattern in ("pubsub", "both"):
-        message = wait_for(lambda: pubsub.get_message(timeout=0.1), message="order event")
-        assert json.loads(message["data"]) == stored
-    else:
-        assert pubsub.get_message(timeout=0.2) is None
+    # Every pattern: with queue only for the live feed (the order service's own event).
+    message = wait_for(lambda: pubsub.get_message(timeout=0.1), message="order event")
+    assert json.loads(message["data"]) == stored
+    assert pubsub.get_message(timeout=0.2) is None  # once
     expected = 1 if pattern in ("queue", "both") else 0
     assert [redis.llen(k) for k in QUEUE_KEYS] == [expected] * len(QUEUE_KEYS)
     if expected:
@@ -296,3 +295,25 @@ def test_fast_path_marks_in_batches_and_the_relay_never_resends(
     for key in QUEUE_KEYS:
         ids = [json.loads(j)["id"] for j in redis.lrange(key, 0, -1)]
         assert len(ids) == 20 and len(set(ids)) == 20
+
+
+def test_an_express_order_jumps_the_queues_backlog(
+    topology: Topology, make_app: Callable[..., Flask]
+) -> None:
+    """POST priority express: stored, and its OrderPlaced goes ahead of waiting work."""
+    app = make_app(topology.redis_url, "queue", **topology.env)
+    client = app.test_client()
+    assert client.post("/orders", json=ORDER).status_code == 201  # standard: the backlog
+    response = client.post("/orders", json=order(priority="express"))
+    assert response.status_code == 201
+    express_id = response.get_json()["id"]
+    redis = topology.client()
+    for queue in envelope.queues_for(envelope.ORDER_PLACED):
+        waiting = wait_for(lambda q=queue: redis.lrange(keys.express(q), 0, -1), message=queue)
+        [event] = [json.loads(m) for m in waiting]
+        assert (event["data"]["order_id"], event["priority"]) == (express_id, "express")
+        assert event["data"]["priority"] == "express"
+        assert [
+            json.loads(m)["data"]["order_id"] for m in redis.lrange(keys.pending(queue), 0, -1)
+        ] == [express_id - 1]
+    assert client.get(f"/orders/{express_id}", headers=ADMIN).get_json()["priority"] == "express"

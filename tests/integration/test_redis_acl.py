@@ -26,7 +26,8 @@ import redis as redis_lib
 
 from devtools import databases
 from devtools.redis_server import RedisNotFound, RedisServer, binary_version, bundled_binary
-from messaging import keys
+from messaging import envelope, keys
+from messaging.queue import RedisQueue
 from ops import acl
 from tests.helpers import BIN, Proc
 from tests.orders_app import ORDER, build_app
@@ -103,6 +104,32 @@ def test_the_orders_user_cannot_leave_its_keys_channels_and_commands(
     with pytest.raises(redis_lib.ResponseError, match="no permissions|DEBUG command not allowed"):
         client.execute_command("DEBUG", "SLEEP", "0")
     _admin(acl_server).execute_command("ACL", "LOG", "RESET")
+
+
+def test_the_express_lane_needs_nothing_more(acl_server: RedisServer) -> None:
+    """Every priority script (push, take with its streak, fail, promote, release, reap)."""
+    client = redis_lib.Redis.from_url(_url(acl_server))
+    q = RedisQueue(client, "payment", backoff_base=0.0)
+    standard, express = (
+        envelope.dumps(
+            envelope.envelope(
+                envelope.ORDER_PLACED, {"order_id": n}, message="m", sender="t", count=n,
+                priority=priority,
+            )
+        ).encode()
+        for n, priority in ((1, "standard"), (2, "express"))
+    )  # fmt: skip
+    q.push(standard, standard + b" ", express, express + b" ")
+    assert q.take("w", 3, timeout=0) == [express, express + b" ", standard]
+    assert q.fail("w", express, "boom") == "retried"
+    assert q.promote() == 1
+    assert q.release("w", [express + b" ", standard]) == 2
+    q.heartbeat("w", 1)
+    q.take("w", 4, timeout=0)
+    q.drop_heartbeat("w")
+    assert q.reap() == {"w": 4}
+    denied = _admin(acl_server).execute_command("ACL", "LOG")
+    assert denied == [], f"the server denied commands: {denied}"
 
 
 def test_every_process_works_with_the_least_privileged_user(

@@ -207,7 +207,7 @@ def test_sigterm_ends_the_streams_and_exits_0(
         stream.read_until(b"event: subscribed")
         proc.popen.send_signal(signal.SIGTERM)
         assert b"event: bye" in stream.read_to_end()
-        assert proc.popen.wait(10) == 0
+        assert proc.popen.wait(60) == 0
     finally:
         stream.close()
 

@@ -87,9 +87,32 @@ def test_redis_is_published_on_loopback_only() -> None:
     assert "--appendonly" in _services()["redis"]["command"]
 
 
-@pytest.mark.parametrize("name", ["python-publisher", "go-subscriber"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "python-publisher", "go-subscriber", "orders-api", "orders-stream", "orders-relay",
+        "payment", "invoice", "shipping", "email", "orders-updates",
+    ],
+)  # fmt: skip
 def test_pattern_is_passed_through(name: str) -> None:
+    # PATTERN decides where the order consumers take their events, not only Hello's.
     assert _services()[name]["environment"]["PATTERN"] == "${PATTERN:-both}"
+
+
+def test_every_service_built_here_gets_pattern() -> None:
+    built = {n for n, s in _services().items() if "build" in s}
+    assert built and all(_services()[n]["environment"]["PATTERN"] for n in built)
+
+
+def test_make_up_passes_pattern_to_every_program() -> None:
+    """`PATTERN=pubsub make up`: make exports it, supervisord hands its environment to
+    every program, and no program's ``environment=`` sets it otherwise."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert "export PATTERN ?= both" in makefile
+    conf = (ROOT / "supervisord.conf").read_text()
+    assert "PATTERN" not in "".join(
+        line for line in conf.splitlines() if line.startswith("environment=")
+    )
 
 
 def test_publisher_gets_interval_and_unbuffered_output() -> None:

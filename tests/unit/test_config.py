@@ -105,3 +105,30 @@ def test_bad_redis_url_does_not_echo_the_password() -> None:
         Settings.from_env({"REDIS_URL": "http://user:s3cret@cache:6379/0"})
     assert "s3cret" not in str(info.value)
     assert "invalid REDIS_URL scheme 'http'" in str(info.value)
+
+
+def test_retry_budget_settings_default_to_an_hour_and_reject_nonsense() -> None:
+    from messaging.config import WorkerSettings
+
+    settings = WorkerSettings.from_env({})
+    assert (settings.retry_seconds, settings.revive_seconds, settings.revive_rate) == (
+        3600.0,
+        60.0,
+        10,
+    )
+    tuned = WorkerSettings.from_env(
+        {
+            "CONSUMER_RETRY_SECONDS": "90",
+            "CONSUMER_REVIVE_SECONDS": "5",
+            "CONSUMER_REVIVE_RATE": "3",
+        }
+    )
+    assert (tuned.retry_seconds, tuned.revive_seconds, tuned.revive_rate) == (90.0, 5.0, 3)
+    for env, needle in (
+        ({"CONSUMER_RETRY_SECONDS": "an hour"}, "CONSUMER_RETRY_SECONDS"),
+        ({"CONSUMER_RETRY_SECONDS": "-1"}, "CONSUMER_RETRY_SECONDS"),
+        ({"CONSUMER_REVIVE_SECONDS": "0"}, "CONSUMER_REVIVE_SECONDS"),
+        ({"CONSUMER_REVIVE_RATE": "0"}, "CONSUMER_REVIVE_RATE"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            WorkerSettings.from_env(env)

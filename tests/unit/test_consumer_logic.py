@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy.exc
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
@@ -101,10 +102,19 @@ def test_backoff_rejects_attempt_zero() -> None:
     [
         (PermanentError("invalid data"), "dead"),
         (MalformedMessage("not JSON"), "dead"),
-        (RetryableError("later"), "retry"),
-        (GatewayUnavailable("timeout"), "retry"),
-        (OSError("connection refused"), "retry"),
-        (smtplib.SMTPServerDisconnected("gone"), "retry"),
+        (RetryableError("later"), "transient"),
+        (GatewayUnavailable("timeout"), "transient"),
+        (OSError("connection refused"), "transient"),
+        (ConnectionRefusedError(111, "Connection refused"), "transient"),
+        (TimeoutError("timed out"), "transient"),
+        (smtplib.SMTPServerDisconnected("gone"), "transient"),
+        (smtplib.SMTPResponseException(451, b"try again later"), "transient"),
+        (smtplib.SMTPResponseException(554, b"rejected"), "dead"),
+        (smtplib.SMTPRecipientsRefused({"a@example.com": (550, b"no such user")}), "dead"),
+        (smtplib.SMTPRecipientsRefused({"a@example.com": (450, b"mailbox busy")}), "transient"),
+        (sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("refused")), "transient"),
+        (sqlalchemy.exc.IntegrityError("INSERT", {}, Exception("unique")), "retry"),
+        (FileNotFoundError("no such file"), "retry"),
         (KeyError("a bug"), "retry"),  # retried, then dead after the last attempt
     ],
 )
@@ -395,7 +405,7 @@ def test_a_step_before_order_placed_is_retried(engine: Engine) -> None:
     handler = _Outbox(engine)
     with pytest.raises(RecipientUnknown):
         handler.handle(shipment_booked(2))
-    assert classify(RecipientUnknown("x")) == "retry"
+    assert classify(RecipientUnknown("x")) == "transient"
     handler.handle(order_placed(2))
     handler.handle(shipment_booked(2))
     assert [m["Subject"] for m in handler.sent][-1] == "Your order #2 has shipped"

@@ -67,6 +67,8 @@ def test_bad_config_exits_2_with_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("PATTERN", "sometimes")
-    assert hello.main([]) == 2
+    with pytest.raises(SystemExit) as stopped:
+        hello.main([])
+    assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert err == "hello-publisher: invalid PATTERN 'sometimes': must be pubsub, queue or both\n"

@@ -143,6 +143,11 @@ INVALID: list[tuple[str, Any, str]] = [
     ("currency NUL", order(currency="EUR\x00"), "currency"),
     ("currency newline", order(currency="EUR\n"), "currency"),
     ("unknown field NUL", order(**{"\x00": 1}), "\x00"),
+    # priority: "standard" or "express", nothing else.
+    ("priority unknown", order(priority="urgent"), "priority"),
+    ("priority upper case", order(priority="EXPRESS"), "priority"),
+    ("priority boolean", order(priority=True), "priority"),
+    ("priority null", order(priority=None), "priority"),
     ("unknown field surrogate", order(**{"\ud800": 1}), "\ud800"),
 ]
 
@@ -340,3 +345,14 @@ def test_order_total_in_the_response(client: FlaskClient) -> None:
     assert [line["line_total"] for line in created["lines"]] == ["0.30", "39.98"]
     assert created["total"] == "40.28"
     assert created["created_at"].endswith("+00:00")
+
+
+@pytest.mark.parametrize("priority", ["standard", "express", None])
+def test_priority_is_stored_and_shown(client: FlaskClient, priority: str | None) -> None:
+    body = order() if priority is None else order(priority=priority)
+    response = client.post("/orders", json=body)
+    assert response.status_code == 201
+    placed = response.get_json()
+    assert placed["priority"] == (priority or "standard")
+    shown = client.get(f"/orders/{placed['id']}", headers=ADMIN).get_json()
+    assert shown["priority"] == (priority or "standard")
