@@ -41,7 +41,7 @@ from typing import Any
 
 import redis
 
-from messaging import envelope, keys, metrics
+from messaging import envelope, keys, metrics, tracing
 from messaging.queue import MalformedMessage, parse
 from messaging.worker import TAKE_TIMEOUT, Worker
 
@@ -67,6 +67,8 @@ class ChannelWorker(Worker):
         self.received: local.Queue[bytes] = local.Queue()
         self.subscribed = threading.Event()
         """Set while the subscription is confirmed by Redis."""
+        self.subscriptions = 0
+        """Subscriptions Redis confirmed so far (more than one: it came back after a loss)."""
         self.ignored = 0
         """Channel events of types this handler does not work on."""
         self._channel_threads: list[threading.Thread] = []
@@ -100,6 +102,7 @@ class ChannelWorker(Worker):
                     if message is None:
                         continue
                     if message["type"] == "subscribe":
+                        self.subscriptions += 1
                         self.subscribed.set()
                         self._recovered()
                         delay = 0.1
@@ -151,8 +154,10 @@ class ChannelWorker(Worker):
             return False
         order_id = event["data"].get("order_id", "-")
         try:
-            outcomes = self.handler.handle(event)
-            self._emit(outcomes)
+            # As on the queue: a consumer span, child of the event's trace context.
+            with tracing.consumer_span(event, name):
+                outcomes = self.handler.handle(event)
+                self._emit(outcomes)
         except Exception as exc:  # a retry, a dead letter or Redis away: the queue decides
             metrics.observe_failed(name)
             log.warning(
