@@ -312,8 +312,8 @@ WORKER_ENV_VARS: tuple[EnvVar, ...] = declare(
         "CONSUMER_REVIVE_SECONDS",
         "60",
         "Wait before a transient dead letter is tried again by itself; doubles each time "
-        "it fails again (up to CONSUMER_RETRY_SECONDS). Once one succeeds, the rest follow "
-        "at CONSUMER_REVIVE_RATE.",
+        "it fails again (up to CONSUMER_RETRY_SECONDS), but one letter is tried at least "
+        "this often; once one succeeds, the rest follow at CONSUMER_REVIVE_RATE.",
     ),
     EnvVar(
         "CONSUMER_REVIVE_RATE",

@@ -105,6 +105,11 @@ def revive_tick(queue: str) -> str:
     return f"{_tag(queue)}:revive-tick"
 
 
+def revive_probe(queue: str) -> str:
+    """String living CONSUMER_REVIVE_SECONDS after the last revival (no canary needed)."""
+    return f"{_tag(queue)}:revive-probe"
+
+
 def revive_recovered(queue: str) -> str:
     """String set when a revived message was acked (its dependency is back): every
     transient dead letter is then due at once, at the revival's rate bound."""

@@ -56,7 +56,9 @@ puts due ones back on pending at a bounded rate per queue (CONSUMER_REVIVE_RATE 
 second, whichever worker gets there first). A revived message keeps its first failure,
 so it is a probe: one attempt, and if the dependency is still down it is dead-lettered
 again at once and waits twice as long (CONSUMER_REVIVE_SECONDS, doubling, at most the
-budget) before the next probe. Once the dependency is back a probe succeeds; its ack
+budget) before the next probe; and whenever nothing was revived for
+CONSUMER_REVIVE_SECONDS the earliest letter goes ahead of its schedule, so a
+dependency that is back is noticed within that time. Once a probe succeeds, its ack
 sets ``revive-recovered(q)``, and from then on every transient dead letter is due:
 the rest follow at the rate bound, not after their own schedules. A transient
 dead-lettering clears that flag again (the dependency went away again).
@@ -472,12 +474,14 @@ redis.call('HINCRBY', KEYS[5], 'retried', 1)
 return {1, n}
 """
 
-# KEYS: revivable, dead, pending, attempts, stats, tick, recovered, express. ARGV: now ('' =
-# TIME), limit, tick ms (0: no rate bound). A letter no longer in the dead list (an
-# operator requeued or discarded it) is only forgotten. The attempts entry comes back
-# with one more revival and the same first failure: a revived message's budget is
-# already spent. Once a revived message was acked (the recovered flag), every letter
-# is due: the rest follow at the rate bound instead of waiting out their schedules.
+# KEYS: revivable, dead, pending, attempts, stats, tick, recovered, express, probe. ARGV:
+# now ('' = TIME), limit, tick ms (0: no rate bound), probe ms (0: none). When nothing
+# was revived for a probe interval, the earliest letter is revived ahead of its
+# schedule. A letter no longer in the dead list (an operator requeued or discarded it)
+# is only forgotten. The attempts entry comes back with one more revival and the same
+# first failure: a revived message's budget is already spent. Once a revived message
+# was acked (the recovered flag), every letter is due: the rest follow at the rate
+# bound instead of waiting out their schedules.
 _REVIVE = (
     _LANES
     + """
@@ -492,6 +496,13 @@ if redis.call('EXISTS', KEYS[7]) == 1 then
   upto = '+inf'
 end
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', upto, 'LIMIT', 0, ARGV[2])
+if ARGV[4] ~= '0' then
+  if #due > 0 then
+    redis.call('SET', KEYS[9], '1', 'PX', ARGV[4])
+  elseif redis.call('SET', KEYS[9], '1', 'NX', 'PX', ARGV[4]) then
+    due = redis.call('ZRANGE', KEYS[1], 0, 0)  -- the canary: the earliest, ahead of time
+  end
+end
 local n = 0
 for _, e in ipairs(due) do
   redis.call('ZREM', KEYS[1], e)
@@ -876,7 +887,11 @@ class RedisQueue:
 
         Run by every worker's housekeeping. ``bounded``: at most ``revive_rate`` per
         second for the whole queue, whichever worker calls first (a key with a
-        one-second TTL is the turn). Each revived message keeps its first failure, so
+        one-second TTL is the turn), and at least one letter per ``revive_seconds``
+        (the earliest, ahead of its schedule when nothing else was due: a canary, so a
+        dependency that is back is noticed within ``revive_seconds`` even when every
+        letter's own wait has doubled to an hour). ``bounded=False``: the schedules
+        alone (tests). Each revived message keeps its first failure, so
         a failure that is still transient dead-letters it again at once, to be
         revived after twice the wait.
         """
@@ -891,8 +906,14 @@ class RedisQueue:
                     keys.revive_tick(self.name),
                     self.recovered_key,
                     self.express_key,
+                    keys.revive_probe(self.name),
                 ],
-                args=["" if now is None else repr(now), self.revive_rate, 1000 if bounded else 0],
+                args=[
+                    "" if now is None else repr(now),
+                    self.revive_rate,
+                    1000 if bounded else 0,
+                    max(1, int(self.revive_seconds * 1000)) if bounded else 0,
+                ],
             )
         )
 

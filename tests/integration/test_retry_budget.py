@@ -224,6 +224,27 @@ def test_once_a_probe_succeeds_the_other_letters_follow_without_their_schedules(
     assert q.revive(now=T0 + 102 + 200, bounded=False) == 1  # its doubled wait
 
 
+def test_a_canary_goes_ahead_of_its_schedule_once_per_revive_interval(
+    bredis: redis_lib.Redis,
+) -> None:
+    """Every letter's wait may have doubled to an hour; one letter per revive interval
+    still probes, so a dependency that is back is noticed within it."""
+    q = RedisQueue(bredis, Q, retry_seconds=0.0, revive_seconds=100.0)
+    seconds, micros = bredis.time()
+    redis_now = seconds + micros / 1e6
+    a, b = message(20), message(21)
+    q.push(a, b)
+    for _ in range(2):
+        [taken] = q.take("w1", 1, timeout=0)
+        assert q.fail("w1", taken, "refused", transient=True, now=redis_now) == "dead"
+    assert q.revive() == 1  # Redis's clock: neither is due for 100 s; one goes anyway
+    assert bredis.llen(keys.pending(Q)) == 1 and q.revivable() == 1
+    got: list[int] = []
+    wait_for(lambda: got.append(q.revive()) or got[-1] >= 0, 10, 0.05, "the next turn")
+    assert got[-1] == 0  # the canary of this interval went already
+    assert q.revivable() == 1
+
+
 def test_revival_is_rate_bounded_per_queue(bredis: redis_lib.Redis) -> None:
     """Two workers call revive as fast as they can: no call revives more than the rate,
     and two calls that revive are a second apart (the turn lives on Redis's clock)."""
