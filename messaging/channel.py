@@ -37,7 +37,6 @@ import json
 import logging
 import queue as local
 import threading
-import time
 from typing import Any
 
 import redis
@@ -68,6 +67,8 @@ class ChannelWorker(Worker):
         self.received: local.Queue[bytes] = local.Queue()
         self.subscribed = threading.Event()
         """Set while the subscription is confirmed by Redis."""
+        self.subscriptions = 0
+        """Subscriptions Redis confirmed so far (more than one: it came back after a loss)."""
         self.ignored = 0
         """Channel events of types this handler does not work on."""
         self._channel_threads: list[threading.Thread] = []
@@ -101,6 +102,7 @@ class ChannelWorker(Worker):
                     if message is None:
                         continue
                     if message["type"] == "subscribe":
+                        self.subscriptions += 1
                         self.subscribed.set()
                         self._recovered()
                         delay = 0.1
@@ -207,17 +209,7 @@ class ChannelWorker(Worker):
         reason = super().health()
         if reason or self.stop.is_set():
             return reason
-        now = time.monotonic()
-        for thread in self._channel_threads:
-            if not thread.is_alive():
-                return f"channel thread {thread.name} died"
-            since = self._progress.get(thread.name)
-            if since is not None and now - since > self.stuck_seconds:
-                return (
-                    f"channel thread {thread.name} stuck for {now - since:.0f} s"
-                    f" (CONSUMER_STUCK_SECONDS {self.stuck_seconds:g})"
-                )
-        return ""
+        return self._threads_trouble("channel", self._channel_threads)
 
     def run(self) -> int:
         """Subscribe, handle the channel and the queue until stopped. Returns the exit code."""

@@ -41,7 +41,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import redis
@@ -194,15 +194,22 @@ class Worker:
 
     def health(self) -> str:
         """'' while every handler thread is alive and none is stuck, else the reason."""
+        return self._threads_trouble("handler", self._consumers, " in one message")
+
+    def _threads_trouble(
+        self, kind: str, threads: Iterable[threading.Thread], stuck_in: str = ""
+    ) -> str:
+        """Why one of ``threads`` is unhealthy: it died (while we are not stopping), or
+        its last :meth:`_stamp` is older than CONSUMER_STUCK_SECONDS; '' when none is."""
         now = time.monotonic()
-        for thread in self._consumers:
+        for thread in threads:
             if not thread.is_alive() and not self.stop.is_set():
-                return f"handler thread {thread.name} died"
+                return f"{kind} thread {thread.name} died"
             since = self._progress.get(thread.name)
             if since is not None and now - since > self.stuck_seconds:
                 return (
-                    f"handler thread {thread.name} stuck in one message for"
-                    f" {now - since:.0f} s (CONSUMER_STUCK_SECONDS {self.stuck_seconds:g})"
+                    f"{kind} thread {thread.name} stuck{stuck_in} for {now - since:.0f} s"
+                    f" (CONSUMER_STUCK_SECONDS {self.stuck_seconds:g})"
                 )
         return ""
 

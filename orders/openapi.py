@@ -494,6 +494,23 @@ def _monitoring_paths() -> dict[str, Any]:
                 },
             }
         },
+        "/api/orders/stuck": {
+            "get": {
+                "summary": "Orders not advancing for longer than older_than seconds (oldest first)",
+                "parameters": [
+                    {
+                        "name": "older_than",
+                        "in": "query",
+                        "description": "Seconds without a step (default ORDER_STUCK_SECONDS)",
+                        "schema": {"type": "number", "minimum": 0, "maximum": 86400},
+                    }
+                ],
+                "responses": {
+                    "200": _json("The stuck orders and their total", "StuckOrders"),
+                    "400": _problem("older_than out of range or not a number"),
+                },
+            }
+        },
         "/api/stream-url": {
             "get": {
                 "summary": "A fresh live-feed URL with a new ticket (operators only)",
@@ -550,6 +567,40 @@ def _monitoring_schemas() -> dict[str, Any]:
         "workers", "workers_alive",
     ]  # fmt: skip
     return {
+        "StuckOrders": {
+            "type": "object",
+            "required": ["pattern", "older_than_seconds", "total", "orders"],
+            "properties": {
+                "pattern": {"type": "string", "enum": ["pubsub", "queue", "both"]},
+                "older_than_seconds": {"type": "number", "minimum": 0},
+                "total": count,
+                "orders": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": [
+                            "id",
+                            "status",
+                            "placed_at",
+                            "last_step_at",
+                            "age_seconds",
+                            "idle_seconds",
+                            "waiting_for",
+                        ],  # fmt: skip
+                        "additionalProperties": False,
+                        "properties": {
+                            "id": {"type": "integer", "minimum": 1},
+                            "status": {"type": "string"},
+                            "placed_at": {"type": "string"},
+                            "last_step_at": {"type": "string"},
+                            "age_seconds": {"type": "number", "minimum": 0},
+                            "idle_seconds": {"type": "number", "minimum": 0},
+                            "waiting_for": {"type": "string"},
+                        },
+                    },
+                },
+            },
+        },
         "Queues": {
             "type": "object",
             "required": ["time", "queues"],

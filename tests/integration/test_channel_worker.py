@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from consumers import store
 from consumers.payment import PaymentHandler, SimulatedGateway
+from devtools.redis_server import RedisServer
 from messaging import envelope, keys
 from messaging.channel import ChannelWorker
 from messaging.publisher import EventPublisher
@@ -193,3 +194,35 @@ def test_a_graceful_stop_keeps_received_events_on_the_queue(
     worker.stop.set()  # SIGTERM before the handler threads got to them
     assert worker.run() == 0
     assert bclient.lrange(keys.pending(keys.PAYMENT_QUEUE), 0, -1) == raws
+
+
+def test_subscribes_again_after_redis_restarts(
+    redis_server_factory: Callable[..., RedisServer], tmp_path: Path
+) -> None:
+    """A Redis restart ends the subscription: the worker subscribes again by itself, and
+    an event published after that is handled (what was published in between is gone)."""
+    server = redis_server_factory()
+    client = redis_lib.Redis.from_url(server.url)
+    engine = store.make_engine(f"sqlite:///{tmp_path / 'payment.db'}")
+    store.create_tables(engine, "payment")
+    worker = ChannelWorker(
+        RedisQueue(client, keys.PAYMENT_QUEUE),
+        PaymentHandler(engine, SimulatedGateway(engine)),
+        EventPublisher(client, "pubsub"),
+        heartbeat_ttl=3,
+    )
+    thread = start(worker)
+    try:
+        assert worker.subscriptions == 1
+        server.restart()
+        wait_for(lambda: worker.subscriptions >= 2 and worker.subscribed.is_set(), 60, 0.05,
+                 "subscribed again after the restart")  # fmt: skip
+        listener = Listener(client)
+        EventPublisher(client, "pubsub").publish(order_placed(21))
+        got = wait_for(lambda: listener.outcomes(21), 30, 0.05, "the outcome after the restart")
+        assert [e["type"] for e in got] == [envelope.PAYMENT_CAPTURED]
+    finally:
+        worker.stop.set()
+        thread.join(30)
+        client.close()
+        engine.dispose()

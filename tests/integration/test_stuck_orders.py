@@ -140,3 +140,25 @@ def test_orders_admin_stuck_prints_them(make_app: Callable[..., Flask], database
     assert "no stuck orders" in admin("--older-than", "600").stdout
     bad = admin("--older-than", "-5")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--older-than" in bad.stderr
+
+
+def test_the_dashboard_says_what_pattern_means_for_stuck_orders_and_the_feed(
+    make_app: Callable[..., Flask],
+) -> None:
+    """The page renders the panel; its notes name what PATTERN does (server-rendered)."""
+    notes = {
+        "pubsub": ("PATTERN=pubsub</code> the consumers read the", "very messages the consumers"),
+        "queue": ("moves on by itself", "shows what the order service records"),
+        "both": ("moves on by itself", None),
+    }
+    for pattern, (stuck_note, feed_note) in notes.items():
+        app = make_app(NO_REDIS, pattern, ORDER_STUCK_SECONDS="45")
+        page = app.test_client().get("/", headers=ADMIN)
+        assert page.status_code == 200
+        html = page.get_data(as_text=True)
+        assert 'id="stuck-rows"' in html and "Stuck orders" in html
+        assert stuck_note in " ".join(html.split()), pattern
+        if feed_note is not None:
+            assert feed_note in " ".join(html.split()), pattern
+        body = app.test_client().get("/api/orders/stuck", headers=ADMIN).get_json()
+        assert (body["pattern"], body["older_than_seconds"]) == (pattern, 45)

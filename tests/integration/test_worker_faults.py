@@ -146,6 +146,9 @@ def test_a_worker_without_live_handler_threads_stops_heartbeating_and_exits_3(
         q.push(message(7))
         thread.join(15)
         assert code == [EXIT_UNHEALTHY], worker.unhealthy_reason
+        why = "died" if make_handler is Dies else "stuck in one message for"
+        assert worker.unhealthy_reason.startswith("handler thread "), worker.unhealthy_reason
+        assert why in worker.unhealthy_reason
         assert not client.exists(keys.heartbeat(Q, worker.id))
         assert q.reap() == {worker.id: 1}  # at once, not after the 30 s TTL
         assert client.lrange(keys.pending(Q), 0, -1) == [message(7)]

@@ -63,6 +63,10 @@ def test_real_responses_fit_the_documented_schemas(app: Flask) -> None:
     invalid = client.post("/orders", json=order(currency="eur"))
     _validate(doc, "Validation", invalid.get_json())
     _validate(doc, "Problem", client.get("/orders/999").get_json())
+    stuck = client.get("/api/orders/stuck?older_than=0", headers=ADMIN)
+    assert stuck.status_code == 200, stuck.get_data(as_text=True)
+    assert stuck.get_json()["total"] >= 1  # the order placed above, not yet paid
+    _validate(doc, "StuckOrders", stuck.get_json())
     with pytest.raises(jsonschema.ValidationError):
         _validate(doc, "OrderRequest", order(items=[{"sku": "A", "quantity": 1, "unit_price": 1}]))
 
