@@ -164,6 +164,7 @@ func TestTracingExportsASpanPerMessageInTheEnvelopesTrace(t *testing.T) {
 	}{
 		{"trace id", hex.EncodeToString(orderSpan.GetTraceId()), "4bf92f3577b34da6a3ce929d0e0e4736"},
 		{"parent span id", hex.EncodeToString(orderSpan.GetParentSpanId()), "00f067aa0ba902b7"},
+		{"tracestate carried on", orderSpan.GetTraceState(), "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"},
 		{"own span id differs", bytes.Equal(orderSpan.GetSpanId(), mustHex(t, "00f067aa0ba902b7")), false},
 		{"kind", orderSpan.GetKind(), tracepb.Span_SPAN_KIND_CONSUMER},
 		{"name", orderSpan.GetName(), "receive " + cfg.OrderChannel},

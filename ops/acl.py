@@ -44,7 +44,7 @@ COMMANDS: tuple[str, ...] = (
     "blmove", "lmove", "lrem", "lpush", "llen", "lrange", "ltrim",
     "get", "set", "del", "exists", "sadd", "srem", "smembers",
     "hincrby", "hdel", "hget", "hlen", "hgetall", "lindex",
-    "zadd", "zrem", "zrangebyscore", "zcard",
+    "zadd", "zrem", "zrangebyscore", "zrange", "zcard",
     "multi", "exec", "discard",
     # the API's rate limiter (orders/ratelimit.py)
     "time", "hmget", "hset", "pexpire",
