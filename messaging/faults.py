@@ -27,6 +27,10 @@ The points: where each sits (what the process has just done) -> the recovery tha
   reaper; the redelivery re-emits the same event id, which the recorder drops.
 - ``worker.before_ack``: the whole batch handled and emitted, its one ack call not sent
   -> the reaper returns the batch; each message as for ``worker.after_emit``.
+- ``email.after_send``: the SMTP server took an email, its "sent" row not yet
+  committed (the one window SMTP leaves open) -> the claim's lease runs out and the
+  redelivery sends that email again, with the same Message-ID; a batch's other emails,
+  claimed but not sent, go out once.
 - ``api.after_commit``: POST /orders committed the order and its outbox row (born
   claimed), before the fast-path publish -> a relay publishes the row once its claim
   has expired; the client's retry with its Idempotency-Key finds the order.
@@ -59,6 +63,7 @@ POINTS = frozenset(
         "worker.after_commit",
         "worker.after_emit",
         "worker.before_ack",
+        "email.after_send",
         "api.after_commit",
         "api.before_publish",
         "relay.after_publish",

@@ -139,11 +139,13 @@ def ledger(url: str) -> dict[int, int]:
 
 
 # The messages of the armed worker's batch that it had emitted an outcome for before
-# dying; the clean worker emits the stored outcome of every message again.
+# dying; the clean worker emits the stored outcome of every message again. The payment
+# service handles a taken batch at once (one record transaction, one emit pipeline), so
+# after_commit and after_emit are the batch's.
 EMITTED_BEFORE_DEATH = {
     "worker.after_take": 0,
     "worker.after_commit": 0,
-    "worker.after_emit": 1,
+    "worker.after_emit": BATCH,
     "worker.before_ack": BATCH,
 }
 
