@@ -197,3 +197,12 @@ def test_cluster_override_points_every_client_at_the_cluster() -> None:
         }
     for name in ("payment", "invoice", "shipping", "email", "orders-updates"):
         assert clients[name]["deploy"]["replicas"] >= 2, name
+
+
+def test_every_service_built_here_can_export_traces() -> None:
+    """`OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4318 docker compose up` reaches the
+    Python services and the Go subscriber alike (empty, the default: nothing exported)."""
+    built = {n for n, s in _services().items() if "build" in s}
+    for name in built:
+        env = _services()[name]["environment"]
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "${OTEL_EXPORTER_OTLP_ENDPOINT:-}", name
