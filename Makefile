@@ -9,7 +9,7 @@ export REDIS_PORT ?= 6379
 # mail, the logs (var/log/NAME.log) and supervisord's own socket. Default: this checkout.
 export LAB_HOME ?= $(CURDIR)
 # The programs of supervisord.conf, in start order (`make stop|start|kill|logs s=NAME`).
-PROGRAMS := redis mail updates subscriber publisher payment invoice shipping email api
+PROGRAMS := redis mail updates subscriber publisher payment invoice shipping email stream api
 SUPERVISORCTL = $(BIN)/supervisorctl -c $(CURDIR)/supervisord.conf
 need_s = $(if $(filter $(s),$(PROGRAMS)),,$(error give one process: make $@ s=NAME, NAME one of: $(PROGRAMS)))
 

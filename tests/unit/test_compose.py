@@ -206,3 +206,13 @@ def test_every_service_built_here_can_export_traces() -> None:
     for name in built:
         env = _services()[name]["environment"]
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "${OTEL_EXPORTER_OTLP_ENDPOINT:-}", name
+
+
+def test_every_program_make_up_runs_can_be_named_to_make_stop_start_kill_logs() -> None:
+    """`make stop s=NAME` (and start, kill, logs) accepts exactly supervisord's programs."""
+    conf = (ROOT / "supervisord.conf").read_text()
+    programs = set(re.findall(r"^\[program:([\w-]+)\]", conf, re.M))
+    makefile = (ROOT / "Makefile").read_text()
+    listed = re.search(r"^PROGRAMS := (.+)$", makefile, re.M)
+    assert listed is not None
+    assert set(listed.group(1).split()) == programs
