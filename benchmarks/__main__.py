@@ -19,7 +19,17 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import drain, e2e, hello_start, intake, priority, publish, streams, subscriber
+from benchmarks import (
+    drain,
+    e2e,
+    hello_start,
+    intake,
+    priority,
+    publish,
+    streams,
+    subscriber,
+    tracing,
+)
 from benchmarks.harness import MODES, Context, Row, environment, markdown, write_results
 from devtools.redis_server import RedisServer
 
@@ -32,6 +42,7 @@ SECTIONS: dict[str, Callable[[Context], list[Row]]] = {
     "subscriber": subscriber.run,
     "hello": hello_start.run,
     "streams": streams.run,
+    "tracing": tracing.run,
 }
 
 

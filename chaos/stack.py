@@ -54,6 +54,12 @@ QUEUE_OF = {name: name for name in keys.CONSUMER_QUEUES}
 QUEUE_OF["updates"] = keys.ORDER_UPDATES_QUEUE
 CHAOS_API_ENV = {
     "RELAY_CLAIM_SECONDS": "2",
+    # Automatic reconciliation (orders.reconcile): a pass every second, re-publishing
+    # orders idle for 10 s (an order here takes well under a second; the production
+    # default is 300 s). The scenarios that lose Redis writes rely on it.
+    "RECONCILE_INTERVAL_SECONDS": "1",
+    "RECONCILE_AFTER_SECONDS": "10",
+    "ORDER_STUCK_SECONDS": "5",
     # One client (this process) places every order: do not throttle it.
     "RATE_LIMIT_PER_MINUTE": "0",
 }
@@ -352,6 +358,19 @@ class Stack:
 
     def healthy(self) -> bool:
         return http_ok(self.base + "/healthz")
+
+    def metric(self, name: str) -> float:
+        """The sum of one metric's samples on orders-api's ``/metrics`` (all workers)."""
+        request = urllib.request.Request(
+            self.base + "/metrics", headers={"Authorization": f"Bearer {self.admin_token}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            text = response.read().decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.split(" ", 1)[0].split("{", 1)[0] == name
+        )
 
     def consumer_environment(self, slot: Slot) -> dict[str, str]:
         return {

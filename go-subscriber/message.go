@@ -56,10 +56,12 @@ type Message struct {
 	Data json.RawMessage `json:"data,omitempty"`
 	// Traceparent is the W3C trace context of the event ("00-<trace id>-<span id>-<flags>").
 	Traceparent string `json:"traceparent,omitempty"`
+	// Tracestate is the W3C vendor trace state that travels with Traceparent.
+	Tracestate string `json:"tracestate,omitempty"`
 }
 
-// traceparentCarrier hands one traceparent value to OpenTelemetry's W3C propagator
-// without building a map per message.
+// traceparentCarrier hands an envelope's traceparent alone to OpenTelemetry's W3C
+// propagator (the common case: one small allocation, no map per message).
 type traceparentCarrier string
 
 func (c traceparentCarrier) Get(key string) string {
@@ -73,14 +75,36 @@ func (traceparentCarrier) Set(string, string) {}
 
 func (traceparentCarrier) Keys() []string { return []string{"traceparent"} }
 
+// traceCarrier hands an envelope's traceparent and tracestate to the propagator.
+type traceCarrier struct{ traceparent, tracestate string }
+
+func (c traceCarrier) Get(key string) string {
+	switch key {
+	case "traceparent":
+		return c.traceparent
+	case "tracestate":
+		return c.tracestate
+	}
+	return ""
+}
+
+func (traceCarrier) Set(string, string) {}
+
+func (traceCarrier) Keys() []string { return []string{"traceparent", "tracestate"} }
+
 // RemoteSpanContext is the span context of msg's traceparent, parsed by
 // OpenTelemetry's W3C propagator (exact lengths, lower-case hex, no trailing bytes,
-// all-zero ids refused); it is invalid when msg has no usable traceparent.
+// all-zero ids refused), with its tracestate when that is valid too; it is invalid
+// when msg has no usable traceparent.
 func (msg Message) RemoteSpanContext() trace.SpanContext {
 	if msg.Traceparent == "" {
 		return trace.SpanContext{}
 	}
-	ctx := propagation.TraceContext{}.Extract(context.Background(), traceparentCarrier(msg.Traceparent))
+	var carrier propagation.TextMapCarrier = traceparentCarrier(msg.Traceparent)
+	if msg.Tracestate != "" {
+		carrier = traceCarrier{msg.Traceparent, msg.Tracestate}
+	}
+	ctx := propagation.TraceContext{}.Extract(context.Background(), carrier)
 	return trace.SpanContextFromContext(ctx)
 }
 

@@ -41,7 +41,7 @@ from typing import Any
 
 import redis
 
-from messaging import envelope, keys, metrics
+from messaging import envelope, keys, metrics, tracing
 from messaging.queue import MalformedMessage, parse
 from messaging.worker import TAKE_TIMEOUT, Worker
 
@@ -154,8 +154,10 @@ class ChannelWorker(Worker):
             return False
         order_id = event["data"].get("order_id", "-")
         try:
-            outcomes = self.handler.handle(event)
-            self._emit(outcomes)
+            # As on the queue: a consumer span, child of the event's trace context.
+            with tracing.consumer_span(event, name):
+                outcomes = self.handler.handle(event)
+                self._emit(outcomes)
         except Exception as exc:  # a retry, a dead letter or Redis away: the queue decides
             metrics.observe_failed(name)
             log.warning(

@@ -110,6 +110,23 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("LOG_FORMAT", "text", "text (the original '[timestamp] line') or json."),
     EnvVar("LOG_LEVEL", "INFO", "Python logging level."),
     EnvVar(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "",
+        "OTLP/HTTP base URL (e.g. http://localhost:4318): export OpenTelemetry spans to "
+        "<URL>/v1/traces; empty: trace context still travels in envelopes, nothing exported.",
+    ),
+    EnvVar(
+        "OTEL_SERVICE_NAME",
+        "",
+        "The spans' service.name; empty: the process's name (orders-api, payment-service, ...).",
+    ),
+    EnvVar(
+        "OTEL_SDK_DISABLED",
+        "false",
+        "true: no OpenTelemetry SDK at all: no spans, no new trace context (a caller's passes "
+        "through); false: as OTEL_EXPORTER_OTLP_ENDPOINT says.",
+    ),
+    EnvVar(
         "FAULT_POINT",
         "",
         "Tests only: name:exit or name:raise fails at a named crash window "
@@ -192,6 +209,27 @@ def _log_level(env: Mapping[str, str]) -> str:
     return raw.upper()
 
 
+def _otel_endpoint(env: Mapping[str, str]) -> str:
+    raw = env_str(env, "OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not raw:
+        return ""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(raw)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        valid = False
+    if not valid:  # only the scheme: the rest may hold a token
+        scheme = raw.split("://", 1)[0] if "://" in raw else "(none)"
+        raise ConfigError(
+            f"invalid OTEL_EXPORTER_OTLP_ENDPOINT (scheme {scheme!r}): must be an http:// or "
+            "https:// URL with a host, e.g. http://localhost:4318"
+        )
+    return raw
+
+
 def parse_pattern(raw: str) -> Pattern:
     """Validate a PATTERN value (exact, lower case, as the original accepted)."""
     value = raw.strip()
@@ -229,6 +267,12 @@ class Settings:
     redis_tls_ca_file: str = ""
     """REDIS_TLS_CA_FILE: CA certificates (PEM) that verify a rediss:// server; empty:
     the system's. Verification (certificate and host name) is always on."""
+    otel_endpoint: str = ""
+    """OTEL_EXPORTER_OTLP_ENDPOINT: where spans are exported (empty: nowhere)."""
+    otel_service_name: str = ""
+    """OTEL_SERVICE_NAME: the spans' service.name (empty: the process's own name)."""
+    otel_sdk_disabled: bool = False
+    """OTEL_SDK_DISABLED=true: OpenTelemetry's no-op tracer, no SDK (messaging.tracing)."""
 
     @property
     def publishes(self) -> bool:
@@ -285,6 +329,9 @@ class Settings:
             redis_cluster=env_choice(env, "REDIS_CLUSTER", ("0", "1")) == "1",
             redis_wait_replicas=env_int(env, "REDIS_WAIT_REPLICAS", 0, 16),
             redis_tls_ca_file=redis_tls_ca_file,
+            otel_endpoint=_otel_endpoint(env),
+            otel_service_name=env_str(env, "OTEL_SERVICE_NAME"),
+            otel_sdk_disabled=env_choice(env, "OTEL_SDK_DISABLED", ("false", "true")) == "true",
         )
 
 

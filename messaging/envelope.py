@@ -3,7 +3,8 @@
 The contract lives in ``contracts/envelope.schema.json`` with golden examples beside it;
 the Python and Go tests both read them. An envelope is a superset of the original Hello
 message (``id``, ``timestamp``, ``message``, ``sender``, ``count``); domain events add
-``type``, ``version`` and ``data``.
+``type``, ``version`` and ``data``, and carry the W3C trace context (``traceparent``,
+``tracestate``) of the span that built them (:mod:`messaging.tracing`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import uuid
 from typing import Any
 
-from messaging import keys
+from messaging import keys, tracing
 from messaging.logs import utc_now_iso
 
 ORDER_PLACED = "OrderPlaced"
@@ -107,12 +108,14 @@ def envelope(
     """Build a domain event envelope (a new UUID and the current UTC time by default).
 
     ``priority`` express adds the envelope's ``priority`` field (standard leaves it out).
+    Built inside a span (a request's, a consumer's), it carries that span's trace
+    context (``traceparent``, ``tracestate``); outside any span it has none.
     """
     if event_type not in EVENT_TYPES:
         raise ValueError(f"unknown event type {event_type!r}")
     if priority not in PRIORITIES:
         raise ValueError(f"unknown priority {priority!r}")
-    event = {
+    event: dict[str, Any] = {
         "id": event_id or str(uuid.uuid4()),
         "timestamp": timestamp or utc_now_iso(),
         "message": message,
@@ -120,10 +123,11 @@ def envelope(
         "count": count,
         "type": event_type,
         "version": VERSION,
-        "data": data,
     }
     if priority == EXPRESS:
         event["priority"] = EXPRESS
+    event.update(tracing.envelope_fields(data.get("order_id")))
+    event["data"] = data
     return event
 
 

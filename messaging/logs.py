@@ -34,7 +34,7 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key in ("event_id", "order_id", "event_type", "queue", "worker"):
+        for key in ("event_id", "order_id", "event_type", "queue", "worker", "trace_id"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
         if record.exc_info:

@@ -141,6 +141,7 @@ def letter_to_dict(letter: DeadLetter, index: int) -> dict[str, Any]:
         "queue": letter.queue,
         "error": letter.error,
         "attempts": letter.attempts,
+        "cause": letter.cause,
         "failed_at": letter.failed_at,
         "message": letter.message,
     }

@@ -343,6 +343,16 @@ if suspects and ARGV[2] ~= '' then
   if d then out[1] = tonumber(d) return out end
 end
 local express = redis.call('LLEN', KEYS[4])
+if express == 0 and not suspects then
+  -- Only standard work, nobody's suspect: one range, one trim, one push.
+  local ms = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+  if #ms > 0 then
+    redis.call('LTRIM', KEYS[1], #ms, -1)
+    redis.call('RPUSH', KEYS[2], unpack(ms))
+  end
+  for _, m in ipairs(ms) do out[#out + 1] = m end
+  return out
+end
 local had_express = express > 0
 local ratio = tonumber(ARGV[3])
 local streak = 0

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from messaging import logs, metrics
+from messaging import logs, metrics, tracing
 from messaging.channel import ChannelWorker
 from messaging.config import EXIT_BAD_CONFIG, EXIT_NO_REDIS, EXIT_OK, WorkerSettings
 from messaging.connection import connect_with_retries, redis_client
@@ -56,6 +56,25 @@ def run(
 ) -> int:
     """Run one worker until SIGTERM/SIGINT; return the process's exit code."""
     logs.configure(settings.base.log_format, settings.base.log_level)
+    tracing.configure_process(settings.base, service_name(name))
+    try:
+        return _run(prog, name, settings, open_handler, concurrency)
+    finally:
+        tracing.shutdown()  # exports the spans still queued
+
+
+def service_name(name: str) -> str:
+    """The default ``service.name`` of a worker: its events' sender (payment-service)."""
+    return "orders-updates" if name == "updates" else f"{name}-service"
+
+
+def _run(
+    prog: str,
+    name: str,
+    settings: WorkerSettings,
+    open_handler: HandlerFactory,
+    concurrency: int | None,
+) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -46,7 +46,7 @@ from typing import Any, Protocol
 
 import redis
 
-from messaging import envelope, faults, metrics
+from messaging import envelope, faults, metrics, tracing
 from messaging.config import EXIT_OK
 from messaging.handler import Handler
 from messaging.queue import MalformedMessage, RedisQueue, classify, parse
@@ -243,36 +243,39 @@ class Worker:
             log.warning("%s: dead-lettered a malformed message: %s", name, exc)
             return False
         order_id = event["data"].get("order_id", "-")
-        try:
-            outcomes = self.handler.handle(event)
-        except redis.RedisError:  # our Redis, not the message: keep it, settle later
-            raise
-        except Exception as exc:
-            verdict = classify(exc)
-            error = f"{type(exc).__name__}: {exc}"
-            result = self.queue.fail(
-                self.id,
-                raw,
-                error,
-                permanent=verdict == "dead",
-                transient=verdict == "transient",
-            )
-            metrics.observe_failed(name)
-            log.warning(
-                "%s: event %s order #%s failed (%s), %s",
-                name, event["id"], order_id, error, result,
-                extra=self._extra(event, order_id),
+        # The outcome events built inside carry this span's context (messaging.tracing).
+        with tracing.consumer_span(event, name) as span:
+            try:
+                outcomes = self.handler.handle(event)
+            except redis.RedisError:  # our Redis, not the message: keep it, settle later
+                raise
+            except Exception as exc:
+                verdict = classify(exc)
+                error = f"{type(exc).__name__}: {exc}"
+                tracing.set_error(span, error)
+                result = self.queue.fail(
+                    self.id,
+                    raw,
+                    error,
+                    permanent=verdict == "dead",
+                    transient=verdict == "transient",
+                )
+                metrics.observe_failed(name)
+                log.warning(
+                    "%s: event %s order #%s failed (%s), %s",
+                    name, event["id"], order_id, error, result,
+                    extra=self._extra(event, order_id, span),
+                )  # fmt: skip
+                return False
+            envelope.inherit_priority(outcomes, event)
+            self._emit(outcomes)
+            metrics.observe_handled(name, event)
+            log.info(
+                "%s: handled event %s order #%s%s",
+                name, event["id"], order_id,
+                "".join(f" -> {o['type']}" for o in outcomes),
+                extra=self._extra(event, order_id, span),
             )  # fmt: skip
-            return False
-        envelope.inherit_priority(outcomes, event)
-        self._emit(outcomes)
-        metrics.observe_handled(name, event)
-        log.info(
-            "%s: handled event %s order #%s%s",
-            name, event["id"], order_id,
-            "".join(f" -> {o['type']}" for o in outcomes),
-            extra=self._extra(event, order_id),
-        )  # fmt: skip
         return True
 
     def _emit(self, outcomes: list[dict[str, Any]]) -> None:
@@ -307,14 +310,19 @@ class Worker:
             except MalformedMessage:
                 alone.append(raw)  # handle_one dead-letters it with the reason
         results: list[list[dict[str, Any]] | None] = []
+        spans: list[Any] = []
         if parsed:
-            try:
-                results = batch_handler.handle_batch([event for _, event in parsed])
-            except redis.RedisError:  # our Redis, not the messages: keep them, settle later
-                raise
-            except Exception as exc:  # nothing committed: one at a time settles each
-                log.info("%s: batch of %d failed (%s); one at a time", name, len(parsed), exc)
-                results = [None] * len(parsed)
+            events = [event for _, event in parsed]
+            # One span per message; each order's outcomes carry its message's span.
+            with tracing.batch_spans(events, name) as spans:
+                try:
+                    results = batch_handler.handle_batch(events)
+                except redis.RedisError:  # our Redis, not the messages: keep them, settle later
+                    raise
+                except Exception as exc:  # nothing committed: one at a time settles each
+                    log.info("%s: batch of %d failed (%s); one at a time", name, len(parsed), exc)
+                    results = [None] * len(parsed)
+        span_of = {id(event): span for (_, event), span in zip(parsed, spans, strict=False)}
         done_events = [
             (raw, event, outs)
             for (raw, event), outs in zip(parsed, results, strict=True)
@@ -332,7 +340,7 @@ class Worker:
                 log.info(
                     "%s: handled event %s order #%s%s",
                     name, event["id"], order_id, "".join(f" -> {o['type']}" for o in outs),
-                    extra=self._extra(event, order_id),
+                    extra=self._extra(event, order_id, span_of.get(id(event))),
                 )  # fmt: skip
                 done.append(raw)
         for raw in alone:
@@ -340,15 +348,19 @@ class Worker:
                 done.append(raw)
         return done
 
-    def _extra(self, event: dict[str, Any], order_id: Any) -> dict[str, Any]:
+    def _extra(self, event: dict[str, Any], order_id: Any, span: Any = None) -> dict[str, Any]:
         """Fields of the JSON log line (LOG_FORMAT=json) for one event."""
-        return {
+        extra = {
             "event_id": event["id"],
             "order_id": order_id,
             "event_type": event["type"],
             "queue": self.queue.name,
             "worker": self.id,
         }
+        trace_id = tracing.trace_id_of(span) if span is not None else ""
+        if trace_id:
+            extra["trace_id"] = trace_id
+        return extra
 
     # --- threads -------------------------------------------------------------------
 

@@ -41,10 +41,10 @@ COMMANDS: tuple[str, ...] = (
     "publish", "subscribe", "unsubscribe", "rpush", "blpop",
     # the reliable queue (consumers/queue.py) and the publisher's Lua scripts
     "evalsha", "eval", "script|load", "script|exists",
-    "blmove", "lmove", "lrem", "lpush", "llen", "lrange",
+    "blmove", "lmove", "lrem", "lpush", "llen", "lrange", "ltrim",
     "get", "set", "del", "exists", "sadd", "srem", "smembers",
     "hincrby", "hdel", "hget", "hlen", "hgetall", "lindex",
-    "zadd", "zrem", "zrangebyscore", "zcard",
+    "zadd", "zrem", "zrangebyscore", "zrange", "zcard",
     "multi", "exec", "discard",
     # the API's rate limiter (orders/ratelimit.py)
     "time", "hmget", "hset", "pexpire",

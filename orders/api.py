@@ -13,7 +13,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from messaging import faults
+from messaging import faults, tracing
 from orders import validation
 from orders.auth import is_operator, mask_email
 from orders.extensions import problem_response, services
@@ -91,8 +91,27 @@ def _is_json(mimetype: str) -> bool:
     )
 
 
+_POST_ORDERS_SPAN = {"http.request.method": "POST", "http.route": "/orders"}
+
+
 @api.post("/orders")
 def create_order() -> Response:
+    """POST /orders in a server span: the OrderPlaced event carries its trace context."""
+    with tracing.server_span("POST /orders", request.headers, _POST_ORDERS_SPAN) as span:
+        try:
+            response = _create_order()
+        except Problem as problem:  # a client's error: not the span's (OpenTelemetry HTTP)
+            span.set_attribute("http.response.status_code", problem.status)
+            raise
+        except Exception as exc:  # the app's error handlers answer it (a 5xx problem)
+            span.set_attribute("error.type", type(exc).__name__)
+            tracing.set_error(span, type(exc).__name__)
+            raise
+        span.set_attribute("http.response.status_code", response.status_code)
+        return response
+
+
+def _create_order() -> Response:
     """Validate, store order + lines + OrderPlaced outbox row, publish, answer 201/200."""
     if not _is_json(request.mimetype):
         raise Problem(

@@ -10,8 +10,12 @@ Two kinds of figures, gathered differently on purpose:
 - **Read at scrape time** from where they live, so every worker answers the same and
   nothing is double counted: the queues (pending, in flight, delayed, dead letters,
   workers alive, processed/failed/retried totals from each queue's stats hash) from
-  Redis, and the outbox (backlog, events published) from the database. Custom
-  collectors (:class:`QueueCollector`, :class:`OutboxCollector`) do the reading.
+  Redis, and the outbox (backlog, events published) and the stuck orders (not settled,
+  no step for ORDER_STUCK_SECONDS: :mod:`orders.stuck`) from the database. Custom
+  collectors (:class:`QueueCollector`, :class:`OutboxCollector`,
+  :class:`StuckCollector`) do the reading. Automatic reconciliation
+  (:mod:`orders.reconcile`) counts its passes and re-publishes in the process that ran
+  them (``orders_reconcile_*``).
 
 If Redis or the database is down the scrape still answers: ``orders_redis_up`` or
 ``orders_database_up`` is 0 and that source's figures are left out.
@@ -39,8 +43,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, case, func, select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from messaging import monitor
+from orders import stuck
 from orders.extensions import services
 from orders.models import Outbox
 
@@ -143,11 +149,36 @@ class OutboxCollector(Collector):
         yield sent
 
 
-def exposition(client: redis.Redis, engine: Engine) -> bytes:
+class StuckCollector(Collector):
+    """Counts the stuck orders (:func:`orders.stuck.stuck_orders`) at each scrape."""
+
+    def __init__(self, engine: Engine, older_than: float) -> None:
+        self.engine = engine
+        self.older_than = older_than
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield ``orders_stuck`` (nothing when the database does not answer)."""
+        try:
+            with Session(self.engine) as session:
+                report = stuck.stuck_orders(session, self.older_than)
+        except SQLAlchemyError as exc:  # orders_database_up already says 0
+            log.warning("metrics: cannot count stuck orders: %s", exc)
+            return
+        gauge = GaugeMetricFamily(
+            "orders_stuck",
+            "Orders placed in the last day, not settled, with no step recorded for "
+            "ORDER_STUCK_SECONDS (what a pub/sub consumer missed, or Redis lost).",
+        )
+        gauge.add_metric([], report.total)
+        yield gauge
+
+
+def exposition(client: redis.Redis, engine: Engine, stuck_seconds: float = 30.0) -> bytes:
     """The whole text exposition: this process (or all workers) plus Redis and DB reads."""
     scraped = CollectorRegistry()
     scraped.register(QueueCollector(client))
     scraped.register(OutboxCollector(engine))
+    scraped.register(StuckCollector(engine, stuck_seconds))
     if os.environ.get(MULTIPROC_ENV):
         counted = CollectorRegistry()
         multiprocess.MultiProcessCollector(counted)
@@ -161,7 +192,7 @@ def scrape() -> Response:
     """Prometheus text format."""
     svc = services()
     return Response(
-        exposition(svc.monitor, svc.engine),
+        exposition(svc.monitor, svc.engine, svc.settings.stuck_seconds),
         headers={"Content-Type": CONTENT_TYPE_LATEST, "Cache-Control": "no-store"},
     )
 

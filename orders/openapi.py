@@ -557,7 +557,7 @@ def _monitoring_paths() -> dict[str, Any]:
     }
 
 
-LETTER_FIELDS = ["id", "index", "queue", "error", "attempts", "failed_at", "message"]
+LETTER_FIELDS = ["id", "index", "queue", "error", "attempts", "cause", "failed_at", "message"]
 
 
 def _monitoring_schemas() -> dict[str, Any]:
@@ -641,6 +641,11 @@ def _monitoring_schemas() -> dict[str, Any]:
                             "queue": {"type": "string"},
                             "error": {"type": "string"},
                             "attempts": count,
+                            "cause": {
+                                "enum": ["permanent", "attempts", "transient", ""],
+                                "description": "transient: the workers revive it by themselves"
+                                " (the dependency was away); empty in older letters",
+                            },
                             "failed_at": {"type": "string"},
                             "message": {"type": "string"},
                         },

@@ -27,6 +27,7 @@ Console script: ``orders-relay``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -41,7 +42,7 @@ import redis
 from sqlalchemy import Engine, bindparam, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from messaging import database, faults, logs
+from messaging import database, faults, logs, tracing
 from messaging.config import EXIT_NO_REDIS, EXIT_OK, command_line, load_settings
 from messaging.publisher import EventPublisher
 from orders.bootstrap import OrderServices, create_schema, order_services
@@ -228,6 +229,17 @@ def _release_event(engine: Engine, event_id: str) -> None:
         )
 
 
+def _publish_span(payload: str, event_type: str) -> Any:
+    """The relay's span for one stored event (its payload is the envelope)."""
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        event = {}
+    return tracing.start_message_span(
+        event if isinstance(event, dict) else {}, event_type, "publish"
+    )
+
+
 @dataclass
 class Relay:
     """Polls the outbox and publishes unpublished events in batches."""
@@ -294,11 +306,17 @@ class Relay:
         if not rows:
             return 0
         ids = [row[0] for row in rows]
+        # One producer span per row, child of the context stored in its payload (the
+        # request's): the payload goes out unchanged, so consumers continue that trace.
+        spans = [_publish_span(payload, event_type) for _, event_type, payload in rows]
         try:
             self.publisher.publish_serialized(
                 (event_type, payload) for _, event_type, payload in rows
             )
         except redis.RedisError as exc:
+            for span in spans:
+                tracing.set_error(span, f"not published: {exc}")
+                span.end()
             if not self._redis_down:
                 log.error("Redis is unavailable, outbox relay will keep retrying: %s", exc)
                 self._redis_down = True
@@ -307,6 +325,8 @@ class Relay:
             except SQLAlchemyError:
                 log.exception("Could not release outbox claims (they expire)")
             return 0
+        for span in spans:
+            span.end()
         if self._redis_down:
             log.info("Redis is back; outbox relay resumed")
             self._redis_down = False
@@ -425,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, handle_signal)
     signal.signal(signal.SIGINT, handle_signal)
+    tracing.configure_process(settings.base, "orders-relay")
     log.info(
         "Outbox relay started: pattern %s, every %ss, batches of %d; reconcile every %ss",
         settings.base.pattern, settings.relay_interval, settings.relay_batch,
@@ -432,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     relay_for(services).run(stop)
     services.close()
+    tracing.shutdown()
     log.info("Outbox relay stopped")
     return EXIT_OK
 

@@ -30,12 +30,13 @@ Two ways to run it:
   RECONCILE_AFTER_SECONDS (default 300 s, far longer than an order takes), at most
   RECONCILE_BATCH per pass, each order at most once per RECONCILE_AFTER_SECONDS (a
   mark with that TTL in Redis; a data loss takes the marks with it, so the orders it
-  left stuck are re-published again), and no pass re-publishes while the OrderPlaced
-  queues hold RECONCILE_BATCH or more messages (orders waiting behind a backlog are
-  slow, not lost). With ``PATTERN=pubsub`` the pass only counts: pub/sub is
-  at-most-once by design, a consumer that was away missed its orders and they stay
-  stuck (shown by ``orders_stuck``, ``orders-admin stuck`` and the dashboard) until an
-  operator re-publishes them by hand.
+  left stuck are re-published again), never an order that still has a message in a
+  consumer queue (pending, retrying, held by a worker, or dead-lettered and waiting
+  for an operator: it is slow, not lost), and no pass at all while the queues hold a
+  backlog of more than 10 x RECONCILE_BATCH messages. With ``PATTERN=pubsub`` the
+  pass only counts: pub/sub is at-most-once by design, a consumer that was away
+  missed its orders and they stay stuck (shown by ``orders_stuck``, ``orders-admin
+  stuck`` and the dashboard) until an operator re-publishes them by hand.
 - **By hand**: ``orders-relay --reconcile --older-than 60`` (every stuck order of the
   window at once, in any PATTERN).
 """
@@ -47,6 +48,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from prometheus_client import Counter
@@ -54,8 +56,9 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from messaging import envelope, keys
+from messaging import envelope, keys, monitor
 from messaging.publisher import EventPublisher
+from messaging.queue import DeadLetter
 from orders import stuck as stuck_view
 from orders.models import Order, Outbox
 from orders.stuck import StuckOrder
@@ -157,6 +160,22 @@ def reconcile(
     return ReconcileResult(len(stuck), [o.order_id for o in stuck], len(done))
 
 
+DEAD_LETTERS_READ = 10_000
+"""Most dead letters per queue read to find the orders that wait for an operator."""
+
+
+def _order_id(raw: bytes | str) -> int | None:
+    """The order id of a queue message or dead-letter entry (None: not an order's)."""
+    try:
+        data = json.loads(raw)
+        if isinstance(data, dict) and "failed_at" in data and "message" in data:
+            data = json.loads(DeadLetter.load(raw if isinstance(raw, bytes) else raw.encode()).raw)
+        order_id = data.get("data", {}).get("order_id") if isinstance(data, dict) else None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return order_id if isinstance(order_id, int) and not isinstance(order_id, bool) else None
+
+
 class AutoReconciler:
     """The automatic pass of one relay: at most one relay of the fleet per interval.
 
@@ -213,13 +232,45 @@ class AutoReconciler:
         self._failing = False
         return result
 
-    def backlog(self) -> int:
-        """Messages waiting (pending or delayed) on the queues OrderPlaced goes to."""
+    def orders_in_redis(self) -> set[int] | None:
+        """Order ids of every message still in a consumer queue: pending, delayed, held
+        by a worker (processing lists) or dead-lettered; None when the queues hold more
+        than ``10 x batch`` pending or delayed messages (a backlog: do not look now).
+
+        Such an order is not lost: it waits, is being worked on, retries, or waits for an
+        operator (a dead letter re-published would only fail and be dead-lettered again).
+        """
+        bound = self.batch * 10
         pipe = self.client.pipeline(transaction=False)
-        for queue in envelope.queues_for(envelope.ORDER_PLACED):
+        for queue in monitor.QUEUES:
             pipe.llen(keys.pending(queue))
             pipe.zcard(keys.delayed(queue))
-        return sum(int(n) for n in pipe.execute())
+        if sum(int(n) for n in pipe.execute()) > bound:
+            return None
+        pipe = self.client.pipeline(transaction=False)
+        for queue in monitor.QUEUES:
+            pipe.lrange(keys.pending(queue), 0, bound)
+            pipe.zrange(keys.delayed(queue), 0, bound)
+            pipe.smembers(keys.workers(queue))
+        replies = pipe.execute()
+        messages: list[bytes | str] = []
+        pipe = self.client.pipeline(transaction=False)
+        for i, queue in enumerate(monitor.QUEUES):
+            pending, delayed, workers = replies[3 * i : 3 * i + 3]
+            messages += [*pending, *delayed]
+            for worker in workers:
+                name = worker.decode() if isinstance(worker, bytes) else str(worker)
+                pipe.lrange(keys.processing(queue, name), 0, -1)
+            pipe.lrange(keys.dead(queue), 0, DEAD_LETTERS_READ - 1)
+        held: list[Any] = pipe.execute()
+        for reply in held:
+            messages += reply
+        ids: set[int] = set()
+        for raw in messages:
+            order_id = _order_id(raw)
+            if order_id is not None:
+                ids.add(order_id)
+        return ids
 
     def run_pass(self) -> ReconcileResult:
         """One pass, lock already held: find stuck orders, re-publish the due ones."""
@@ -236,18 +287,22 @@ class AutoReconciler:
                 len(stuck), self.after, ids[:10],
             )  # fmt: skip
             return ReconcileResult(len(stuck), ids, 0)
-        backlog = self.backlog()
-        if backlog >= self.batch:
+        in_redis = self.orders_in_redis()
+        if in_redis is None:
             log.info(
-                "%d order(s) stuck, but %d messages still wait for payment: not re-published",
-                len(stuck), backlog,
+                "%d order(s) stuck, but the queues hold a backlog: not re-published now",
+                len(stuck),
             )  # fmt: skip
             return ReconcileResult(len(stuck), ids, 0)
         pipe = self.client.pipeline(transaction=False)
         for order_id in ids:
             pipe.exists(keys.reconciled(order_id))
         marked = pipe.execute()
-        due = [o for o, seen in zip(stuck, marked, strict=True) if not seen][: self.batch]
+        due = [
+            o
+            for o, seen in zip(stuck, marked, strict=True)
+            if not seen and o.order_id not in in_redis
+        ][: self.batch]
         done = _publish(self.engine, self.publisher, due, self.batch)
         if done:
             ttl = max(1, math.ceil(self.after))

@@ -22,7 +22,7 @@ from flask import Flask
 from gunicorn.app.base import BaseApplication
 from sqlalchemy.exc import SQLAlchemyError
 
-from messaging import logs
+from messaging import logs, tracing
 from messaging.config import command_line, load_settings
 from messaging.database import database_engine
 from orders import auth
@@ -48,6 +48,7 @@ def _worker_exit(_server: Any, _worker: Any) -> None:
         marker = _app.extensions.get(MARKER)
         if marker is not None:
             marker.close()  # mark what this worker published (else: the relay resends)
+    tracing.shutdown()  # export the spans still queued
 
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -109,6 +110,8 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
         """Runs in each worker after the fork: build the app (and the relay thread)."""
         global _relay_stop, _app
         logs.configure(self.settings.base.log_format, self.settings.base.log_level)
+        # Per worker, after the fork: the exporter's thread and socket are this process's.
+        tracing.configure_process(self.settings.base, "orders-api")
         # A worker that boots while the master shuts down can find the metrics directory
         # already cleaned; recreate it rather than fail the boot (gunicorn's exit code 3).
         # Before importing the app: importing orders.metrics creates its counter files.

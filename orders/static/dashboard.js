@@ -191,7 +191,8 @@ async function renderDead(queuesWithDead) {
       tr.dataset.letter = letter.id;
       tr.appendChild(el("td", letter.id));
       tr.appendChild(el("td", letter.failed_at));
-      tr.appendChild(el("td", letter.attempts + " attempt(s)"));
+      const revives = letter.cause === "transient" ? ", revived by itself" : "";
+      tr.appendChild(el("td", letter.attempts + " attempt(s)" + revives));
       tr.appendChild(el("td", letter.error, "error"));
       const message = el("td");
       message.appendChild(el("pre", letter.message));

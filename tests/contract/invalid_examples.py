@@ -143,6 +143,7 @@ DECLINED = "payment_declined.json"
 INVOICED = "invoice_issued.json"
 SHIPPED = "shipment_booked.json"
 NOTIFIED = "customer_notified.json"
+EXPRESS = "order_placed_express.json"
 
 
 def _event_cases(definition: str, base: str, fields: dict[str, Any]) -> list[Case]:
@@ -212,6 +213,13 @@ CASES: list[Case] = [
         ("traceparent",),
         "00-4bf92f3577b34da6a3ce929d0e0e4736-1a2b3c4d5e6f7081-01\n",
     ),
+    Case("tracestate.type", EXPRESS, ("tracestate",), ["congo=t61rcWkgMzE"]),
+    Case(
+        "tracestate.pattern", EXPRESS, ("tracestate",), "congo=t61rcWkgMzE, rojo=00f067aa0ba902b7"
+    ),
+    Case("tracestate.pattern--upper_case_key", EXPRESS, ("tracestate",), "Congo=t61rcWkgMzE"),
+    Case("tracestate.pattern--trailing_newline", EXPRESS, ("tracestate",), "congo=t61rcWkgMzE\n"),
+    Case("dependentRequired.tracestate.traceparent", EXPRESS, ("traceparent",), DELETE),
     Case("dependentRequired.type.version", PLACED, ("version",), DELETE),
     Case("dependentRequired.type.data", PLACED, ("data",), DELETE),
     Case("dependentRequired.version.type", HELLO, ("version",), 1),

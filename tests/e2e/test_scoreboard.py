@@ -2,13 +2,14 @@
 
 One real stack (Redis with AOF, orders-api, two workers per queue, smtp-sink, SQLite),
 then each quick scenario in turn: consumers SIGKILLed, Redis SIGKILLed, a power loss
-emulated under ``appendfsync everysec`` (followed by ``orders-relay --reconcile``),
-Redis down during intake, orders-api SIGKILLed mid-request, the database locked, a
+emulated under ``appendfsync everysec`` and a FLUSHALL mid-intake (both completed by
+the relays' automatic reconciliation: nobody runs ``orders-relay --reconcile``), Redis
+down during intake, orders-api SIGKILLed mid-request, the database locked, a
 slow consumer, a consumer partitioned from Redis. Every scenario that promises it must
 end with zero lost orders and zero duplicated effects; none may see a 5xx other than
 503; and every fault must have fired by its own count (SIGKILLs landed, AOF bytes
-dropped, bytes swallowed...), the power loss leaving orders for the reconciliation to
-complete. ``pytest -s`` prints the table.
+dropped, keys flushed, bytes swallowed...), the power loss and the flush leaving orders
+stuck for the automatic reconciliation to complete. ``pytest -s`` prints the table.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def test_quick_scoreboard(tmp_path: Path) -> None:
             assert result.lost == 0, (result.scenario.name, result.notes)
             assert result.duplicated == 0, (result.scenario.name, result.notes)
     names = " ".join(r.scenario.name for r in results)
-    for fault in ("consumers SIGKILLed", "power loss", "Redis down", "orders-api SIGKILLed",
+    for fault in ("consumers SIGKILLed", "power loss", "FLUSHALL", "Redis down",
+                  "orders-api SIGKILLed",
                   "database locked", "slow consumer", "partitioned"):  # fmt: skip
         assert fault in names

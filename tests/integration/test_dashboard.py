@@ -208,6 +208,7 @@ def test_dead_letters_list_requeue_and_discard_over_http(
     ]
     first, second = items
     assert json.loads(first["message"])["id"] == "evt-2"
+    assert first["cause"] == second["cause"] == "permanent"  # not revived by itself
 
     base = "/api/queues/payment/dead-letters"
     # Only JSON: a cross-site form post cannot requeue.

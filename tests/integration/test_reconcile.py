@@ -24,7 +24,7 @@ from orders.history import record_event
 from orders.models import Order, Outbox
 from orders.reconcile import AutoReconciler
 from tests.helpers import BIN, Proc, wait_for
-from tests.orders_app import order, outcome
+from tests.orders_app import ADMIN, order, outcome
 
 FULFILLED = (envelope.PAYMENT_CAPTURED, envelope.INVOICE_ISSUED, envelope.SHIPMENT_BOOKED)
 
@@ -81,7 +81,9 @@ def test_one_relay_per_interval_republishes_each_stuck_order_once_after_a_flusha
     done, lost1, lost2 = _place(app, 3)
     _record(app, done, *FULFILLED, steps=("received", "shipped"))
     redis.flushall()  # Redis lost every job
-    first, second = (_reconciler(app, redis, name, after=0.0) for name in ("relay-a", "relay-b"))
+    first, second = (
+        _reconciler(app, redis, name, after=0.0, interval=60.0) for name in ("relay-a", "relay-b")
+    )
 
     result = _due(first).maybe_run()
     assert result is not None and result.incomplete == [lost1, lost2]
@@ -122,14 +124,43 @@ def test_marks_keep_each_order_to_one_republish_per_threshold(
     assert _pending(redis) == [lost[2]]
 
 
-def test_no_republish_while_the_order_queues_hold_a_backlog(
+def test_no_republish_of_an_order_whose_message_is_still_in_a_queue(
+    make_app: Callable[..., Flask], redis_url: str, redis: redis_lib.Redis
+) -> None:
+    """Pending, retrying, held by a worker, dead-lettered: slow or waiting for an
+    operator, not lost. Only the order whose messages Redis lost is re-published."""
+    from messaging.queue import RedisQueue
+
+    app = make_app(redis_url, RATE_LIMIT_PER_MINUTE="0")
+    pending, retrying, held, dead, lost = _place(app, 5)
+    raw = {o: redis.lindex(keys.pending("payment"), i) for i, o in enumerate(_pending(redis))}
+    redis.flushall()
+    queue = RedisQueue(redis, "payment")
+    queue.push(raw[pending])
+    redis.zadd(keys.delayed("invoice"), {raw[retrying]: 4e9})
+    redis.sadd(keys.workers("shipping"), "w1")
+    redis.rpush(keys.processing("shipping", "w1"), raw[held])
+    updates = RedisQueue(redis, keys.ORDER_UPDATES_QUEUE)
+    updates.push(raw[dead])
+    assert updates.take("w2", 1, 1.0) == [raw[dead]]
+    updates.fail("w2", raw[dead].encode(), "failed for good in the test", permanent=True)
+    assert updates.stats()["dead"] == 1
+    result = _reconciler(app, redis, "relay-a").run_pass()
+    assert result.checked == 5 and result.republished == 1
+    assert redis.lrange(keys.pending("email"), 0, -1) == [raw[lost]]
+
+
+def test_no_pass_while_the_queues_hold_a_backlog(
     make_app: Callable[..., Flask], redis_url: str, redis: redis_lib.Redis
 ) -> None:
     app = make_app(redis_url, RATE_LIMIT_PER_MINUTE="0")
-    _place(app, 2)  # both still pending on the payment queue: slow, not lost
-    result = _reconciler(app, redis, "relay-a", batch=2).run_pass()
-    assert result.checked == 2 and result.republished == 0
-    assert len(_pending(redis)) == 2
+    _place(app, 1)
+    redis.flushall()
+    redis.rpush(keys.pending("invoice"), *(f"job {n}" for n in range(21)))
+    result = _reconciler(app, redis, "relay-a", batch=2).run_pass()  # bound: 10 x 2
+    assert result.checked == 1 and result.republished == 0
+    redis.ltrim(keys.pending("invoice"), 0, 19)
+    assert _reconciler(app, redis, "relay-a", batch=2).run_pass().republished == 1
 
 
 def test_pubsub_counts_stuck_orders_but_does_not_republish(
@@ -173,3 +204,46 @@ def test_the_relay_reconciles_by_itself_after_a_flushall(
         assert "re-published OrderPlaced" in relay.output()
     finally:
         relay.kill()
+
+
+def _sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in the exposition")
+
+
+def test_stuck_orders_and_reconciliation_are_metrics(
+    make_app: Callable[..., Flask], redis_url: str, redis: redis_lib.Redis
+) -> None:
+    app = make_app(redis_url, RATE_LIMIT_PER_MINUTE="0", ORDER_STUCK_SECONDS="60")
+    client = app.test_client()
+    done, *_lost = _place(app, 3)
+
+    def scrape() -> str:
+        response = client.get("/metrics", headers=ADMIN)
+        assert response.status_code == 200
+        return response.get_data(as_text=True)
+
+    assert _sample(scrape(), "orders_stuck") == 0, "just placed: not stuck yet"
+    _age(app, 120)
+    assert _sample(scrape(), "orders_stuck") == 3
+    _record(app, done, *FULFILLED, steps=("received", "shipped"))
+    assert _sample(scrape(), "orders_stuck") == 2
+    before = _sample(scrape(), "orders_reconcile_republished_total")
+    redis.flushall()
+    assert _reconciler(app, redis, "relay-a", after=60.0).run_pass().republished == 2
+    assert _sample(scrape(), "orders_reconcile_republished_total") == before + 2
+
+
+def test_a_pass_that_cannot_reach_redis_is_skipped_not_raised(
+    make_app: Callable[..., Flask], redis_url: str, redis: redis_lib.Redis
+) -> None:
+    """The pass runs inside the relay's loop: a Redis outage must not end the relay."""
+    from devtools.redis_server import free_port
+
+    app = make_app(redis_url, RATE_LIMIT_PER_MINUTE="0")
+    _place(app, 1)
+    down = redis_lib.Redis(port=free_port(), socket_connect_timeout=1)
+    assert _due(_reconciler(app, down, "relay-a")).maybe_run() is None
+    down.close()

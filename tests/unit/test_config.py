@@ -107,6 +107,25 @@ def test_bad_redis_url_does_not_echo_the_password() -> None:
     assert "invalid REDIS_URL scheme 'http'" in str(info.value)
 
 
+def test_reconciliation_settings_have_defaults_and_reject_bad_values() -> None:
+    from orders.config import OrderServiceSettings
+
+    s = OrderServiceSettings.from_env({})
+    assert (s.reconcile_interval, s.reconcile_after, s.reconcile_batch) == (30.0, 300.0, 100)
+    assert (
+        OrderServiceSettings.from_env({"RECONCILE_INTERVAL_SECONDS": "0"}).reconcile_interval == 0
+    )
+    for name, raw in (
+        ("RECONCILE_INTERVAL_SECONDS", "0.01"),
+        ("RECONCILE_INTERVAL_SECONDS", "-1"),
+        ("RECONCILE_AFTER_SECONDS", "0"),
+        ("RECONCILE_BATCH", "0"),
+        ("RECONCILE_BATCH", "lots"),
+    ):
+        with pytest.raises(ConfigError, match=f"invalid {name}"):
+            OrderServiceSettings.from_env({name: raw})
+
+
 def test_retry_budget_settings_default_to_an_hour_and_reject_nonsense() -> None:
     from messaging.config import WorkerSettings
 
