@@ -3,14 +3,15 @@
 ``orders-api`` runs as in production: gunicorn, WEB_CONCURRENCY=2 workers x WEB_THREADS=4
 (gthread), the outbox relay thread in each worker, PATTERN=both; on SQLite in WAL mode
 and, where PostgreSQL binaries exist, on a throwaway PostgreSQL cluster (fsync off).
-Each POST validates, writes order + lines + outbox row in one transaction, publishes
-OrderPlaced (Lua: channel + its 2 queues), marks the outbox row, and answers 201.
+Each POST validates, writes order + lines + outbox row in one transaction and answers
+201; the worker's background publisher sends OrderPlaced (Lua: channel + its queues) in
+pipelined batches and marks the rows.
 
 Limit, same run: :mod:`benchmarks.bare_app`, a bare Flask endpoint under the same
 gunicorn configuration (same workers, threads, worker class), so the ratio is the share
 of the web stack's capacity our order path keeps. vegeta runs on the same 2 cores as the
 servers and takes a share of them; both sides pay it alike. Every request carries a new
-``Idempotency-Key`` (each is a new order, and the key's look-up is part of the cost).
+``Idempotency-Key`` (each is a new order, and the key's unique index is part of the cost).
 
 After the load, every stored order must be in each consumer queue (nothing lost).
 """

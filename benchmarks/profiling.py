@@ -1,9 +1,25 @@
-"""Profile the two hot paths with pyinstrument: a POST /orders and the consumer loop.
+"""Profile the hot paths: a POST /orders, the consumer loop, the whole order pipeline.
+
+``python -m benchmarks.profiling pipeline [--rate 50] [--seconds 5] [--idle]`` runs the
+end-to-end benchmark's pipeline (orders-api, every consumer, orders-updates, smtp-sink;
+benchmarks/e2e.py) with py-spy attached to every process for the whole load and until
+every order has every effect, then prints each process's CPU per order by layer (with
+``--idle`` also the time its threads spent waiting: SMTP round trips, lock waits) and
+the e2e latencies of that run. The collapsed stacks go to
+``bench-results/profile-pipeline-<process>.txt`` (flamegraph input).
 
 ``python -m benchmarks.profiling server [--rate 200] [--seconds 10] [--database ...]``
 samples the real ``orders-api`` (gunicorn workers) with py-spy while vegeta offers
 orders at a fixed rate, and prints the CPU time per order by layer: the figure to
 quote for "where does an order's CPU go".
+
+``python -m benchmarks.profiling cpu [--rate 150] [--seconds 8] [--database ...]``
+offers the same fixed rate to bare Flask and to ``orders-api`` (the bench's server
+settings) and prints the CPU each request cost every process that serves it: the
+server's master and workers, Redis and PostgreSQL. CPU seconds do not move with the
+machine's load the way requests a second do, so this is the figure to compare two
+versions of the order path on a shared machine (their ratio is what the intake row's
+ratio would be on an idle one, less the load tool's share).
 
 ``python -m benchmarks.profiling post [--count 2000] [--database sqlite|postgresql]``
 profiles POST /orders through the real Flask app (test client: no HTTP server, so the
@@ -16,6 +32,7 @@ Redis server; the HTML profiles go to ``bench-results/profile-*.html``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import threading
@@ -48,6 +65,7 @@ LAYERS = (
         ),
     ),
     ("Redis (redis-py, socket)", ("redis/", "hiredis")),
+    ("SMTP and the email package", ("smtplib", "/email/", "aiosmtpd/")),
     ("SQLAlchemy (ORM/Core, Python)", ("sqlalchemy/",)),
     ("Flask/Werkzeug", ("flask/", "werkzeug/")),
     ("our code (orders/, consumers/)", ("/orders/", "/consumers/")),
@@ -115,9 +133,9 @@ def profile_post(redis_url: str, database_url: str, count: int) -> None:
             raise RuntimeError(f"POST /orders answered {response.status_code}")
     profiler.stop()
     elapsed = time.perf_counter() - start
-    marker = app.extensions.get("orders.marker")
-    if marker is not None:
-        marker.close()
+    publisher = app.extensions.get("orders.publisher")  # orders.api.PUBLISHER
+    if publisher is not None:
+        publisher.close()
     app.extensions["orders"].close()
     print(f"{count} POST /orders in {elapsed:.2f}s: {count / elapsed:,.0f}/s in one thread")
     print_split("POST /orders, time by layer", layer_split(profiler), count)
@@ -238,6 +256,135 @@ def profile_server(redis_url: str, database_url: str, seconds: float, rate: floa
     print(f"\n{samples:.0f} samples; collapsed stacks (flamegraph input): {out}")
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes so far (those that exited count 0)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (after pid and comm)
+    return total / tick
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    import subprocess
+
+    found = [pid]
+    for child in subprocess.run(
+        ["pgrep", "-P", str(pid)], capture_output=True, text=True
+    ).stdout.split():
+        found += _tree(int(child))
+    return found
+
+
+def profile_cpu(
+    redis_url: str, database_url: str, postmaster: int | None, seconds: float, rate: float
+) -> None:
+    """CPU per request of bare Flask and of orders-api at one offered rate."""
+    from benchmarks import vegeta
+    from benchmarks.harness import BIN, MODES, Context
+    from benchmarks.intake import body_file, start_api
+
+    work = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
+    ctx = Context(mode=MODES["quick"], work=work, redis_url=redis_url)
+    client = redis.Redis.from_url(redis_url)
+    redis_pid = int(client.info("server")["process_id"])
+    client.close()
+    body = body_file(ctx)
+    print(f"{rate:g} requests/s offered for {seconds:g} s to each server\n")
+    print("| server | answered | CPU µs per request (server, Redis, database) | p50 ms |")
+    print("|---|---:|---:|---:|")
+    for name, argv in (
+        ("bare Flask", [str(BIN / "python"), "-m", "benchmarks.bare_app"]),
+        ("orders-api", None),
+    ):
+        url = database_url if argv is None else f"sqlite:///{work / 'unused.db'}"
+        api, base = start_api(ctx, url, argv)
+        try:
+            vegeta.post(f"{base}/orders", body, requests=200, clients=4)  # warm up
+            pids = _tree(api.popen.pid) + [redis_pid]
+            if postmaster is not None and argv is None:
+                pids += _tree(postmaster)
+            before = _cpu_seconds(pids)
+            load = vegeta.post(f"{base}/orders", body, seconds=seconds, rate=rate)
+            used = _cpu_seconds(pids) - before
+        finally:
+            api.terminate(15.0)
+        print(f"| {name} | {load.ok} | {used / max(load.ok, 1) * 1e6:,.0f} | {load.p(50):.1f} |")
+
+
+def profile_pipeline(redis_url: str, seconds: float, rate: int, idle: bool) -> None:
+    """py-spy on every process of the end-to-end pipeline while it takes ``rate``/s."""
+    import shutil
+    import signal
+    import subprocess
+
+    from benchmarks import e2e
+    from benchmarks.harness import BIN, MODES, Context, percentile
+
+    py_spy = shutil.which("py-spy", path=str(BIN)) or shutil.which("py-spy")
+    if py_spy is None:
+        raise RuntimeError("py-spy is missing: pip install py-spy")
+    work = Path(tempfile.mkdtemp(prefix="bench-spy-"))
+    ctx = Context(mode=MODES["quick"], work=work, redis_url=redis_url)
+    spies: dict[str, subprocess.Popen[bytes]] = {}
+
+    def observe(pids: dict[str, int]) -> Any:
+        for name, pid in pids.items():
+            argv = [py_spy, "record", "--pid", str(pid), "--rate", "200", "--format", "raw"]
+            argv += ["--subprocesses"] if name == "orders-api" else []  # gunicorn workers
+            argv += ["--idle"] if idle else []
+            argv += ["--nonblocking", "--output", str(work / f"spy-{name}.txt")]
+            spies[name] = subprocess.Popen(
+                argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+
+        def finish() -> None:
+            for spy in spies.values():  # py-spy writes its output on SIGINT
+                spy.send_signal(signal.SIGINT)
+            for spy in spies.values():
+                spy.wait(60)
+
+        return finish
+
+    result = e2e.one_run(ctx, rate=rate, seconds=seconds, observe=observe)
+    orders = max(int(result["accepted"]), 1)  # type: ignore[arg-type]
+    print(
+        f"pipeline: {orders} orders at {rate}/s offered for {seconds:g}s"
+        f" ({result['accepted_rate']:.1f}/s accepted), {int(result['lost'])} lost"  # type: ignore[arg-type]
+    )
+    for kind in (*e2e.EFFECTS, "all"):
+        values = result[kind]
+        assert isinstance(values, list)
+        figures = "/".join(f"{percentile(values, q):,.0f}" for q in (50, 95, 99, 100))
+        print(f"  POST to {kind}: p50/p95/p99/max {figures} ms")
+    RESULTS_DIR.mkdir(exist_ok=True)
+    what = "wall time (on CPU and waiting)" if idle else "CPU"
+    for name in spies:
+        path = work / f"spy-{name}.txt"
+        if not path.exists():
+            print(f"\n{name}: no samples")
+            continue
+        totals: dict[str, float] = defaultdict(float)
+        for line in path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if stack:
+                totals[_layer_of_names(stack.split(";"))] += int(count)
+        shutil.copy(path, RESULTS_DIR / f"profile-pipeline-{name}.txt")
+        busy = sum(totals.values()) / 200
+        print_split(
+            f"{name}: {what} by layer, {busy:.1f} s sampled, {busy / orders * 1000:.1f} ms"
+            " per order",
+            {k: v / 200 for k, v in totals.items()},
+            orders,
+        )
+    print(f"\ncollapsed stacks: {RESULTS_DIR}/profile-pipeline-*.txt")
+
+
 def _layer_of_names(frames: list[str]) -> str:
     for frame in reversed(frames):
         for layer, needles in LAYERS:
@@ -257,9 +404,12 @@ def _save(profiler: Profiler, name: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one profile."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profiling")
-    parser.add_argument("target", choices=["post", "drain", "server"])
-    parser.add_argument("--seconds", type=float, default=10.0, help="server: load time")
-    parser.add_argument("--rate", type=float, default=200.0, help="server: orders/s offered")
+    parser.add_argument("target", choices=["post", "drain", "server", "pipeline", "cpu"])
+    parser.add_argument("--seconds", type=float, default=0.0, help="load time (10; pipeline 5)")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="orders/s (200; pipeline 50; cpu 150)"
+    )
+    parser.add_argument("--idle", action="store_true", help="pipeline: sample waiting too")
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
@@ -270,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.target == "drain":
             profile_drain(server.url, args.count or 50_000, args.batch)
+        elif args.target == "pipeline":
+            profile_pipeline(server.url, args.seconds or 5.0, int(args.rate or 50), args.idle)
         else:
             database_url = f"sqlite:///{work / 'orders.db'}"
             if args.database == "postgresql":
@@ -282,7 +434,15 @@ def main(argv: list[str] | None = None) -> int:
                 cluster = PostgresCluster(bin_dir).start()
                 database_url = cluster.create_database()
             if args.target == "server":
-                profile_server(server.url, database_url, args.seconds, args.rate)
+                profile_server(server.url, database_url, args.seconds or 10.0, args.rate or 200.0)
+            elif args.target == "cpu":
+                postmaster = None
+                if cluster is not None:
+                    pid_file = cluster.data / "postmaster.pid"
+                    postmaster = int(pid_file.read_text().split()[0])
+                profile_cpu(
+                    server.url, database_url, postmaster, args.seconds or 8.0, args.rate or 150.0
+                )
             else:
                 profile_post(server.url, database_url, args.count or 2000)
     finally:

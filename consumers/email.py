@@ -50,19 +50,21 @@ import smtplib
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import parseaddr
 from typing import Any
 
 import email_validator
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from consumers import store
 from consumers.config import ConsumerSettings
 from consumers.handler import order_id_of, order_of, stable_event_id, text_field
-from messaging import envelope, keys
+from messaging import envelope, faults, keys
 from messaging.handler import outcome
 from messaging.queue import PermanentError, RetryableError
 
@@ -107,6 +109,10 @@ CLAIM_POLL_SECONDS = 0.2
 
 class RecipientUnknown(RetryableError):
     """A later step arrived before the order's OrderPlaced was handled here."""
+
+
+class SmtpUnavailable(RetryableError):
+    """The SMTP server could not be reached or dropped the connection: nothing sent."""
 
 
 def message_id(order_id: int, step: str, sender: str) -> str:
@@ -196,6 +202,34 @@ def render(event: dict[str, Any], who: store.Recipient, *, step: str, sender: st
     return msg
 
 
+def notified(order_id: int, step: str, mid: str, at: datetime) -> list[dict[str, Any]]:
+    """The CustomerNotified outcome of one sent email (the same event every time)."""
+    return [
+        outcome(
+            envelope.CUSTOMER_NOTIFIED,
+            {"order_id": order_id, "step": step, "message_id": mid},
+            order_id=order_id,
+            sender=SENDER,
+            message=f"Customer notified for order #{order_id}: {step.replace('_', ' ')}",
+            event_id=stable_event_id(envelope.CUSTOMER_NOTIFIED, order_id, step),
+            at=at,
+        )
+    ]
+
+
+@dataclass
+class _Job:
+    """One event of a taken batch on its way through :meth:`EmailHandler.handle_batch`."""
+
+    index: int
+    event: dict[str, Any]
+    order_id: int
+    step: str
+    address: str | None
+    """The checked recipient of an OrderPlaced (later steps look it up)."""
+    who: store.Recipient | None = None
+
+
 class EmailHandler:
     """Sends each order's step emails once each and reports CustomerNotified."""
 
@@ -269,6 +303,7 @@ class EmailHandler:
             try:
                 smtp, reused = self._connection()
                 smtp.send_message(msg, from_addr=parseaddr(self.sender)[1], to_addrs=[to])
+                faults.hit("email.after_send")
                 return
             except smtplib.SMTPServerDisconnected as exc:
                 self._drop()
@@ -277,7 +312,7 @@ class EmailHandler:
                     # Had it already taken the DATA, this resends the same Message-ID:
                     # the one window the module doc names, no new one.
                     continue
-                raise RetryableError(f"SMTP {self.host}:{self.port} unavailable: {exc}") from exc
+                raise SmtpUnavailable(f"SMTP {self.host}:{self.port} unavailable: {exc}") from exc
             except smtplib.SMTPRecipientsRefused as exc:
                 self._drop()
                 codes = [code for code, _ in exc.recipients.values()]
@@ -291,7 +326,7 @@ class EmailHandler:
                 raise RetryableError(f"SMTP error {exc.smtp_code}: {exc.smtp_error!r}") from exc
             except (OSError, smtplib.SMTPException) as exc:
                 self._drop()
-                raise RetryableError(f"SMTP {self.host}:{self.port} unavailable: {exc}") from exc
+                raise SmtpUnavailable(f"SMTP {self.host}:{self.port} unavailable: {exc}") from exc
 
     def _recipient(self, event: dict[str, Any], order_id: int) -> store.Recipient:
         """Who to write to: recorded now from OrderPlaced, looked up for later steps."""
@@ -370,17 +405,7 @@ class EmailHandler:
                 )
                 session.add(sent)
                 session.flush()
-            result = [
-                outcome(
-                    envelope.CUSTOMER_NOTIFIED,
-                    {"order_id": order_id, "step": step, "message_id": mid},
-                    order_id=order_id,
-                    sender=SENDER,
-                    message=f"Customer notified for order #{order_id}: {step.replace('_', ' ')}",
-                    event_id=stable_event_id(envelope.CUSTOMER_NOTIFIED, order_id, step),
-                    at=sent.sent_at,
-                )
-            ]
+            result = notified(order_id, step, mid, sent.sent_at)
             claim = session.get(store.EmailClaim, (order_id, step))
             if claim is not None:
                 claim.state, claim.outcome = "sent", json.dumps(result)
@@ -388,3 +413,167 @@ class EmailHandler:
 
         emitted, _new = store.process_once(self.engine, QUEUE, event, record)
         return emitted
+
+    def handle_batch(
+        self, events: list[dict[str, Any]], stopping: Callable[[], bool] = bool
+    ) -> list[list[dict[str, Any]] | Exception | None]:
+        """A taken batch: one claim transaction, one SMTP session, one record transaction.
+
+        The guarantees of :meth:`handle`, with fewer transactions: the recipients of the
+        batch's OrderPlaced events and the claims of every (order, step) are committed
+        in ONE transaction before the first send; the emails then go out one after the
+        other over this thread's kept connection, and each is marked sent (its
+        ``emails_sent`` row and its claim's outcome) in its own short transaction right
+        after the server took it, so a crash resends at most the one email a crash of
+        :meth:`handle` would. The processed rows of the whole batch commit together at
+        the end: a crash before that redelivers the batch, whose events find their
+        claims done and re-emit the recorded outcome.
+
+        What the batch does not claim (another delivery's claim, a second event of one
+        order and step) is left to :meth:`handle` (None); a send that fails is that
+        event's failure, and once the server is unreachable the rest of the batch fails
+        with it instead of waiting for the same timeout again. Once ``stopping()`` is
+        true no further email is sent: the rest's claims are freed and they go back
+        to the queue un-started.
+        """
+        results: list[list[dict[str, Any]] | Exception | None] = [None] * len(events)
+        stored = store.lookup_many(self.engine, QUEUE, [e["id"] for e in events])
+        jobs: list[_Job] = []
+        seen: set[tuple[int, str]] = set()
+        for index, event in enumerate(events):
+            if event["id"] in stored:
+                results[index] = stored[event["id"]]
+                continue
+            try:
+                step = STEPS[event["type"]]
+                address = None
+                if step == STEP_RECEIVED:
+                    order = order_of(event)
+                    order_id, address = order.order_id, recipient(order.customer_email)
+                else:
+                    order_id = order_id_of(event)
+            except PermanentError as exc:
+                results[index] = exc
+                continue
+            if (order_id, step) in seen:  # a second event of one step: after this one
+                continue
+            seen.add((order_id, step))
+            jobs.append(_Job(index, event, order_id, step, address))
+        if not jobs:
+            return results
+        owner = uuid.uuid4().hex  # this batch's claims
+        with Session(self.engine) as session, session.begin():
+            store.insert_new(
+                session,
+                store.Recipient,
+                [
+                    {
+                        "order_id": job.order_id,
+                        "email": job.address,
+                        "currency": job.event["data"]["currency"],
+                        "total": job.event["data"]["total"],
+                    }
+                    for job in jobs
+                    if job.address is not None
+                ],
+            )
+            known = {
+                who.order_id: who
+                for who in session.scalars(
+                    select(store.Recipient).where(
+                        store.Recipient.order_id.in_({job.order_id for job in jobs})
+                    )
+                )
+            }
+            for job in jobs:
+                job.who = known.get(job.order_id)
+                if job.who is None:
+                    results[job.index] = RecipientUnknown(
+                        f"order #{job.order_id}: OrderPlaced not handled here yet"
+                    )
+            jobs = [job for job in jobs if job.who is not None]
+            claimed = store.claim_many(
+                session,
+                [
+                    {"order_id": job.order_id, "step": job.step, "event_id": job.event["id"]}
+                    for job in jobs
+                ],
+                owner,
+                self.claim_seconds,
+            )
+            session.expunge_all()
+        jobs = [job for job in jobs if (job.order_id, job.step) in claimed]
+        claimed_at = time.monotonic()
+        down: Exception | None = None
+        sent: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+        for n, job in enumerate(jobs):
+            assert job.who is not None
+            if n and stopping():  # shutting down: free the claim, the message goes back
+                store.release_claim(self.engine, job.order_id, job.step, owner)
+                continue
+            if down is None and time.monotonic() - claimed_at > self.claim_seconds / 3:
+                store.extend_claims(self.engine, owner, self.claim_seconds)
+                claimed_at = time.monotonic()
+            try:
+                if down is not None:
+                    raise down
+                mid = message_id(job.order_id, job.step, self.sender)
+                self.send(
+                    render(job.event, job.who, step=job.step, sender=self.sender), job.who.email
+                )
+            except Exception as exc:
+                store.release_claim(self.engine, job.order_id, job.step, owner)
+                results[job.index] = exc
+                if isinstance(exc, SmtpUnavailable):
+                    down = exc
+                continue
+            result = self._mark_sent(job, mid)
+            sent.append((job.event, result))
+            results[job.index] = result
+        if sent:
+            with Session(self.engine) as session, session.begin():
+                store.insert_new(
+                    session,
+                    store.Processed,
+                    [
+                        {
+                            "queue": QUEUE,
+                            "event_id": event["id"],
+                            "order_id": event["data"]["order_id"],
+                            "outcome": json.dumps(result),
+                            "processed_at": datetime.now(UTC),
+                        }
+                        for event, result in sent
+                    ],
+                )
+        return results
+
+    def _mark_sent(self, job: _Job, mid: str) -> list[dict[str, Any]]:
+        """Record one handed-over email and its outcome on its claim, committed now."""
+        assert job.who is not None
+        with Session(self.engine) as session, session.begin():
+            row = {
+                "message_id": mid,
+                "order_id": job.order_id,
+                "step": job.step,
+                "event_id": job.event["id"],
+                "recipient": job.who.email,
+                "sent_at": datetime.now(UTC),
+            }
+            at = session.execute(
+                store.insert_for(session)(store.EmailSent)
+                .values(row)
+                .on_conflict_do_nothing()
+                .returning(store.EmailSent.sent_at)
+            ).scalar_one_or_none()
+            if at is None:  # sent before (a crash after the send): its first time
+                at = session.execute(
+                    select(store.EmailSent.sent_at).where(store.EmailSent.message_id == mid)
+                ).scalar_one()
+            result = notified(job.order_id, job.step, mid, at)
+            session.execute(
+                update(store.EmailClaim)
+                .where(store.EmailClaim.order_id == job.order_id, store.EmailClaim.step == job.step)
+                .values(state="sent", outcome=json.dumps(result))
+            )
+        return result

@@ -13,6 +13,7 @@ transaction starts with BEGIN IMMEDIATE (the database's write lock, see
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -83,12 +84,15 @@ class InvoiceHandler:
         )
         return emitted
 
-    def handle_batch(self, events: list[dict[str, Any]]) -> list[list[dict[str, Any]] | None]:
+    def handle_batch(
+        self, events: list[dict[str, Any]], stopping: Callable[[], bool] = bool
+    ) -> list[list[dict[str, Any]] | None]:
         """Issue a taken batch's invoices in ONE transaction (one counter lock, one commit).
 
         Numbers stay gap-free: they are taken from the counter in the same transaction
         that inserts the invoices, all committed or none. An event with bad data is
-        left to :meth:`handle` (which dead-letters it).
+        left to :meth:`handle` (which dead-letters it). One quick transaction: it
+        finishes even when ``stopping`` turns true.
         """
         captures: dict[str, Capture] = {}
         for event in events:

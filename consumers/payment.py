@@ -36,10 +36,12 @@ import random
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -48,7 +50,7 @@ from consumers.config import ConsumerSettings
 from consumers.handler import Order, order_of
 from messaging import envelope, keys
 from messaging.handler import outcome
-from messaging.queue import RetryableError
+from messaging.queue import PermanentError, RetryableError
 
 QUEUE = keys.PAYMENT_QUEUE
 SENDER = "payment-service"
@@ -197,14 +199,120 @@ class PaymentHandler:
         emitted, _new = store.record_outcome(self.engine, QUEUE, event, paid)
         return emitted
 
-    def _charge(self, event: dict[str, Any], order: Order) -> list[dict[str, Any]]:
-        charge = self.gateway.charge(
+    def handle_batch(
+        self, events: list[dict[str, Any]], stopping: Callable[[], bool] = bool
+    ) -> list[list[dict[str, Any]] | Exception | None]:
+        """Charge a taken batch: one gateway call per order, ONE transaction to record them.
+
+        One charge per order holds as in :meth:`handle`: the gateway call is keyed by
+        the order (a crash after it and before the record commits makes the
+        redelivery's call return the first answer, as for one message), and the
+        ``payments`` rows of the batch commit with its processed rows, all or none. A
+        gateway timeout is that event's failure (retried); an order already paid
+        under another event id, or a second event of one order in the batch, is left
+        to :meth:`handle`, which re-emits the stored outcome. Once ``stopping()`` is
+        true no further order is charged: what was charged is recorded, the rest is
+        returned un-started.
+        """
+        results: list[list[dict[str, Any]] | Exception | None] = [None] * len(events)
+        stored = store.lookup_many(self.engine, QUEUE, [e["id"] for e in events])
+        todo: list[tuple[int, dict[str, Any], Order]] = []
+        for index, event in enumerate(events):
+            if event["id"] in stored:
+                results[index] = stored[event["id"]]
+                continue
+            try:
+                todo.append((index, event, order_of(event)))
+            except PermanentError as exc:
+                results[index] = exc
+        paid = store.paid_orders(self.engine, [order.order_id for _, _, order in todo])
+        charged: list[tuple[int, dict[str, Any], list[dict[str, Any]]]] = []
+        for n, (index, event, order) in enumerate(todo):
+            if n and stopping():  # shutting down: the rest goes back to the queue un-started
+                break
+            if order.order_id in paid:  # paid under another id, or earlier in this batch
+                continue
+            paid.add(order.order_id)
+            try:
+                charged.append((index, event, [self._outcome(order, self._call(order))]))
+            except GatewayUnavailable as exc:
+                results[index] = exc
+        if charged:
+            now = datetime.now(UTC)
+            with Session(self.engine) as session, session.begin():
+                session.execute(
+                    insert(store.Payment),
+                    [
+                        {
+                            "order_id": event["data"]["order_id"],
+                            "event_id": event["id"],
+                            "status": "captured"
+                            if result[0]["type"] == envelope.PAYMENT_CAPTURED
+                            else "declined",
+                            "outcome": json.dumps(result),
+                            "paid_at": now,
+                        }
+                        for _, event, result in charged
+                    ],
+                )
+                session.execute(
+                    insert(store.Processed),
+                    [
+                        {
+                            "queue": QUEUE,
+                            "event_id": event["id"],
+                            "order_id": event["data"]["order_id"],
+                            "outcome": json.dumps(result),
+                            "processed_at": now,
+                        }
+                        for _, event, result in charged
+                    ],
+                )
+            for index, _, result in charged:
+                results[index] = result
+        return results
+
+    def _call(self, order: Order) -> Charge:
+        """The gateway call of the order's payment (keyed by the order: once per order)."""
+        return self.gateway.charge(
             payment_key(order.order_id),
             order_id=order.order_id,
             amount=order.total,
             currency=order.currency,
             email=order.customer_email,
         )
+
+    @staticmethod
+    def _outcome(order: Order, charge: Charge) -> dict[str, Any]:
+        """PaymentCaptured or PaymentDeclined for the gateway's answer."""
+        if charge.status == "captured":
+            return outcome(
+                envelope.PAYMENT_CAPTURED,
+                {
+                    "order_id": order.order_id,
+                    "payment_id": charge.payment_id,
+                    "amount": charge.amount,
+                    "currency": charge.currency,
+                },
+                order_id=order.order_id,
+                sender=SENDER,
+                message=f"Payment captured for order #{order.order_id}",
+            )
+        return outcome(
+            envelope.PAYMENT_DECLINED,
+            {
+                "order_id": order.order_id,
+                "reason": charge.reason or "declined",
+                "amount": charge.amount,
+                "currency": charge.currency,
+            },
+            order_id=order.order_id,
+            sender=SENDER,
+            message=f"Payment declined for order #{order.order_id}",
+        )
+
+    def _charge(self, event: dict[str, Any], order: Order) -> list[dict[str, Any]]:
+        charge = self._call(order)
         if charge.status == "captured":
             result = outcome(
                 envelope.PAYMENT_CAPTURED,

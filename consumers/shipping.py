@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -26,6 +27,7 @@ from consumers import store
 from consumers.handler import order_id_of, stable_event_id
 from messaging import envelope, keys
 from messaging.handler import outcome
+from messaging.queue import PermanentError
 
 QUEUE = keys.SHIPPING_QUEUE
 SENDER = "shipping-service"
@@ -77,26 +79,10 @@ class ShippingHandler:
     def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         """Book (idempotently) and return the outcome event."""
         order_id = order_id_of(event)
-
-        def ship(session: Session) -> list[dict[str, Any]]:
-            shipment = session.scalars(
-                select(store.Shipment).where(store.Shipment.order_id == order_id)
-            ).first()
-            if shipment is None:  # else: another capture of the same order; one shipment
-                shipment_id, carrier, tracking = book(order_id)
-                shipment = store.Shipment(
-                    shipment_id=shipment_id,
-                    order_id=order_id,
-                    carrier=carrier,
-                    tracking_number=tracking,
-                    event_id=event["id"],
-                )
-                session.add(shipment)
-                session.flush()
-            return [booked_event(shipment)]
-
         try:
-            emitted, _new = store.process_once(self.engine, QUEUE, event, ship)
+            emitted, _new = store.process_once(
+                self.engine, QUEUE, event, lambda session: _ship(session, event, order_id)
+            )
         except IntegrityError:
             # Another event of the same order booked it concurrently: report that one.
             with Session(self.engine) as session:
@@ -107,3 +93,48 @@ class ShippingHandler:
                     raise
                 return [booked_event(shipment)]
         return emitted
+
+    def handle_batch(
+        self, events: list[dict[str, Any]], stopping: Callable[[], bool] = bool
+    ) -> list[list[dict[str, Any]] | None]:
+        """Book a taken batch's shipments in ONE transaction (all committed or none).
+
+        An event with bad data is left to :meth:`handle` (which dead-letters it); a
+        concurrent booking of one of the orders makes the transaction fail, and the
+        worker then handles each event alone, which reports the winner's shipment.
+        """
+        orders: dict[str, int] = {}
+        for event in events:
+            try:
+                orders[event["id"]] = order_id_of(event)
+            except PermanentError:
+                continue
+        good = [event for event in events if event["id"] in orders]
+        done = iter(
+            store.process_batch(
+                self.engine,
+                QUEUE,
+                good,
+                lambda session, event: _ship(session, event, orders[event["id"]]),
+            )
+        )
+        return [next(done) if event["id"] in orders else None for event in events]
+
+
+def _ship(session: Session, event: dict[str, Any], order_id: int) -> list[dict[str, Any]]:
+    """Book the order's shipment in the session's transaction (or find the one it has)."""
+    shipment = session.scalars(
+        select(store.Shipment).where(store.Shipment.order_id == order_id)
+    ).first()
+    if shipment is None:  # else: another capture of the same order; one shipment
+        shipment_id, carrier, tracking = book(order_id)
+        shipment = store.Shipment(
+            shipment_id=shipment_id,
+            order_id=order_id,
+            carrier=carrier,
+            tracking_number=tracking,
+            event_id=event["id"],
+        )
+        session.add(shipment)
+        session.flush()
+    return [booked_event(shipment)]

@@ -31,6 +31,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -101,6 +102,14 @@ def order_payment(engine: Engine, order_id: int) -> list[dict[str, Any]] | None:
         return None if row is None else json.loads(row.outcome)
 
 
+def paid_orders(engine: Engine, order_ids: list[int]) -> set[int]:
+    """Those of ``order_ids`` that have a payment outcome already (one query)."""
+    if not order_ids:
+        return set()
+    with Session(engine) as session:
+        return set(session.scalars(select(Payment.order_id).where(Payment.order_id.in_(order_ids))))
+
+
 class EmailClaim(Base):
     """Who is sending one order's email of one step: claimed before the SMTP send.
 
@@ -162,6 +171,57 @@ def claim_effect(
         if row is not None and row.state == "sent" and row.outcome is not None:
             return "done", json.loads(row.outcome)
     return "busy", None
+
+
+def insert_new(session: Session, model: type[Base], rows: list[dict[str, Any]]) -> None:
+    """Bulk-insert ``rows``, skipping those whose key is taken (ON CONFLICT DO NOTHING)."""
+    if rows:
+        session.execute(insert_for(session)(model).on_conflict_do_nothing(), rows)
+
+
+def claim_many(
+    session: Session, rows: list[dict[str, Any]], owner: str, lease_seconds: float
+) -> set[tuple[int, str]]:
+    """Claim each ``{order_id, step, event_id}`` for ``owner``, in the caller's transaction.
+
+    The bulk form of :func:`claim_effect`'s first step: a row is inserted only where no
+    claim of that (order, step) exists. Returns the (order, step) pairs claimed; the
+    caller leaves the others to :func:`claim_effect` (a live claim, a done one, a lease
+    run out). The claims hold once the caller commits, before any effect is done.
+    """
+    if not rows:
+        return set()
+    dialect = session.get_bind().dialect.name
+    until = database.now_ms(dialect) + int(lease_seconds * 1000)
+    values = [
+        {**row, "owner": owner, "state": "sending", "lease_until_ms": until, "outcome": None}
+        for row in rows
+    ]
+    claimed = session.execute(
+        insert_for(session)(EmailClaim)
+        .values(values)
+        .on_conflict_do_nothing()
+        .returning(EmailClaim.order_id, EmailClaim.step)
+    )
+    return {(order_id, step) for order_id, step in claimed}
+
+
+def extend_claims(engine: Engine, owner: str, lease_seconds: float) -> None:
+    """Renew the leases of ``owner``'s claims still sending (a long batch keeps them)."""
+    until = database.now_ms(engine.dialect.name) + int(lease_seconds * 1000)
+    with Session(engine) as session, session.begin():
+        session.execute(
+            update(EmailClaim)
+            .where(EmailClaim.owner == owner, EmailClaim.state == "sending")
+            .values(lease_until_ms=until)
+        )
+
+
+def insert_for(session: Session) -> Any:
+    """The dialect's INSERT (both have ON CONFLICT DO NOTHING and RETURNING)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert
+    return sqlite.insert
 
 
 def release_claim(engine: Engine, order_id: int, step: str, owner: str) -> None:

@@ -27,9 +27,16 @@ The points: where each sits (what the process has just done) -> the recovery tha
   reaper; the redelivery re-emits the same event id, which the recorder drops.
 - ``worker.before_ack``: the whole batch handled and emitted, its one ack call not sent
   -> the reaper returns the batch; each message as for ``worker.after_emit``.
+- ``email.after_send``: the SMTP server took an email, its "sent" row not yet
+  committed (the one window SMTP leaves open) -> the claim's lease runs out and the
+  redelivery sends that email again, with the same Message-ID; a batch's other emails,
+  claimed but not sent, go out once.
 - ``api.after_commit``: POST /orders committed the order and its outbox row (born
   claimed), before the fast-path publish -> a relay publishes the row once its claim
   has expired; the client's retry with its Idempotency-Key finds the order.
+- ``api.before_publish``: POST /orders committed and handed its event to the worker's
+  background publisher (the 201 may be on its way), which is about to send it -> as
+  for ``api.after_commit``: the relay publishes the claimed row once the claim expires.
 - ``relay.after_publish``: a relay published a claimed batch, did not mark it -> the
   claims expire and a relay publishes the rows again: duplicates with the same event
   ids, which consumers drop; never a loss.
@@ -56,7 +63,9 @@ POINTS = frozenset(
         "worker.after_commit",
         "worker.after_emit",
         "worker.before_ack",
+        "email.after_send",
         "api.after_commit",
+        "api.before_publish",
         "relay.after_publish",
     }
 )

@@ -8,6 +8,7 @@ order service's ``orders-updates``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -31,15 +32,23 @@ class BatchHandler(Handler, Protocol):
     """A handler that can also do a taken batch at once (one database transaction).
 
     The worker calls ``handle_batch`` with the batch's parsed events when the handler
-    has it. It returns, per event in order, the outcome events to emit, or None for an
-    event it did not do (bad data, a failed send): the worker hands those to
-    ``handle`` one at a time, which settles their failure. Whatever it returns as done
+    has it. It returns, per event in order, the outcome events to emit; None for an
+    event it did not do (bad data, another worker's claim): the worker hands those to
+    ``handle`` one at a time; or the exception an event's attempt raised (a refused
+    send, a gateway timeout): the worker settles that failure (retry or dead letter)
+    as if ``handle`` had raised it, without trying again. Whatever it returns as done
     must be committed (effect and stored outcome) before it returns; if it raises,
     nothing of the batch may be committed, and every event is then handled alone.
+    ``stopping()`` turns true when the worker is asked to stop: a handler whose events
+    take long (a gateway call, an SMTP send) finishes the one it is doing (the batch's
+    first counts as started), starts no further one and returns None for the rest,
+    which the worker puts back on the queue; a quick one may ignore it.
     """
 
-    def handle_batch(self, events: list[dict[str, Any]]) -> list[list[dict[str, Any]] | None]:
-        """Do the batch's work; outcomes per event (None: do it alone)."""
+    def handle_batch(
+        self, events: list[dict[str, Any]], stopping: Callable[[], bool]
+    ) -> list[list[dict[str, Any]] | Exception | None]:
+        """Do the batch's work; per event its outcomes, None (do it alone) or its failure."""
 
 
 def rfc3339(value: datetime) -> str:

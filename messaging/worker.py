@@ -250,22 +250,7 @@ class Worker:
             except redis.RedisError:  # our Redis, not the message: keep it, settle later
                 raise
             except Exception as exc:
-                verdict = classify(exc)
-                error = f"{type(exc).__name__}: {exc}"
-                tracing.set_error(span, error)
-                result = self.queue.fail(
-                    self.id,
-                    raw,
-                    error,
-                    permanent=verdict == "dead",
-                    transient=verdict == "transient",
-                )
-                metrics.observe_failed(name)
-                log.warning(
-                    "%s: event %s order #%s failed (%s), %s",
-                    name, event["id"], order_id, error, result,
-                    extra=self._extra(event, order_id, span),
-                )  # fmt: skip
+                self._failed(raw, event, exc, span)
                 return False
             envelope.inherit_priority(outcomes, event)
             self._emit(outcomes)
@@ -278,6 +263,28 @@ class Worker:
             )  # fmt: skip
         return True
 
+    def _failed(self, raw: bytes, event: dict[str, Any], exc: Exception, span: Any) -> None:
+        """Settle one message whose handling raised ``exc``: retry or dead letter."""
+        name = self.queue.name
+        order_id = event["data"].get("order_id", "-")
+        verdict = classify(exc)
+        error = f"{type(exc).__name__}: {exc}"
+        if span is not None and span.is_recording():  # a batch's spans are marked inside
+            tracing.set_error(span, error)
+        result = self.queue.fail(
+            self.id,
+            raw,
+            error,
+            permanent=verdict == "dead",
+            transient=verdict == "transient",
+        )
+        metrics.observe_failed(name)
+        log.warning(
+            "%s: event %s order #%s failed (%s), %s",
+            name, event["id"], order_id, error, result,
+            extra=self._extra(event, order_id, span),
+        )  # fmt: skip
+
     def _emit(self, outcomes: list[dict[str, Any]]) -> None:
         """Publish committed outcomes, in order: one pipeline when the publisher has it."""
         faults.hit("worker.after_commit")
@@ -289,8 +296,8 @@ class Worker:
                 self.publisher.publish(outcome)
         faults.hit("worker.after_emit")
 
-    def handle_batch(self, raws: list[bytes]) -> list[bytes]:
-        """Handle a taken batch with one ``handle_batch`` call; returns the raws to ack.
+    def handle_batch(self, raws: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+        """Handle a taken batch with one ``handle_batch`` call; (raws to ack, un-started).
 
         Same order as :meth:`handle_one`, batch-wide: the handler commits every effect
         of the batch in one transaction, then the outcomes go out in one pipeline, then
@@ -298,7 +305,13 @@ class Worker:
         whose events then find their stored outcomes: the windows are those of one
         message, not wider. What the batch did not do (malformed, bad data, a failed
         send, or the whole batch when the handler raised and so committed nothing)
-        goes through :meth:`handle_one`, which settles failures one by one.
+        goes through :meth:`handle_one`, which settles failures one by one. An event
+        the handler tried and failed (an exception in its place: a send refused, a
+        gateway timeout) is settled as that failure at once, without a second try.
+
+        Shutdown: the handler gets ``stopping`` and starts no further event once it is
+        true (it returns None for those); those, and what would have been handled
+        alone, come back un-started, for the caller to put back at the head of pending.
         """
         name = self.queue.name
         batch_handler: Any = self.handler
@@ -309,26 +322,32 @@ class Worker:
                 parsed.append((raw, parse(raw, self.handler.accepts)))
             except MalformedMessage:
                 alone.append(raw)  # handle_one dead-letters it with the reason
-        results: list[list[dict[str, Any]] | None] = []
+        results: list[list[dict[str, Any]] | Exception | None] = []
         spans: list[Any] = []
         if parsed:
             events = [event for _, event in parsed]
             # One span per message; each order's outcomes carry its message's span.
             with tracing.batch_spans(events, name) as spans:
                 try:
-                    results = batch_handler.handle_batch(events)
+                    results = batch_handler.handle_batch(events, stopping=self.stop.is_set)
                 except redis.RedisError:  # our Redis, not the messages: keep them, settle later
                     raise
                 except Exception as exc:  # nothing committed: one at a time settles each
                     log.info("%s: batch of %d failed (%s); one at a time", name, len(parsed), exc)
                     results = [None] * len(parsed)
+                for span, outs in zip(spans, results, strict=False):
+                    if isinstance(outs, Exception):
+                        tracing.set_error(span, f"{type(outs).__name__}: {outs}")
         span_of = {id(event): span for (_, event), span in zip(parsed, spans, strict=False)}
-        done_events = [
-            (raw, event, outs)
-            for (raw, event), outs in zip(parsed, results, strict=True)
-            if outs is not None
-        ]
-        alone += [raw for (raw, _), outs in zip(parsed, results, strict=True) if outs is None]
+        done_events: list[tuple[bytes, dict[str, Any], list[dict[str, Any]]]] = []
+        failures: list[tuple[bytes, dict[str, Any], Exception]] = []
+        for (raw, event), outs in zip(parsed, results, strict=True):
+            if outs is None:
+                alone.append(raw)
+            elif isinstance(outs, Exception):
+                failures.append((raw, event, outs))
+            else:
+                done_events.append((raw, event, outs))
         done: list[bytes] = []
         if done_events:
             for _, event, outs in done_events:
@@ -343,10 +362,14 @@ class Worker:
                     extra=self._extra(event, order_id, span_of.get(id(event))),
                 )  # fmt: skip
                 done.append(raw)
-        for raw in alone:
+        for raw, event, error in failures:
+            self._failed(raw, event, error, span_of.get(id(event)))
+        for n, raw in enumerate(alone):
+            if self.stop.is_set():
+                return done, alone[n:]
             if self.handle_one(raw):
                 done.append(raw)
-        return done
+        return done, []
 
     def _extra(self, event: dict[str, Any], order_id: Any, span: Any = None) -> dict[str, Any]:
         """Fields of the JSON log line (LOG_FORMAT=json) for one event."""
@@ -384,9 +407,9 @@ class Worker:
                 if len(todo) > 1 and hasattr(self.handler, "handle_batch"):
                     if not self.stop.is_set():
                         self._stamp()
-                        done += self.handle_batch(todo)
-                        self.handled += len(done)
-                        todo = []
+                        handled, todo = self.handle_batch(todo)
+                        done += handled
+                        self.handled += len(handled)
                 while todo:
                     if self.stop.is_set():
                         break  # the rest goes back to pending in _settle

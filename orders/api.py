@@ -19,7 +19,7 @@ from orders.auth import is_operator, mask_email
 from orders.extensions import problem_response, services
 from orders.invoice import invoice_number, render_invoice
 from orders.openapi import openapi_document
-from orders.outbox import PublishedMarker, publish_now
+from orders.outbox import FastPublisher
 from orders.ratelimit import RateLimiter
 from orders.service import list_orders, load_order, order_to_dict, place_order
 from orders.validation import Problem
@@ -37,15 +37,19 @@ UNLIMITED_ENDPOINTS = frozenset({"orders.healthz", "orders.readyz"})
 """Probes are never rate limited (a load balancer polls them from one address)."""
 
 
-MARKER = "orders.marker"
-"""Key of the app's :class:`~orders.outbox.PublishedMarker` in ``app.extensions``."""
+PUBLISHER = "orders.publisher"
+"""Key of the app's :class:`~orders.outbox.FastPublisher` in ``app.extensions``."""
 
 
-def marker() -> PublishedMarker:
-    """The app's batch marker of fast-path publishes (made on first use)."""
-    found = current_app.extensions.get(MARKER)
+def fast_publisher() -> FastPublisher:
+    """The app's background publisher of committed events (made on first use)."""
+    found = current_app.extensions.get(PUBLISHER)
     if found is None:
-        found = current_app.extensions.setdefault(MARKER, PublishedMarker(services().engine))
+        svc = services()
+        found = current_app.extensions.setdefault(
+            PUBLISHER,
+            FastPublisher(svc.engine, svc.publisher, svc.settings.relay_claim_seconds / 2),
+        )
     return found  # type: ignore[no-any-return]
 
 
@@ -112,7 +116,10 @@ def create_order() -> Response:
 
 
 def _create_order() -> Response:
-    """Validate, store order + lines + OrderPlaced outbox row, publish, answer 201/200."""
+    """Validate, store order + lines + OrderPlaced outbox row, answer 201/200.
+
+    The event is published right after, by the worker's background publisher.
+    """
     if not _is_json(request.mimetype):
         raise Problem(
             415,
@@ -133,7 +140,8 @@ def _create_order() -> Response:
     )
     if result.event is not None:
         faults.hit("api.after_commit")
-        publish_now(svc.engine, svc.publisher, result.event, marker(), result.outbox_id)
+        assert result.outbox_id is not None and result.payload is not None
+        fast_publisher().submit(result.outbox_id, result.event["type"], result.payload)
     if result.body is not None:
         response = jsonify(result.body)
     else:

@@ -1,7 +1,8 @@
 """Recording outcome events in an order's history and moving its status on.
 
 The consumers report what they did as events; the order service's ``order-updates``
-worker calls :func:`record_event` for each, in its own transaction, and commits.
+worker calls :func:`record_event` for each (or :func:`record_events` for a taken batch),
+in its own transaction, and commits.
 Recording is idempotent by event id, so a redelivered event changes nothing. The status
 moves by :data:`orders.lifecycle.TRANSITIONS`, so events that arrive late, twice or out
 of order never move an order backwards (see that module).
@@ -13,7 +14,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -36,6 +37,103 @@ def _occurred_at(raw: Any) -> datetime:
     return value.astimezone(UTC)
 
 
+def _row(event: dict[str, Any]) -> dict[str, Any]:
+    """The order_history row of an outcome event; ValueError naming what is wrong."""
+    event_type = event.get("type")
+    if event_type not in OUTCOME_TYPES:
+        raise ValueError(f"not an outcome event type: {event_type!r}")
+    data = event.get("data")
+    event_id = event.get("id")
+    if not isinstance(data, dict) or not isinstance(event_id, str) or not event_id:
+        raise ValueError("event needs a string id and a data object")
+    order_id = data.get("order_id")
+    if isinstance(order_id, bool) or not isinstance(order_id, int):
+        raise ValueError("event data.order_id must be an integer")
+    return {
+        "event_id": event_id,
+        "order_id": order_id,
+        "type": event_type,
+        "occurred_at": _occurred_at(event.get("timestamp")),
+        "data": json.dumps(data, separators=(",", ":"), sort_keys=True),
+    }
+
+
+def _insert(session: Session) -> Any:
+    """The dialect's INSERT (ON CONFLICT DO NOTHING ... RETURNING on both)."""
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+def record_events(session: Session, events: list[dict[str, Any]]) -> list[bool | Exception]:
+    """:func:`record_event` for a batch, in the caller's transaction, in four statements.
+
+    What it computes (each row, the checks) is done before the first write, and the
+    writes are one statement each: one multi-row INSERT of the history rows, one read
+    of the affected orders' recorded types, one UPDATE of their statuses. So the
+    transaction holds the database's write lock (SQLite's one writer) for about as long
+    as one :func:`record_event` does, not once per event: POSTs waiting on that lock
+    are not held up by a batch.
+
+    Returns, per event in order: True (recorded), False (recorded before, or earlier in
+    this batch) or the error that event alone raises in :func:`record_event`
+    (ValueError, UnknownOrder), for the caller to settle; the others are recorded.
+    """
+    results: list[bool | Exception] = [False] * len(events)
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for index, event in enumerate(events):
+        try:
+            rows.append((index, _row(event)))
+        except ValueError as exc:
+            results[index] = exc
+    if not rows:
+        return results
+    wanted = sorted({row["order_id"] for _, row in rows})
+    # Lock the orders in id order (PostgreSQL; SQLite has one writer): two recorders
+    # with overlapping batches then never wait on each other in a cycle.
+    known = set(
+        session.scalars(
+            select(Order.id).where(Order.id.in_(wanted)).order_by(Order.id).with_for_update()
+        )
+    )
+    good = []
+    for index, row in rows:
+        if row["order_id"] in known:
+            good.append((index, row))
+        else:
+            results[index] = UnknownOrder(f"order {row['order_id']} does not exist")
+    if not good:
+        return results
+    inserted = set(
+        session.scalars(
+            _insert(session)(OrderHistory)
+            .values([row for _, row in good])
+            .on_conflict_do_nothing(index_elements=["event_id"])
+            .returning(OrderHistory.event_id)
+        )
+    )
+    touched: set[int] = set()
+    for index, row in good:
+        if row["event_id"] in inserted:
+            inserted.discard(row["event_id"])  # a second copy in this batch: False
+            results[index] = True
+            touched.add(row["order_id"])
+    if touched:  # replayed from the whole history, read after our insert (as above)
+        recorded: dict[int, list[str]] = {order_id: [] for order_id in touched}
+        for order_id, event_type in session.execute(
+            select(OrderHistory.order_id, OrderHistory.type)
+            .where(OrderHistory.order_id.in_(touched))
+            .order_by(OrderHistory.id)
+        ):
+            recorded[order_id].append(event_type)
+        session.execute(
+            update(Order),
+            [
+                {"id": order_id, "status": lifecycle.replay(types)}
+                for order_id, types in recorded.items()
+            ],
+        )
+    return results
+
+
 def record_event(session: Session, event: dict[str, Any]) -> bool:
     """Add an outcome event to its order's history and update the order's status.
 
@@ -54,35 +152,17 @@ def record_event(session: Session, event: dict[str, Any]) -> bool:
         ValueError: The event is not an outcome event or is malformed.
         UnknownOrder: ``data.order_id`` names no order.
     """
-    event_type = event.get("type")
-    if event_type not in OUTCOME_TYPES:
-        raise ValueError(f"not an outcome event type: {event_type!r}")
-    data = event.get("data")
-    event_id = event.get("id")
-    if not isinstance(data, dict) or not isinstance(event_id, str) or not event_id:
-        raise ValueError("event needs a string id and a data object")
-    order_id = data.get("order_id")
-    if isinstance(order_id, bool) or not isinstance(order_id, int):
-        raise ValueError("event data.order_id must be an integer")
-    occurred_at = _occurred_at(event.get("timestamp"))
-
+    row = _row(event)
+    order_id = row["order_id"]
     order = session.execute(
         select(Order).where(Order.id == order_id).with_for_update()
     ).scalar_one_or_none()
     if order is None:
         raise UnknownOrder(f"order {order_id} does not exist")
 
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     result = session.execute(
-        insert(OrderHistory)
-        .values(
-            event_id=event_id,
-            order_id=order_id,
-            type=event_type,
-            occurred_at=occurred_at,
-            data=json.dumps(data, separators=(",", ":"), sort_keys=True),
-        )
+        _insert(session)(OrderHistory)
+        .values(**row)
         .on_conflict_do_nothing(index_elements=["event_id"])
         .returning(OrderHistory.id)
     )

@@ -1,10 +1,11 @@
 """The outbox relay: publishes every stored event that Redis does not have yet.
 
-An event reaches Redis in one of two ways. The request that stored it publishes it
-right after commit (:func:`publish_now`, the fast path; the row is then marked
-published in a batch by :class:`PublishedMarker`, within MARK_INTERVAL). Whatever that missed (Redis
-down, process killed) the relay finds in the outbox and publishes: it polls every
-RELAY_INTERVAL seconds for up to RELAY_BATCH unpublished rows.
+An event reaches Redis in one of two ways. Right after the request that stored it
+commits, it is handed to its worker's :class:`FastPublisher` (the fast path: a
+background thread publishes what requests hand in, in pipelined batches; the rows are
+then marked published in a batch by :class:`PublishedMarker`, within MARK_INTERVAL).
+Whatever that missed (Redis down, process killed) the relay finds in the outbox and
+publishes: it polls every RELAY_INTERVAL seconds for up to RELAY_BATCH unpublished rows.
 
 Claims, so that several relays (one per API worker, plus ``orders-relay``) do not send
 the same row twice: a relay *claims* rows with one statement
@@ -34,12 +35,13 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import redis
-from sqlalchemy import Engine, bindparam, or_, select, update
+from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from messaging import database, faults, logs, tracing
@@ -66,7 +68,7 @@ def one_line(exc: BaseException) -> str:
 
 def mark_published(engine: Engine, ids: list[int]) -> None:
     """Record that these rows are in Redis (only rows not already marked)."""
-    with engine.begin() as conn:
+    with database.write_lock(engine), engine.begin() as conn:
         conn.execute(
             update(Outbox)
             .where(Outbox.id.in_(ids), Outbox.published_at.is_(None))
@@ -76,7 +78,7 @@ def mark_published(engine: Engine, ids: list[int]) -> None:
 
 def release(engine: Engine, ids: list[int]) -> None:
     """Give up claims after a failed publish, so the next relay poll retries at once."""
-    with engine.begin() as conn:
+    with database.write_lock(engine), engine.begin() as conn:
         conn.execute(
             update(Outbox)
             .where(Outbox.id.in_(ids), Outbox.published_at.is_(None))
@@ -96,9 +98,9 @@ MARK_BATCH = 500
 class PublishedMarker:
     """Marks fast-path publishes in the outbox in batches, from one background thread.
 
-    A POST publishes its event right after its commit, then hands the outbox row id
-    here; every :data:`MARK_INTERVAL` the thread marks all ids handed in since, with one
-    UPDATE (one short write transaction instead of one per POST: on SQLite each write
+    :class:`FastPublisher` publishes what POSTs committed, then hands the outbox row
+    ids here; every :data:`MARK_INTERVAL` the thread marks all ids handed in since, with
+    one UPDATE (one short write transaction instead of one per POST: on SQLite each write
     transaction queues on the file's single write lock).
 
     Why the relay cannot race it: the row was written claimed (``claimed_until`` = commit
@@ -124,8 +126,12 @@ class PublishedMarker:
 
     def add(self, outbox_id: int) -> None:
         """Queue one published row for marking (starts the thread on first use)."""
+        self.add_many([outbox_id])
+
+    def add_many(self, outbox_ids: list[int]) -> None:
+        """Queue published rows for marking (starts the thread on first use)."""
         with self._lock:
-            self._ids.append(outbox_id)
+            self._ids.extend(outbox_ids)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="outbox-marker", daemon=True)
                 self._thread.start()
@@ -173,60 +179,136 @@ class PublishedMarker:
             self.flush()
 
 
-def publish_now(
-    engine: Engine,
-    publisher: EventPublisher,
-    event: dict[str, Any],
-    marker: PublishedMarker | None = None,
-    outbox_id: int | None = None,
-) -> bool:
-    """The fast path: publish a just-committed event and mark it; never raises.
+PUBLISH_BATCH = 500
+"""Most events one background publish sends in one pipeline."""
 
-    With a ``marker`` (and the row's ``outbox_id``) the mark is batched, see
-    :class:`PublishedMarker`; without, it is one UPDATE now. Returns True when the
-    event is in Redis. On failure the row's claim is released and the relay publishes
-    it later.
+
+class FastPublisher:
+    """Publishes just-committed events from one background thread, in pipelined batches.
+
+    A POST commits its order and outbox row (born claimed), hands the row here and
+    answers at once: no Redis round trip on the request path. The thread takes every
+    event handed in since its last round (at most :data:`PUBLISH_BATCH`), publishes
+    them in one pipeline (the relay's :meth:`EventPublisher.publish_serialized`: each
+    event still one atomic script), then passes the ids to the
+    :class:`PublishedMarker`, which marks them in one UPDATE.
+
+    Why nothing is lost or doubled that was not before: an event waits here in memory,
+    its row claimed in the database. If the process dies first, the claim expires and a
+    relay publishes the row (the ``api.after_commit`` window, now also open after the
+    201, fault point ``api.before_publish``). If Redis refuses the batch, the claims are
+    released at once and the relay retries them, as the synchronous fast path did. A
+    crash between publish and mark is the outbox's one duplicate window, unchanged. An
+    event that waited here longer than half its claim (Redis hanging, a stalled
+    process) is not sent: the relay will take its row once the claim expires, and
+    sending it too would be a duplicate.
     """
-    try:
-        publisher.publish(event)
-    except redis.RedisError as exc:
-        log.warning("Event %s not published now, the relay will retry: %s", event["id"], exc)
+
+    def __init__(
+        self,
+        engine: Engine,
+        publisher: EventPublisher,
+        max_wait: float,
+        marker: PublishedMarker | None = None,
+        batch: int = PUBLISH_BATCH,
+    ) -> None:
+        self.engine = engine
+        self.publisher = publisher
+        self.max_wait = max_wait
+        """Seconds an event may wait here and still be sent (half its claim)."""
+        self.marker = marker or PublishedMarker(engine)
+        self.batch = batch
+        self._queue: list[tuple[int, str, str, float]] = []
+        self._ready = threading.Condition()
+        self._busy = 0
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._redis_down = False
+
+    def submit(self, outbox_id: int, event_type: str, payload: str) -> None:
+        """Queue one committed event (starts the thread on first use); never blocks."""
+        with self._ready:
+            self._queue.append((outbox_id, event_type, payload, time.monotonic()))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="outbox-publisher", daemon=True
+                )
+                self._thread.start()
+            self._ready.notify()
+
+    def pending(self) -> int:
+        """Events handed in and not yet published (or given back to the relay)."""
+        with self._ready:
+            return len(self._queue) + self._busy
+
+    def _take(self) -> list[tuple[int, str, str, float]]:
+        taken, self._queue = self._queue[: self.batch], self._queue[self.batch :]
+        self._busy = len(taken)
+        return taken
+
+    def _send(self, batch: list[tuple[int, str, str, float]]) -> None:
+        oldest = time.monotonic() - self.max_wait
+        stale = [row[0] for row in batch if row[3] <= oldest]
+        if stale:
+            log.warning("%d event(s) waited past half their claim: left to the relay", len(stale))
+            batch = [row for row in batch if row[3] > oldest]
+        ids = [row[0] for row in batch]
+        if not ids:
+            return
         try:
-            _release_event(engine, event["id"])
-        except SQLAlchemyError:
-            log.exception("Could not release outbox claim of %s (it expires)", event["id"])
-        return False
-    if marker is not None and outbox_id is not None:
-        marker.add(outbox_id)
-        return True
-    try:
-        with engine.begin() as conn:
-            conn.execute(_MARK_EVENT_PUBLISHED, {"b_event_id": event["id"], "b_now": utc_now()})
-    except SQLAlchemyError:
-        # Published but not marked: the relay sends it again after the claim expires.
-        log.exception("Event %s published but not marked; expect a duplicate", event["id"])
-    return True
+            faults.hit("api.before_publish")
+            self.publisher.publish_serialized((kind, payload) for _, kind, payload, _ in batch)
+        except Exception as exc:  # noqa: BLE001 - Redis down, or a bug: the relay retries
+            if not isinstance(exc, redis.RedisError):
+                log.error("Publishing %d event(s) failed", len(ids), exc_info=exc)
+            elif not self._redis_down:
+                log.warning(
+                    "%d event(s) not published now, the relay will retry: %s", len(ids), exc
+                )
+                self._redis_down = True
+            try:
+                release(self.engine, ids)
+            except SQLAlchemyError:
+                log.exception("Could not release %d outbox claim(s) (they expire)", len(ids))
+            return
+        if self._redis_down:
+            log.info("Publishing events again")
+            self._redis_down = False
+        self.marker.add_many(ids)
 
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                self._busy = 0
+                while not self._queue and not self._stop:
+                    self._ready.wait()
+                if not self._queue:
+                    return
+                batch = self._take()
+            self._send(batch)
 
-# Built once: constructing the statement cost more CPU than executing it.
-_MARK_EVENT_PUBLISHED = (
-    update(Outbox)
-    .where(Outbox.event_id == bindparam("b_event_id"), Outbox.published_at.is_(None))
-    .values(
-        published_at=bindparam("b_now", type_=Outbox.__table__.c.published_at.type),
-        claimed_until=None,
-        attempts=Outbox.attempts + 1,
-    )
-)
+    def flush(self) -> None:
+        """Publish everything queued, in this thread (tests, shutdown)."""
+        while True:
+            with self._ready:
+                if not self._queue:
+                    return
+                batch = self._take()
+            try:
+                self._send(batch)
+            finally:
+                with self._ready:
+                    self._busy = 0
 
-
-def _release_event(engine: Engine, event_id: str) -> None:
-    with engine.begin() as conn:
-        conn.execute(
-            update(Outbox)
-            .where(Outbox.event_id == event_id, Outbox.published_at.is_(None))
-            .values(claimed_until=None, attempts=Outbox.attempts + 1)
-        )
+    def close(self) -> None:
+        """Stop the thread after it published what is queued; then mark (worker exit)."""
+        with self._ready:
+            self._stop = True
+            self._ready.notify()
+        if self._thread is not None:
+            self._thread.join(10)
+        self.flush()
+        self.marker.close()
 
 
 def _publish_span(payload: str, event_type: str) -> Any:
@@ -272,7 +354,7 @@ class Relay:
             .limit(self.batch)
             .with_for_update(skip_locked=True)  # PostgreSQL; SQLite has one writer anyway
         )
-        with self.engine.begin() as conn:
+        with database.write_lock(self.engine), self.engine.begin() as conn:
             rows = conn.execute(
                 update(Outbox)
                 .where(

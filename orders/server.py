@@ -43,11 +43,13 @@ def _worker_exit(_server: Any, _worker: Any) -> None:
     if _relay_stop is not None:
         _relay_stop.set()
     if _app is not None:
-        from orders.api import MARKER
+        from orders.api import PUBLISHER
 
-        marker = _app.extensions.get(MARKER)
-        if marker is not None:
-            marker.close()  # mark what this worker published (else: the relay resends)
+        publisher = _app.extensions.get(PUBLISHER)
+        if publisher is not None:
+            # Publish and mark what this worker accepted (else: the relay sends it
+            # once the claims expire, or again if it was published but not marked).
+            publisher.close()
     tracing.shutdown()  # export the spans still queued
 
 

@@ -77,6 +77,20 @@ def build_app(database_url: str, redis_url: str, pattern: str = "both", **env: s
     return app
 
 
+def wait_published(app: Flask, timeout: float = 30.0) -> None:
+    """Wait until the app's background publisher has sent every accepted order's event.
+
+    POST /orders answers before its OrderPlaced is in Redis (orders.outbox.FastPublisher);
+    a test that then inspects or empties Redis waits for this first.
+    """
+    from orders.api import PUBLISHER
+    from tests.helpers import wait_for
+
+    publisher = app.extensions.get(PUBLISHER)
+    if publisher is not None:
+        wait_for(lambda: publisher.pending() == 0, timeout, message="events published")
+
+
 def find_postgres_bin() -> Path | None:
     """The directory holding initdb and pg_ctl, or None."""
     on_path = shutil.which("pg_ctl")

@@ -37,7 +37,7 @@ def make_app(database_url: str) -> Iterator[Callable[..., Flask]]:
 
     yield make
     for app in apps:
-        marker = app.extensions.get("orders.marker")  # orders.api.MARKER
-        if marker is not None:
-            marker.close()
+        publisher = app.extensions.get("orders.publisher")  # orders.api.PUBLISHER
+        if publisher is not None:
+            publisher.close()
         app.extensions["orders"].close()

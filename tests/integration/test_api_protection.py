@@ -17,7 +17,7 @@ from messaging import envelope, keys
 from orders.app import create_app
 from orders.history import record_event
 from orders.reconcile import reconcile
-from tests.orders_app import ADMIN, ADMIN_TOKEN, ORDER, order, outcome
+from tests.orders_app import ADMIN, ADMIN_TOKEN, ORDER, order, outcome, wait_published
 
 NO_REDIS = "redis://127.0.0.1:1/0"
 
@@ -79,6 +79,7 @@ def test_reconcile_republishes_the_stored_event_of_incomplete_orders_only(
     client = app.test_client()
     done = client.post("/orders", json=order(customer_email="done@example.com")).get_json()["id"]
     lost = client.post("/orders", json=order(customer_email="lost@example.com")).get_json()["id"]
+    wait_published(app)
     first_publish = [json.loads(m) for m in redis.lrange(keys.pending("payment"), 0, -1)]
     assert [e["data"]["order_id"] for e in first_publish] == [done, lost]
     svc = app.extensions["orders"]

@@ -482,17 +482,20 @@ def _message_ids(mail_dir: Path) -> list[str]:
     ]
 
 
+@pytest.mark.parametrize("batch", ["1", "10"])
 def test_two_email_workers_and_every_order_placed_twice_send_one_email_each(
-    env: Env, bredis: redis_lib.Redis
+    env: Env, bredis: redis_lib.Redis, batch: str
 ) -> None:
     """The claim commits before the send: the second copy waits (retried) and then
-    re-emits the first one's outcome; no crash needed for a duplicate without it."""
+    re-emits the first one's outcome; no crash needed for a duplicate without it.
+    Batch 10: the batch path claims a whole batch in one transaction, with the same
+    result."""
     port, mail_dir = free_port(), env.tmp / "mail"
     _sink(env, port, mail_dir)
     queue = RedisQueue(bredis, "email")
     orders = [envelope.dumps(order_placed(n, f"c{n}@example.com")) for n in range(1, 31)]
     queue.push(*(copy for raw in orders for copy in (raw, raw)))  # side by side
-    smtp = {"SMTP_PORT": str(port), "SMTP_HOST": "127.0.0.1", "CONSUMER_BATCH_SIZE": "1"}
+    smtp = {"SMTP_PORT": str(port), "SMTP_HOST": "127.0.0.1", "CONSUMER_BATCH_SIZE": batch}
     env.start("email", CONSUMER_CONCURRENCY="2", **smtp)
     env.start("email", CONSUMER_CONCURRENCY="2", **smtp)
     wait_for(lambda: queue.stats()["processed"] == 60, timeout=90, message="60 messages acked")

@@ -13,6 +13,8 @@ expired).
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import re
 import urllib.error
@@ -25,7 +27,7 @@ from typing import Any
 import pytest
 import redis as redis_lib
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from chaos.stack import order_body, post_order
 from consumers import store
@@ -138,11 +140,13 @@ def ledger(url: str) -> dict[int, int]:
 
 
 # The messages of the armed worker's batch that it had emitted an outcome for before
-# dying; the clean worker emits the stored outcome of every message again.
+# dying; the clean worker emits the stored outcome of every message again. The payment
+# service handles a taken batch at once (one record transaction, one emit pipeline), so
+# after_commit and after_emit are the batch's.
 EMITTED_BEFORE_DEATH = {
     "worker.after_take": 0,
     "worker.after_commit": 0,
-    "worker.after_emit": 1,
+    "worker.after_emit": BATCH,
     "worker.before_ack": BATCH,
 }
 
@@ -261,17 +265,60 @@ def test_api_killed_after_commit_the_relay_publishes_the_expired_claim(
     assert len(queued(bredis, "payment")) == 1
 
 
+def test_api_killed_before_its_background_publish_the_relay_publishes_the_claim(
+    procs: Procs, bredis: redis_lib.Redis
+) -> None:
+    """The event waits in the worker's FastPublisher, its row claimed; the worker dies."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    api_env = {"HOST": "127.0.0.1", "PORT": str(port), "WEB_CONCURRENCY": "1"}
+    armed = procs.orders(
+        "orders-api", FAULT_POINT="api.before_publish:exit", RELAY_IN_PROCESS="0", **api_env
+    )
+    _wait_api(armed, base)
+    # Committed and handed over: the 201 may or may not leave before the worker dies.
+    # (cut before the headers, or, IncompleteRead, in the middle of the body).
+    with contextlib.suppress(urllib.error.URLError, ConnectionError, http.client.HTTPException):
+        post_order(base + "/orders", order_body(8), "fault-key-2")
+    wait_for(lambda: "FAULT_POINT api.before_publish: exit 137" in armed.output(), 10)
+    armed.terminate()
+
+    engine = database_engine(procs.orders_db)
+    try:
+        with engine.connect() as conn:
+            [row] = conn.execute(select(Outbox)).all()
+        # Stored, not published, still claimed: only a relay, after the claim, sends it.
+        assert row.published_at is None and row.claimed_until is not None
+        assert queued(bredis, "payment") == []
+        claimed_until = row.claimed_until.replace(tzinfo=UTC)
+
+        relay = procs.orders("orders-relay")
+        relay.wait_output("Outbox relay published 1 events", timeout=30)
+        with engine.connect() as conn:
+            [after] = conn.execute(select(Outbox)).all()
+        assert after.published_at is not None
+        assert after.published_at.replace(tzinfo=UTC) >= claimed_until
+    finally:
+        engine.dispose()
+    [event] = queued(bredis, "payment")
+    assert event["id"] == row.event_id
+
+    clean = procs.orders("orders-api", RELAY_IN_PROCESS="0", **api_env)
+    _wait_api(clean, base)
+    assert post_order(base + "/orders", order_body(8), "fault-key-2") == event["data"]["order_id"]
+    assert len(queued(bredis, "payment")) == 1
+
+
 def test_relay_killed_between_publish_and_mark_publishes_again_never_loses(
     procs: Procs, bredis: redis_lib.Redis
 ) -> None:
     engine = database_engine(procs.orders_db)
     create_schema(engine)
-    sessions = sessionmaker(engine)
     placed = []
     for n in range(3):
         body = order_body(102 + n)  # plain customers: no scripted decline or flake
         # claim_seconds=0: born unclaimed, as if the fast path had failed at once.
-        placed.append(place_order(sessions, validate_order(body, 50), request_hash(body), None, 0))
+        placed.append(place_order(engine, validate_order(body, 50), request_hash(body), None, 0))
     event_ids = {r.event["id"] for r in placed if r.event}
     try:
         armed = procs.orders("orders-relay", FAULT_POINT="relay.after_publish:exit")

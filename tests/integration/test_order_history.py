@@ -215,3 +215,65 @@ def test_two_outcomes_of_one_order_recorded_at_once_both_count(
             thread.join(30)
     assert not errors
     assert [_status(app, o) for o in orders] == ["completed"] * len(orders)
+
+
+def test_a_batch_records_what_one_event_at_a_time_records(
+    make_app: Callable[..., Flask],
+) -> None:
+    """record_events (orders-updates' batch path) = record_event applied in turn: the
+    same results, statuses, history and timeline, duplicates and bad events included."""
+    from sqlalchemy import select
+
+    from orders.history import record_events
+    from orders.models import OrderHistory
+
+    app = make_app(NO_REDIS)
+    alone = [_place(app) for _ in range(4)]
+    batch = [_place(app) for _ in range(4)]
+
+    def events(ids: list[int]) -> list[dict[str, Any]]:
+        a, b, c, d = ids
+        invoiced = _event(envelope.INVOICE_ISSUED, a, 2)
+        shipped = _event(envelope.SHIPMENT_BOOKED, c, 3)
+        bad_type = {**_event(envelope.PAYMENT_CAPTURED, d, 1), "type": envelope.ORDER_PLACED}
+        return [
+            invoiced,  # before its PaymentCaptured
+            _event(envelope.PAYMENT_CAPTURED, a, 1),
+            invoiced,  # the same event again, in the same batch
+            _event(envelope.SHIPMENT_BOOKED, a, 3),
+            _event(envelope.PAYMENT_DECLINED, b, 1),
+            _event(envelope.PAYMENT_CAPTURED, b, 5),  # after the cancellation
+            shipped,
+            {**shipped, "id": str(uuid.uuid4())},  # a re-emitted copy under a new id
+            _event(envelope.PAYMENT_CAPTURED, 999_999, 1),  # no such order
+            bad_type,
+            _event(envelope.CUSTOMER_NOTIFIED, d, 4),
+        ]
+
+    expected: list[Any] = []
+    for event in events(alone):
+        try:
+            expected.append(_record(app, event))
+        except (ValueError, UnknownOrder) as exc:
+            expected.append(type(exc))
+    with app.extensions["orders"].sessions.begin() as session:
+        got = record_events(session, events(batch))
+    assert [type(r) if isinstance(r, Exception) else r for r in got] == expected
+    assert expected.count(True) == 8 and UnknownOrder in expected and ValueError in expected
+    with app.extensions["orders"].sessions() as session:
+        for one, many in zip(alone, batch, strict=True):
+            assert session.get(Order, many).status == session.get(Order, one).status
+            assert list(
+                session.scalars(
+                    select(OrderHistory.type)
+                    .where(OrderHistory.order_id == many)
+                    .order_by(OrderHistory.id)
+                )
+            ) == list(
+                session.scalars(
+                    select(OrderHistory.type)
+                    .where(OrderHistory.order_id == one)
+                    .order_by(OrderHistory.id)
+                )
+            )
+    assert [_status(app, n) for n in batch] == ["completed", "cancelled", "shipped", "placed"]

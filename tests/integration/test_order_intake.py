@@ -24,7 +24,9 @@ from sqlalchemy import func, select
 
 from messaging import envelope, keys
 from orders.models import Order, Outbox
-from orders.outbox import Relay
+from orders.outbox import FastPublisher, Relay
+from orders.service import place_order
+from orders.validation import request_hash, validate_order
 from tests.helpers import wait_for
 from tests.orders_app import ADMIN, ORDER, order
 from tests.topology import Topology
@@ -100,9 +102,11 @@ def test_redis_down_loses_nothing_and_relay_emits_each_once(
         response = client.post("/orders", json=order(customer_email=f"c{n}@example.com"))
         assert response.status_code == 201
         ids.append(response.get_json()["id"])
+    # The background publisher could not send them: it gave their claims back at once.
+    wait_for(lambda: all(r.claimed_until is None for r in _outbox(app)), message="released")
     rows = _outbox(app)
     assert len(rows) == 5
-    assert all(r.published_at is None and r.claimed_until is None for r in rows)
+    assert all(r.published_at is None for r in rows)
 
     relay = _relay(app)
     stop = threading.Event()
@@ -142,6 +146,9 @@ def test_two_relays_never_publish_the_same_row(
     for n in range(40):
         assert intake.test_client().post("/orders", json=order(currency="USD")).status_code == 201
         del n
+    wait_for(
+        lambda: all(r.claimed_until is None for r in _outbox(intake)), message="claims released"
+    )
     relays = [_relay(make_app(topology.redis_url, "queue", **topology.env), batch=3)]
     relays.append(_relay(make_app(topology.redis_url, "queue", **topology.env), batch=3))
     stop = threading.Event()
@@ -185,6 +192,7 @@ def test_concurrent_retries_with_one_key_create_one_order(
     assert len({order_id for _, order_id in results}) == 1
     assert _count_orders(app) == 1
     assert len(_outbox(app)) == 1
+    wait_for(lambda: all(r.published_at for r in _outbox(app)), message="row marked")
     assert [redis.llen(k) for k in QUEUE_KEYS] == [1] * len(QUEUE_KEYS)
     redis.close()
 
@@ -193,13 +201,15 @@ def test_same_key_other_body_is_422_and_emits_nothing(
     topology: Topology, make_app: Callable[..., Flask]
 ) -> None:
     redis = topology.client()
-    client = make_app(topology.redis_url, "queue", **topology.env).test_client()
+    app = make_app(topology.redis_url, "queue", **topology.env)
+    client = app.test_client()
     first = client.post("/orders", json=ORDER, headers={"Idempotency-Key": "k"})
     other = client.post("/orders", json=order(currency="USD"), headers={"Idempotency-Key": "k"})
     assert first.status_code == 201
     assert other.status_code == 422
     assert other.content_type == "application/problem+json"
     assert other.get_json()["title"] == "Idempotency-Key reused with a different body"
+    [row] = wait_for(lambda: [r for r in _outbox(app) if r.published_at], message="row marked")
     assert [redis.llen(k) for k in QUEUE_KEYS] == [1] * len(QUEUE_KEYS)
     redis.close()
 
@@ -224,8 +234,11 @@ def test_a_publish_failing_part_way_is_resent_whole_by_the_relay(
     wait_for(lambda: pubsub.get_message(timeout=0.1), message="subscribe confirmation")
 
     assert app.test_client().post("/orders", json=ORDER).status_code == 201
-    [row] = _outbox(app)
-    assert row.published_at is None  # the fast path failed: left to the relay
+    # The fast path failed: the claim is given back, the row left to the relay.
+    [row] = wait_for(
+        lambda: [r for r in _outbox(app) if r.claimed_until is None], message="claim released"
+    )
+    assert row.published_at is None
     event_id = json.loads(row.payload)["id"]
     if topology.cluster:
         assert pubsub.get_message(timeout=0.2) is None, "published before every queue had it"
@@ -279,7 +292,7 @@ def test_fast_path_marks_in_batches_and_the_relay_never_resends(
     redis: redis_lib.Redis, redis_url: str, make_app: Callable[..., Flask]
 ) -> None:
     """Published rows wait (claimed) for the batch mark; the relay leaves them alone."""
-    from orders.api import MARKER
+    from orders.api import PUBLISHER
 
     app = make_app(redis_url, "queue")
     client = app.test_client()
@@ -289,12 +302,37 @@ def test_fast_path_marks_in_batches_and_the_relay_never_resends(
     relay = _relay(app)
     assert relay.run_once() == 0  # every row is claimed by its request until marked
     wait_for(lambda: all(r.published_at for r in _outbox(app)), message="rows marked")
-    assert app.extensions[MARKER].pending() == 0
+    assert app.extensions[PUBLISHER].pending() == 0
+    assert app.extensions[PUBLISHER].marker.pending() == 0
     assert all(r.claimed_until is None and r.attempts == 1 for r in _outbox(app))
     assert relay.run_once() == 0
     for key in QUEUE_KEYS:
         ids = [json.loads(j)["id"] for j in redis.lrange(key, 0, -1)]
         assert len(ids) == 20 and len(set(ids)) == 20
+
+
+def test_an_event_that_waited_past_half_its_claim_is_left_to_the_relay(
+    redis: redis_lib.Redis, redis_url: str, make_app: Callable[..., Flask]
+) -> None:
+    """Sent that late, it could race the relay, which takes the row once the claim ends."""
+    app = make_app(redis_url, "queue")
+    svc = app.extensions["orders"]
+    placed = place_order(svc.engine, validate_order(ORDER), request_hash(ORDER), None, 30)
+    assert placed.outbox_id is not None and placed.payload is not None
+    late = FastPublisher(svc.engine, svc.publisher, max_wait=0.0)
+    late.submit(placed.outbox_id, envelope.ORDER_PLACED, placed.payload)
+    late.close()  # sends what is queued and fresh enough, then marks
+    [row] = _outbox(app)
+    assert row.published_at is None and row.claimed_until is not None  # the request's claim
+    assert [redis.llen(k) for k in QUEUE_KEYS] == [0] * len(QUEUE_KEYS)
+
+    in_time = FastPublisher(svc.engine, svc.publisher, max_wait=15.0)
+    in_time.submit(placed.outbox_id, envelope.ORDER_PLACED, placed.payload)
+    in_time.close()
+    [row] = _outbox(app)
+    assert row.published_at is not None and row.claimed_until is None
+    for key in QUEUE_KEYS:
+        assert [json.loads(j)["id"] for j in redis.lrange(key, 0, -1)] == [row.event_id]
 
 
 def test_an_express_order_jumps_the_queues_backlog(

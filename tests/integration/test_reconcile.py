@@ -24,7 +24,7 @@ from orders.history import record_event
 from orders.models import Order, Outbox
 from orders.reconcile import AutoReconciler
 from tests.helpers import BIN, Proc, wait_for
-from tests.orders_app import ADMIN, order, outcome
+from tests.orders_app import ADMIN, order, outcome, wait_published
 
 FULFILLED = (envelope.PAYMENT_CAPTURED, envelope.INVOICE_ISSUED, envelope.SHIPMENT_BOOKED)
 
@@ -36,6 +36,7 @@ def _place(app: Flask, n: int) -> list[int]:
         response = client.post("/orders", json=order(customer_email=f"c{i}@example.com"))
         assert response.status_code == 201, response.get_json()
         ids.append(response.get_json()["id"])
+    wait_published(app)
     return ids
 
 
