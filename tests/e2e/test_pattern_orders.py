@@ -10,7 +10,8 @@ orders, start it again. Then it checks the table's row:
   even after an order placed later completes and after the relay's automatic
   reconciliation has seen them (with pubsub it counts, never re-publishes: the
   experiment must not lie); the dashboard's ``/api/orders/stuck`` and ``orders-admin
-  stuck`` list them, waiting for payment.
+  stuck`` list them, waiting for payment. The operator's repair, ``orders-relay
+  --reconcile``, then completes them, each effect once.
 - ``queue``: they wait in the payment queue and complete once it is back; the live
   channel (what the dashboard and ``orders-admin watch`` show) is not silent: it carries
   each order placed and each outcome the order service recorded.
@@ -265,6 +266,19 @@ def test_pubsub_a_stopped_consumer_loses_the_orders_placed_meanwhile(
         )
         assert _status(stack, missed) == dict.fromkeys(missed, lifecycle.PLACED)
         assert not _charged(stack, missed)
+        # The README's repair by hand: re-publish their stored OrderPlaced; the listening
+        # consumers do the missed work, once.
+        repair = subprocess.run(
+            [str(Path(sys.executable).parent / "orders-relay"), "--reconcile", "--older-than", "0"],
+            env={**os.environ, **stack.common}, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert repair.returncode == 0, repair.stdout + repair.stderr
+        wait_for(_settled(stack, missed), SETTLE, 0.2, "the repaired orders completed")
+        everything = [*missed, *after]
+        effects = stack.effects(min(everything), max(everything))
+        assert {k: v for k, v in effects.items() if k != "orders"} == dict.fromkeys(
+            ("charges", "invoices", "shipments", "emails", "outcomes", "declined_fulfilled"), 0
+        )
     finally:
         feed.close()
 
