@@ -26,7 +26,6 @@ from consumers import store
 from consumers.handler import currency_field, money_field, order_id_of, stable_event_id
 from messaging import envelope, keys
 from messaging.handler import outcome
-from messaging.queue import PermanentError
 
 QUEUE = keys.INVOICE_QUEUE
 SENDER = "invoice-service"
@@ -94,22 +93,7 @@ class InvoiceHandler:
         left to :meth:`handle` (which dead-letters it). One quick transaction: it
         finishes even when ``stopping`` turns true.
         """
-        captures: dict[str, Capture] = {}
-        for event in events:
-            try:
-                captures[event["id"]] = capture_of(event)
-            except PermanentError:
-                continue
-        good = [event for event in events if event["id"] in captures]
-        done = iter(
-            store.process_batch(
-                self.engine,
-                QUEUE,
-                good,
-                lambda session, event: _issue(session, event, captures[event["id"]]),
-            )
-        )
-        return [next(done) if event["id"] in captures else None for event in events]
+        return store.process_parsed_batch(self.engine, QUEUE, events, capture_of, _issue)
 
 
 def _issue(session: Session, event: dict[str, Any], capture: Capture) -> list[dict[str, Any]]:

@@ -313,32 +313,7 @@ class PaymentHandler:
 
     def _charge(self, event: dict[str, Any], order: Order) -> list[dict[str, Any]]:
         charge = self._call(order)
-        if charge.status == "captured":
-            result = outcome(
-                envelope.PAYMENT_CAPTURED,
-                {
-                    "order_id": order.order_id,
-                    "payment_id": charge.payment_id,
-                    "amount": charge.amount,
-                    "currency": charge.currency,
-                },
-                order_id=order.order_id,
-                sender=SENDER,
-                message=f"Payment captured for order #{order.order_id}",
-            )
-        else:
-            result = outcome(
-                envelope.PAYMENT_DECLINED,
-                {
-                    "order_id": order.order_id,
-                    "reason": charge.reason or "declined",
-                    "amount": charge.amount,
-                    "currency": charge.currency,
-                },
-                order_id=order.order_id,
-                sender=SENDER,
-                message=f"Payment declined for order #{order.order_id}",
-            )
+        result = self._outcome(order, charge)
 
         def record(session: Session) -> list[dict[str, Any]]:
             session.add(

@@ -27,7 +27,6 @@ from consumers import store
 from consumers.handler import order_id_of, stable_event_id
 from messaging import envelope, keys
 from messaging.handler import outcome
-from messaging.queue import PermanentError
 
 QUEUE = keys.SHIPPING_QUEUE
 SENDER = "shipping-service"
@@ -103,22 +102,7 @@ class ShippingHandler:
         concurrent booking of one of the orders makes the transaction fail, and the
         worker then handles each event alone, which reports the winner's shipment.
         """
-        orders: dict[str, int] = {}
-        for event in events:
-            try:
-                orders[event["id"]] = order_id_of(event)
-            except PermanentError:
-                continue
-        good = [event for event in events if event["id"] in orders]
-        done = iter(
-            store.process_batch(
-                self.engine,
-                QUEUE,
-                good,
-                lambda session, event: _ship(session, event, orders[event["id"]]),
-            )
-        )
-        return [next(done) if event["id"] in orders else None for event in events]
+        return store.process_parsed_batch(self.engine, QUEUE, events, order_id_of, _ship)
 
 
 def _ship(session: Session, event: dict[str, Any], order_id: int) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -36,6 +36,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from messaging import database
+from messaging.queue import PermanentError
 
 log = logging.getLogger(__name__)
 
@@ -449,6 +450,37 @@ def process_batch(
         if new_rows:
             session.execute(insert(Processed), new_rows)
     return results
+
+
+Parsed = TypeVar("Parsed")
+
+
+def process_parsed_batch(
+    engine: Engine,
+    queue: str,
+    events: list[dict[str, Any]],
+    parse: Callable[[dict[str, Any]], Parsed],
+    effect: Callable[[Session, dict[str, Any], Parsed], list[dict[str, Any]]],
+) -> list[list[dict[str, Any]] | None]:
+    """:func:`process_batch` for the events whose data ``parse`` accepts, in order.
+
+    An event that ``parse`` refuses (PermanentError) gets ``None``: the worker leaves it
+    to the handler's ``handle``, which dead-letters it with the reason. ``effect`` gets
+    the session, the event and what ``parse`` returned for it.
+    """
+    parsed: dict[str, Parsed] = {}
+    for item in events:
+        try:
+            parsed[item["id"]] = parse(item)
+        except PermanentError:
+            continue
+    good = [item for item in events if item["id"] in parsed]
+    done = iter(
+        process_batch(
+            engine, queue, good, lambda session, item: effect(session, item, parsed[item["id"]])
+        )
+    )
+    return [next(done) if item["id"] in parsed else None for item in events]
 
 
 def record_outcome(
