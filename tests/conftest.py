@@ -181,6 +181,14 @@ def topology(request: pytest.FixtureRequest) -> Iterator[Topology]:
     topo.flush()
 
 
+@pytest.fixture
+def bredis(topology: Topology) -> Iterator[redis_lib.Redis]:
+    """A bytes client (as the consumers build it) on the flushed server or cluster."""
+    client = topology.client(decode_responses=False)
+    yield client
+    client.close()
+
+
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[PostgresCluster]:
     """A real PostgreSQL server for the session (skipped locally without binaries)."""

@@ -53,6 +53,34 @@ def outcome(
     )
 
 
+def order_placed(
+    order_id: int = 1,
+    *,
+    express: bool = False,
+    event_id: str | None = None,
+    timestamp: str | None = None,
+) -> dict[str, Any]:
+    """An OrderPlaced event of a one-line order as orders-api emits it (express or not);
+    the same ``event_id`` and ``timestamp`` give the same bytes every time."""
+    return envelope.envelope(
+        envelope.ORDER_PLACED,
+        {
+            "order_id": order_id,
+            "customer_email": "ann@example.com",
+            "currency": "EUR",
+            "lines": [{"sku": "A", "quantity": 1, "unit_price": "1.00", "line_total": "1.00"}],
+            "total": "1.00",
+            **({"priority": "express"} if express else {}),
+        },
+        message=f"Order #{order_id} placed",
+        sender="orders-api",
+        count=order_id,
+        event_id=event_id,
+        timestamp=timestamp,
+        priority="express" if express else "standard",
+    )
+
+
 def order(**changes: Any) -> dict[str, Any]:
     """A copy of :data:`ORDER` with top-level fields replaced."""
     body = copy.deepcopy(ORDER)

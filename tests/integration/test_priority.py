@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,37 +20,19 @@ from messaging.publisher import EventPublisher
 from messaging.queue import RedisQueue
 from messaging.worker import Worker
 from tests.helpers import wait_for
+from tests.orders_app import order_placed
 from tests.topology import Topology
 
 Q = "prioq"
 
 
-@pytest.fixture
-def bredis(topology: Topology) -> Iterator[redis_lib.Redis]:
-    """A bytes client (as the consumers build it) on the flushed server or cluster."""
-    client = topology.client(decode_responses=False)
-    yield client
-    client.close()
-
-
 def raw(order_id: int, express: bool = False) -> bytes:
     """A stable OrderPlaced message (same bytes for the same order), express or standard."""
-    event = envelope.envelope(
-        envelope.ORDER_PLACED,
-        {
-            "order_id": order_id,
-            "customer_email": "ann@example.com",
-            "currency": "EUR",
-            "lines": [{"sku": "A", "quantity": 1, "unit_price": "1.00", "line_total": "1.00"}],
-            "total": "1.00",
-            **({"priority": "express"} if express else {}),
-        },
-        message=f"Order #{order_id} placed",
-        sender="orders-api",
-        count=order_id,
+    event = order_placed(
+        order_id,
+        express=express,
         event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"order/{order_id}")),
         timestamp="2026-01-01T00:00:00+00:00",
-        priority="express" if express else "standard",
     )
     return envelope.dumps(event).encode()
 

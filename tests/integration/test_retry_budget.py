@@ -18,7 +18,6 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,36 +27,18 @@ from messaging import envelope, keys
 from messaging.queue import RedisQueue, RetryableError
 from messaging.worker import Worker
 from tests.helpers import wait_for
-from tests.topology import Topology
+from tests.orders_app import order_placed
 
 Q = "budgetq"
 T0 = 1_000_000.0
 
 
-@pytest.fixture
-def bredis(topology: Topology) -> Iterator[redis_lib.Redis]:
-    """A bytes client (as the consumers build it) on the flushed server or cluster."""
-    client = topology.client(decode_responses=False)
-    yield client
-    client.close()
-
-
 def message(order_id: int) -> bytes:
-    event = envelope.envelope(
-        envelope.ORDER_PLACED,
-        {
-            "order_id": order_id,
-            "customer_email": "ann@example.com",
-            "currency": "EUR",
-            "lines": [{"sku": "A", "quantity": 1, "unit_price": "1.00", "line_total": "1.00"}],
-            "total": "1.00",
-        },
-        message=f"Order #{order_id} placed",
-        sender="orders-api",
-        count=order_id,
+    event = order_placed(
+        order_id,
         event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"budget/{order_id}")),
+        timestamp="2026-01-01T00:00:00+00:00",
     )
-    event["timestamp"] = "2026-01-01T00:00:00+00:00"
     return envelope.dumps(event).encode()
 
 
