@@ -145,11 +145,21 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+                raise RuntimeError(
+                    f"redis-server exited with {self.process.returncode}: {self.log_tail()}"
+                )
             if self.ping():
                 return self
             time.sleep(0.02)
         raise RuntimeError(f"redis-server on port {self.port} did not answer in {timeout}s")
+
+    def log_tail(self, lines: int = 3) -> str:
+        """The last lines of this server's log (why it exited), one line."""
+        try:
+            text = (Path(str(self.data_dir)) / "redis.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return " | ".join(text.strip().splitlines()[-lines:])
 
     def ping(self) -> bool:
         """True if the server answers PING (a raw socket: no client library needed).
@@ -283,12 +293,29 @@ class Failover:
         return _role(self.primary.port) == "slave"
 
 
+def _below_ephemeral() -> tuple[int, int]:
+    """Node ports whose bus port (port + 10000) is below the kernel's ephemeral range.
+
+    The kernel gives outgoing connections (and ``free_port``) ports from
+    ``ip_local_port_range``; a pair picked there can be taken between the pick and
+    redis-server's bind (CI saw a node exit with "Address already in use").
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    top = low - 10000 - 1
+    return (10001, top) if top > 12000 else (20000, 45000)
+
+
 def free_cluster_port() -> int:
-    """A free port below 55536 whose cluster bus port (port + 10000) is free too."""
+    """A free port whose cluster bus port (port + 10000) is free too, both outside the
+    kernel's ephemeral range where it can say so."""
     import random
 
+    low, high = _below_ephemeral()
     for _ in range(200):
-        port = random.randint(20000, 45000)
+        port = random.randint(low, high)
         try:
             with socket.socket() as a, socket.socket() as b:
                 a.bind(("127.0.0.1", port))
@@ -366,7 +393,16 @@ class RedisCluster:
                 ],
             )  # fmt: skip
             self.nodes.append(node)
-            node.start()
+            for attempt in range(5):
+                try:
+                    node.start()
+                    break
+                except RuntimeError as exc:
+                    # Another process bound the port (or its bus port) after the pick.
+                    if attempt == 4 or "already in use" not in str(exc):
+                        raise
+                    (node_dir / "nodes.conf").unlink(missing_ok=True)
+                    node.port = free_cluster_port()
         cli = Path(self.nodes[0].binary).parent / "redis-cli"
         created = subprocess.run(
             [

@@ -7,10 +7,13 @@ topologies by the other integration tests through the ``topology`` fixture.
 from __future__ import annotations
 
 import json
+import socket
+from pathlib import Path
 
 import pytest
 import redis as redis_lib
 
+from devtools import redis_server
 from devtools.redis_server import free_cluster_port
 from messaging import envelope, keys
 from messaging.config import Settings
@@ -61,3 +64,33 @@ def test_cluster_client_connects_on_first_use_and_retries() -> None:
         client.ping()
     assert connect_with_retries(client, settings) is False
     client.close()
+
+
+def test_a_node_whose_port_is_taken_after_the_pick_starts_on_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CI once lost a whole run to one node exiting "Address already in use": something
+    bound its bus port between the pick and redis-server's bind. The cluster re-picks."""
+    taken = redis_server.free_cluster_port()
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", taken + 10000))  # the bus port, as in CI
+    squatter.listen()
+    picks = iter([taken])
+    real = redis_server.free_cluster_port
+    monkeypatch.setattr(redis_server, "free_cluster_port", lambda: next(picks, None) or real())
+    cluster = redis_server.RedisCluster(masters=3, replicas=0, root=tmp_path)
+    try:
+        cluster.start(timeout=30)
+        assert taken not in [node.port for node in cluster.nodes]
+        assert "already in use" in (tmp_path / "node-0" / "redis.log").read_text()
+    finally:
+        for node in cluster.nodes:
+            node.stop()
+        squatter.close()
+
+
+def test_cluster_ports_stay_below_the_kernels_ephemeral_range() -> None:
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(50):
+        port = redis_server.free_cluster_port()
+        assert port + 10000 < low
