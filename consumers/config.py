@@ -98,8 +98,10 @@ class ConsumerSettings:
         worker = WorkerSettings.from_env(env)
         db_var = DATABASE_VARS.get(service or "")
         email_from = env_str(env, "EMAIL_FROM")
-        if "@" not in email_from:
-            raise ConfigError(f"invalid EMAIL_FROM {email_from!r}: must be an email address")
+        if "@" not in email_from or not email_from.isascii() or not email_from.isprintable():
+            raise ConfigError(
+                f"invalid EMAIL_FROM {email_from!r}: must be an email address in printable ASCII"
+            )
         smtp_host = env_str(env, "SMTP_HOST")
         if not smtp_host:
             raise ConfigError("invalid SMTP_HOST '': must not be empty")

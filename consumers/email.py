@@ -53,8 +53,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.message import EmailMessage
-from email.utils import parseaddr
+from email.charset import QP, Charset
+from email.message import Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.utils import formatdate, parseaddr
 from typing import Any
 
 import email_validator
@@ -171,22 +174,39 @@ def _letter(event: dict[str, Any], who: store.Recipient) -> Letter:
     )
 
 
-def render(event: dict[str, Any], who: store.Recipient, *, step: str, sender: str) -> EmailMessage:
+_QP_UTF8 = Charset("utf-8")
+_QP_UTF8.body_encoding = QP  # readable in var/mail/*.eml, unlike base64
+
+
+def _text_part(text: str, subtype: str) -> MIMEText:
+    """One body part: 7bit US-ASCII when it can be, quoted-printable UTF-8 otherwise."""
+    if text.isascii():
+        return MIMEText(text, subtype, "us-ascii")
+    return MIMEText(text, subtype, _QP_UTF8)  # type: ignore[arg-type]
+
+
+def _header(value: str) -> str:
+    """A header value as given, refused if it could end the header block."""
+    if "\r" in value or "\n" in value or not value.isascii():
+        raise PermanentError(f"refused header value {value[:100]!r}")
+    return value
+
+
+def render(event: dict[str, Any], who: store.Recipient, *, step: str, sender: str) -> Message:
     """The email of one step: plain text and HTML alternatives (values HTML-escaped).
 
-    ``who.email`` was checked by :func:`recipient` when it was recorded.
+    ``who.email`` was checked by :func:`recipient` when it was recorded. Built with the
+    ``compat32`` MIME classes rather than ``EmailMessage``: the modern API parses every
+    header it is given and it was a fifth of the consumer's CPU per email (py-spy,
+    ``benchmarks/README.md``); the headers here are ASCII by construction (an ``int``
+    order id, a checked address, the configured sender) and :func:`_header` refuses a
+    CR or LF anyway, which ``compat32`` would not.
     """
     letter = _letter(event, who)
-    msg = EmailMessage()
-    msg["Subject"] = letter.subject
-    msg["From"] = sender
-    msg["To"] = who.email
-    msg["Message-ID"] = message_id(who.order_id, step, sender)
     text = [*letter.paragraphs, ""]
     text += [f"  {q} x {sku} @ {price} = {total}" for sku, q, price, total in letter.rows]
     if letter.footer:
         text += ["", letter.footer]
-    msg.set_content("\n".join(text) + "\n")
     e = html.escape
     body = "".join(f"<p>{e(p)}</p>" for p in letter.paragraphs)
     if letter.rows:
@@ -198,7 +218,18 @@ def render(event: dict[str, Any], who: store.Recipient, *, step: str, sender: st
         body += f"<table>{head}{cells}</table>"
     if letter.footer:
         body += f"<p><strong>{e(letter.footer)}</strong></p>"
-    msg.add_alternative(f"<!doctype html><html><body>{body}</body></html>", subtype="html")
+    msg = MIMEMultipart(
+        "alternative",
+        _subparts=[
+            _text_part("\n".join(text) + "\n", "plain"),
+            _text_part(f"<!doctype html><html><body>{body}</body></html>\n", "html"),
+        ],
+    )
+    msg["Subject"] = _header(letter.subject)
+    msg["From"] = _header(sender)
+    msg["To"] = _header(who.email)
+    msg["Message-ID"] = _header(message_id(who.order_id, step, sender))
+    msg["Date"] = formatdate(localtime=False)
     return msg
 
 
@@ -291,7 +322,7 @@ class EmailHandler:
             with contextlib.suppress(OSError, smtplib.SMTPException):
                 smtp.quit()
 
-    def send(self, msg: EmailMessage, to: str) -> None:
+    def send(self, msg: Message, to: str) -> None:
         """Hand the message to the SMTP server for exactly ``to``; classify failures.
 
         The connection stays open across messages (one per handler thread): a
@@ -302,7 +333,7 @@ class EmailHandler:
         for attempt in (1, 2):
             try:
                 smtp, reused = self._connection()
-                smtp.send_message(msg, from_addr=parseaddr(self.sender)[1], to_addrs=[to])
+                smtp.sendmail(parseaddr(self.sender)[1], [to], msg.as_bytes())
                 faults.hit("email.after_send")
                 return
             except smtplib.SMTPServerDisconnected as exc:

@@ -15,8 +15,8 @@ import signal
 import sys
 import threading
 import time
-from email import message_from_bytes
-from email.policy import default as default_policy
+from email.parser import BytesHeaderParser
+from email.policy import compat32
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -48,10 +48,13 @@ class EmlWriter:
         tmp = self.directory / (name + ".tmp")
         tmp.write_bytes(data)
         tmp.replace(self.directory / name)  # readers never see half a file
-        headers = message_from_bytes(data, policy=default_policy)
+        # Only the header block, unparsed values: the whole message under the default
+        # policy was half of this process's CPU per email (the log needs one header).
+        headers = BytesHeaderParser(policy=compat32).parsebytes(data)
         log.info(
             "smtp-sink: stored %s from %s to %s (Message-ID %s)",
-            name, envelope.mail_from, ",".join(envelope.rcpt_tos), headers.get("Message-ID"),
+            name, envelope.mail_from, ",".join(envelope.rcpt_tos),
+            " ".join(str(headers.get("Message-ID", "")).split()),
         )  # fmt: skip
         return "250 Message accepted for delivery"
 

@@ -5,9 +5,12 @@ The handlers run against a real SQLite file in tmp_path (no Redis, no network).
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 import random
 import smtplib
+from email.message import EmailMessage, Message
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +195,7 @@ def test_consumer_settings_defaults() -> None:
         ({"PAYMENT_DECLINE_RATE": "1.5"}, "invalid PAYMENT_DECLINE_RATE '1.5'"),
         ({"SMTP_PORT": "0"}, "invalid SMTP_PORT"),
         ({"EMAIL_FROM": "orders"}, "invalid EMAIL_FROM"),
+        ({"EMAIL_FROM": "orders@example.com\r\nBcc: x@evil.example"}, "invalid EMAIL_FROM"),
         ({"PAYMENT_DATABASE_URL": "mysql://x"}, "invalid PAYMENT_DATABASE_URL"),
         ({"PATTERN": "nope"}, "invalid PATTERN"),
     ],
@@ -343,10 +347,17 @@ def shipment_booked(order_id: int = 1) -> dict[str, Any]:
     )  # fmt: skip
 
 
+def _received(msg: Message) -> EmailMessage:
+    parsed = email.message_from_bytes(msg.as_bytes(), policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    return parsed
+
+
 def test_email_is_rendered_escaped_with_a_stable_message_id() -> None:
     event = order_placed(4)
     recipient = store.Recipient(order_id=4, email="ann@example.com", currency="EUR", total="10.00")
-    msg = render(event, recipient, step="received", sender="orders@example.com")
+    # As a receiver reads it: the bytes SMTP carries, parsed by the modern API.
+    msg = _received(render(event, recipient, step="received", sender="orders@example.com"))
     assert msg["Message-ID"] == "<order-4.received@example.com>"  # per order and step
     assert message_id(4, "received", "orders@example.com") == msg["Message-ID"]
     html_part = msg.get_body(("html",))
@@ -355,7 +366,9 @@ def test_email_is_rendered_escaped_with_a_stable_message_id() -> None:
     assert "&lt;b&gt;A&amp;B&lt;/b&gt;" in html_part.get_content()
     assert "<b>A&B</b>" in text_part.get_content()  # plain text is not HTML
     assert "Total: 10.00 EUR" in text_part.get_content()
-    shipped = render(shipment_booked(4), recipient, step="shipped", sender="orders@example.com")
+    shipped = _received(
+        render(shipment_booked(4), recipient, step="shipped", sender="orders@example.com")
+    )
     assert "1ZTRACK&lt;&amp;&gt;" in shipped.get_body(("html",)).get_content()  # type: ignore[union-attr]
     assert "Tracking number: 1ZTRACK<&>" in shipped.get_body(("plain",)).get_content()  # type: ignore[union-attr]
 
@@ -369,7 +382,7 @@ class _Outbox(EmailHandler):
 
     def send(self, msg: Any, to: str) -> None:
         assert msg["To"] == to
-        self.sent.append(msg)
+        self.sent.append(_received(msg))  # as the SMTP server gets it
 
 
 def test_email_tells_each_step_once(engine: Engine) -> None:
@@ -417,3 +430,28 @@ def test_process_once_keeps_the_first_outcome(engine: Engine) -> None:
     second, again = store.process_once(engine, "q", event, lambda _s: [{"n": 2}])
     assert (first, new, second, again) == ([{"n": 1}], True, [{"n": 1}], False)
     assert json.loads(json.dumps(second)) == [{"n": 1}]
+
+
+def test_a_header_value_that_could_end_the_header_block_is_refused() -> None:
+    recipient = store.Recipient(order_id=4, email="ann@example.com", currency="EUR", total="1")
+    for sender in ("orders@example.com\r\nBcc: x@evil.example", "orders@exämple.com"):
+        with pytest.raises(PermanentError, match="refused header"):
+            render(order_placed(4), recipient, step="received", sender=sender)
+    bad = store.Recipient(order_id=4, email="ann@example.com\nBcc: x@e.x", currency="E", total="1")
+    with pytest.raises(PermanentError, match="refused header"):
+        render(order_placed(4), bad, step="received", sender="orders@example.com")
+
+
+def test_a_non_ascii_body_is_quoted_printable_utf8() -> None:
+    recipient = store.Recipient(order_id=5, email="ann@example.com", currency="EUR", total="1")
+    event = shipment_booked(5)
+    event["data"]["carrier"] = "Zustellung Müller"
+    raw = render(event, recipient, step="shipped", sender="orders@example.com").as_bytes()
+    assert b"quoted-printable" in raw and "Müller".encode() not in raw
+    assert "Müller" in _received_bytes(raw).get_body(("plain",)).get_content()  # type: ignore[union-attr]
+
+
+def _received_bytes(raw: bytes) -> EmailMessage:
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    return parsed
