@@ -179,8 +179,12 @@ _QP_UTF8.body_encoding = QP  # readable in var/mail/*.eml, unlike base64
 
 
 def _text_part(text: str, subtype: str) -> MIMEText:
-    """One body part: 7bit US-ASCII when it can be, quoted-printable UTF-8 otherwise."""
-    if text.isascii():
+    """One body part: 7bit US-ASCII when it can be, quoted-printable UTF-8 otherwise.
+
+    7bit also needs every line within SMTP's 998 characters (RFC 5321 4.5.3.1.6): a
+    longer one is refused with a 5xx, so it goes quoted-printable, which wraps it.
+    """
+    if text.isascii() and all(len(line) <= 998 for line in text.splitlines()):
         return MIMEText(text, subtype, "us-ascii")
     return MIMEText(text, subtype, _QP_UTF8)  # type: ignore[arg-type]
 
@@ -208,16 +212,16 @@ def render(event: dict[str, Any], who: store.Recipient, *, step: str, sender: st
     if letter.footer:
         text += ["", letter.footer]
     e = html.escape
-    body = "".join(f"<p>{e(p)}</p>" for p in letter.paragraphs)
+    body = "\n".join(f"<p>{e(p)}</p>" for p in letter.paragraphs)
     if letter.rows:
-        cells = "".join(
+        cells = "\n".join(
             f"<tr><td>{e(sku)}</td><td>{e(q)}</td><td>{e(price)}</td><td>{e(total)}</td></tr>"
             for sku, q, price, total in letter.rows
         )
         head = "<tr><th>Item</th><th>Qty</th><th>Price</th><th>Total</th></tr>"
-        body += f"<table>{head}{cells}</table>"
+        body += f"\n<table>\n{head}\n{cells}\n</table>"
     if letter.footer:
-        body += f"<p><strong>{e(letter.footer)}</strong></p>"
+        body += f"\n<p><strong>{e(letter.footer)}</strong></p>"
     msg = MIMEMultipart(
         "alternative",
         _subparts=[

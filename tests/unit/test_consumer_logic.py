@@ -455,3 +455,21 @@ def _received_bytes(raw: bytes) -> EmailMessage:
     parsed = email.message_from_bytes(raw, policy=email.policy.default)
     assert isinstance(parsed, EmailMessage)
     return parsed
+
+
+def test_no_line_of_an_email_is_longer_than_smtp_allows() -> None:
+    """SMTP refuses a line over 998 characters with a 5xx (the sink does, as a real
+    server would): a long order, a long value, every line still fits."""
+    recipient = store.Recipient(order_id=6, email="ann@example.com", currency="EUR", total="1")
+    event = order_placed(6)
+    line = {"sku": "S" * 64, "quantity": 1, "unit_price": "1.00", "line_total": "1.00"}
+    event["data"]["lines"] = [line] * 50
+    raw = render(event, recipient, step="received", sender="orders@example.com").as_bytes()
+    assert max(len(row) for row in raw.splitlines()) <= 998
+    parsed = _received_bytes(raw)
+    assert parsed.get_body(("html",)).get_content().count("S" * 64) == 50  # type: ignore[union-attr]
+    shipped = shipment_booked(6)
+    shipped["data"]["carrier"] = "C" * 2000  # one value longer than a line may be
+    raw = render(shipped, recipient, step="shipped", sender="orders@example.com").as_bytes()
+    assert max(len(row) for row in raw.splitlines()) <= 998
+    assert "C" * 2000 in _received_bytes(raw).get_body(("plain",)).get_content()  # type: ignore[union-attr]
