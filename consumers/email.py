@@ -57,6 +57,7 @@ from email.charset import QP, Charset
 from email.message import Message
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
+from email.policy import compat32
 from email.utils import formatdate, parseaddr
 from typing import Any
 
@@ -237,6 +238,18 @@ def render(event: dict[str, Any], who: store.Recipient, *, step: str, sender: st
     return msg
 
 
+_WIRE = compat32.clone(linesep="\r\n")
+
+
+def wire_bytes(msg: Message) -> bytes:
+    """The message as SMTP carries it: every line ended by CRLF.
+
+    smtplib sends bytes as given; a bare LF is no line end to the server, so the whole
+    message would be one line, refused as too long (RFC 5321 4.5.3.1.6).
+    """
+    return msg.as_bytes(policy=_WIRE)
+
+
 def notified(order_id: int, step: str, mid: str, at: datetime) -> list[dict[str, Any]]:
     """The CustomerNotified outcome of one sent email (the same event every time)."""
     return [
@@ -337,7 +350,7 @@ class EmailHandler:
         for attempt in (1, 2):
             try:
                 smtp, reused = self._connection()
-                smtp.sendmail(parseaddr(self.sender)[1], [to], msg.as_bytes())
+                smtp.sendmail(parseaddr(self.sender)[1], [to], wire_bytes(msg))
                 faults.hit("email.after_send")
                 return
             except smtplib.SMTPServerDisconnected as exc:

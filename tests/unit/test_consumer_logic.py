@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from consumers import store
 from consumers.config import ConsumerSettings
-from consumers.email import EmailHandler, RecipientUnknown, message_id, render
+from consumers.email import EmailHandler, RecipientUnknown, message_id, render, wire_bytes
 from consumers.handler import order_of, stable_event_id
 from consumers.invoice import InvoiceHandler
 from consumers.payment import GatewayUnavailable, PaymentHandler, SimulatedGateway, payment_key
@@ -464,12 +464,13 @@ def test_no_line_of_an_email_is_longer_than_smtp_allows() -> None:
     event = order_placed(6)
     line = {"sku": "S" * 64, "quantity": 1, "unit_price": "1.00", "line_total": "1.00"}
     event["data"]["lines"] = [line] * 50
-    raw = render(event, recipient, step="received", sender="orders@example.com").as_bytes()
-    assert max(len(row) for row in raw.splitlines()) <= 998
+    raw = wire_bytes(render(event, recipient, step="received", sender="orders@example.com"))
+    assert b"\n" not in raw.replace(b"\r\n", b"")  # CRLF line ends only, as SMTP counts them
+    assert max(len(row) for row in raw.split(b"\r\n")) <= 998
     parsed = _received_bytes(raw)
     assert parsed.get_body(("html",)).get_content().count("S" * 64) == 50  # type: ignore[union-attr]
     shipped = shipment_booked(6)
     shipped["data"]["carrier"] = "C" * 2000  # one value longer than a line may be
-    raw = render(shipped, recipient, step="shipped", sender="orders@example.com").as_bytes()
-    assert max(len(row) for row in raw.splitlines()) <= 998
+    raw = wire_bytes(render(shipped, recipient, step="shipped", sender="orders@example.com"))
+    assert max(len(row) for row in raw.split(b"\r\n")) <= 998
     assert "C" * 2000 in _received_bytes(raw).get_body(("plain",)).get_content()  # type: ignore[union-attr]
