@@ -243,6 +243,10 @@ def run(ctx: Context) -> list[Row]:
             rows.append(
                 Row(SECTION, f"POST to {kind}, p{q}", "ms", [percentile(r[kind], q) for r in runs])
             )
+    dead = [int(r["dead_letters"]) for r in runs]
+    if any(dead):
+        # Every order here is valid: a dead letter is a refused effect, not a figure.
+        raise RuntimeError(f"dead letters after the e2e runs: {dead} (see the consumers' logs)")
     lost_note = ", ".join(
         f"run {i + 1}: {int(r['lost'])} of {int(r['orders'])} orders incomplete,"
         f" {int(r['dead_letters'])} dead letters"
