@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session
 
 from consumers import store
 from devtools import databases
-from devtools.procs import Proc, http_ok, wait_until
+from devtools.procs import Proc, http_ok, terminate_all, wait_until
 from devtools.redis_server import RedisServer, free_port
 from messaging import keys
 from messaging.queue import RedisQueue
@@ -425,16 +425,9 @@ class Stack:
         )
 
     def stop(self) -> list[int]:
-        codes = []
-        for slot in self.slots:
-            if slot.proc is not None and slot.proc.alive():
-                codes.append(slot.proc.terminate(20.0))
-        if self.api is not None:
-            self.api.terminate(20.0)
-        if self.stream is not None:
-            self.stream.terminate(20.0)
-        if self.sink is not None:
-            self.sink.terminate(20.0)
+        workers = [slot.proc for slot in self.slots if slot.proc is not None and slot.proc.alive()]
+        others = [proc for proc in (self.api, self.stream, self.sink) if proc is not None]
+        codes = terminate_all([*workers, *others], 20.0)[: len(workers)]  # the workers' codes
         if self.proxy is not None:
             self.proxy.close()
         for engine in self.engines.values():

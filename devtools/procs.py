@@ -7,6 +7,7 @@ read while it runs, stopped with SIGTERM or SIGKILLed; :func:`http_ok` asks a UR
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -126,3 +127,25 @@ class Proc:
             except ProcessLookupError:
                 pass
         self.popen.wait()
+
+
+def terminate_all(procs: Sequence[Proc], timeout: float = 20.0) -> list[int]:
+    """SIGTERM every live process at once, then wait for each; SIGKILL at the deadline.
+
+    One at a time, a stack of ten processes took the sum of their graceful exits (a
+    consumer finishes its take timeout, gunicorn its workers): seconds per test.
+    Returns the exit codes of the processes that were alive.
+    """
+    live = [proc for proc in procs if proc.alive()]
+    for proc in live:
+        with contextlib.suppress(ProcessLookupError):
+            proc.popen.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    codes = []
+    for proc in live:  # never a second SIGTERM: to a consumer that means "exit at once"
+        try:
+            codes.append(proc.popen.wait(max(0.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            codes.append(proc.popen.returncode)
+    return codes

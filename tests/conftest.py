@@ -1,7 +1,11 @@
 """Shared fixtures: a real Redis server for the session, clean per test.
 
 ``make test`` starts one Redis server and passes it as ``REDIS_TEST_URL`` (the Go tests
-use the same one). Run pytest alone and the session starts its own. Either way it is
+use the same one). Run pytest alone and the session starts its own. ``make test`` runs
+pytest in two processes (pytest-xdist): the first uses that server, every other one
+starts a server of its own, since tests flush whole servers (FLUSHALL). The end-to-end
+tests, which each start a whole stack of processes, run one after the other in one of
+them (``xdist_group``), beside the unit and integration tests in the other. Either way it is
 a real ``redis-server``; fakeredis appears only in ``tests/unit``. When no server can
 be found or started, Redis tests are skipped locally but fail when ``CI`` is set.
 
@@ -76,6 +80,13 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.line("Install what the reasons name to run them; CI fails on any skip.")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end tests share one xdist worker: at most one whole stack runs at a time."""
+    for item in items:
+        if item.get_closest_marker("e2e") is not None:
+            item.add_marker(pytest.mark.xdist_group("e2e"))
+
+
 def _no_redis(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"Redis is required in CI: {reason}")
@@ -89,7 +100,7 @@ def _no_redis(reason: str) -> None:
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of the session's real Redis server."""
     given = os.environ.get("REDIS_TEST_URL")
-    if given:
+    if given and os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0":
         yield given
         return
     try:

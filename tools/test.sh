@@ -24,7 +24,12 @@ echo "== ruff"
 .venv/bin/ruff format --check .
 
 echo "== pytest"
-.venv/bin/pytest "$@"
+# Two processes (PYTEST_WORKERS; 0 = none): the end-to-end tests, one whole stack at a
+# time, in one (their xdist_group); unit, contract and integration tests in the other.
+# Most of a test's time is spent waiting on the real processes it drives, so two share
+# the two cores well.
+workers=${PYTEST_WORKERS:-2}
+.venv/bin/pytest -n "$workers" --dist loadgroup "$@"
 
 echo "== go vet, gofmt, go test -race (go-subscriber)"
 cd go-subscriber

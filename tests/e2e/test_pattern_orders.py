@@ -243,8 +243,14 @@ def test_pubsub_a_stopped_consumer_loses_the_orders_placed_meanwhile(
         assert stack.client.llen(keys.pending(keys.PAYMENT_QUEUE)) == 0
         assert stack.dead_letters() == 0
         # The operator sees them as stuck, waiting for payment: dashboard and CLI.
+        # Each becomes stuck one second after its own placement: wait for all of them
+        # (on a loaded machine the first two were listed before the third).
         stuck = wait_for(
-            lambda: [o for o in _stuck(stack, 1) if o["id"] in missed],
+            lambda: (
+                (listed := [o for o in _stuck(stack, 1) if o["id"] in missed])
+                and {o["id"] for o in listed} == set(missed)
+                and listed
+            ),
             30,
             0.5,
             "the missed orders listed as stuck",
