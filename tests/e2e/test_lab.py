@@ -11,10 +11,12 @@ shutdown was graceful: services first, Redis last, and no SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -192,6 +194,23 @@ def queue_row(lab: Lab, queue: str) -> dict[str, int]:
     return {"pending": int(row[1]), "in flight": int(row[2]), "dead": int(row[4])}
 
 
+OWN_TABLES = {
+    "orders": {"orders", "order_lines", "outbox", "order_history"},
+    "payment": {"consumer_processed", "payment_gateway_charges", "payments"},
+    "invoice": {"consumer_processed", "invoice_counters", "invoices"},
+    "shipping": {"consumer_processed", "shipments"},
+    "email": {"consumer_processed", "email_recipients", "emails_sent", "email_claims"},
+}
+"""The tables of each service's SQLite file under ``make up`` (var/NAME.db)."""
+
+
+def tables(path: Path) -> set[str]:
+    """The table names of one SQLite database file (read-only)."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    return {name for (name,) in rows if not name.startswith("sqlite_")}
+
+
 def in_flight(client: redis_lib.Redis, queue: str) -> int:
     """Messages of ``queue`` held by workers, as the dashboard and orders-admin count them."""
     return next(f.in_flight for f in monitor.all_figures(client) if f.name == queue)
@@ -235,6 +254,10 @@ def test_kill_the_payment_worker_and_its_message_comes_back(new_lab: Callable[..
     types = [event["type"] for event in done["history"]]
     assert types.count("PaymentCaptured") == 1, types
     assert queue_row(lab, "payment") == {"pending": 0, "in flight": 0, "dead": 0}
+
+    # Each service keeps its own tables in its own database, and nothing else's.
+    owned = {name: tables(lab.home / "var" / f"{name}.db") for name in OWN_TABLES}
+    assert owned == OWN_TABLES
 
     # `make logs s=payment` follows that one program's log file.
     with subprocess.Popen(
