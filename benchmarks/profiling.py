@@ -8,6 +8,10 @@ every order has every effect, then prints each process's CPU per order by layer 
 the e2e latencies of that run. The collapsed stacks go to
 ``bench-results/profile-pipeline-<process>.txt`` (flamegraph input).
 
+``python -m benchmarks.profiling pipeline-cpu [--rate 50] [--seconds 5]`` runs the same
+pipeline without a sampler and prints the CPU each process (Redis included) was charged
+per order, read from ``/proc``: py-spy counts a consumer blocked in BLMOVE as running.
+
 ``python -m benchmarks.profiling server [--rate 200] [--seconds 10] [--database ...]``
 samples the real ``orders-api`` (gunicorn workers) with py-spy while vegeta offers
 orders at a fixed rate, and prints the CPU time per order by layer: the figure to
@@ -317,6 +321,56 @@ def profile_cpu(
         print(f"| {name} | {load.ok} | {used / max(load.ok, 1) * 1e6:,.0f} | {load.p(50):.1f} |")
 
 
+def pipeline_cpu(redis_url: str, seconds: float, rate: int) -> None:
+    """CPU per order of each process of the end-to-end pipeline, read from ``/proc``.
+
+    No sampler: py-spy cannot tell a thread blocked in a socket read (a worker waiting in
+    BLMOVE) from one running, so its "CPU" overstates idle consumers; ``/proc`` counts
+    what the kernel charged each process (gunicorn's workers included) from the start
+    of the load until every effect was in, Redis too.
+    """
+    from benchmarks import e2e
+    from benchmarks.harness import MODES, Context, percentile
+
+    work = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
+    ctx = Context(mode=MODES["quick"], work=work, redis_url=redis_url)
+    client = redis.Redis.from_url(redis_url)
+    pids = {"redis": int(client.info("server")["process_id"])}
+    client.close()
+    spent: dict[str, float] = {}
+
+    def observe(started: dict[str, int]) -> Any:
+        trees = {name: _tree(pid) for name, pid in {**started, **pids}.items()}
+        before = {name: _cpu_seconds(tree) for name, tree in trees.items()}
+        began = time.monotonic()
+
+        def finish() -> None:
+            spent.update({name: _cpu_seconds(trees[name]) - before[name] for name in trees})
+            spent["(wall)"] = time.monotonic() - began
+
+        return finish
+
+    result = e2e.one_run(ctx, rate=rate, seconds=seconds, observe=observe)
+    orders = max(int(result["accepted"]), 1)  # type: ignore[arg-type]
+    print(
+        f"pipeline: {orders} orders at {rate}/s offered for {seconds:g}s"
+        f" ({result['accepted_rate']:.1f}/s accepted), {int(result['lost'])} lost"  # type: ignore[arg-type]
+    )
+    for kind in (*e2e.EFFECTS, "all"):
+        values = result[kind]
+        assert isinstance(values, list)
+        figures = "/".join(f"{percentile(values, q):,.0f}" for q in (50, 95, 99, 100))
+        print(f"  POST to {kind}: p50/p95/p99/max {figures} ms")
+    wall = spent.pop("(wall)")
+    total = sum(spent.values())
+    print(f"\nCPU from /proc over {wall:.1f} s (load until the last effect), per order:")
+    print("| process | CPU ms per order | share of one core |")
+    print("|---|---:|---:|")
+    for name, cpu in sorted(spent.items(), key=lambda item: -item[1]):
+        print(f"| {name} | {cpu / orders * 1000:.2f} | {cpu / wall:.0%} |")
+    print(f"| all | {total / orders * 1000:.2f} | {total / wall:.0%} |")
+
+
 def profile_pipeline(redis_url: str, seconds: float, rate: int, idle: bool) -> None:
     """py-spy on every process of the end-to-end pipeline while it takes ``rate``/s."""
     import shutil
@@ -404,7 +458,7 @@ def _save(profiler: Profiler, name: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one profile."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profiling")
-    parser.add_argument("target", choices=["post", "drain", "server", "pipeline", "cpu"])
+    parser.add_argument("target", choices=["post", "drain", "server", "pipeline", "pipeline-cpu", "cpu"])
     parser.add_argument("--seconds", type=float, default=0.0, help="load time (10; pipeline 5)")
     parser.add_argument(
         "--rate", type=float, default=0.0, help="orders/s (200; pipeline 50; cpu 150)"
@@ -422,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
             profile_drain(server.url, args.count or 50_000, args.batch)
         elif args.target == "pipeline":
             profile_pipeline(server.url, args.seconds or 5.0, int(args.rate or 50), args.idle)
+        elif args.target == "pipeline-cpu":
+            pipeline_cpu(server.url, args.seconds or 5.0, int(args.rate or 50))
         else:
             database_url = f"sqlite:///{work / 'orders.db'}"
             if args.database == "postgresql":

@@ -441,26 +441,7 @@ class EmailHandler:
             store.release_claim(self.engine, order_id, step, owner)
             raise
 
-        def record(session: Session) -> list[dict[str, Any]]:
-            sent = session.get(store.EmailSent, mid)
-            if sent is None:
-                sent = store.EmailSent(
-                    message_id=mid,
-                    order_id=order_id,
-                    step=step,
-                    event_id=event["id"],
-                    recipient=who.email,
-                )
-                session.add(sent)
-                session.flush()
-            result = notified(order_id, step, mid, sent.sent_at)
-            claim = session.get(store.EmailClaim, (order_id, step))
-            if claim is not None:
-                claim.state, claim.outcome = "sent", json.dumps(result)
-            return result
-
-        emitted, _new = store.process_once(self.engine, QUEUE, event, record)
-        return emitted
+        return self._mark_sent(event, order_id, step, who.email, mid)
 
     def handle_batch(
         self, events: list[dict[str, Any]], stopping: Callable[[], bool] = bool
@@ -553,7 +534,6 @@ class EmailHandler:
         jobs = [job for job in jobs if (job.order_id, job.step) in claimed]
         claimed_at = time.monotonic()
         down: Exception | None = None
-        sent: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
         for n, job in enumerate(jobs):
             assert job.who is not None
             if n and stopping():  # shutting down: free the claim, the message goes back
@@ -575,53 +555,59 @@ class EmailHandler:
                 if isinstance(exc, SmtpUnavailable):
                     down = exc
                 continue
-            result = self._mark_sent(job, mid)
-            sent.append((job.event, result))
-            results[job.index] = result
-        if sent:
-            with Session(self.engine) as session, session.begin():
-                store.insert_new(
-                    session,
-                    store.Processed,
-                    [
-                        {
-                            "queue": QUEUE,
-                            "event_id": event["id"],
-                            "order_id": event["data"]["order_id"],
-                            "outcome": json.dumps(result),
-                            "processed_at": datetime.now(UTC),
-                        }
-                        for event, result in sent
-                    ],
-                )
+            results[job.index] = self._mark_sent(
+                job.event, job.order_id, job.step, job.who.email, mid
+            )
         return results
 
-    def _mark_sent(self, job: _Job, mid: str) -> list[dict[str, Any]]:
-        """Record one handed-over email and its outcome on its claim, committed now."""
-        assert job.who is not None
-        with Session(self.engine) as session, session.begin():
-            row = {
-                "message_id": mid,
-                "order_id": job.order_id,
-                "step": job.step,
-                "event_id": job.event["id"],
-                "recipient": job.who.email,
-                "sent_at": datetime.now(UTC),
-            }
-            at = session.execute(
-                store.insert_for(session)(store.EmailSent)
-                .values(row)
+    def _mark_sent(
+        self, event: dict[str, Any], order_id: int, step: str, address: str, mid: str
+    ) -> list[dict[str, Any]]:
+        """Record one handed-over email, committed now, in ONE transaction: its
+        ``emails_sent`` row, its claim's outcome and the event's processed row.
+
+        Core statements on one connection (compiled once, cached): the ORM session
+        this replaced (a get, a flush and a second transaction for the processed row)
+        was a sixth of the consumer's CPU per email. A redelivery after a crash past the
+        send finds the first ``sent_at`` and so builds the same outcome; a duplicate
+        processed row is skipped, its outcome being that same one.
+        """
+        insert = store.dialect_insert(self.engine)
+        now = datetime.now(UTC)
+        with self.engine.begin() as conn:
+            at = conn.execute(
+                insert(store.EmailSent)
+                .values(
+                    message_id=mid,
+                    order_id=order_id,
+                    step=step,
+                    event_id=event["id"],
+                    recipient=address,
+                    sent_at=now,
+                )
                 .on_conflict_do_nothing()
                 .returning(store.EmailSent.sent_at)
             ).scalar_one_or_none()
             if at is None:  # sent before (a crash after the send): its first time
-                at = session.execute(
+                at = conn.execute(
                     select(store.EmailSent.sent_at).where(store.EmailSent.message_id == mid)
                 ).scalar_one()
-            result = notified(job.order_id, job.step, mid, at)
-            session.execute(
+            result = notified(order_id, step, mid, at)
+            outcome = json.dumps(result)
+            conn.execute(
                 update(store.EmailClaim)
-                .where(store.EmailClaim.order_id == job.order_id, store.EmailClaim.step == job.step)
-                .values(state="sent", outcome=json.dumps(result))
+                .where(store.EmailClaim.order_id == order_id, store.EmailClaim.step == step)
+                .values(state="sent", outcome=outcome)
+            )
+            conn.execute(
+                insert(store.Processed)
+                .values(
+                    queue=QUEUE,
+                    event_id=event["id"],
+                    order_id=order_id,
+                    outcome=outcome,
+                    processed_at=now,
+                )
+                .on_conflict_do_nothing()
             )
         return result

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
+    Connection,
     DateTime,
     Engine,
     Integer,
@@ -220,7 +221,12 @@ def extend_claims(engine: Engine, owner: str, lease_seconds: float) -> None:
 
 def insert_for(session: Session) -> Any:
     """The dialect's INSERT (both have ON CONFLICT DO NOTHING and RETURNING)."""
-    if session.get_bind().dialect.name == "postgresql":
+    return dialect_insert(session.get_bind())
+
+
+def dialect_insert(bind: Engine | Connection) -> Any:
+    """The INSERT of ``bind``'s dialect (both have ON CONFLICT DO NOTHING and RETURNING)."""
+    if bind.dialect.name == "postgresql":
         return postgresql.insert
     return sqlite.insert
 
@@ -347,9 +353,13 @@ def create_tables(engine: Engine, service: str) -> None:
 
 def lookup(engine: Engine, queue: str, event_id: str) -> list[dict[str, Any]] | None:
     """The stored outcome events of an event already handled on ``queue``, else None."""
-    with Session(engine) as session:
-        row = session.get(Processed, (queue, event_id))
-        return None if row is None else json.loads(row.outcome)
+    with engine.connect() as conn:  # Core: the ORM's identity map is no use for one read
+        outcome = conn.execute(
+            select(Processed.outcome).where(
+                Processed.queue == queue, Processed.event_id == event_id
+            )
+        ).scalar_one_or_none()
+    return None if outcome is None else json.loads(outcome)
 
 
 def process_once(
