@@ -458,7 +458,9 @@ def _save(profiler: Profiler, name: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one profile."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profiling")
-    parser.add_argument("target", choices=["post", "drain", "server", "pipeline", "pipeline-cpu", "cpu"])
+    parser.add_argument(
+        "target", choices=["post", "drain", "server", "pipeline", "pipeline-cpu", "cpu"]
+    )
     parser.add_argument("--seconds", type=float, default=0.0, help="load time (10; pipeline 5)")
     parser.add_argument(
         "--rate", type=float, default=0.0, help="orders/s (200; pipeline 50; cpu 150)"
