@@ -321,6 +321,26 @@ def profile_cpu(
         print(f"| {name} | {load.ok} | {used / max(load.ok, 1) * 1e6:,.0f} | {load.p(50):.1f} |")
 
 
+def _run_pipeline(ctx: Any, rate: int, seconds: float, observe: Any) -> int:
+    """One e2e run (benchmarks/e2e.py) with ``observe``; prints its latencies, returns
+    the orders accepted (at least 1)."""
+    from benchmarks import e2e
+    from benchmarks.harness import percentile
+
+    result = e2e.one_run(ctx, rate=rate, seconds=seconds, observe=observe)
+    orders = max(int(result["accepted"]), 1)  # type: ignore[arg-type]
+    print(
+        f"pipeline: {orders} orders at {rate}/s offered for {seconds:g}s"
+        f" ({result['accepted_rate']:.1f}/s accepted), {int(result['lost'])} lost"  # type: ignore[arg-type]
+    )
+    for kind in (*e2e.EFFECTS, "all"):
+        values = result[kind]
+        assert isinstance(values, list)
+        figures = "/".join(f"{percentile(values, q):,.0f}" for q in (50, 95, 99, 100))
+        print(f"  POST to {kind}: p50/p95/p99/max {figures} ms")
+    return orders
+
+
 def pipeline_cpu(redis_url: str, seconds: float, rate: int) -> None:
     """CPU per order of each process of the end-to-end pipeline, read from ``/proc``.
 
@@ -329,8 +349,7 @@ def pipeline_cpu(redis_url: str, seconds: float, rate: int) -> None:
     what the kernel charged each process (gunicorn's workers included) from the start
     of the load until every effect was in, Redis too.
     """
-    from benchmarks import e2e
-    from benchmarks.harness import MODES, Context, percentile
+    from benchmarks.harness import MODES, Context
 
     work = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
     ctx = Context(mode=MODES["quick"], work=work, redis_url=redis_url)
@@ -350,17 +369,7 @@ def pipeline_cpu(redis_url: str, seconds: float, rate: int) -> None:
 
         return finish
 
-    result = e2e.one_run(ctx, rate=rate, seconds=seconds, observe=observe)
-    orders = max(int(result["accepted"]), 1)  # type: ignore[arg-type]
-    print(
-        f"pipeline: {orders} orders at {rate}/s offered for {seconds:g}s"
-        f" ({result['accepted_rate']:.1f}/s accepted), {int(result['lost'])} lost"  # type: ignore[arg-type]
-    )
-    for kind in (*e2e.EFFECTS, "all"):
-        values = result[kind]
-        assert isinstance(values, list)
-        figures = "/".join(f"{percentile(values, q):,.0f}" for q in (50, 95, 99, 100))
-        print(f"  POST to {kind}: p50/p95/p99/max {figures} ms")
+    orders = _run_pipeline(ctx, rate, seconds, observe)
     wall = spent.pop("(wall)")
     total = sum(spent.values())
     print(f"\nCPU from /proc over {wall:.1f} s (load until the last effect), per order:")
@@ -377,8 +386,7 @@ def profile_pipeline(redis_url: str, seconds: float, rate: int, idle: bool) -> N
     import signal
     import subprocess
 
-    from benchmarks import e2e
-    from benchmarks.harness import BIN, MODES, Context, percentile
+    from benchmarks.harness import BIN, MODES, Context
 
     py_spy = shutil.which("py-spy", path=str(BIN)) or shutil.which("py-spy")
     if py_spy is None:
@@ -405,17 +413,7 @@ def profile_pipeline(redis_url: str, seconds: float, rate: int, idle: bool) -> N
 
         return finish
 
-    result = e2e.one_run(ctx, rate=rate, seconds=seconds, observe=observe)
-    orders = max(int(result["accepted"]), 1)  # type: ignore[arg-type]
-    print(
-        f"pipeline: {orders} orders at {rate}/s offered for {seconds:g}s"
-        f" ({result['accepted_rate']:.1f}/s accepted), {int(result['lost'])} lost"  # type: ignore[arg-type]
-    )
-    for kind in (*e2e.EFFECTS, "all"):
-        values = result[kind]
-        assert isinstance(values, list)
-        figures = "/".join(f"{percentile(values, q):,.0f}" for q in (50, 95, 99, 100))
-        print(f"  POST to {kind}: p50/p95/p99/max {figures} ms")
+    orders = _run_pipeline(ctx, rate, seconds, observe)
     RESULTS_DIR.mkdir(exist_ok=True)
     what = "wall time (on CPU and waiting)" if idle else "CPU"
     for name in spies:
