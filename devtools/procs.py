@@ -134,15 +134,16 @@ def terminate_all(procs: Sequence[Proc], timeout: float = 20.0) -> list[int]:
 
     One at a time, a stack of ten processes took the sum of their graceful exits (a
     consumer finishes its take timeout, gunicorn its workers): seconds per test.
-    Returns the exit codes of the processes that were alive.
+    Returns the exit code of every process of ``procs``, in order (one that had exited
+    before: the code it exited with).
     """
-    live = [proc for proc in procs if proc.alive()]
-    for proc in live:
-        with contextlib.suppress(ProcessLookupError):
-            proc.popen.send_signal(signal.SIGTERM)
+    for proc in procs:
+        if proc.alive():
+            with contextlib.suppress(ProcessLookupError):
+                proc.popen.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
     codes = []
-    for proc in live:  # never a second SIGTERM: to a consumer that means "exit at once"
+    for proc in procs:  # never a second SIGTERM: to a consumer that means "exit at once"
         try:
             codes.append(proc.popen.wait(max(0.0, deadline - time.monotonic())))
         except subprocess.TimeoutExpired:
