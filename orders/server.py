@@ -114,9 +114,8 @@ class OrdersServer(BaseApplication):  # type: ignore[misc]
         logs.configure(self.settings.base.log_format, self.settings.base.log_level)
         # Per worker, after the fork: the exporter's thread and socket are this process's.
         tracing.configure_process(self.settings.base, "orders-api")
-        # A worker that boots while the master shuts down can find the metrics directory
-        # already cleaned; recreate it rather than fail the boot (gunicorn's exit code 3).
-        # Before importing the app: importing orders.metrics creates its counter files.
+        # Before importing the app (importing orders.metrics creates its counter files):
+        # the directory exists, but a configured one may have been removed by hand.
         if os.environ.get(MULTIPROC_ENV):
             Path(os.environ[MULTIPROC_ENV]).mkdir(parents=True, exist_ok=True)
         from orders.app import create_app
@@ -153,10 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     settings = auth.with_token(settings)  # before the fork: one token for every worker
     metrics_dir, created = prepare_metrics_dir(settings.metrics_dir)
+    master = os.getpid()
     try:
         OrdersServer(settings).run()
     finally:
-        if created:
+        # Only the master removes it. A worker is a fork of this very call: gunicorn
+        # ends it with sys.exit, whose SystemExit unwinds through this ``finally`` in
+        # the worker too, and that deleted the directory under the live workers (their
+        # samples lost; a worker booting meanwhile failed: exit 3 of the whole server).
+        if created and os.getpid() == master:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 

@@ -74,6 +74,65 @@ def test_orders_api_places_an_order_and_the_relay_feeds_the_queues(
     assert "Traceback" not in api.output()
 
 
+def _placed_total(base: str, token: str) -> float:
+    """``orders_placed_total`` of /metrics, summed over every worker's samples."""
+    request = urllib.request.Request(
+        f"{base}/metrics", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("orders_placed_total")
+    )
+
+
+def _workers(master: int) -> set[int]:
+    found = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True)
+    return {int(pid) for pid in found.stdout.split()}
+
+
+def test_a_worker_that_exits_leaves_the_others_metrics_and_a_new_worker_boots(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A gunicorn worker is a fork of orders-api's main(): its exit unwound through the
+    master's cleanup and deleted the metrics directory of the live workers (their counts
+    gone from /metrics; a worker booting meanwhile failed, and the server exited 3)."""
+    port, token = free_port(), "t" * 32
+    env = {
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "WEB_CONCURRENCY": "2",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'orders.db'}",
+        "REDIS_URL": redis_url,
+        "ADMIN_TOKEN": token,
+        "RATE_LIMIT_PER_MINUTE": "0",
+    }
+    api = Proc([str(BIN / "orders-api")], env, tmp_path / "api.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        first = wait_for(lambda: len(w := _workers(api.popen.pid)) == 2 and w, 30, 0.1, "2 workers")
+        wait_for(lambda: _get(base + "/healthz") == 200, 30, 0.1, "orders-api answers")
+        for n in range(4):
+            assert _post(base + "/orders", ORDER, f"worker-exit-{n}")[0] == 201
+        assert _placed_total(base, token) == 4
+        victim = min(first)
+        subprocess.run(["kill", "-TERM", str(victim)], check=True)  # gunicorn starts another
+        wait_for(
+            lambda: len(w := _workers(api.popen.pid)) == 2 and victim not in w,
+            30,
+            0.1,
+            "a new worker in place of the one that exited",
+        )
+        wait_for(lambda: _get(base + "/healthz") == 200, 30, 0.1, "orders-api answers")
+        api.check_alive()
+        assert _placed_total(base, token) == 4  # counters of every worker, the dead one's too
+    finally:
+        code = api.terminate()
+    assert code == 0, api.output()
+
+
 @pytest.mark.parametrize(
     ("env", "needle"),
     [
