@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Dialect, Engine, bindparam, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from consumers import store
 from consumers.handler import currency_field, money_field, order_id_of, stable_event_id
-from messaging import envelope, keys
+from messaging import database, envelope, keys
 from messaging.handler import outcome
 
 QUEUE = keys.INVOICE_QUEUE
@@ -78,6 +78,9 @@ class InvoiceHandler:
     def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         """Issue (idempotently) and return the outcome event."""
         capture = capture_of(event)
+        fast = store.process_new(self.engine, QUEUE, event, _issue_new(event, capture))
+        if fast is not None:
+            return fast
         emitted, _new = store.process_once(
             self.engine, QUEUE, event, lambda session: _issue(session, event, capture)
         )
@@ -94,6 +97,56 @@ class InvoiceHandler:
         finishes even when ``stopping`` turns true.
         """
         return store.process_parsed_batch(self.engine, QUEUE, events, capture_of, _issue)
+
+
+SQL = database.DriverStatements(
+    issued=lambda _dialect: select(store.Invoice.id).where(
+        store.Invoice.order_id == bindparam("order_id")
+    ),
+    # The year's next number in one statement that also locks the counter's row (on
+    # SQLite the transaction holds the write lock already): gap-free, as _counter.
+    next_number=lambda dialect: (
+        store.dialect_insert_of(dialect)(store.InvoiceCounter)
+        .values(year=bindparam("year"), last=1)
+        .on_conflict_do_update(
+            index_elements=["year"], set_={"last": store.InvoiceCounter.last + 1}
+        )
+        .returning(store.InvoiceCounter.last)
+    ),
+    issue=lambda _dialect: insert(store.Invoice).values(
+        order_id=bindparam("order_id"),
+        invoice_number=bindparam("invoice_number"),
+        event_id=bindparam("event_id"),
+        total=bindparam("total"),
+        currency=bindparam("currency"),
+        issued_at=bindparam("issued_at"),
+    ),
+)
+
+
+def _issue_new(event: dict[str, Any], capture: Capture) -> store.NewEffect:
+    """The fast path's effect (:func:`consumers.store.process_new`): issue a new invoice;
+    None when the order has one already (the full path reports that one)."""
+
+    def effect(cursor: Any, dialect: Dialect) -> list[dict[str, Any]] | None:
+        order_id = capture.order_id
+        if SQL(dialect, "issued").first(cursor, order_id=order_id) is not None:
+            return None
+        at = store.now()
+        (sequence,) = SQL(dialect, "next_number").first(cursor, year=at.year)
+        number = invoice_number(at.year, sequence)
+        SQL(dialect, "issue").execute(
+            cursor,
+            order_id=order_id,
+            invoice_number=number,
+            event_id=event["id"],
+            total=capture.amount,
+            currency=capture.currency,
+            issued_at=at,
+        )
+        return [_issued(order_id, number, capture.amount, capture.currency, at)]
+
+    return effect
 
 
 def _issue(session: Session, event: dict[str, Any], capture: Capture) -> list[dict[str, Any]]:
@@ -115,19 +168,18 @@ def _issue(session: Session, event: dict[str, Any], capture: Capture) -> list[di
         )
         session.add(invoice)
         session.flush()
-    return [
-        outcome(
-            envelope.INVOICE_ISSUED,
-            {
-                "order_id": order_id,
-                "invoice_number": invoice.invoice_number,
-                "total": invoice.total,
-                "currency": invoice.currency,
-            },
-            order_id=order_id,
-            sender=SENDER,
-            message=f"Invoice {invoice.invoice_number} issued for order #{order_id}",
-            event_id=stable_event_id(envelope.INVOICE_ISSUED, order_id),
-            at=invoice.issued_at,
-        )
-    ]
+    number, total, currency = invoice.invoice_number, invoice.total, invoice.currency
+    return [_issued(order_id, number, total, currency, invoice.issued_at)]
+
+
+def _issued(order_id: int, number: str, total: str, currency: str, at: datetime) -> dict[str, Any]:
+    """The InvoiceIssued event of an order's invoice (the same id every time)."""
+    return outcome(
+        envelope.INVOICE_ISSUED,
+        {"order_id": order_id, "invoice_number": number, "total": total, "currency": currency},
+        order_id=order_id,
+        sender=SENDER,
+        message=f"Invoice {number} issued for order #{order_id}",
+        event_id=stable_event_id(envelope.INVOICE_ISSUED, order_id),
+        at=at,
+    )

@@ -17,15 +17,16 @@ from __future__ import annotations
 import secrets
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Dialect, Engine, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from consumers import store
 from consumers.handler import order_id_of, stable_event_id
-from messaging import envelope, keys
+from messaging import database, envelope, keys
 from messaging.handler import outcome
 
 QUEUE = keys.SHIPPING_QUEUE
@@ -47,23 +48,70 @@ def book(order_id: int) -> tuple[str, str, str]:
 
 def booked_event(shipment: store.Shipment) -> dict[str, Any]:
     """The ShipmentBooked event of a shipment (the same id every time)."""
+    return _booked(
+        shipment.order_id,
+        shipment.shipment_id,
+        shipment.carrier,
+        shipment.tracking_number,
+        shipment.booked_at,
+    )
+
+
+def _booked(
+    order_id: int, shipment_id: str, carrier: str, tracking: str, at: datetime
+) -> dict[str, Any]:
     return outcome(
         envelope.SHIPMENT_BOOKED,
         {
-            "order_id": shipment.order_id,
-            "shipment_id": shipment.shipment_id,
-            "carrier": shipment.carrier,
-            "tracking_number": shipment.tracking_number,
+            "order_id": order_id,
+            "shipment_id": shipment_id,
+            "carrier": carrier,
+            "tracking_number": tracking,
         },
-        order_id=shipment.order_id,
+        order_id=order_id,
         sender=SENDER,
-        message=(
-            f"Shipment booked for order #{shipment.order_id}: "
-            f"{shipment.carrier} {shipment.tracking_number}"
-        ),
-        event_id=stable_event_id(envelope.SHIPMENT_BOOKED, shipment.order_id),
-        at=shipment.booked_at,
+        message=f"Shipment booked for order #{order_id}: {carrier} {tracking}",
+        event_id=stable_event_id(envelope.SHIPMENT_BOOKED, order_id),
+        at=at,
     )
+
+
+SQL = database.DriverStatements(
+    booked=lambda _dialect: select(store.Shipment.shipment_id).where(
+        store.Shipment.order_id == bindparam("order_id")
+    ),
+    book=lambda _dialect: insert(store.Shipment).values(
+        shipment_id=bindparam("shipment_id"),
+        order_id=bindparam("order_id"),
+        carrier=bindparam("carrier"),
+        tracking_number=bindparam("tracking_number"),
+        event_id=bindparam("event_id"),
+        booked_at=bindparam("booked_at"),
+    ),
+)
+
+
+def _ship_new(event: dict[str, Any], order_id: int) -> store.NewEffect:
+    """The fast path's effect (:func:`consumers.store.process_new`): book a new shipment;
+    None when the order has one already (the full path reports that one)."""
+
+    def effect(cursor: Any, dialect: Dialect) -> list[dict[str, Any]] | None:
+        if SQL(dialect, "booked").first(cursor, order_id=order_id) is not None:
+            return None
+        shipment_id, carrier, tracking = book(order_id)
+        at = store.now()
+        SQL(dialect, "book").execute(
+            cursor,
+            shipment_id=shipment_id,
+            order_id=order_id,
+            carrier=carrier,
+            tracking_number=tracking,
+            event_id=event["id"],
+            booked_at=at,
+        )
+        return [_booked(order_id, shipment_id, carrier, tracking, at)]
+
+    return effect
 
 
 class ShippingHandler:
@@ -78,6 +126,9 @@ class ShippingHandler:
     def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         """Book (idempotently) and return the outcome event."""
         order_id = order_id_of(event)
+        fast = store.process_new(self.engine, QUEUE, event, _ship_new(event, order_id))
+        if fast is not None:
+            return fast
         try:
             emitted, _new = store.process_once(
                 self.engine, QUEUE, event, lambda session: _ship(session, event, order_id)

@@ -21,11 +21,13 @@ from sqlalchemy import (
     BigInteger,
     Connection,
     DateTime,
+    Dialect,
     Engine,
     Integer,
     String,
     Text,
     UniqueConstraint,
+    bindparam,
     delete,
     event,
     insert,
@@ -45,8 +47,12 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long an SQLite writer waits for the lock (several processes write)."""
 
 
-def _now() -> datetime:
+def now() -> datetime:
+    """Now, in UTC (the time columns' default)."""
     return datetime.now(UTC)
+
+
+_now = now
 
 
 class Base(DeclarativeBase):
@@ -226,7 +232,12 @@ def insert_for(session: Session) -> Any:
 
 def dialect_insert(bind: Engine | Connection) -> Any:
     """The INSERT of ``bind``'s dialect (both have ON CONFLICT DO NOTHING and RETURNING)."""
-    if bind.dialect.name == "postgresql":
+    return dialect_insert_of(bind.dialect)
+
+
+def dialect_insert_of(dialect: Dialect) -> Any:
+    """The INSERT of ``dialect`` (both have ON CONFLICT and RETURNING)."""
+    if dialect.name == "postgresql":
         return postgresql.insert
     return sqlite.insert
 
@@ -397,6 +408,67 @@ def process_once(
             raise
         return stored, False
     return outcome, True
+
+
+SQL = database.DriverStatements(
+    processed=lambda _dialect: select(Processed.outcome).where(
+        Processed.queue == bindparam("queue"), Processed.event_id == bindparam("event_id")
+    ),
+    record=lambda _dialect: insert(Processed).values(
+        queue=bindparam("queue"),
+        event_id=bindparam("event_id"),
+        order_id=bindparam("order_id"),
+        outcome=bindparam("outcome"),
+        processed_at=bindparam("processed_at"),
+    ),
+)
+"""The fast path's statements, compiled once per dialect (:func:`process_new`)."""
+
+NewEffect = Callable[[Any, Dialect], "list[dict[str, Any]] | None"]
+"""The effect of :func:`process_new`: (driver cursor, dialect) -> outcome events, or
+None when the event is not the common case (its row exists already ...)."""
+
+
+class _NotNew(Exception):
+    """The fast path declines: roll back, the full path decides."""
+
+
+def process_new(
+    engine: Engine, queue: str, event: dict[str, Any], effect: NewEffect
+) -> list[dict[str, Any]] | None:
+    """:func:`process_once`'s common case (an event seen for the first time), on the driver.
+
+    One transaction on the DBAPI cursor (:func:`messaging.database.driver_transaction`,
+    statements compiled once by SQLAlchemy): check the processed row, run ``effect``,
+    insert the processed row, commit. A message's database work costs about a tenth of
+    the ORM's (``benchmarks/README.md``, "the consumers' fast path"). Returns the
+    outcome events when this call did the work and committed it; None, with nothing
+    committed, when the event was handled before, when ``effect`` returns None, or
+    when a unique key refused the insert (a concurrent duplicate): the caller then runs
+    the full path (:func:`process_once`), which returns the stored outcome or does the
+    rare case. So the fast path never decides anything the full path would decide
+    differently; it only skips the ORM when there is nothing to decide.
+    """
+    order_id = event.get("data", {}).get("order_id")
+    dialect = engine.dialect
+    try:
+        with database.driver_transaction(engine) as cursor:
+            if SQL(dialect, "processed").first(cursor, queue=queue, event_id=event["id"]):
+                raise _NotNew
+            outcome = effect(cursor, dialect)
+            if outcome is None:
+                raise _NotNew
+            SQL(dialect, "record").execute(
+                cursor,
+                queue=queue,
+                event_id=event["id"],
+                order_id=order_id if isinstance(order_id, int) else None,
+                outcome=json.dumps(outcome),
+                processed_at=_now(),
+            )
+    except (_NotNew, IntegrityError):
+        return None
+    return outcome
 
 
 def lookup_many(

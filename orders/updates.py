@@ -60,8 +60,7 @@ class UpdatesHandler:
     def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         """Record the event (no-op if recorded before); emits nothing."""
         try:
-            with Session(self.engine) as session, session.begin():
-                recorded = history.record_event(session, event)
+            recorded = history.record_event_now(self.engine, event)
         except (ValueError, history.UnknownOrder) as exc:
             raise PermanentError(f"cannot record {event.get('type')}: {exc}") from exc
         if recorded and self.announce is not None:
