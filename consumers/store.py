@@ -421,6 +421,19 @@ SQL = database.DriverStatements(
         outcome=bindparam("outcome"),
         processed_at=bindparam("processed_at"),
     ),
+    # A processed row after an effect outside the database (an email sent): a
+    # duplicate's row, there already, is that same outcome.
+    record_new=lambda dialect: (
+        dialect_insert_of(dialect)(Processed)
+        .values(
+            queue=bindparam("queue"),
+            event_id=bindparam("event_id"),
+            order_id=bindparam("order_id"),
+            outcome=bindparam("outcome"),
+            processed_at=bindparam("processed_at"),
+        )
+        .on_conflict_do_nothing()
+    ),
 )
 """The fast path's statements, compiled once per dialect (:func:`process_new`)."""
 
