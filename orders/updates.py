@@ -3,7 +3,7 @@
 Part of the order service (``orders-updates``): it is the only worker that writes the
 order service's database, and it learns what the other services did only from their
 events. It drains ``pending(ORDER_UPDATES_QUEUE)`` and calls
-:func:`orders.history.record_events` for each taken batch, in one short transaction
+:func:`orders.history.record_events_now` for each taken batch, in one short transaction
 (:meth:`UpdatesHandler.handle_batch`). Recording is idempotent by event id, so a
 redelivered or re-emitted outcome changes nothing.
 
@@ -23,7 +23,6 @@ from typing import Any
 import redis
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from messaging import envelope, keys, runner
 from messaging.config import WorkerSettings, command_line, database_url, load_settings
@@ -70,15 +69,14 @@ class UpdatesHandler:
     def handle_batch(
         self, events: list[dict[str, Any]], stopping: Callable[[], bool] = bool
     ) -> list[list[dict[str, Any]] | Exception | None]:
-        """Record a taken batch in ONE short transaction (:func:`history.record_events`).
+        """Record a taken batch in ONE short transaction (:func:`history.record_events_now`).
 
         The batch's statements are prepared first and written in one go, so the order
         database's write lock, which the API's POSTs need too, is held for a few
         statements, not for a batch of ORM round trips. An event that cannot be
         recorded is that event's permanent failure (dead-lettered with the reason).
         """
-        with Session(self.engine) as session, session.begin():
-            recorded = history.record_events(session, events)
+        recorded = history.record_events_now(self.engine, events)
         if self.announce is not None:  # after the commit, as handle does
             for event, done in zip(events, recorded, strict=True):
                 if done is True:

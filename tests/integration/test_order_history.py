@@ -224,12 +224,16 @@ def test_a_batch_records_what_one_event_at_a_time_records(
     same results, statuses, history and timeline, duplicates and bad events included."""
     from sqlalchemy import select
 
-    from orders.history import record_events
+    from orders.history import record_event_now, record_events, record_events_now
     from orders.models import OrderHistory
 
     app = make_app(NO_REDIS)
     alone = [_place(app) for _ in range(4)]
     batch = [_place(app) for _ in range(4)]
+    # orders-updates' driver paths (one transaction each, on the DBAPI cursor)
+    alone_now = [_place(app) for _ in range(4)]
+    batch_now = [_place(app) for _ in range(4)]
+    engine = app.extensions["orders"].engine
 
     def events(ids: list[int]) -> list[dict[str, Any]]:
         a, b, c, d = ids
@@ -259,9 +263,22 @@ def test_a_batch_records_what_one_event_at_a_time_records(
     with app.extensions["orders"].sessions.begin() as session:
         got = record_events(session, events(batch))
     assert [type(r) if isinstance(r, Exception) else r for r in got] == expected
+    got_now = record_events_now(engine, events(batch_now))
+    assert [type(r) if isinstance(r, Exception) else r for r in got_now] == expected
+    one_now: list[Any] = []
+    for event in events(alone_now):
+        try:
+            one_now.append(record_event_now(engine, event))
+        except (ValueError, UnknownOrder) as exc:
+            one_now.append(type(exc))
+    assert one_now == expected
     assert expected.count(True) == 8 and UnknownOrder in expected and ValueError in expected
     with app.extensions["orders"].sessions() as session:
-        for one, many in zip(alone, batch, strict=True):
+        for one, many in [
+            *zip(alone, batch, strict=True),
+            *zip(alone, batch_now, strict=True),
+            *zip(alone, alone_now, strict=True),
+        ]:
             assert session.get(Order, many).status == session.get(Order, one).status
             assert list(
                 session.scalars(
