@@ -584,7 +584,17 @@ class EmailHandler:
         to the queue un-started.
         """
         results: list[list[dict[str, Any]] | Exception | None] = [None] * len(events)
-        stored = store.lookup_many(self.engine, QUEUE, [e["id"] for e in events])
+        dialect = self.engine.dialect
+        with database.driver_transaction(self.engine) as cursor:
+            stored = {
+                event["id"]: json.loads(found[0])
+                for event in events
+                if (
+                    found := store.SQL(dialect, "processed").first(
+                        cursor, queue=QUEUE, event_id=event["id"]
+                    )
+                )
+            }
         jobs: list[_Job] = []
         seen: set[tuple[int, str]] = set()
         for index, event in enumerate(events):
@@ -609,46 +619,40 @@ class EmailHandler:
         if not jobs:
             return results
         owner = uuid.uuid4().hex  # this batch's claims
-        with Session(self.engine) as session, session.begin():
-            store.insert_new(
-                session,
-                store.Recipient,
-                [
-                    {
-                        "order_id": job.order_id,
-                        "email": job.address,
-                        "currency": job.event["data"]["currency"],
-                        "total": job.event["data"]["total"],
-                    }
-                    for job in jobs
-                    if job.address is not None
-                ],
-            )
-            known = {
-                who.order_id: who
-                for who in session.scalars(
-                    select(store.Recipient).where(
-                        store.Recipient.order_id.in_({job.order_id for job in jobs})
-                    )
-                )
-            }
+        lease = int(self.claim_seconds * 1000)
+        claimed: set[tuple[int, str]] = set()
+        # One transaction on the driver (statements compiled once, :data:`SQL`): the
+        # recipients of the OrderPlaced events, then each job's recipient and claim.
+        with database.driver_transaction(self.engine) as cursor:
             for job in jobs:
-                job.who = known.get(job.order_id)
-                if job.who is None:
+                if job.address is not None:
+                    SQL(dialect, "add_recipient").execute(
+                        cursor,
+                        order_id=job.order_id,
+                        email=job.address,
+                        currency=job.event["data"]["currency"],
+                        total=job.event["data"]["total"],
+                    )
+            for job in jobs:
+                known = SQL(dialect, "recipient").first(cursor, order_id=job.order_id)
+                if known is None:
                     results[job.index] = RecipientUnknown(
                         f"order #{job.order_id}: OrderPlaced not handled here yet"
                     )
-            jobs = [job for job in jobs if job.who is not None]
-            claimed = store.claim_many(
-                session,
-                [
-                    {"order_id": job.order_id, "step": job.step, "event_id": job.event["id"]}
-                    for job in jobs
-                ],
-                owner,
-                self.claim_seconds,
-            )
-            session.expunge_all()
+                    continue
+                email, currency, total = known
+                job.who = store.Recipient(
+                    order_id=job.order_id, email=email, currency=currency, total=total
+                )
+                if SQL(dialect, "claim").first(
+                    cursor,
+                    order_id=job.order_id,
+                    step=job.step,
+                    owner=owner,
+                    event_id=job.event["id"],
+                    lease=lease,
+                ):
+                    claimed.add((job.order_id, job.step))
         jobs = [job for job in jobs if (job.order_id, job.step) in claimed]
         claimed_at = time.monotonic()
         down: Exception | None = None

@@ -181,39 +181,6 @@ def claim_effect(
     return "busy", None
 
 
-def insert_new(session: Session, model: type[Base], rows: list[dict[str, Any]]) -> None:
-    """Bulk-insert ``rows``, skipping those whose key is taken (ON CONFLICT DO NOTHING)."""
-    if rows:
-        session.execute(insert_for(session)(model).on_conflict_do_nothing(), rows)
-
-
-def claim_many(
-    session: Session, rows: list[dict[str, Any]], owner: str, lease_seconds: float
-) -> set[tuple[int, str]]:
-    """Claim each ``{order_id, step, event_id}`` for ``owner``, in the caller's transaction.
-
-    The bulk form of :func:`claim_effect`'s first step: a row is inserted only where no
-    claim of that (order, step) exists. Returns the (order, step) pairs claimed; the
-    caller leaves the others to :func:`claim_effect` (a live claim, a done one, a lease
-    run out). The claims hold once the caller commits, before any effect is done.
-    """
-    if not rows:
-        return set()
-    dialect = session.get_bind().dialect.name
-    until = database.now_ms(dialect) + int(lease_seconds * 1000)
-    values = [
-        {**row, "owner": owner, "state": "sending", "lease_until_ms": until, "outcome": None}
-        for row in rows
-    ]
-    claimed = session.execute(
-        insert_for(session)(EmailClaim)
-        .values(values)
-        .on_conflict_do_nothing()
-        .returning(EmailClaim.order_id, EmailClaim.step)
-    )
-    return {(order_id, step) for order_id, step in claimed}
-
-
 def extend_claims(engine: Engine, owner: str, lease_seconds: float) -> None:
     """Renew the leases of ``owner``'s claims still sending (a long batch keeps them)."""
     until = database.now_ms(engine.dialect.name) + int(lease_seconds * 1000)
@@ -223,11 +190,6 @@ def extend_claims(engine: Engine, owner: str, lease_seconds: float) -> None:
             .where(EmailClaim.owner == owner, EmailClaim.state == "sending")
             .values(lease_until_ms=until)
         )
-
-
-def insert_for(session: Session) -> Any:
-    """The dialect's INSERT (both have ON CONFLICT DO NOTHING and RETURNING)."""
-    return dialect_insert(session.get_bind())
 
 
 def dialect_insert(bind: Engine | Connection) -> Any:
