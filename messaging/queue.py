@@ -287,8 +287,11 @@ class DeadLetter:
 class Consumer(Protocol):
     """What a worker needs from a queue (Dramatiq style): take, then settle each message."""
 
-    def take(self, worker: str, count: int, timeout: float) -> list[bytes]:
-        """Move up to ``count`` messages into the worker's processing list."""
+    def take(
+        self, worker: str, count: int, timeout: float, *, ack: Sequence[bytes] = ()
+    ) -> list[bytes]:
+        """Ack ``ack`` (handled), then move up to ``count`` messages into the worker's
+        processing list."""
 
     def ack(self, worker: str, messages: Sequence[bytes]) -> int:
         """Done: remove from processing (and forget attempts)."""
@@ -335,84 +338,112 @@ end
 # one standard message while standard work waits (the anti-starvation rule; the streak
 # survives between calls in KEYS[5]). Fast path: no express work and no suspects, plain
 # LMOVEs. A suspect (a message some worker died holding) is only ever taken alone.
-_TAKE = """
-local out = {0}
-local suspects = redis.call('HLEN', KEYS[3]) > 0
-if suspects and ARGV[2] ~= '' then
-  local d = redis.call('HGET', KEYS[3], ARGV[2])
-  if d then out[1] = tonumber(d) return out end
-end
-local express = redis.call('LLEN', KEYS[4])
-if express == 0 and not suspects then
-  -- Only standard work, nobody's suspect: one range, one trim, one push.
-  local ms = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-  if #ms > 0 then
-    redis.call('LTRIM', KEYS[1], #ms, -1)
-    redis.call('RPUSH', KEYS[2], unpack(ms))
+_TAKE_FUNCTION = """
+local function take(K, A)
+  local out = {0}
+  local suspects = redis.call('HLEN', K[3]) > 0
+  if suspects and A[2] ~= '' then
+    local d = redis.call('HGET', K[3], A[2])
+    if d then out[1] = tonumber(d) return out end
   end
-  for _, m in ipairs(ms) do out[#out + 1] = m end
-  return out
-end
-local had_express = express > 0
-local ratio = tonumber(ARGV[3])
-local streak = 0
-if had_express then streak = tonumber(redis.call('GET', KEYS[5]) or '0') end
-for i = 1, tonumber(ARGV[1]) do
-  local src = KEYS[1]
-  if express > 0 and (streak < ratio or redis.call('LLEN', KEYS[1]) == 0) then
-    src = KEYS[4]
-  end
-  local alone = false
-  if suspects then
-    local head = redis.call('LINDEX', src, 0)
-    if not head then break end
-    local d = redis.call('HGET', KEYS[3], redis.sha1hex(head))
-    if d then
-      if #out > 1 or ARGV[2] ~= '' then break end
-      out[1] = tonumber(d)
-      alone = true
+  local express = redis.call('LLEN', K[4])
+  if express == 0 and not suspects then
+    -- Only standard work, nobody's suspect: one range, one trim, one push.
+    local ms = redis.call('LRANGE', K[1], 0, tonumber(A[1]) - 1)
+    if #ms > 0 then
+      redis.call('LTRIM', K[1], #ms, -1)
+      redis.call('RPUSH', K[2], unpack(ms))
     end
+    for _, m in ipairs(ms) do out[#out + 1] = m end
+    return out
   end
-  local m = redis.call('LMOVE', src, KEYS[2], 'LEFT', 'RIGHT')
-  if not m then break end
-  out[#out + 1] = m
-  if src == KEYS[4] then
-    express = express - 1
-    streak = streak + 1
-  else
-    streak = 0
-  end
-  if alone then break end
-end
-if had_express then
-  if express == 0 then redis.call('DEL', KEYS[5]) else redis.call('SET', KEYS[5], streak) end
-end
-return out
-"""
-
-_ACK = """
-local n = tonumber(ARGV[1])
-local done = 0
-local suspects = redis.call('HLEN', KEYS[4]) > 0
-for i = 2, n + 1 do
-  local removed = redis.call('LREM', KEYS[1], 1, ARGV[i])
-  done = done + removed
-  if suspects and removed > 0 then redis.call('HDEL', KEYS[4], redis.sha1hex(ARGV[i])) end
-end
-if #ARGV > n + 1 then
-  if redis.call('HLEN', KEYS[2]) > 0 then
-    for i = n + 2, #ARGV do  -- a revived message went through: its dependency is back
-      local v = redis.call('HGET', KEYS[2], ARGV[i])
-      if v and not string.match(v, ' 0$') and string.match(v, ' %d+$') then
-        redis.call('SET', KEYS[5], '1')
+  local had_express = express > 0
+  local ratio = tonumber(A[3])
+  local streak = 0
+  if had_express then streak = tonumber(redis.call('GET', K[5]) or '0') end
+  for i = 1, tonumber(A[1]) do
+    local src = K[1]
+    if express > 0 and (streak < ratio or redis.call('LLEN', K[1]) == 0) then
+      src = K[4]
+    end
+    local alone = false
+    if suspects then
+      local head = redis.call('LINDEX', src, 0)
+      if not head then break end
+      local d = redis.call('HGET', K[3], redis.sha1hex(head))
+      if d then
+        if #out > 1 or A[2] ~= '' then break end
+        out[1] = tonumber(d)
+        alone = true
       end
     end
+    local m = redis.call('LMOVE', src, K[2], 'LEFT', 'RIGHT')
+    if not m then break end
+    out[#out + 1] = m
+    if src == K[4] then
+      express = express - 1
+      streak = streak + 1
+    else
+      streak = 0
+    end
+    if alone then break end
   end
-  redis.call('HDEL', KEYS[2], unpack(ARGV, n + 2))
+  if had_express then
+    if express == 0 then redis.call('DEL', K[5]) else redis.call('SET', K[5], streak) end
+  end
+  return out
 end
-if done > 0 then redis.call('HINCRBY', KEYS[3], 'processed', done) end
-return done
 """
+_TAKE = _TAKE_FUNCTION + "return take(KEYS, ARGV)\n"
+
+# KEYS: processing, attempts, stats, deaths, recovered. ARGV: n, the n messages, then the
+# event ids whose attempt counts to forget. Returns how many were still there.
+_ACK_FUNCTION = """
+local function ack(K, A)
+  local n = tonumber(A[1])
+  local done = 0
+  local suspects = redis.call('HLEN', K[4]) > 0
+  for i = 2, n + 1 do
+    local removed = redis.call('LREM', K[1], 1, A[i])
+    done = done + removed
+    if suspects and removed > 0 then redis.call('HDEL', K[4], redis.sha1hex(A[i])) end
+  end
+  if #A > n + 1 then
+    if redis.call('HLEN', K[2]) > 0 then
+      for i = n + 2, #A do  -- a revived message went through: its dependency is back
+        local v = redis.call('HGET', K[2], A[i])
+        if v and not string.match(v, ' 0$') and string.match(v, ' %d+$') then
+          redis.call('SET', K[5], '1')
+        end
+      end
+    end
+    redis.call('HDEL', K[2], unpack(A, n + 2))
+  end
+  if done > 0 then redis.call('HINCRBY', K[3], 'processed', done) end
+  return done
+end
+"""
+_ACK = _ACK_FUNCTION + "return ack(KEYS, ARGV)\n"
+
+# The ack of a handled batch and the next take in ONE round trip (same hash tag): a
+# worker that takes one message at a time as they arrive saves a round trip each.
+# KEYS: processing, attempts, stats, deaths, recovered, pending, express, streak.
+# ARGV: count, ratio, n, the n messages, k, the k event ids. Returns {acked, deaths, m...}.
+_ACK_TAKE = (
+    _ACK_FUNCTION
+    + _TAKE_FUNCTION
+    + """
+local n = tonumber(ARGV[3])
+local k = tonumber(ARGV[4 + n])
+local acked = {n}
+for i = 4, 3 + n do acked[#acked + 1] = ARGV[i] end
+for i = 5 + n, 4 + n + k do acked[#acked + 1] = ARGV[i] end
+local done = ack({KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, acked)
+local out = take({KEYS[6], KEYS[1], KEYS[4], KEYS[7], KEYS[8]}, {ARGV[1], '', ARGV[2]})
+table.insert(out, 1, done)
+return out
+"""
+)
 
 # KEYS: processing, attempts, delayed, dead, stats, deaths, revivable, recovered
 # ARGV: raw, id, now, error, failed_at, queue, text, b64, mode, max_attempts,
@@ -666,6 +697,7 @@ class RedisQueue:
         self.deaths_key = keys.deaths(name)
         self._take = client.register_script(_TAKE)
         self._ack = client.register_script(_ACK)
+        self._ack_take = client.register_script(_ACK_TAKE)
         self._fail = client.register_script(_FAIL)
         self._promote = client.register_script(_PROMOTE)
         self._reap = client.register_script(_REAP)
@@ -691,17 +723,40 @@ class RedisQueue:
 
     # --- consuming -------------------------------------------------------------
 
-    def take(self, worker: str, count: int, timeout: float) -> list[bytes]:
+    def take(
+        self, worker: str, count: int, timeout: float, *, ack: Sequence[bytes] = ()
+    ) -> list[bytes]:
         """Move up to ``count`` messages from pending into ``worker``'s processing list.
 
         One Lua call moves what is there; when nothing is, BLMOVE waits up to
         ``timeout`` seconds and a second call tops the batch up. ``timeout=0`` never
         blocks. A suspect (a message some worker died holding) comes alone; one that
         has killed ``max_crashes`` workers is dead-lettered here instead of returned.
+
+        ``ack``: handled messages to acknowledge first, in the same Lua call (as
+        :meth:`ack` does, before anything is taken): one round trip per message fewer
+        for a worker that takes them one at a time. When this raises, the ack may or
+        may not have happened; acking again is harmless.
         """
         processing = keys.processing(self.name, worker)
         tag = [self.pending_key, processing, self.deaths_key, self.express_key, self.streak_key]
-        deaths, *got = self._take(keys=tag, args=[count, "", self.express_ratio])
+        if ack:
+            ids = [i for i in (event_id_of(m) for m in ack) if i]
+            _acked, deaths, *got = self._ack_take(
+                keys=[
+                    processing,
+                    self.attempts_key,
+                    self.stats_key,
+                    self.deaths_key,
+                    self.recovered_key,
+                    self.pending_key,
+                    self.express_key,
+                    self.streak_key,
+                ],
+                args=[count, self.express_ratio, len(ack), *ack, len(ids), *ids],
+            )
+        else:
+            deaths, *got = self._take(keys=tag, args=[count, "", self.express_ratio])
         if not got and timeout > 0:
             first: bytes | None = self.client.blmove(  # type: ignore[assignment]
                 self.pending_key, processing, timeout, "LEFT", "RIGHT"

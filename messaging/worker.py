@@ -388,20 +388,34 @@ class Worker:
     # --- threads -------------------------------------------------------------------
 
     def _consume(self) -> None:
-        """One handler thread: take a batch, handle it, ack it; until stopped."""
+        """One handler thread: take a batch, handle it, ack it; until stopped.
+
+        The ack of a handled batch travels with the next take (one Lua call,
+        :meth:`RedisQueue.take`'s ``ack``), which follows at once: a message taken
+        alone as it arrives costs one round trip fewer. When there is no next take
+        (stopping, un-started messages to put back), the ack goes alone, as before.
+        """
         done: list[bytes] = []
         todo: list[bytes] = []
+        handled: list[bytes] = []  # to ack with the next take
         while True:
             self._stamp()
+            if handled and (self.stop.is_set() or self.unhealthy.is_set()):
+                done += handled  # no next take: acked alone below
+                handled.clear()
             if done or todo:  # left over from a Redis outage: settle first
                 if not self._retry_redis(functools.partial(self._settle, done, todo)):
                     return  # stopped while Redis is away: the reaper will return them
             if self.stop.is_set() or self.unhealthy.is_set():
                 return
             try:
-                todo = self.queue.take(self.id, self.batch_size, TAKE_TIMEOUT)
+                if handled:
+                    self._before_ack()
+                todo = self.queue.take(self.id, self.batch_size, TAKE_TIMEOUT, ack=handled)
                 with self._held_lock:
+                    self._held.subtract(handled)
                     self._held.update(todo)
+                handled.clear()
                 faults.hit("worker.after_take")
                 self._recovered()
                 if len(todo) > 1 and hasattr(self.handler, "handle_batch"):
@@ -418,19 +432,32 @@ class Worker:
                         done.append(todo[0])
                         self.handled += 1
                     todo.pop(0)
-                self._settle(done, todo)
+                if todo or self.stop.is_set():
+                    self._settle(done, todo)
+                else:  # acked by the next take, in its round trip
+                    handled += done
+                    done.clear()
             except redis.RedisError as exc:  # READONLY too: kept, settled once it passes
+                done += handled  # the take with their ack failed: acked (again) alone
+                handled.clear()
                 self._outage(exc)
                 self._sweep_orphans.set()
                 self.stop.wait(0.1)
             except Exception:  # a bug in the loop itself: keep the thread alive
+                done += handled
+                handled.clear()
                 log.exception("%s: unexpected error in worker loop", self.queue.name)
                 self.stop.wait(1.0)
+
+    @staticmethod
+    def _before_ack() -> None:
+        """The fault point before an ack (alone, or with the next take)."""
+        faults.hit("worker.before_ack")
 
     def _settle(self, done: list[bytes], todo: list[bytes]) -> None:
         """Ack the handled, release the un-started; clears both lists when it succeeds."""
         if done:
-            faults.hit("worker.before_ack")
+            self._before_ack()
             self.queue.ack(self.id, done)
             with self._held_lock:
                 self._held.subtract(done)

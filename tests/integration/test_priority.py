@@ -91,6 +91,30 @@ def test_standard_work_gets_one_take_in_every_ratio_plus_one(
     assert not bredis.exists(keys.express_streak(Q))
 
 
+def test_a_take_that_carries_the_previous_ack_takes_the_same_and_acks_it(
+    bredis: redis_lib.Redis,
+) -> None:
+    """take(ack=...) (the worker's loop) = ack, then take: the same order as above, and
+    every message acked and counted once, on one server and on a cluster."""
+    q = RedisQueue(bredis, Q, express_ratio=3)
+    q.push(*STANDARD[:6])
+    q.push(*EXPRESS[:12])
+    order: list[bytes] = []
+    got: list[bytes] = []
+    while True:
+        got = q.take("w1", 2, timeout=0, ack=got)
+        if not got:
+            break
+        order += got
+        assert q.in_flight("w1") == got  # the previous ones are gone from processing
+    kinds = "".join("E" if m in EXPRESS else "S" for m in order)
+    assert kinds == "EEESEEESEEESEEESSS"
+    assert q.in_flight("w1") == []
+    assert q.stats()["processed"] == 18
+    assert q.take("w1", 2, timeout=0, ack=order[:1]) == []  # acked before: not again
+    assert q.stats()["processed"] == 18
+
+
 def test_a_crashed_workers_express_messages_return_to_the_express_lane(
     bredis: redis_lib.Redis,
 ) -> None:
