@@ -96,7 +96,9 @@ class InvoiceHandler:
         left to :meth:`handle` (which dead-letters it). One quick transaction: it
         finishes even when ``stopping`` turns true.
         """
-        return store.process_parsed_batch(self.engine, QUEUE, events, capture_of, _issue)
+        return store.process_new_batch(
+            self.engine, QUEUE, events, store.new_effects(capture_of, _issue_new)
+        )
 
 
 SQL = database.DriverStatements(

@@ -271,17 +271,26 @@ class PaymentHandler:
         returned un-started.
         """
         results: list[list[dict[str, Any]] | Exception | None] = [None] * len(events)
-        stored = store.lookup_many(self.engine, QUEUE, [e["id"] for e in events])
+        dialect = self.engine.dialect
         todo: list[tuple[int, dict[str, Any], Order]] = []
-        for index, event in enumerate(events):
-            if event["id"] in stored:
-                results[index] = stored[event["id"]]
-                continue
-            try:
-                todo.append((index, event, order_of(event)))
-            except PermanentError as exc:
-                results[index] = exc
-        paid = store.paid_orders(self.engine, [order.order_id for _, _, order in todo])
+        paid: set[int] = set()
+        # One read on the driver: which events were handled, which orders are paid.
+        with database.driver_transaction(self.engine) as cursor:
+            for index, event in enumerate(events):
+                found = store.SQL(dialect, "processed").first(
+                    cursor, queue=QUEUE, event_id=event["id"]
+                )
+                if found is not None:
+                    results[index] = json.loads(found[0])
+                    continue
+                try:
+                    order = order_of(event)
+                except PermanentError as exc:
+                    results[index] = exc
+                    continue
+                todo.append((index, event, order))
+                if SQL(dialect, "paid").first(cursor, order_id=order.order_id) is not None:
+                    paid.add(order.order_id)
         charged: list[tuple[int, dict[str, Any], list[dict[str, Any]]]] = []
         for n, (index, event, order) in enumerate(todo):
             if n and stopping():  # shutting down: the rest goes back to the queue un-started
@@ -295,35 +304,26 @@ class PaymentHandler:
                 results[index] = exc
         if charged:
             now = datetime.now(UTC)
-            with Session(self.engine) as session, session.begin():
-                session.execute(
-                    insert(store.Payment),
-                    [
-                        {
-                            "order_id": event["data"]["order_id"],
-                            "event_id": event["id"],
-                            "status": "captured"
-                            if result[0]["type"] == envelope.PAYMENT_CAPTURED
-                            else "declined",
-                            "outcome": json.dumps(result),
-                            "paid_at": now,
-                        }
-                        for _, event, result in charged
-                    ],
-                )
-                session.execute(
-                    insert(store.Processed),
-                    [
-                        {
-                            "queue": QUEUE,
-                            "event_id": event["id"],
-                            "order_id": event["data"]["order_id"],
-                            "outcome": json.dumps(result),
-                            "processed_at": now,
-                        }
-                        for _, event, result in charged
-                    ],
-                )
+            with database.driver_transaction(self.engine) as cursor:
+                for _, event, result in charged:
+                    outcome = json.dumps(result)
+                    captured = result[0]["type"] == envelope.PAYMENT_CAPTURED
+                    SQL(dialect, "pay").execute(
+                        cursor,
+                        order_id=event["data"]["order_id"],
+                        event_id=event["id"],
+                        status="captured" if captured else "declined",
+                        outcome=outcome,
+                        paid_at=now,
+                    )
+                    store.SQL(dialect, "record").execute(
+                        cursor,
+                        queue=QUEUE,
+                        event_id=event["id"],
+                        order_id=event["data"]["order_id"],
+                        outcome=outcome,
+                        processed_at=now,
+                    )
             for index, _, result in charged:
                 results[index] = result
         return results

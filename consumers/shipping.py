@@ -153,7 +153,9 @@ class ShippingHandler:
         concurrent booking of one of the orders makes the transaction fail, and the
         worker then handles each event alone, which reports the winner's shipment.
         """
-        return store.process_parsed_batch(self.engine, QUEUE, events, order_id_of, _ship)
+        return store.process_new_batch(
+            self.engine, QUEUE, events, store.new_effects(order_id_of, _ship_new)
+        )
 
 
 def _ship(session: Session, event: dict[str, Any], order_id: int) -> list[dict[str, Any]]:

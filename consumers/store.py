@@ -110,14 +110,6 @@ def order_payment(engine: Engine, order_id: int) -> list[dict[str, Any]] | None:
         return None if row is None else json.loads(row.outcome)
 
 
-def paid_orders(engine: Engine, order_ids: list[int]) -> set[int]:
-    """Those of ``order_ids`` that have a payment outcome already (one query)."""
-    if not order_ids:
-        return set()
-    with Session(engine) as session:
-        return set(session.scalars(select(Payment.order_id).where(Payment.order_id.in_(order_ids))))
-
-
 class EmailClaim(Base):
     """Who is sending one order's email of one step: claimed before the SMTP send.
 
@@ -404,6 +396,9 @@ NewEffect = Callable[[Any, Dialect], "list[dict[str, Any]] | None"]
 None when the event is not the common case (its row exists already ...)."""
 
 
+Parsed = TypeVar("Parsed")
+
+
 class _NotNew(Exception):
     """The fast path declines: roll back, the full path decides."""
 
@@ -446,98 +441,63 @@ def process_new(
     return outcome
 
 
-def lookup_many(
-    engine: Engine, queue: str, event_ids: list[str]
-) -> dict[str, list[dict[str, Any]]]:
-    """The stored outcomes of those of ``event_ids`` already handled on ``queue``."""
-    if not event_ids:
-        return {}
-    with Session(engine) as session:
-        found = session.execute(
-            select(Processed.event_id, Processed.outcome).where(
-                Processed.queue == queue, Processed.event_id.in_(event_ids)
-            )
-        )
-        return {event_id: json.loads(outcome) for event_id, outcome in found}
-
-
-def process_batch(
+def process_new_batch(
     engine: Engine,
     queue: str,
     events: list[dict[str, Any]],
-    effect: Callable[[Session, dict[str, Any]], list[dict[str, Any]]],
-) -> list[list[dict[str, Any]]]:
-    """:func:`process_once` for a whole batch, in ONE transaction: all or nothing.
+    effect_of: Callable[[dict[str, Any]], NewEffect | None],
+) -> list[list[dict[str, Any]] | None]:
+    """:func:`process_new` for a taken batch, in ONE transaction on the driver.
 
-    Events handled before (or twice in this batch) get their stored outcome; the others
-    run ``effect`` and get their processed row, bulk-inserted with the effects. Returns
-    the outcome events per event, in order. Raises what the transaction raised (a
-    concurrent duplicate's unique-key error included): nothing of the batch is then
-    committed, and the caller handles the events one at a time.
+    Per event, in order: its stored outcome when it was handled before (or earlier in
+    this batch); else ``effect_of(event)``'s effect, recorded with its processed row.
+    None for an event whose ``effect_of`` is None (bad data) or whose effect declines
+    (its row exists already): the worker hands those to the handler's ``handle``, which
+    dead-letters or reports them. Raises what the transaction raised (a concurrent
+    duplicate's unique key included): nothing of the batch is then committed, and the
+    worker handles the events one at a time.
     """
-    ids = [item["id"] for item in events]
-    results: list[list[dict[str, Any]]] = []
-    with Session(engine) as session, session.begin():
-        stored = {
-            event_id: json.loads(outcome)
-            for event_id, outcome in session.execute(
-                select(Processed.event_id, Processed.outcome).where(
-                    Processed.queue == queue, Processed.event_id.in_(ids)
-                )
-            )
-        }
-        new_rows = []
-        for item in events:
-            if item["id"] in stored:
-                results.append(stored[item["id"]])
+    dialect = engine.dialect
+    results: list[list[dict[str, Any]] | None] = []
+    with database.driver_transaction(engine) as cursor:
+        for event in events:
+            effect = effect_of(event)
+            if effect is None:
+                results.append(None)
                 continue
-            outcome = effect(session, item)
-            stored[item["id"]] = outcome
-            order_id = item.get("data", {}).get("order_id")
-            new_rows.append(
-                {
-                    "queue": queue,
-                    "event_id": item["id"],
-                    "order_id": order_id if isinstance(order_id, int) else None,
-                    "outcome": json.dumps(outcome),
-                    "processed_at": _now(),
-                }
-            )
+            found = SQL(dialect, "processed").first(cursor, queue=queue, event_id=event["id"])
+            if found is not None:
+                results.append(json.loads(found[0]))
+                continue
+            outcome = effect(cursor, dialect)
+            if outcome is not None:
+                order_id = event.get("data", {}).get("order_id")
+                SQL(dialect, "record").execute(
+                    cursor,
+                    queue=queue,
+                    event_id=event["id"],
+                    order_id=order_id if isinstance(order_id, int) else None,
+                    outcome=json.dumps(outcome),
+                    processed_at=now(),
+                )
             results.append(outcome)
-        if new_rows:
-            session.execute(insert(Processed), new_rows)
     return results
 
 
-Parsed = TypeVar("Parsed")
-
-
-def process_parsed_batch(
-    engine: Engine,
-    queue: str,
-    events: list[dict[str, Any]],
+def new_effects(
     parse: Callable[[dict[str, Any]], Parsed],
-    effect: Callable[[Session, dict[str, Any], Parsed], list[dict[str, Any]]],
-) -> list[list[dict[str, Any]] | None]:
-    """:func:`process_batch` for the events whose data ``parse`` accepts, in order.
+    effect: Callable[[dict[str, Any], Parsed], NewEffect],
+) -> Callable[[dict[str, Any]], NewEffect | None]:
+    """``effect_of`` for :func:`process_new_batch`: None when ``parse`` refuses the event
+    (PermanentError; the handler's ``handle`` dead-letters it with the reason)."""
 
-    An event that ``parse`` refuses (PermanentError) gets ``None``: the worker leaves it
-    to the handler's ``handle``, which dead-letters it with the reason. ``effect`` gets
-    the session, the event and what ``parse`` returned for it.
-    """
-    parsed: dict[str, Parsed] = {}
-    for item in events:
+    def effect_of(event: dict[str, Any]) -> NewEffect | None:
         try:
-            parsed[item["id"]] = parse(item)
+            return effect(event, parse(event))
         except PermanentError:
-            continue
-    good = [item for item in events if item["id"] in parsed]
-    done = iter(
-        process_batch(
-            engine, queue, good, lambda session, item: effect(session, item, parsed[item["id"]])
-        )
-    )
-    return [next(done) if item["id"] in parsed else None for item in events]
+            return None
+
+    return effect_of
 
 
 def record_outcome(

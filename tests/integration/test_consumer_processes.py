@@ -186,6 +186,8 @@ def test_reaper_returns_the_messages_of_a_killed_worker_exactly_once(
     [captured] = updates(bredis)
     assert captured["type"] == envelope.PAYMENT_CAPTURED
     assert captured["data"]["order_id"] == 1
+    # The outcome goes out before the ack (emit, then ack): wait for the ack.
+    wait_for(lambda: queue.stats()["processed"] == 1, timeout=10, message="the ack")
     stats = queue.stats()
     assert (stats["processed"], stats["pending"], stats["in_flight"]) == (1, 0, 0)
 
