@@ -1,6 +1,7 @@
 """A taken batch handled in one transaction: what it must still guarantee.
 
-Real Redis and SQLite, the real Worker and InvoiceHandler, the real EventPublisher.
+Real Redis, SQLite and PostgreSQL (the ``database_url`` fixture), the real Worker and
+InvoiceHandler, the real EventPublisher.
 One batch holds new events, an event delivered twice, an event handled before, one
 with bad data and one that is not JSON: every good event gets exactly one invoice
 (numbers gap-free) and its outcome once per delivery with the same outcome id; the
@@ -13,7 +14,6 @@ import json
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,9 +48,9 @@ def bclient(redis: redis_lib.Redis, redis_url: str) -> Iterator[redis_lib.Redis]
 
 
 def test_one_batch_one_transaction_keeps_every_guarantee(
-    bclient: redis_lib.Redis, tmp_path: Path
+    bclient: redis_lib.Redis, database_url: str
 ) -> None:
-    engine = store.make_engine(f"sqlite:///{tmp_path / 'invoice.db'}")
+    engine = store.make_engine(database_url)
     store.create_tables(engine, "invoice")
     handler = InvoiceHandler(engine)
     before = order_placed(1)
@@ -115,11 +115,11 @@ def order_placed_for(order_id: int, email: str | None = None, **data: Any) -> di
 
 
 def test_a_payment_batch_charges_each_order_once_and_settles_each_failure_alone(
-    bclient: redis_lib.Redis, tmp_path: Path
+    bclient: redis_lib.Redis, database_url: str
 ) -> None:
     from consumers.payment import DECLINE_EMAIL, FLAKY_EMAIL, PaymentHandler, SimulatedGateway
 
-    engine = store.make_engine(f"sqlite:///{tmp_path / 'payment.db'}")
+    engine = store.make_engine(database_url)
     store.create_tables(engine, "payment")
     handler = PaymentHandler(engine, SimulatedGateway(engine, flaky_calls=1))
     before = order_placed_for(1)
@@ -170,11 +170,11 @@ def test_a_payment_batch_charges_each_order_once_and_settles_each_failure_alone(
 
 
 def test_a_shipping_batch_books_each_paid_order_once(
-    bclient: redis_lib.Redis, tmp_path: Path
+    bclient: redis_lib.Redis, database_url: str
 ) -> None:
     from consumers.shipping import ShippingHandler
 
-    engine = store.make_engine(f"sqlite:///{tmp_path / 'shipping.db'}")
+    engine = store.make_engine(database_url)
     store.create_tables(engine, "shipping")
     handler = ShippingHandler(engine)
     before = order_placed(1)  # a PaymentCaptured, handled before the batch

@@ -75,8 +75,9 @@ def bclient(redis: redis_lib.Redis, redis_url: str) -> Iterator[redis_lib.Redis]
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = store.make_engine(f"sqlite:///{tmp_path / 'email.db'}")
+def engine(database_url: str) -> Iterator[Engine]:
+    """The email service's database: SQLite, then PostgreSQL (both driver fast paths)."""
+    engine = store.make_engine(database_url)
     store.create_tables(engine, "email")
     yield engine
     engine.dispose()
