@@ -61,6 +61,35 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def start_consumer(
+    redis_url: str, run: Path, name: str, root: Path | None, **settings: str
+) -> list[Proc]:
+    """One ``consumer NAME`` on a fresh SQLite database in ``run`` (``smtp-sink`` first for
+    ``email``), its settings the benchmark's plus ``settings``; the consumer is last.
+
+    ``root``: run another checkout's code (``git worktree``), with this venv's libraries.
+    """
+    env = {
+        "REDIS_URL": redis_url,
+        "LOG_LEVEL": "WARNING",
+        f"{name.upper()}_DATABASE_URL": f"sqlite:///{run / f'{name}.db'}",
+        "PAYMENT_LATENCY_MS": "10",
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(free_port()),
+        "SMTP_SINK_DIR": str(run / "mail"),
+        **settings,
+    }
+    if root is not None:
+        env["PYTHONPATH"] = str(root)
+        argv = [sys.executable, "-m", "consumers", name]
+        sink = [sys.executable, "-m", "consumers.smtp_sink"]
+    else:
+        argv, sink = [str(BIN / "consumer"), name], [str(BIN / "smtp-sink")]
+    procs = [Proc(sink, env, run / "smtp-sink.log", cwd=root)] if name == "email" else []
+    procs.append(Proc(argv, env, run / "consumer.log", cwd=root))
+    return procs
+
+
 def drain_once(
     redis_url: str, work: Path, name: str, count: int, batch: int, threads: int, root: Path | None
 ) -> tuple[float, float]:
@@ -70,25 +99,14 @@ def drain_once(
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
     run = Path(tempfile.mkdtemp(prefix=f"{name}-b{batch}-t{threads}-", dir=work))
-    env = {
-        "REDIS_URL": redis_url,
-        "LOG_LEVEL": "WARNING",
-        "CONSUMER_BATCH_SIZE": str(batch),
-        "CONSUMER_CONCURRENCY": str(threads),
-        f"{name.upper()}_DATABASE_URL": f"sqlite:///{run / f'{name}.db'}",
-        "PAYMENT_LATENCY_MS": "10",
-        "SMTP_HOST": "127.0.0.1",
-        "SMTP_PORT": str(free_port()),
-        "SMTP_SINK_DIR": str(run / "mail"),
-    }
-    if root is not None:  # the other checkout's code, this venv's libraries
-        env["PYTHONPATH"] = str(root)
-        argv = [sys.executable, "-m", "consumers", name]
-        sink = [sys.executable, "-m", "consumers.smtp_sink"]
-    else:
-        argv, sink = [str(BIN / "consumer"), name], [str(BIN / "smtp-sink")]
-    procs = [Proc(sink, env, run / "smtp-sink.log", cwd=root)] if name == "email" else []
-    procs.append(Proc(argv, env, run / "consumer.log", cwd=root))
+    procs = start_consumer(
+        redis_url,
+        run,
+        name,
+        root,
+        CONSUMER_BATCH_SIZE=str(batch),
+        CONSUMER_CONCURRENCY=str(threads),
+    )
     try:
 
         def registered() -> bool:

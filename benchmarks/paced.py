@@ -27,10 +27,10 @@ from pathlib import Path
 
 import redis
 
-from benchmarks.consumer_sweep import KINDS, jobs_for
+from benchmarks.consumer_sweep import KINDS, jobs_for, start_consumer
 from benchmarks.harness import BIN
-from devtools.procs import Proc, wait_until
-from devtools.redis_server import RedisServer, free_port
+from devtools.procs import wait_until
+from devtools.redis_server import RedisServer
 from messaging import keys
 
 
@@ -48,23 +48,7 @@ def run(
     work = Path(tempfile.mkdtemp(prefix=f"bench-paced-{name}-"))
     server = RedisServer(data_dir=work).start()
     client = redis.Redis.from_url(server.url)
-    env = {
-        "REDIS_URL": server.url,
-        "LOG_LEVEL": "WARNING",
-        f"{name.upper()}_DATABASE_URL": f"sqlite:///{work / f'{name}.db'}",
-        "PAYMENT_LATENCY_MS": "10",
-        "SMTP_HOST": "127.0.0.1",
-        "SMTP_PORT": str(free_port()),
-        "SMTP_SINK_DIR": str(work / "mail"),
-    }
-    if root is not None:  # the other checkout's code, this venv's libraries
-        env["PYTHONPATH"] = str(root)
-        argv = [sys.executable, "-m", "consumers", name]
-        sink = [sys.executable, "-m", "consumers.smtp_sink"]
-    else:
-        argv, sink = [str(BIN / "consumer"), name], [str(BIN / "smtp-sink")]
-    procs = [Proc(sink, env, work / "smtp-sink.log", cwd=root)] if name == "email" else []
-    procs.append(Proc(argv, env, work / "consumer.log", cwd=root))
+    procs = start_consumer(server.url, work, name, root)
     sampler = None
     try:
         wait_until(lambda: bool(client.scard(keys.workers(name))), 60, 0.01, "the consumer")

@@ -286,10 +286,7 @@ SQL = database.DriverStatements(
     add_recipient=lambda dialect: (
         store.dialect_insert_of(dialect)(store.Recipient)
         .values(
-            order_id=bindparam("order_id"),
-            email=bindparam("email"),
-            currency=bindparam("currency"),
-            total=bindparam("total"),
+            **database.binds("order_id", "email", "currency", "total"),
         )
         .on_conflict_do_nothing()
     ),
@@ -299,10 +296,7 @@ SQL = database.DriverStatements(
     claim=lambda dialect: (
         store.dialect_insert_of(dialect)(store.EmailClaim)
         .values(
-            order_id=bindparam("order_id"),
-            step=bindparam("step"),
-            owner=bindparam("owner"),
-            event_id=bindparam("event_id"),
+            **database.binds("order_id", "step", "owner", "event_id"),
             state="sending",
             lease_until_ms=database.now_ms(dialect.name) + bindparam("lease"),
             outcome=None,
@@ -313,12 +307,7 @@ SQL = database.DriverStatements(
     sent=lambda dialect: (
         store.dialect_insert_of(dialect)(store.EmailSent)
         .values(
-            message_id=bindparam("message_id"),
-            order_id=bindparam("order_id"),
-            step=bindparam("step"),
-            event_id=bindparam("event_id"),
-            recipient=bindparam("recipient"),
-            sent_at=bindparam("sent_at"),
+            **database.binds("message_id", "order_id", "step", "event_id", "recipient", "sent_at"),
         )
         .on_conflict_do_nothing()
         .returning(store.EmailSent.message_id)

@@ -116,12 +116,9 @@ SQL = database.DriverStatements(
         .returning(store.InvoiceCounter.last)
     ),
     issue=lambda _dialect: insert(store.Invoice).values(
-        order_id=bindparam("order_id"),
-        invoice_number=bindparam("invoice_number"),
-        event_id=bindparam("event_id"),
-        total=bindparam("total"),
-        currency=bindparam("currency"),
-        issued_at=bindparam("issued_at"),
+        **database.binds(
+            "order_id", "invoice_number", "event_id", "total", "currency", "issued_at"
+        ),
     ),
 )
 

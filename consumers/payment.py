@@ -156,12 +156,9 @@ SQL = database.DriverStatements(
     call=lambda dialect: (
         store.dialect_insert_of(dialect)(_LEDGER)
         .values(
-            idempotency_key=bindparam("idempotency_key"),
-            order_id=bindparam("order_id"),
+            **database.binds("idempotency_key", "order_id"),
             calls=1,
-            amount=bindparam("amount"),
-            currency=bindparam("currency"),
-            created_at=bindparam("created_at"),
+            **database.binds("amount", "currency", "created_at"),
         )
         .on_conflict_do_update(
             index_elements=["idempotency_key"], set_={"calls": _LEDGER.calls + 1}
@@ -179,20 +176,14 @@ SQL = database.DriverStatements(
         update(_LEDGER)
         .where(_LEDGER.idempotency_key == bindparam("key"))
         .values(
-            status=bindparam("status"),
-            payment_id=bindparam("payment_id"),
-            reason=bindparam("reason"),
+            **database.binds("status", "payment_id", "reason"),
         )
     ),
     paid=lambda _dialect: select(store.Payment.order_id).where(
         store.Payment.order_id == bindparam("order_id")
     ),
     pay=lambda _dialect: insert(store.Payment).values(
-        order_id=bindparam("order_id"),
-        event_id=bindparam("event_id"),
-        status=bindparam("status"),
-        outcome=bindparam("outcome"),
-        paid_at=bindparam("paid_at"),
+        **database.binds("order_id", "event_id", "status", "outcome", "paid_at"),
     ),
 )
 """The gateway's ledger and the payment record, on the driver (compiled once per dialect)."""

@@ -81,12 +81,9 @@ SQL = database.DriverStatements(
         store.Shipment.order_id == bindparam("order_id")
     ),
     book=lambda _dialect: insert(store.Shipment).values(
-        shipment_id=bindparam("shipment_id"),
-        order_id=bindparam("order_id"),
-        carrier=bindparam("carrier"),
-        tracking_number=bindparam("tracking_number"),
-        event_id=bindparam("event_id"),
-        booked_at=bindparam("booked_at"),
+        **database.binds(
+            "shipment_id", "order_id", "carrier", "tracking_number", "event_id", "booked_at"
+        ),
     ),
 )
 

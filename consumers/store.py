@@ -369,22 +369,14 @@ SQL = database.DriverStatements(
         Processed.queue == bindparam("queue"), Processed.event_id == bindparam("event_id")
     ),
     record=lambda _dialect: insert(Processed).values(
-        queue=bindparam("queue"),
-        event_id=bindparam("event_id"),
-        order_id=bindparam("order_id"),
-        outcome=bindparam("outcome"),
-        processed_at=bindparam("processed_at"),
+        **database.binds("queue", "event_id", "order_id", "outcome", "processed_at"),
     ),
     # A processed row after an effect outside the database (an email sent): a
     # duplicate's row, there already, is that same outcome.
     record_new=lambda dialect: (
         dialect_insert_of(dialect)(Processed)
         .values(
-            queue=bindparam("queue"),
-            event_id=bindparam("event_id"),
-            order_id=bindparam("order_id"),
-            outcome=bindparam("outcome"),
-            processed_at=bindparam("processed_at"),
+            **database.binds("queue", "event_id", "order_id", "outcome", "processed_at"),
         )
         .on_conflict_do_nothing()
     ),
@@ -419,7 +411,6 @@ def process_new(
     rare case. So the fast path never decides anything the full path would decide
     differently; it only skips the ORM when there is nothing to decide.
     """
-    order_id = event.get("data", {}).get("order_id")
     dialect = engine.dialect
     try:
         with database.driver_transaction(engine) as cursor:
@@ -428,17 +419,25 @@ def process_new(
             outcome = effect(cursor, dialect)
             if outcome is None:
                 raise _NotNew
-            SQL(dialect, "record").execute(
-                cursor,
-                queue=queue,
-                event_id=event["id"],
-                order_id=order_id if isinstance(order_id, int) else None,
-                outcome=json.dumps(outcome),
-                processed_at=_now(),
-            )
+            _record(cursor, dialect, queue, event, outcome)
     except (_NotNew, IntegrityError):
         return None
     return outcome
+
+
+def _record(
+    cursor: Any, dialect: Dialect, queue: str, event: dict[str, Any], outcome: list[Any]
+) -> None:
+    """Insert the event's processed row (its outcome) on the driver."""
+    order_id = event.get("data", {}).get("order_id")
+    SQL(dialect, "record").execute(
+        cursor,
+        queue=queue,
+        event_id=event["id"],
+        order_id=order_id if isinstance(order_id, int) else None,
+        outcome=json.dumps(outcome),
+        processed_at=now(),
+    )
 
 
 def process_new_batch(
@@ -471,15 +470,7 @@ def process_new_batch(
                 continue
             outcome = effect(cursor, dialect)
             if outcome is not None:
-                order_id = event.get("data", {}).get("order_id")
-                SQL(dialect, "record").execute(
-                    cursor,
-                    queue=queue,
-                    event_id=event["id"],
-                    order_id=order_id if isinstance(order_id, int) else None,
-                    outcome=json.dumps(outcome),
-                    processed_at=now(),
-                )
+                _record(cursor, dialect, queue, event, outcome)
             results.append(outcome)
     return results
 

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Engine,
     MetaData,
     Table,
+    bindparam,
     create_engine,
     event,
     insert,
@@ -302,6 +303,12 @@ class DriverStatement:
     def first(self, cursor: Any, **values: Any) -> Any:
         """The first row (a driver tuple), or None."""
         return self.execute(cursor, **values).fetchone()
+
+
+def binds(*names: str) -> dict[str, Any]:
+    """``{name: bindparam(name)}`` for a statement's ``.values(**binds(...))``: the
+    columns a :class:`DriverStatement` caller gives by name."""
+    return {name: bindparam(name) for name in names}
 
 
 class DriverStatements:

@@ -59,6 +59,20 @@ def _row(event: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _rows(
+    events: list[dict[str, Any]],
+) -> tuple[list[bool | Exception], list[tuple[int, dict[str, Any]]]]:
+    """(per event: False, or its ValueError; the (index, row) of each good one)."""
+    results: list[bool | Exception] = [False] * len(events)
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for index, event in enumerate(events):
+        try:
+            rows.append((index, _row(event)))
+        except ValueError as exc:
+            results[index] = exc
+    return results, rows
+
+
 def _insert(session: Session) -> Any:
     """The dialect's INSERT (ON CONFLICT DO NOTHING ... RETURNING on both)."""
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
@@ -78,13 +92,7 @@ def record_events(session: Session, events: list[dict[str, Any]]) -> list[bool |
     this batch) or the error that event alone raises in :func:`record_event`
     (ValueError, UnknownOrder), for the caller to settle; the others are recorded.
     """
-    results: list[bool | Exception] = [False] * len(events)
-    rows: list[tuple[int, dict[str, Any]]] = []
-    for index, event in enumerate(events):
-        try:
-            rows.append((index, _row(event)))
-        except ValueError as exc:
-            results[index] = exc
+    results, rows = _rows(events)
     if not rows:
         return results
     wanted = sorted({row["order_id"] for _, row in rows})
@@ -142,11 +150,7 @@ SQL = database.DriverStatements(
     add=lambda dialect: (
         (postgresql.insert if dialect.name == "postgresql" else sqlite.insert)(OrderHistory)
         .values(
-            event_id=bindparam("event_id"),
-            order_id=bindparam("order_id"),
-            type=bindparam("type"),
-            occurred_at=bindparam("occurred_at"),
-            data=bindparam("data"),
+            **database.binds("event_id", "order_id", "type", "occurred_at", "data"),
         )
         .on_conflict_do_nothing(index_elements=["event_id"])
         .returning(OrderHistory.id)
@@ -196,13 +200,7 @@ def record_events_now(engine: Engine, events: list[dict[str, Any]]) -> list[bool
     anew for every batch size. The orders are locked in id order first (PostgreSQL;
     SQLite has one writer), so two recorders never wait on each other in a cycle.
     """
-    results: list[bool | Exception] = [False] * len(events)
-    rows: list[tuple[int, dict[str, Any]]] = []
-    for index, event in enumerate(events):
-        try:
-            rows.append((index, _row(event)))
-        except ValueError as exc:
-            results[index] = exc
+    results, rows = _rows(events)
     if not rows:
         return results
     dialect = engine.dialect
