@@ -66,13 +66,17 @@ LAYERS = (
             "sqlite3/",
             "do_begin",
             "do_rollback",
+            # the fast paths' statements on the cursor (messaging.database)
+            "DriverStatement.",
+            "DriverInsert.",
+            "driver_transaction",
         ),
     ),
     ("Redis (redis-py, socket)", ("redis/", "hiredis")),
     ("SMTP and the email package", ("smtplib", "/email/", "aiosmtpd/")),
     ("SQLAlchemy (ORM/Core, Python)", ("sqlalchemy/",)),
     ("Flask/Werkzeug", ("flask/", "werkzeug/")),
-    ("our code (orders/, consumers/)", ("/orders/", "/consumers/")),
+    ("our code (orders/, consumers/, messaging/)", ("/orders/", "/consumers/", "/messaging/")),
     ("json", ("json/",)),
 )
 
@@ -437,7 +441,15 @@ def profile_pipeline(redis_url: str, seconds: float, rate: int, idle: bool) -> N
     print(f"\ncollapsed stacks: {RESULTS_DIR}/profile-pipeline-*.txt")
 
 
+WAITING = "waiting in BLMOVE for work (not CPU: py-spy counts it)"
+
+
 def _layer_of_names(frames: list[str]) -> str:
+    if any("blmove" in frame for frame in frames):
+        return WAITING
+    # py-spy names files relative to sys.path ("Worker._consume (messaging/worker.py:431)"):
+    # a leading slash lets the project's "/orders/"-style needles match them too.
+    frames = [frame.replace(" (", " (/", 1) for frame in frames]
     for frame in reversed(frames):
         for layer, needles in LAYERS:
             if any(needle in frame for needle in needles):
