@@ -52,9 +52,6 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-_now = now
-
-
 class Base(DeclarativeBase):
     """Declarative base of the consumers' tables (separate from the order service's)."""
 
@@ -67,7 +64,7 @@ class Processed(Base):
     event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     order_id: Mapped[int | None] = mapped_column(Integer, index=True)
     outcome: Mapped[str] = mapped_column(Text)
-    processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
 class GatewayCharge(Base):
@@ -83,7 +80,7 @@ class GatewayCharge(Base):
     amount: Mapped[str] = mapped_column(String(32))
     currency: Mapped[str] = mapped_column(String(3))
     reason: Mapped[str | None] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
 class Payment(Base):
@@ -100,7 +97,7 @@ class Payment(Base):
     status: Mapped[str] = mapped_column(String(16))
     outcome: Mapped[str] = mapped_column(Text)
     """The outcome events (JSON list) emitted for the order."""
-    paid_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    paid_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
 def order_payment(engine: Engine, order_id: int) -> list[dict[str, Any]] | None:
@@ -231,7 +228,7 @@ class Invoice(Base):
     event_id: Mapped[str] = mapped_column(String(64))
     total: Mapped[str] = mapped_column(String(32))
     currency: Mapped[str] = mapped_column(String(3))
-    issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
 class Shipment(Base):
@@ -245,7 +242,7 @@ class Shipment(Base):
     tracking_number: Mapped[str] = mapped_column(String(40))
     event_id: Mapped[str] = mapped_column(String(64))
     """The PaymentCaptured event that booked it."""
-    booked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    booked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
 class Recipient(Base):
@@ -271,7 +268,7 @@ class EmailSent(Base):
     step: Mapped[str] = mapped_column(String(32))
     event_id: Mapped[str] = mapped_column(String(64))
     recipient: Mapped[str] = mapped_column(String(320))
-    sent_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    sent_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
 def make_engine(url: str) -> Engine:
