@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from messaging import envelope
 from messaging.queue import PermanentError
 
 # fullmatch, ASCII: "^...$" would let a final newline through, and \d any Unicode digit.
@@ -31,9 +32,7 @@ class Order:
 def order_of(event: dict[str, Any]) -> Order:
     """Check an OrderPlaced event's data; raise PermanentError naming what is wrong."""
     data = event["data"]
-    order_id = data.get("order_id")
-    if not isinstance(order_id, int) or isinstance(order_id, bool) or order_id < 1:
-        raise PermanentError(f"invalid OrderPlaced data: order_id {order_id!r}")
+    order_id = order_id_of(event)
     email = data.get("customer_email")
     if not isinstance(email, str) or "@" not in email:
         raise PermanentError(f"invalid OrderPlaced data: customer_email {email!r}")
@@ -52,8 +51,12 @@ def order_of(event: dict[str, Any]) -> Order:
 def order_id_of(event: dict[str, Any]) -> int:
     """The ``data.order_id`` of any order event; raise PermanentError when it is invalid."""
     order_id = event["data"].get("order_id")
-    if not isinstance(order_id, int) or isinstance(order_id, bool) or order_id < 1:
-        raise PermanentError(f"invalid {event.get('type')} data: order_id {order_id!r}")
+    if (
+        not isinstance(order_id, int)
+        or isinstance(order_id, bool)
+        or not 1 <= order_id <= envelope.MAX_ORDER_ID
+    ):
+        raise PermanentError(f"invalid {event.get('type')} data: order_id {order_id!r}"[:300])
     return order_id
 
 

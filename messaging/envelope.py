@@ -55,6 +55,12 @@ def accepted_by(queue: str) -> frozenset[str]:
 
 
 VERSION = 1
+
+MAX_ORDER_ID = 2**31 - 1
+"""The largest ``data.order_id`` an event may carry: order ids are the order service's
+``Integer`` keys (32 bits on PostgreSQL), and every service stores them in such a
+column. A larger one is bad data (dead-lettered at once), not a database error to
+retry until the attempts run out."""
 """Current version of every event's data shape."""
 
 STANDARD = "standard"

@@ -18,7 +18,7 @@ from sqlalchemy import Engine, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from messaging import database
+from messaging import database, envelope
 from orders import lifecycle
 from orders.models import Order, OrderHistory
 
@@ -50,6 +50,8 @@ def _row(event: dict[str, Any]) -> dict[str, Any]:
     order_id = data.get("order_id")
     if isinstance(order_id, bool) or not isinstance(order_id, int):
         raise ValueError("event data.order_id must be an integer")
+    if not 1 <= order_id <= envelope.MAX_ORDER_ID:
+        raise ValueError(f"event data.order_id must be between 1 and {envelope.MAX_ORDER_ID}")
     return {
         "event_id": event_id,
         "order_id": order_id,

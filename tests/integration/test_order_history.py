@@ -13,7 +13,7 @@ from sqlalchemy.exc import OperationalError
 
 from messaging import envelope
 from orders import lifecycle
-from orders.history import UnknownOrder, record_event
+from orders.history import UnknownOrder, record_event, record_event_now
 from orders.models import Order
 from tests.orders_app import ADMIN, ORDER, outcome
 
@@ -136,6 +136,7 @@ def test_payment_declined_cancels_the_order(make_app: Callable[..., Flask]) -> N
         ({"type": envelope.ORDER_PLACED}, ValueError),
         ({"data": {"order_id": 999}}, UnknownOrder),
         ({"data": {"order_id": True}}, ValueError),
+        ({"data": {"order_id": 10**30}}, ValueError),  # not the driver's OverflowError
         ({"timestamp": "2026-11-28T10:00:00"}, ValueError),
         ({"id": ""}, ValueError),
     ],
@@ -149,6 +150,8 @@ def test_bad_events_are_rejected(
     event.update(change)
     with pytest.raises(error):
         _record(app, event)
+    with pytest.raises(error):  # orders-updates' driver path: the same verdict
+        record_event_now(app.extensions["orders"].engine, event)
 
 
 def test_invoice_is_html_escaped_and_only_after_invoice_issued(

@@ -159,6 +159,10 @@ def test_parse_accepts_a_valid_envelope() -> None:
     [
         ({"order_id": "1"}, "order_id"),
         ({"order_id": True}, "order_id"),
+        ({"order_id": 0}, "order_id"),
+        # beyond any order id (a 32-bit key): bad data, not a database error to retry
+        ({"order_id": 2**31}, "order_id"),
+        ({"order_id": 10**30}, "order_id"),
         ({"customer_email": "nobody"}, "customer_email"),
         ({"currency": "eur"}, "currency"),
         ({"total": 10.0}, "total"),
@@ -170,6 +174,21 @@ def test_invalid_order_data_is_permanent(data: dict[str, Any], error: str) -> No
     event["data"].update(data)
     with pytest.raises(PermanentError, match=error):
         order_of(event)
+
+
+@pytest.mark.parametrize("order_id", [2**31, 10**30])
+def test_an_order_id_beyond_any_order_is_dead_lettered_at_once_by_every_consumer(
+    engine: Engine, order_id: int
+) -> None:
+    """Every handler refuses it as permanent (one attempt, a dead letter with the
+    field named) instead of raising the driver's OverflowError, retried until the
+    attempts run out."""
+    from consumers.invoice import InvoiceHandler
+    from consumers.shipping import ShippingHandler
+
+    for handler in (InvoiceHandler(engine), ShippingHandler(engine)):
+        with pytest.raises(PermanentError, match="order_id"):
+            handler.handle(captured(order_id))
 
 
 # --- configuration ---------------------------------------------------------------
