@@ -56,6 +56,11 @@ def accepted_by(queue: str) -> frozenset[str]:
 
 VERSION = 1
 
+MAX_EVENT_ID_LENGTH = 36
+"""The longest envelope ``id`` a queue message may carry: a UUID's 36 characters, the
+width of the order history's ``event_id`` column (the consumers' is 64). Every
+producer here writes UUIDs (:func:`envelope`, ``stable_event_id``)."""
+
 MAX_ORDER_ID = 2**31 - 1
 """The largest ``data.order_id`` an event may carry: order ids are the order service's
 ``Integer`` keys (32 bits on PostgreSQL), and every service stores them in such a

@@ -205,6 +205,10 @@ def parse(raw: bytes, accepted: Collection[str]) -> dict[str, Any]:
     for field in ("id", "type"):
         if not isinstance(event.get(field), str) or not event[field]:
             raise MalformedMessage(f"message has no {field}")
+    if len(event["id"]) > envelope.MAX_EVENT_ID_LENGTH:
+        # Stored as a key by every consumer (64 characters; a UUID is 36): longer is
+        # garbage, not a database error to retry (PostgreSQL refuses it, SQLite not).
+        raise MalformedMessage(f"message id longer than {envelope.MAX_EVENT_ID_LENGTH} characters")
     if event["type"] not in accepted:
         raise MalformedMessage(f"unknown event type {event['type']!r} for this queue")
     if event.get("version") != envelope.VERSION:

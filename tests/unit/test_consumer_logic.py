@@ -138,6 +138,7 @@ ACCEPTS = frozenset({envelope.ORDER_PLACED})
         (b'{"type":"OrderPlaced","version":1,"data":{}}', "no id"),
         (b'{"id":"","type":"OrderPlaced","version":1,"data":{}}', "no id"),
         (b'{"id":"x","version":1,"data":{}}', "no type"),
+        (b'{"id":"' + b"7" * 37 + b'","type":"OrderPlaced","version":1,"data":{}}', "longer"),
         (b'{"id":"x","type":"InvoiceIssued","version":1,"data":{}}', "unknown event type"),
         (b'{"id":"x","type":"OrderPlaced","data":{}}', "unsupported version None"),
         (b'{"id":"x","type":"OrderPlaced","version":"1","data":{}}', "unsupported version '1'"),
