@@ -156,9 +156,8 @@ SQL = database.DriverStatements(
     call=lambda dialect: (
         store.dialect_insert_of(dialect)(_LEDGER)
         .values(
-            **database.binds("idempotency_key", "order_id"),
+            **database.binds("idempotency_key", "order_id", "amount", "currency", "created_at"),
             calls=1,
-            **database.binds("amount", "currency", "created_at"),
         )
         .on_conflict_do_update(
             index_elements=["idempotency_key"], set_={"calls": _LEDGER.calls + 1}
@@ -307,14 +306,7 @@ class PaymentHandler:
                         outcome=outcome,
                         paid_at=now,
                     )
-                    store.SQL(dialect, "record").execute(
-                        cursor,
-                        queue=QUEUE,
-                        event_id=event["id"],
-                        order_id=event["data"]["order_id"],
-                        outcome=outcome,
-                        processed_at=now,
-                    )
+                    store.record_processed(cursor, dialect, QUEUE, event, result)
             for index, _, result in charged:
                 results[index] = result
         return results

@@ -34,7 +34,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -188,9 +187,7 @@ def dialect_insert(bind: Engine | Connection) -> Any:
 
 def dialect_insert_of(dialect: Dialect) -> Any:
     """The INSERT of ``dialect`` (both have ON CONFLICT and RETURNING)."""
-    if dialect.name == "postgresql":
-        return postgresql.insert
-    return sqlite.insert
+    return database.insert_of(dialect)
 
 
 def release_claim(engine: Engine, order_id: int, step: str, owner: str) -> None:
@@ -416,13 +413,13 @@ def process_new(
             outcome = effect(cursor, dialect)
             if outcome is None:
                 raise _NotNew
-            _record(cursor, dialect, queue, event, outcome)
+            record_processed(cursor, dialect, queue, event, outcome)
     except (_NotNew, IntegrityError):
         return None
     return outcome
 
 
-def _record(
+def record_processed(
     cursor: Any, dialect: Dialect, queue: str, event: dict[str, Any], outcome: list[Any]
 ) -> None:
     """Insert the event's processed row (its outcome) on the driver."""
@@ -467,7 +464,7 @@ def process_new_batch(
                 continue
             outcome = effect(cursor, dialect)
             if outcome is not None:
-                _record(cursor, dialect, queue, event, outcome)
+                record_processed(cursor, dialect, queue, event, outcome)
             results.append(outcome)
     return results
 

@@ -31,6 +31,7 @@ from sqlalchemy import (
     make_url,
     text,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -249,9 +250,9 @@ class DriverStatement:
     """Any fixed-shape Core statement compiled once, executed on the driver's cursor.
 
     :class:`DriverInsert`'s reason, for the reads and updates of the consumers' and the
-    order history's hot paths: SQLAlchemy's per-execution machinery costs about 150 µs
-    of CPU per statement (a whole ORM "process once" about 1.5 ms against 0.17 ms on
-    the driver; ``benchmarks/README.md``). The SQL text and the bind processors come
+    order history's hot paths: SQLAlchemy's per-execution machinery costs about 100 µs
+    of CPU per statement (a whole ORM "process once" about 1 ms against 0.2 ms on the
+    driver; ``python -m benchmarks.fastpath``). The SQL text and the bind processors come
     from SQLAlchemy, compiled for ``dialect``; parameters are named with
     ``bindparam("name")`` and given by name to :meth:`execute`; literals written into
     the statement keep their values. Rows come back as the driver returns them, without
@@ -305,6 +306,13 @@ class DriverStatement:
         return self.execute(cursor, **values).fetchone()
 
 
+def insert_of(dialect: Dialect) -> Any:
+    """The INSERT construct of ``dialect``: both have ON CONFLICT and RETURNING."""
+    if dialect.name == "postgresql":
+        return postgresql.insert
+    return sqlite.insert
+
+
 def binds(*names: str) -> dict[str, Any]:
     """``{name: bindparam(name)}`` for a statement's ``.values(**binds(...))``: the
     columns a :class:`DriverStatement` caller gives by name."""
@@ -320,16 +328,13 @@ class DriverStatements:
 
     def __init__(self, **builders: Callable[[Dialect], Any]) -> None:
         self._builders = builders
-        self._compiled: dict[tuple[int, str], DriverStatement] = {}
-        self._dialects: list[Dialect] = []  # keeps the ids above from being reused
+        self._compiled: dict[tuple[Dialect, str], DriverStatement] = {}
 
     def __call__(self, dialect: Dialect, name: str) -> DriverStatement:
-        found = self._compiled.get((id(dialect), name))
+        found = self._compiled.get((dialect, name))
         if found is None:
             found = DriverStatement(self._builders[name](dialect), dialect)
-            if dialect not in self._dialects:
-                self._dialects.append(dialect)
-            found = self._compiled.setdefault((id(dialect), name), found)
+            found = self._compiled.setdefault((dialect, name), found)
         return found
 
 

@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, bindparam, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from messaging import database, envelope
@@ -77,7 +76,7 @@ def _rows(
 
 def _insert(session: Session) -> Any:
     """The dialect's INSERT (ON CONFLICT DO NOTHING ... RETURNING on both)."""
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    return database.insert_of(session.get_bind().dialect)
 
 
 def record_events(session: Session, events: list[dict[str, Any]]) -> list[bool | Exception]:
@@ -150,7 +149,7 @@ SQL = database.DriverStatements(
         select(Order.id).where(Order.id == bindparam("order_id")).with_for_update()
     ),
     add=lambda dialect: (
-        (postgresql.insert if dialect.name == "postgresql" else sqlite.insert)(OrderHistory)
+        database.insert_of(dialect)(OrderHistory)
         .values(
             **database.binds("event_id", "order_id", "type", "occurred_at", "data"),
         )
