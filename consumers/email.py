@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import html
 import json
+import re
 import smtplib
 import threading
 import time
@@ -250,6 +251,61 @@ def wire_bytes(msg: Message) -> bytes:
     return msg.as_bytes(policy=_WIRE)
 
 
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+def sendmail_pipelined(smtp: smtplib.SMTP, sender: str, to: str, data: bytes) -> None:
+    """``smtp.sendmail(sender, [to], data)`` in two round trips instead of four.
+
+    For a server that advertised PIPELINING in its EHLO answer (RFC 2920): MAIL, RCPT and
+    DATA go out together and their three replies are read in order; the message follows
+    only after DATA's 354 (DATA ends a group), and its 250 is what says "accepted", as
+    with sendmail. A refusal raises what sendmail raises (``SMTPSenderRefused``,
+    ``SMTPRecipientsRefused``, ``SMTPDataError``) after ending the transaction: a lone
+    dot if the server took DATA anyway, then RSET (RFC 2920 3.1); a 421 closes the
+    connection, as sendmail does.
+    """
+    size = f" SIZE={len(data)}" if smtp.has_extn("size") else ""
+    smtp.send(
+        f"MAIL FROM:{smtplib.quoteaddr(sender)}{size}\r\n"
+        f"RCPT TO:{smtplib.quoteaddr(to)}\r\nDATA\r\n"
+    )
+    replies: list[tuple[int, bytes]] = []
+    while len(replies) < 3:
+        replies.append(smtp.getreply())
+        if replies[-1][0] == 421:  # the server is closing the connection
+            smtp.close()
+            break
+    mail, rcpt, start = (replies + [(0, b"")] * 3)[:3]
+    refused: smtplib.SMTPException | None = None
+    if mail[0] != 250:
+        refused = smtplib.SMTPSenderRefused(mail[0], mail[1], sender)
+    elif rcpt[0] not in (250, 251):
+        refused = smtplib.SMTPRecipientsRefused({to: rcpt})
+    elif start[0] != 354:
+        refused = smtplib.SMTPDataError(start[0], start[1])
+    if refused is not None:
+        if start[0] == 354:  # DATA taken without a valid sender or recipient: end it empty
+            smtp.send(b".\r\n")
+            smtp.getreply()
+        if len(replies) == 3:
+            with contextlib.suppress(smtplib.SMTPServerDisconnected):
+                smtp.rset()
+        raise refused
+    body = _LEADING_DOT.sub(b"..", data)
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    smtp.send(body + b".\r\n")
+    code, reply = smtp.getreply()
+    if code != 250:
+        if code == 421:
+            smtp.close()
+        else:
+            with contextlib.suppress(smtplib.SMTPServerDisconnected):
+                smtp.rset()
+        raise smtplib.SMTPDataError(code, reply)
+
+
 def notified(order_id: int, step: str, mid: str, at: datetime) -> list[dict[str, Any]]:
     """The CustomerNotified outcome of one sent email (the same event every time)."""
     return [
@@ -396,7 +452,11 @@ class EmailHandler:
         for attempt in (1, 2):
             try:
                 smtp, reused = self._connection()
-                smtp.sendmail(parseaddr(self.sender)[1], [to], wire_bytes(msg))
+                smtp.ehlo_or_helo_if_needed()
+                if smtp.has_extn("pipelining"):
+                    sendmail_pipelined(smtp, parseaddr(self.sender)[1], to, wire_bytes(msg))
+                else:
+                    smtp.sendmail(parseaddr(self.sender)[1], [to], wire_bytes(msg))
                 faults.hit("email.after_send")
                 return
             except smtplib.SMTPServerDisconnected as exc:
