@@ -26,6 +26,7 @@ event counts as published (and its outbox row is marked) only once N replicas ha
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -66,6 +67,9 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
+
+PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
+"""The name EVALSHA knows :data:`PUBLISH_SCRIPT` by."""
 
 EXPRESS_PUSH_SCRIPT = """
 -- Cluster: one queue's express events. KEYS: pending, express. ARGV: the events.
@@ -123,13 +127,17 @@ class EventPublisher:
             redis_client.register_script(PUBLISH_SCRIPT)
         )  # fmt: skip
 
-    def _call(self, event_type: str, payload: str, client: Any) -> Any:
+    def _args(self, event_type: str, payload: str) -> list[Any]:
+        """The script's keys and arguments for one event: ``[numkeys, *keys, *args]``."""
         express = envelope.is_express(payload)
         channel, list_keys = route(event_type, self.pattern, self.feed, express)
+        return [len(list_keys), *list_keys, payload, channel, "1" if express else ""]
+
+    def _call(self, event_type: str, payload: str, client: Any) -> Any:
+        args = self._args(event_type, payload)
         assert self._script is not None  # single node only
-        return self._script(
-            keys=list_keys, args=[payload, channel, "1" if express else ""], client=client
-        )
+        count = args[0]
+        return self._script(keys=args[1 : count + 1], args=args[count + 1 :], client=client)
 
     def publish(self, event: dict[str, Any]) -> None:
         """Publish one event. Raises redis.RedisError."""
@@ -151,17 +159,41 @@ class EventPublisher:
         if self.cluster:
             self._publish_cluster(list(batch))
             return
+        calls = [self._args(event_type, payload) for event_type, payload in batch]
+        if not calls:
+            return
+        results = self._pipeline(calls, raise_on_error=False)
+        errors = [r for r in results if isinstance(r, redis.RedisError)]
+        missing = [
+            call for call, r in zip(calls, results, strict=False)
+            if isinstance(r, redis.exceptions.NoScriptError)
+        ]  # fmt: skip
+        if len(missing) < len(errors):
+            raise next(e for e in errors if not isinstance(e, redis.exceptions.NoScriptError))
+        if missing:  # a restarted or flushed server: load the script, send what failed
+            self.redis.execute_command("SCRIPT LOAD", PUBLISH_SCRIPT)
+            self._pipeline(missing, raise_on_error=True)
+
+    def _pipeline(self, calls: list[list[Any]], raise_on_error: bool) -> list[Any]:
+        """EVALSHA each call in one pipeline (+ WAIT); the scripts' results (or errors).
+
+        redis-py's pipeline asks SCRIPT EXISTS before every execute that holds a script
+        object: a second round trip per batch. EVALSHA alone is one; a NOSCRIPT answer
+        (an event that did nothing) is retried by :meth:`publish_serialized` once the
+        script is loaded. Only those: an event is never sent twice here.
+        """
         with self.redis.pipeline(transaction=False) as pipe:
-            count = 0
-            for event_type, payload in batch:
-                self._call(event_type, payload, pipe)
-                count += 1
-            if count and self.wait_replicas:
+            for call in calls:
+                pipe.execute_command("EVALSHA", PUBLISH_SHA, *call)
+            if self.wait_replicas:
                 # Same connection as the scripts: WAIT counts exactly their writes.
                 pipe.execute_command("WAIT", self.wait_replicas, WAIT_TIMEOUT_MS)
-            if count:
-                results = pipe.execute()
-                self._check_wait(results[-1:] if self.wait_replicas else [])
+            results = pipe.execute(raise_on_error=raise_on_error)
+        if self.wait_replicas:
+            if not isinstance(results[-1], Exception):
+                self._check_wait(results[-1:])
+            results = results[:-1]
+        return list(results)
 
     def _publish_cluster(self, batch: list[tuple[str, str]]) -> None:
         """Cluster: one RPUSH per queue (+ WAIT on its node), then the PUBLISHes."""
