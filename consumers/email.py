@@ -254,56 +254,99 @@ def wire_bytes(msg: Message) -> bytes:
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
+def _after_send() -> None:
+    """The fault point after the server took an email (one by one or pipelined)."""
+    faults.hit("email.after_send")
+
+
+class PipelinedSession:
+    """Messages over one SMTP connection whose server advertised PIPELINING (RFC 2920).
+
+    A message's envelope (MAIL, RCPT, DATA) is one group; its body follows only once
+    DATA got 354 (DATA ends a group), and the body may open the next group: a body,
+    then the next message's envelope, in one write. So one message alone takes two
+    round trips instead of four, and each further message of a batch one
+    (:meth:`EmailHandler.handle_batch`). An envelope goes out only for a message already
+    rendered: once DATA is accepted the client owes the server that message.
+    """
+
+    def __init__(self, smtp: smtplib.SMTP, sender: str) -> None:
+        self.smtp = smtp
+        self.sender = sender
+        self._size = smtp.has_extn("size")
+
+    def envelope(self, to: str, data: bytes) -> bytes:
+        """MAIL, RCPT and DATA for one message to ``to`` (SIZE when the server takes it)."""
+        size = f" SIZE={len(data)}" if self._size else ""
+        return (
+            f"MAIL FROM:{smtplib.quoteaddr(self.sender)}{size}\r\n"
+            f"RCPT TO:{smtplib.quoteaddr(to)}\r\nDATA\r\n"
+        ).encode("ascii")
+
+    @staticmethod
+    def body(data: bytes) -> bytes:
+        """The message as DATA carries it: dot-stuffed, ended by CRLF.CRLF."""
+        body = _LEADING_DOT.sub(b"..", data)
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        return body + b".\r\n"
+
+    def read_envelope(self, to: str) -> None:
+        """Read one envelope's three replies; a refusal raises what sendmail raises.
+
+        Before raising, the transaction is ended: a lone dot if the server took DATA
+        anyway (no valid recipient: it delivers nothing, RFC 2920 3.1), then RSET; a 421
+        closes the connection, as sendmail does.
+        """
+        replies: list[tuple[int, bytes]] = []
+        while len(replies) < 3:
+            replies.append(self.smtp.getreply())
+            if replies[-1][0] == 421:  # the server is closing the connection
+                self.smtp.close()
+                break
+        mail, rcpt, start = (replies + [(0, b"")] * 3)[:3]
+        refused: smtplib.SMTPException | None = None
+        if mail[0] != 250:
+            refused = smtplib.SMTPSenderRefused(mail[0], mail[1], self.sender)
+        elif rcpt[0] not in (250, 251):
+            refused = smtplib.SMTPRecipientsRefused({to: rcpt})
+        elif start[0] != 354:
+            refused = smtplib.SMTPDataError(start[0], start[1])
+        if refused is None:
+            return
+        if start[0] == 354:
+            self.smtp.send(b".\r\n")
+            self.smtp.getreply()
+        if len(replies) == 3:
+            with contextlib.suppress(smtplib.SMTPServerDisconnected):
+                self.smtp.rset()
+        raise refused
+
+    def read_body(self) -> None:
+        """Read a body's reply: 250 is "accepted"; anything else raises SMTPDataError.
+
+        Either way the transaction is over (RFC 5321 4.1.1.4): no RSET, which would
+        reset the next message's envelope when it is already on its way.
+        """
+        code, reply = self.smtp.getreply()
+        if code != 250:
+            if code == 421:
+                self.smtp.close()
+            raise smtplib.SMTPDataError(code, reply)
+
+
 def sendmail_pipelined(smtp: smtplib.SMTP, sender: str, to: str, data: bytes) -> None:
     """``smtp.sendmail(sender, [to], data)`` in two round trips instead of four.
 
-    For a server that advertised PIPELINING in its EHLO answer (RFC 2920): MAIL, RCPT and
-    DATA go out together and their three replies are read in order; the message follows
-    only after DATA's 354 (DATA ends a group), and its 250 is what says "accepted", as
-    with sendmail. A refusal raises what sendmail raises (``SMTPSenderRefused``,
-    ``SMTPRecipientsRefused``, ``SMTPDataError``) after ending the transaction: a lone
-    dot if the server took DATA anyway, then RSET (RFC 2920 3.1); a 421 closes the
-    connection, as sendmail does.
+    For a server that advertised PIPELINING (:class:`PipelinedSession`): the envelope's
+    three commands in one write, the body once DATA got 354; its 250 is what says
+    "accepted", as with sendmail, and a refusal raises what sendmail raises.
     """
-    size = f" SIZE={len(data)}" if smtp.has_extn("size") else ""
-    smtp.send(
-        f"MAIL FROM:{smtplib.quoteaddr(sender)}{size}\r\n"
-        f"RCPT TO:{smtplib.quoteaddr(to)}\r\nDATA\r\n"
-    )
-    replies: list[tuple[int, bytes]] = []
-    while len(replies) < 3:
-        replies.append(smtp.getreply())
-        if replies[-1][0] == 421:  # the server is closing the connection
-            smtp.close()
-            break
-    mail, rcpt, start = (replies + [(0, b"")] * 3)[:3]
-    refused: smtplib.SMTPException | None = None
-    if mail[0] != 250:
-        refused = smtplib.SMTPSenderRefused(mail[0], mail[1], sender)
-    elif rcpt[0] not in (250, 251):
-        refused = smtplib.SMTPRecipientsRefused({to: rcpt})
-    elif start[0] != 354:
-        refused = smtplib.SMTPDataError(start[0], start[1])
-    if refused is not None:
-        if start[0] == 354:  # DATA taken without a valid sender or recipient: end it empty
-            smtp.send(b".\r\n")
-            smtp.getreply()
-        if len(replies) == 3:
-            with contextlib.suppress(smtplib.SMTPServerDisconnected):
-                smtp.rset()
-        raise refused
-    body = _LEADING_DOT.sub(b"..", data)
-    if not body.endswith(b"\r\n"):
-        body += b"\r\n"
-    smtp.send(body + b".\r\n")
-    code, reply = smtp.getreply()
-    if code != 250:
-        if code == 421:
-            smtp.close()
-        else:
-            with contextlib.suppress(smtplib.SMTPServerDisconnected):
-                smtp.rset()
-        raise smtplib.SMTPDataError(code, reply)
+    session = PipelinedSession(smtp, sender)
+    smtp.send(session.envelope(to, data))
+    session.read_envelope(to)
+    smtp.send(session.body(data))
+    session.read_body()
 
 
 def notified(order_id: int, step: str, mid: str, at: datetime) -> list[dict[str, Any]]:
@@ -457,7 +500,7 @@ class EmailHandler:
                     sendmail_pipelined(smtp, parseaddr(self.sender)[1], to, wire_bytes(msg))
                 else:
                     smtp.sendmail(parseaddr(self.sender)[1], [to], wire_bytes(msg))
-                faults.hit("email.after_send")
+                _after_send()
                 return
             except smtplib.SMTPServerDisconnected as exc:
                 self._drop()
@@ -466,21 +509,24 @@ class EmailHandler:
                     # Had it already taken the DATA, this resends the same Message-ID:
                     # the one window the module doc names, no new one.
                     continue
-                raise SmtpUnavailable(f"SMTP {self.host}:{self.port} unavailable: {exc}") from exc
-            except smtplib.SMTPRecipientsRefused as exc:
-                self._drop()
-                codes = [code for code, _ in exc.recipients.values()]
-                if all(code >= 500 for code in codes):
-                    raise PermanentError(f"SMTP refused the recipient: {exc.recipients}") from exc
-                raise RetryableError(f"SMTP deferred the recipient: {exc.recipients}") from exc
-            except smtplib.SMTPResponseException as exc:
-                self._drop()
-                if exc.smtp_code >= 500:
-                    raise PermanentError(f"SMTP error {exc.smtp_code}: {exc.smtp_error!r}") from exc
-                raise RetryableError(f"SMTP error {exc.smtp_code}: {exc.smtp_error!r}") from exc
+                raise self._verdict(exc) from exc
             except (OSError, smtplib.SMTPException) as exc:
                 self._drop()
-                raise SmtpUnavailable(f"SMTP {self.host}:{self.port} unavailable: {exc}") from exc
+                raise self._verdict(exc) from exc
+
+    def _verdict(self, exc: OSError | smtplib.SMTPException) -> Exception:
+        """What a failed send is: a 5xx refusal is permanent, a 4xx retryable, any other
+        failure (no connection, a timeout, a dropped connection) :class:`SmtpUnavailable`."""
+        if isinstance(exc, smtplib.SMTPRecipientsRefused):
+            codes = [code for code, _ in exc.recipients.values()]
+            if all(code >= 500 for code in codes):
+                return PermanentError(f"SMTP refused the recipient: {exc.recipients}")
+            return RetryableError(f"SMTP deferred the recipient: {exc.recipients}")
+        if isinstance(exc, smtplib.SMTPResponseException):
+            if exc.smtp_code >= 500:
+                return PermanentError(f"SMTP error {exc.smtp_code}: {exc.smtp_error!r}")
+            return RetryableError(f"SMTP error {exc.smtp_code}: {exc.smtp_error!r}")
+        return SmtpUnavailable(f"SMTP {self.host}:{self.port} unavailable: {exc}")
 
     def _recipient(self, event: dict[str, Any], order_id: int) -> store.Recipient:
         """Who to write to: recorded now from OrderPlaced, looked up for later steps."""
@@ -618,7 +664,8 @@ class EmailHandler:
         The guarantees of :meth:`handle`, with fewer transactions: the recipients of the
         batch's OrderPlaced events and the claims of every (order, step) are committed
         in ONE transaction before the first send; the emails then go out one after the
-        other over this thread's kept connection, and each is marked sent (its
+        other over this thread's kept connection (one round trip each when the server
+        pipelines, :meth:`_send_pipelined`), and each is marked sent (its
         ``emails_sent`` row and its claim's outcome) in its own short transaction right
         after the server took it, so a crash resends at most the one email a crash of
         :meth:`handle` would. The processed rows of the whole batch commit together at
@@ -703,6 +750,22 @@ class EmailHandler:
                 ):
                     claimed.add((job.order_id, job.step))
         jobs = [job for job in jobs if (job.order_id, job.step) in claimed]
+        pipelined = self._pipelined_session()
+        if pipelined is None or not self._send_pipelined(
+            *pipelined, jobs, owner, results, stopping
+        ):
+            unsent = [job for job in jobs if results[job.index] is None]
+            self._send_one_by_one(unsent, owner, results, stopping)
+        return results
+
+    def _send_one_by_one(
+        self,
+        jobs: list[_Job],
+        owner: str,
+        results: list[list[dict[str, Any]] | Exception | None],
+        stopping: Callable[[], bool],
+    ) -> None:
+        """The batch's claimed emails, each sent and then recorded (:meth:`send`)."""
         claimed_at = time.monotonic()
         down: Exception | None = None
         for n, job in enumerate(jobs):
@@ -729,7 +792,127 @@ class EmailHandler:
             results[job.index] = self._mark_sent(
                 job.event, job.order_id, job.step, job.who.email, mid
             )
-        return results
+
+    def _pipelined_session(self) -> tuple[PipelinedSession, bool] | None:
+        """This thread's connection as a :class:`PipelinedSession` (True: reused), or None
+        when the server lacks PIPELINING or cannot be reached now (the one-by-one path
+        then tries it and says why)."""
+        try:
+            smtp, reused = self._connection()
+            smtp.ehlo_or_helo_if_needed()
+        except (OSError, smtplib.SMTPException):
+            self._drop()
+            return None
+        if not smtp.has_extn("pipelining"):
+            return None
+        return PipelinedSession(smtp, parseaddr(self.sender)[1]), reused
+
+    def _send_pipelined(
+        self,
+        session: PipelinedSession,
+        reused: bool,
+        jobs: list[_Job],
+        owner: str,
+        results: list[list[dict[str, Any]] | Exception | None],
+        stopping: Callable[[], bool],
+    ) -> bool:
+        """The batch's claimed emails in one round trip each (:class:`PipelinedSession`).
+
+        Each email is recorded right after the server's 250 for it, as one by one, so
+        a crash resends at most that one; the next email's envelope already on the wire
+        is simply dropped by the server with the connection. A refused email is that
+        event's failure (its claim freed); a connection that fails fails what was in
+        flight and the rest as :class:`SmtpUnavailable`. False, with nothing sent: the
+        kept connection turned out closed by the server; the caller goes one by one,
+        which reconnects.
+        """
+        smtp = session.smtp
+        claimed_at = time.monotonic()
+        flight: list[_Job] = []  # the body awaiting its reply, then the envelope
+        mids: dict[int, str] = {}
+        put_back: set[int] = set()  # not started (shutting down): results stay None
+        read_any = False
+        refusals = (smtplib.SMTPResponseException, smtplib.SMTPRecipientsRefused)
+
+        def fail(job: _Job, error: Exception) -> None:
+            store.release_claim(self.engine, job.order_id, job.step, owner)
+            results[job.index] = error
+
+        def start(k: int, prefix: bytes = b"") -> tuple[int, bytes] | None:
+            """Send ``prefix`` and the envelope of the first of ``jobs[k:]`` that renders."""
+            nonlocal claimed_at
+            while k < len(jobs):
+                job = jobs[k]
+                assert job.who is not None
+                if k and stopping():  # shutting down: the rest go back un-started
+                    for rest in jobs[k:]:
+                        store.release_claim(self.engine, rest.order_id, rest.step, owner)
+                        put_back.add(rest.index)
+                    break
+                if time.monotonic() - claimed_at > self.claim_seconds / 3:
+                    store.extend_claims(self.engine, owner, self.claim_seconds)
+                    claimed_at = time.monotonic()
+                try:
+                    data = wire_bytes(render(job.event, job.who, step=job.step, sender=self.sender))
+                except Exception as exc:  # noqa: BLE001 - that event's failure, as one by one
+                    fail(job, exc)
+                    k += 1
+                    continue
+                mids[job.index] = message_id(job.order_id, job.step, self.sender)
+                smtp.send(prefix + session.envelope(job.who.email, data))
+                flight.append(job)
+                return k, data
+            if prefix:
+                smtp.send(prefix)
+            return None
+
+        try:
+            current = start(0)
+            body_sent = False
+            while flight:
+                if body_sent:  # the oldest in flight is a body: its reply comes first
+                    job = flight.pop(0)
+                    assert job.who is not None
+                    try:
+                        session.read_body()
+                        read_any = True
+                    except refusals as exc:
+                        fail(job, self._verdict(exc))
+                    else:
+                        _after_send()
+                        results[job.index] = self._mark_sent(
+                            job.event, job.order_id, job.step, job.who.email, mids[job.index]
+                        )
+                    body_sent = False
+                if current is None:
+                    break
+                k, data = current
+                job = jobs[k]
+                assert job.who is not None
+                try:
+                    session.read_envelope(job.who.email)
+                    read_any = True
+                except refusals as exc:
+                    flight.pop()
+                    fail(job, self._verdict(exc))
+                    current = start(k + 1)
+                    continue
+                current = start(k + 1, session.body(data))
+                body_sent = True
+        except (OSError, smtplib.SMTPException) as exc:  # the connection failed
+            self._drop()
+            if reused and not read_any and isinstance(exc, smtplib.SMTPServerDisconnected):
+                return False  # nothing was sent: the caller sends them one by one
+            error = self._verdict(exc)
+            for job in jobs:  # in flight, or not sent: the server is gone
+                if results[job.index] is None and job.index not in put_back:
+                    fail(job, error)
+        except BaseException:
+            # Never reuse a connection left mid-conversation (an envelope on the wire may
+            # have had its DATA accepted: whatever came next would be message text).
+            self._drop()
+            raise
+        return True
 
     def _mark_sent(
         self, event: dict[str, Any], order_id: int, step: str, address: str, mid: str

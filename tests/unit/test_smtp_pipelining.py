@@ -6,6 +6,11 @@ fails on its timeout). What is checked: the group MAIL, RCPT, DATA travels in on
 write; the body follows only after the 354, dot-stuffed; refusals raise what
 ``smtplib.sendmail`` raises, after a lone dot when the server took DATA anyway, then
 RSET; a 421 closes the connection; and the local ``smtp-sink`` advertises the extension.
+
+A batch of the email consumer (:meth:`EmailHandler.handle_batch`, on SQLite) sends each
+body together with the next envelope: one round trip per email. A refusal fails that
+email alone (its claim freed), a dropped connection fails what was in flight and the
+rest, and each email is recorded only after the server's 250 for it.
 """
 
 from __future__ import annotations
@@ -15,12 +20,18 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
 
-from consumers.email import sendmail_pipelined
+from consumers import store
+from consumers.email import EmailHandler, SmtpUnavailable, sendmail_pipelined
 from consumers.smtp_sink import EmlWriter
 from devtools.redis_server import free_port
+from messaging import envelope
+from messaging.queue import PermanentError, RetryableError
 
 Script = Callable[["Conversation"], None]
 
@@ -189,16 +200,16 @@ def test_a_refused_message_raises_data_error(
         talk.expect(3)
         talk.say("250 ok", "250 ok", "354 go on")
         talk.expect_body()
-        talk.say("452 mailbox full")
-        assert talk.expect(1) == [b"rset"]
-        talk.say("250 reset")
+        talk.say("452 mailbox full")  # the transaction is over: no RSET follows
+        assert talk.expect(1) == [b"quit"]
+        talk.say("221 bye")
 
     port, _ = scripted_server(script)
     smtp = client(port)
     with pytest.raises(smtplib.SMTPDataError) as refused:
         sendmail_pipelined(smtp, "shop@example.com", "ada@example.com", b"x\r\n")
     assert (refused.value.smtp_code, refused.value.smtp_error) == (452, b"mailbox full")
-    smtp.close()
+    smtp.quit()
 
 
 def test_the_local_sink_advertises_pipelining_and_stores_a_pipelined_message(
@@ -220,3 +231,153 @@ def test_the_local_sink_advertises_pipelining_and_stores_a_pipelined_message(
         controller.stop()
     stored = sorted(path.read_bytes() for path in tmp_path.glob("*.eml"))
     assert stored == [b"Subject: 1\r\n\r\n.1\r\n", b"Subject: 2\r\n\r\n.2\r\n"]
+
+
+def order_placed(order_id: int) -> dict[str, Any]:
+    return envelope.envelope(
+        envelope.ORDER_PLACED,
+        {
+            "order_id": order_id,
+            "customer_email": f"c{order_id}@example.com",
+            "currency": "EUR",
+            "lines": [{"sku": "S-1", "quantity": 1, "unit_price": "3.50", "line_total": "3.50"}],
+            "total": "3.50",
+        },
+        message=f"Order #{order_id} placed",
+        sender="orders-api",
+        count=order_id,
+    )
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = store.make_engine(f"sqlite:///{tmp_path / 'email.db'}")
+    store.create_tables(engine, "email")
+    yield engine
+    engine.dispose()
+
+
+def handler(engine: Engine, port: int) -> EmailHandler:
+    return EmailHandler(engine, host="127.0.0.1", port=port, sender="shop@example.com", timeout=5)
+
+
+def envelope_lines(order_id: int) -> list[bytes]:
+    return [
+        b"MAIL FROM:<shop@example.com> SIZE=",
+        f"RCPT TO:<c{order_id}@example.com>".encode(),
+        b"DATA",
+    ]
+
+
+def same_envelope(got: list[bytes], order_id: int) -> bool:
+    want = envelope_lines(order_id)
+    return got[0].startswith(want[0]) and got[1:] == want[1:]
+
+
+def sent_steps(engine: Engine) -> list[int]:
+    with Session(engine) as session:
+        return sorted(session.scalars(select(store.EmailSent.order_id)))
+
+
+def open_claims(engine: Engine) -> list[tuple[int, str]]:
+    with Session(engine) as session:
+        return sorted(
+            (claim.order_id, claim.state) for claim in session.scalars(select(store.EmailClaim))
+        )
+
+
+def test_a_batch_sends_each_body_with_the_next_envelope(
+    scripted_server: Callable[[Script], tuple[int, list[Conversation]]], engine: Engine
+) -> None:
+    def script(talk: Conversation) -> None:
+        assert same_envelope(talk.expect(3), 1)
+        talk.say("250 ok", "250 ok", "354 go on")
+        for order_id in (2, 3):
+            talk.expect_body()
+            # The next envelope came in the same write as the body (nothing answered yet).
+            assert same_envelope(talk.expect(3), order_id)
+            talk.say("250 queued", "250 ok", "250 ok", "354 go on")
+        talk.expect_body()
+        talk.say("250 queued")
+        talk.expect(1)  # QUIT at close
+        talk.say("221 bye")
+
+    port, talks = scripted_server(script)
+    emails = handler(engine, port)
+    results = emails.handle_batch([order_placed(n) for n in (1, 2, 3)])
+    emails.close()
+    assert [r[0]["data"]["order_id"] for r in results] == [1, 2, 3]  # type: ignore[index]
+    assert sent_steps(engine) == [1, 2, 3]
+    # EHLO, envelope 1, then (body, next envelope) twice, the last body, QUIT.
+    bodies_with_envelopes = [r for r in talks[0].received if b"MAIL FROM" in r]
+    assert len(talks[0].received) == 2 + 2 * 2 + 2 and len(bodies_with_envelopes) == 3
+
+
+def test_a_refused_recipient_fails_that_email_alone(
+    scripted_server: Callable[[Script], tuple[int, list[Conversation]]], engine: Engine
+) -> None:
+    def script(talk: Conversation) -> None:
+        talk.expect(3)
+        talk.say("250 ok", "250 ok", "354 go on")
+        talk.expect_body()
+        assert same_envelope(talk.expect(3), 2)
+        talk.say("250 queued", "250 ok", "550 no such user", "503 need RCPT")
+        assert talk.expect(1) == [b"rset"]
+        talk.say("250 reset")
+        assert same_envelope(talk.expect(3), 3)  # the next email starts afresh
+        talk.say("250 ok", "250 ok", "354 go on")
+        talk.expect_body()
+        talk.say("250 queued")
+        talk.expect(1)
+        talk.say("221 bye")
+
+    port, _ = scripted_server(script)
+    emails = handler(engine, port)
+    results = emails.handle_batch([order_placed(n) for n in (1, 2, 3)])
+    emails.close()
+    assert isinstance(results[1], PermanentError) and "550" in str(results[1])
+    assert sent_steps(engine) == [1, 3]
+    assert open_claims(engine) == [(1, "sent"), (3, "sent")]  # order 2's claim was freed
+
+
+def test_a_refused_body_fails_that_email_and_the_next_one_goes_on(
+    scripted_server: Callable[[Script], tuple[int, list[Conversation]]], engine: Engine
+) -> None:
+    def script(talk: Conversation) -> None:
+        talk.expect(3)
+        talk.say("250 ok", "250 ok", "354 go on")
+        talk.expect_body()
+        talk.expect(3)
+        talk.say("452 mailbox full", "250 ok", "250 ok", "354 go on")  # no RSET in between
+        talk.expect_body()
+        talk.say("250 queued")
+        talk.expect(1)
+        talk.say("221 bye")
+
+    port, _ = scripted_server(script)
+    emails = handler(engine, port)
+    results = emails.handle_batch([order_placed(n) for n in (1, 2)])
+    emails.close()
+    assert isinstance(results[0], RetryableError) and "452" in str(results[0])
+    assert sent_steps(engine) == [2]
+    assert open_claims(engine) == [(2, "sent")]
+
+
+def test_a_connection_dropped_mid_batch_fails_the_rest_and_frees_their_claims(
+    scripted_server: Callable[[Script], tuple[int, list[Conversation]]], engine: Engine
+) -> None:
+    def script(talk: Conversation) -> None:
+        talk.expect(3)
+        talk.say("250 ok", "250 ok", "354 go on")
+        talk.expect_body()
+        talk.expect(3)
+        talk.say("250 queued")  # email 1 taken; then the server goes away
+
+    port, _ = scripted_server(script)
+    emails = handler(engine, port)
+    results = emails.handle_batch([order_placed(n) for n in (1, 2, 3)])
+    emails.close()
+    assert results[0] is not None and not isinstance(results[0], Exception)
+    assert all(isinstance(r, SmtpUnavailable) for r in results[1:])
+    assert sent_steps(engine) == [1]
+    assert open_claims(engine) == [(1, "sent")]
