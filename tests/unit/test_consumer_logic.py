@@ -10,6 +10,7 @@ import email.policy
 import json
 import random
 import smtplib
+from collections import Counter
 from email.message import EmailMessage, Message
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import sqlalchemy.exc
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from consumers import store
+from consumers import shipping, store
 from consumers.config import ConsumerSettings
 from consumers.email import EmailHandler, RecipientUnknown, message_id, render, wire_bytes
 from consumers.handler import order_of, stable_event_id
@@ -315,6 +316,15 @@ def test_invoice_and_shipping_refuse_order_placed(engine: Engine, handler_class:
     assert handler.accepts == frozenset({envelope.PAYMENT_CAPTURED})
     with pytest.raises(MalformedMessage, match="OrderPlaced"):
         parse(json.dumps(order_placed(1)).encode(), handler.accepts)
+
+
+def test_tracking_numbers_are_random_in_the_carriers_alphabet() -> None:
+    numbers = [shipping.tracking_number() for _ in range(2000)]
+    assert len(set(numbers)) == len(numbers)
+    assert all(n[:2] == "1Z" and len(n) == 18 for n in numbers)
+    used = Counter(ch for n in numbers for ch in n[2:])
+    assert set(used) == set(shipping._TRACKING_ALPHABET)  # every character, no other
+    assert max(used.values()) < 2 * min(used.values())  # about uniform (~941 each)
 
 
 def test_shipping_books_one_shipment_per_order(engine: Engine) -> None:
