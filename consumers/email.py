@@ -32,6 +32,11 @@ SMTP has no idempotency key; the Message-ID is the closest thing it has.
 An SMTP server that cannot be reached, times out or answers 4xx is a retryable error;
 a 5xx answer (recipient refused) is permanent.
 
+Each handler thread keeps one SMTP connection. When the server offers PIPELINING
+(RFC 2920; ``smtp-sink`` does) a message's MAIL, RCPT and DATA go out in one write, and
+in a batch each body goes out with the next message's envelope: one round trip per
+email instead of four (:class:`PipelinedSession`). Otherwise smtplib's ``sendmail``.
+
 Recipients: exactly one per message, the order's ``customer_email``, checked again here
 with the order service's rule (one addr-spec, :func:`recipient`) when OrderPlaced is
 recorded: whatever sits on the queue may not have come through the API. An address that

@@ -2,8 +2,9 @@
 
 Console script ``smtp-sink``: listens on SMTP_HOST:SMTP_PORT (default localhost:1025,
 where the email consumer sends) and writes each message it accepts to SMTP_SINK_DIR
-(default ``var/mail``) as ``<time>-<n>.eml``, logging one line per message. Compose
-uses Mailpit instead (a web UI on http://127.0.0.1:8025).
+(default ``var/mail``) as ``<time>-<n>.eml``, logging one line per message. It offers
+PIPELINING (RFC 2920), which the email consumer uses. Compose uses Mailpit instead (a
+web UI on http://127.0.0.1:8025).
 """
 
 from __future__ import annotations
