@@ -281,7 +281,14 @@ class PipelinedSession:
         self._size = smtp.has_extn("size")
 
     def envelope(self, to: str, data: bytes) -> bytes:
-        """MAIL, RCPT and DATA for one message to ``to`` (SIZE when the server takes it)."""
+        """MAIL, RCPT and DATA for one message to ``to`` (SIZE when the server takes it).
+
+        Raises:
+            ValueError: An address holds a CR or LF (it would smuggle in a command),
+                as smtplib's own ``putcmd`` refuses.
+        """
+        if any(c in self.sender + to for c in "\r\n"):
+            raise ValueError(f"prohibited newline characters in an SMTP address: {to!r}")
         size = f" SIZE={len(data)}" if self._size else ""
         return (
             f"MAIL FROM:{smtplib.quoteaddr(self.sender)}{size}\r\n"
@@ -859,12 +866,13 @@ class EmailHandler:
                     claimed_at = time.monotonic()
                 try:
                     data = wire_bytes(render(job.event, job.who, step=job.step, sender=self.sender))
+                    commands = session.envelope(job.who.email, data)
                 except Exception as exc:  # noqa: BLE001 - that event's failure, as one by one
                     fail(job, exc)
                     k += 1
                     continue
                 mids[job.index] = message_id(job.order_id, job.step, self.sender)
-                smtp.send(prefix + session.envelope(job.who.email, data))
+                smtp.send(prefix + commands)
                 flight.append(job)
                 return k, data
             if prefix:

@@ -212,6 +212,23 @@ def test_a_refused_message_raises_data_error(
     smtp.quit()
 
 
+@pytest.mark.parametrize(
+    "address", ["ada@example.com\r\nRCPT TO:<eve@example.com>", "ada@example.com\nDATA"]
+)
+def test_an_address_with_a_line_break_never_reaches_the_wire(
+    scripted_server: Callable[[Script], tuple[int, list[Conversation]]], address: str
+) -> None:
+    def script(talk: Conversation) -> None:
+        assert talk.expect(1) == [b"quit"]  # nothing else was sent
+        talk.say("221 bye")
+
+    port, _ = scripted_server(script)
+    smtp = client(port)
+    with pytest.raises(ValueError, match="newline"):
+        sendmail_pipelined(smtp, "shop@example.com", address, b"x\r\n")
+    smtp.quit()
+
+
 def test_the_local_sink_advertises_pipelining_and_stores_a_pipelined_message(
     tmp_path: Path,
 ) -> None:
