@@ -10,6 +10,7 @@ import email.policy
 import json
 import random
 import smtplib
+import uuid
 from collections import Counter
 from email.message import EmailMessage, Message
 from pathlib import Path
@@ -22,7 +23,14 @@ from sqlalchemy.orm import Session
 
 from consumers import shipping, store
 from consumers.config import ConsumerSettings
-from consumers.email import EmailHandler, RecipientUnknown, message_id, render, wire_bytes
+from consumers.email import (
+    EmailHandler,
+    RecipientUnknown,
+    WirePolicy,
+    message_id,
+    render,
+    wire_bytes,
+)
 from consumers.handler import order_of, stable_event_id
 from consumers.invoice import InvoiceHandler
 from consumers.payment import GatewayUnavailable, PaymentHandler, SimulatedGateway, payment_key
@@ -499,3 +507,60 @@ def test_no_line_of_an_email_is_longer_than_smtp_allows() -> None:
     raw = wire_bytes(render(shipped, recipient, step="shipped", sender="orders@example.com"))
     assert max(len(row) for row in raw.split(b"\r\n")) <= 998
     assert "C" * 2000 in _received(raw).get_body(("plain",)).get_content()  # type: ignore[union-attr]
+
+
+_STOCK_WIRE = email.policy.compat32.clone(linesep="\r\n")
+"""What the email consumer's policy must write byte for byte (``compat32``, CRLF)."""
+
+
+def test_the_wire_policy_writes_every_header_as_compat32_does() -> None:
+    """Random values over all of ASCII (control characters, tabs, runs of spaces,
+    encoded-word look-alikes, lengths around the fold): the same bytes or the same
+    error as compat32, whichever path a value takes."""
+    rng = random.Random(12)
+    alphabet = [chr(c) for c in range(128) if chr(c) not in "\r\n"] + [" ", "\t", "=?"]
+
+    def folded(policy: email.policy.Compat32, name: str, value: str) -> bytes | str:
+        try:
+            return policy.fold_binary(name, value)
+        except Exception as exc:  # noqa: BLE001 - compared with compat32's
+            return repr(exc)
+
+    for _ in range(50_000):
+        name = rng.choice(["Subject", "To", "From", "Message-ID", "Content-Type", "X-Long-Name"])
+        value = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 90)))
+        assert folded(WirePolicy(linesep="\r\n"), name, value) == folded(_STOCK_WIRE, name, value)
+
+
+@pytest.mark.parametrize("step", ["received", "payment_declined", "shipped"])
+@pytest.mark.parametrize("carrier", ["SimParcel", "Zustellung Müller", "C" * 120, "a\tb  c"])
+def test_every_email_is_the_bytes_compat32_would_write(step: str, carrier: str) -> None:
+    recipient = store.Recipient(order_id=9, email="ann@example.com", currency="EUR", total="5")
+    events = {
+        "received": order_placed(
+            9, lines=[{"sku": carrier, "quantity": 1, "unit_price": "5.00", "line_total": "5.00"}]
+        ),  # fmt: skip
+        "payment_declined": declined(9),
+        "shipped": shipment_booked(9),
+    }
+    event = events[step]
+    if step == "shipped":
+        event["data"]["carrier"] = carrier
+    msg = render(event, recipient, step=step, sender="Shop <orders@example.com>")
+    assert wire_bytes(msg) == msg.as_bytes(policy=_STOCK_WIRE)
+
+
+def test_the_boundary_is_in_no_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A boundary found in a part's text is drawn again (the first draw here is one the
+    plain part contains, as a hostile SKU could only guess)."""
+    taken = uuid.UUID(int=1)
+    recipient = store.Recipient(order_id=9, email="ann@example.com", currency="EUR", total="5")
+    event = order_placed(9, lines=[
+        {"sku": f"=_{taken.hex}", "quantity": 1, "unit_price": "5.00", "line_total": "5.00"}
+    ])  # fmt: skip
+    draws = iter([taken, uuid.UUID(int=2)])
+    monkeypatch.setattr(uuid, "uuid4", lambda: next(draws))
+    msg = render(event, recipient, step="received", sender="orders@example.com")
+    assert msg.get_boundary() == f"=_{uuid.UUID(int=2).hex}"
+    parsed = _received(wire_bytes(msg))
+    assert f"=_{taken.hex}" in parsed.get_body(("plain",)).get_content()  # type: ignore[union-attr]
