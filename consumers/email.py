@@ -315,6 +315,7 @@ class PipelinedSession:
         self.smtp = smtp
         self.sender = sender
         self._size = smtp.has_extn("size")
+        self._from = smtplib.quoteaddr(sender)  # the same for every message
 
     def envelope(self, to: str, data: bytes) -> bytes:
         """MAIL, RCPT and DATA for one message to ``to`` (SIZE when the server takes it).
@@ -327,7 +328,7 @@ class PipelinedSession:
             raise ValueError(f"prohibited newline characters in an SMTP address: {to!r}")
         size = f" SIZE={len(data)}" if self._size else ""
         return (
-            f"MAIL FROM:{smtplib.quoteaddr(self.sender)}{size}\r\n"
+            f"MAIL FROM:{self._from}{size}\r\n"
             f"RCPT TO:{smtplib.quoteaddr(to)}\r\nDATA\r\n"
         ).encode("ascii")
 
