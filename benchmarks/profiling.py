@@ -25,6 +25,10 @@ machine's load the way requests a second do, so this is the figure to compare tw
 versions of the order path on a shared machine (their ratio is what the intake row's
 ratio would be on an idle one, less the load tool's share).
 
+``python -m benchmarks.profiling email [--count 2000] [--batch 10]`` runs the email
+service's ``handle_batch`` in this process against a real ``smtp-sink`` (SQLite, no
+queue) and prints its CPU per email, then pyinstrument's split by layer.
+
 ``python -m benchmarks.profiling post [--count 2000] [--database sqlite|postgresql]``
 profiles POST /orders through the real Flask app (test client: no HTTP server, so the
 profile is our code, Flask, SQLAlchemy, the driver and Redis) and prints where the time
@@ -188,6 +192,94 @@ def profile_drain(redis_url: str, count: int, batch: int) -> None:
     print(f"{count} no-op jobs, batch {batch}, in {elapsed:.2f}s: {count / elapsed:,.0f} jobs/s")
     print_split("consumer loop, time by layer", layer_split(profiler), count)
     _save(profiler, "drain")
+
+
+def profile_email(work: Path, count: int, batch: int) -> None:
+    """The email service's ``handle_batch`` in this process against a real ``smtp-sink``.
+
+    Batches of ``batch`` new OrderPlaced events (claims, rendering, SMTP, the "sent"
+    records) on an SQLite file, under pyinstrument after a warm-up; prints the CPU per
+    email this process was charged (``time.process_time``, without the profiler) and the
+    split by layer. The queue and Redis are left out: this is the handler's own cost.
+    """
+    from consumers import store
+    from consumers.email import EmailHandler
+    from devtools.procs import Proc
+    from devtools.redis_server import free_port
+    from messaging import envelope
+
+    port = free_port()
+    sink = Proc(
+        [str(Path(sys.executable).parent / "smtp-sink")],
+        {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(port), "SMTP_SINK_DIR": str(work / "mail"),
+         "LOG_LEVEL": "WARNING"},
+        work / "smtp-sink.log",
+    )  # fmt: skip
+    engine = store.make_engine(f"sqlite:///{work / 'email.db'}")
+    store.create_tables(engine, "email")
+    handler = EmailHandler(engine, host="127.0.0.1", port=port, sender="orders@example.com")
+
+    lines = [
+        {"sku": "BOOK-1", "quantity": 2, "unit_price": "12.50", "line_total": "25.00"},
+        {"sku": "PEN-7", "quantity": 1, "unit_price": "3.20", "line_total": "3.20"},
+    ]
+
+    def batches(first: int, emails: int) -> list[list[dict[str, Any]]]:
+        events = [
+            envelope.envelope(
+                envelope.ORDER_PLACED,
+                {
+                    "order_id": n,
+                    "customer_email": f"c{n}@example.com",
+                    "currency": "EUR",
+                    "lines": lines,
+                    "total": "28.20",
+                },
+                message=f"Order #{n} placed",
+                sender="orders-api",
+                count=n,
+            )  # fmt: skip
+            for n in range(first, first + emails)
+        ]
+        return [events[i : i + batch] for i in range(0, emails, batch)]
+
+    try:
+        wait_until_listening(port, sink)
+        for taken in batches(1, 20 * batch):  # warm up: connections, statement caches
+            handler.handle_batch(taken)
+        timed = batches(1 + 20 * batch, count)
+        cpu = time.process_time()
+        for taken in timed[: len(timed) // 2]:
+            handler.handle_batch(taken)
+        half = len(timed) // 2 * batch
+        per_email = (time.process_time() - cpu) / half * 1e6
+        print(f"email handle_batch, batch {batch}: {per_email:,.0f} µs CPU per email here")
+        profiler = Profiler(interval=0.0005)
+        profiler.start()
+        for taken in timed[len(timed) // 2 :]:
+            handler.handle_batch(taken)
+        profiler.stop()
+        print_split("email handle_batch, time by layer", layer_split(profiler), count - half)
+        _save(profiler, "email")
+    finally:
+        handler.close()
+        engine.dispose()
+        sink.terminate(10.0)
+
+
+def wait_until_listening(port: int, proc: Any) -> None:
+    """Until something accepts connections on 127.0.0.1:``port`` (``proc`` alive)."""
+    import socket
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        proc.check_alive()
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
 
 
 def profile_server(redis_url: str, database_url: str, seconds: float, rate: float) -> None:
@@ -469,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one profile."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profiling")
     parser.add_argument(
-        "target", choices=["post", "drain", "server", "pipeline", "pipeline-cpu", "cpu"]
+        "target",
+        choices=["post", "drain", "email", "server", "pipeline", "pipeline-cpu", "cpu"],
     )
     parser.add_argument("--seconds", type=float, default=0.0, help="load time (10; pipeline 5)")
     parser.add_argument(
@@ -486,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.target == "drain":
             profile_drain(server.url, args.count or 50_000, args.batch)
+        elif args.target == "email":
+            profile_email(work, args.count or 2000, args.batch if args.batch != 100 else 10)
         elif args.target == "pipeline":
             profile_pipeline(server.url, args.seconds or 5.0, int(args.rate or 50), args.idle)
         elif args.target == "pipeline-cpu":

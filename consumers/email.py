@@ -328,8 +328,7 @@ class PipelinedSession:
             raise ValueError(f"prohibited newline characters in an SMTP address: {to!r}")
         size = f" SIZE={len(data)}" if self._size else ""
         return (
-            f"MAIL FROM:{self._from}{size}\r\n"
-            f"RCPT TO:{smtplib.quoteaddr(to)}\r\nDATA\r\n"
+            f"MAIL FROM:{self._from}{size}\r\nRCPT TO:{smtplib.quoteaddr(to)}\r\nDATA\r\n"
         ).encode("ascii")
 
     @staticmethod
