@@ -20,22 +20,7 @@ from devtools.redis_server import RedisServer
 from messaging import envelope, keys
 from messaging.publisher import EventPublisher, ReplicaAckError
 from tests.helpers import wait_for
-
-
-def placed(order_id: int) -> dict[str, Any]:
-    return envelope.envelope(
-        envelope.ORDER_PLACED,
-        {
-            "order_id": order_id,
-            "customer_email": f"c{order_id}@example.com",
-            "currency": "EUR",
-            "lines": [{"sku": "S-1", "quantity": 1, "unit_price": "1.00", "line_total": "1.00"}],
-            "total": "1.00",
-        },
-        message=f"Order #{order_id} placed",
-        sender="orders-api",
-        count=order_id,
-    )
+from tests.orders_app import order_placed as placed
 
 
 def order_ids(client: redis_lib.Redis, queue: str) -> list[int]:

@@ -30,8 +30,8 @@ from consumers import store
 from consumers.email import EmailHandler, SmtpUnavailable, sendmail_pipelined
 from consumers.smtp_sink import EmlWriter
 from devtools.redis_server import free_port
-from messaging import envelope
 from messaging.queue import PermanentError, RetryableError
+from tests import orders_app
 
 Script = Callable[["Conversation"], None]
 
@@ -251,19 +251,10 @@ def test_the_local_sink_advertises_pipelining_and_stores_a_pipelined_message(
 
 
 def order_placed(order_id: int) -> dict[str, Any]:
-    return envelope.envelope(
-        envelope.ORDER_PLACED,
-        {
-            "order_id": order_id,
-            "customer_email": f"c{order_id}@example.com",
-            "currency": "EUR",
-            "lines": [{"sku": "S-1", "quantity": 1, "unit_price": "3.50", "line_total": "3.50"}],
-            "total": "3.50",
-        },
-        message=f"Order #{order_id} placed",
-        sender="orders-api",
-        count=order_id,
-    )
+    """An OrderPlaced to its own address (the envelope names the recipient)."""
+    event = orders_app.order_placed(order_id)
+    event["data"]["customer_email"] = f"c{order_id}@example.com"
+    return event
 
 
 @pytest.fixture
