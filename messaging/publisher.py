@@ -190,8 +190,9 @@ class EventPublisher:
                 pipe.execute_command("WAIT", self.wait_replicas, WAIT_TIMEOUT_MS)
             results = pipe.execute(raise_on_error=raise_on_error)
         if self.wait_replicas:
-            if not isinstance(results[-1], Exception):
-                self._check_wait(results[-1:])
+            if isinstance(results[-1], Exception):
+                raise results[-1]  # no answer from WAIT: not published as far as we know
+            self._check_wait(results[-1:])
             results = results[:-1]
         return list(results)
 
