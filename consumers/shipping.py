@@ -34,8 +34,6 @@ SENDER = "shipping-service"
 CARRIER = "SimParcel"
 """The simulated carrier's name, reported in ShipmentBooked."""
 _TRACKING_ALPHABET = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZ"
-
-
 _TRACKING_DIGITS = 16
 
 

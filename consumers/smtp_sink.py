@@ -62,16 +62,15 @@ class EmlWriter:
         tmp = self.directory / (name + ".tmp")
         tmp.write_bytes(data)
         tmp.replace(self.directory / name)  # readers never see half a file
-        if not log.isEnabledFor(logging.INFO):
-            return "250 Message accepted for delivery"
-        # Only the header block, unparsed values: the whole message under the default
-        # policy was half of this process's CPU per email (the log needs one header).
-        headers = BytesHeaderParser(policy=compat32).parsebytes(data)
-        log.info(
-            "smtp-sink: stored %s from %s to %s (Message-ID %s)",
-            name, envelope.mail_from, ",".join(envelope.rcpt_tos),
-            " ".join(str(headers.get("Message-ID", "")).split()),
-        )  # fmt: skip
+        if log.isEnabledFor(logging.INFO):
+            # Only the header block, unparsed values: the whole message under the default
+            # policy was half of this process's CPU per email (the log needs one header).
+            headers = BytesHeaderParser(policy=compat32).parsebytes(data)
+            log.info(
+                "smtp-sink: stored %s from %s to %s (Message-ID %s)",
+                name, envelope.mail_from, ",".join(envelope.rcpt_tos),
+                " ".join(str(headers.get("Message-ID", "")).split()),
+            )  # fmt: skip
         return "250 Message accepted for delivery"
 
 

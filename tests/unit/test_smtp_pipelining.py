@@ -74,8 +74,12 @@ class Conversation:
         return body
 
 
+ScriptedServer = Callable[[Script], tuple[int, list[Conversation]]]
+"""Starts a one-connection server running a script; returns its port and conversations."""
+
+
 @pytest.fixture
-def scripted_server() -> Iterator[Callable[[Script], tuple[int, list[Conversation]]]]:
+def scripted_server() -> Iterator[ScriptedServer]:
     """Start a one-connection SMTP server running ``script``; returns its port."""
     servers: list[tuple[socket.socket, threading.Thread]] = []
     errors: list[BaseException] = []
@@ -120,7 +124,7 @@ def client(port: int) -> smtplib.SMTP:
 
 
 def test_mail_rcpt_and_data_travel_as_one_group_and_the_body_after_354(
-    scripted_server: Callable[[Script], tuple[int, list[Conversation]]],
+    scripted_server: ScriptedServer,
 ) -> None:
     def script(talk: Conversation) -> None:
         group = talk.expect(3)  # all three before any answer: a waiting client hangs here
@@ -143,7 +147,7 @@ def test_mail_rcpt_and_data_travel_as_one_group_and_the_body_after_354(
 
 
 def test_a_refused_recipient_raises_as_sendmail_does_and_resets(
-    scripted_server: Callable[[Script], tuple[int, list[Conversation]]],
+    scripted_server: ScriptedServer,
 ) -> None:
     def script(talk: Conversation) -> None:
         talk.expect(3)
@@ -160,7 +164,7 @@ def test_a_refused_recipient_raises_as_sendmail_does_and_resets(
 
 
 def test_data_accepted_after_a_refusal_is_ended_with_a_lone_dot_then_reset(
-    scripted_server: Callable[[Script], tuple[int, list[Conversation]]],
+    scripted_server: ScriptedServer,
 ) -> None:
     def script(talk: Conversation) -> None:
         talk.expect(3)
@@ -179,7 +183,7 @@ def test_data_accepted_after_a_refusal_is_ended_with_a_lone_dot_then_reset(
 
 
 def test_a_closing_server_421_closes_the_connection(
-    scripted_server: Callable[[Script], tuple[int, list[Conversation]]],
+    scripted_server: ScriptedServer,
 ) -> None:
     def script(talk: Conversation) -> None:
         talk.expect(3)
@@ -194,7 +198,7 @@ def test_a_closing_server_421_closes_the_connection(
 
 
 def test_a_refused_message_raises_data_error(
-    scripted_server: Callable[[Script], tuple[int, list[Conversation]]],
+    scripted_server: ScriptedServer,
 ) -> None:
     def script(talk: Conversation) -> None:
         talk.expect(3)
@@ -216,7 +220,7 @@ def test_a_refused_message_raises_data_error(
     "address", ["ada@example.com\r\nRCPT TO:<eve@example.com>", "ada@example.com\nDATA"]
 )
 def test_an_address_with_a_line_break_never_reaches_the_wire(
-    scripted_server: Callable[[Script], tuple[int, list[Conversation]]], address: str
+    scripted_server: ScriptedServer, address: str
 ) -> None:
     def script(talk: Conversation) -> None:
         assert talk.expect(1) == [b"quit"]  # nothing else was sent
@@ -295,7 +299,7 @@ def open_claims(engine: Engine) -> list[tuple[int, str]]:
 
 
 def test_a_batch_sends_each_body_with_the_next_envelope(
-    scripted_server: Callable[[Script], tuple[int, list[Conversation]]], engine: Engine
+    scripted_server: ScriptedServer, engine: Engine
 ) -> None:
     def script(talk: Conversation) -> None:
         assert same_envelope(talk.expect(3), 1)
@@ -322,7 +326,7 @@ def test_a_batch_sends_each_body_with_the_next_envelope(
 
 
 def test_a_refused_recipient_fails_that_email_alone(
-    scripted_server: Callable[[Script], tuple[int, list[Conversation]]], engine: Engine
+    scripted_server: ScriptedServer, engine: Engine
 ) -> None:
     def script(talk: Conversation) -> None:
         talk.expect(3)
@@ -349,7 +353,7 @@ def test_a_refused_recipient_fails_that_email_alone(
 
 
 def test_a_refused_body_fails_that_email_and_the_next_one_goes_on(
-    scripted_server: Callable[[Script], tuple[int, list[Conversation]]], engine: Engine
+    scripted_server: ScriptedServer, engine: Engine
 ) -> None:
     def script(talk: Conversation) -> None:
         talk.expect(3)
@@ -372,7 +376,7 @@ def test_a_refused_body_fails_that_email_and_the_next_one_goes_on(
 
 
 def test_a_connection_dropped_mid_batch_fails_the_rest_and_frees_their_claims(
-    scripted_server: Callable[[Script], tuple[int, list[Conversation]]], engine: Engine
+    scripted_server: ScriptedServer, engine: Engine
 ) -> None:
     def script(talk: Conversation) -> None:
         talk.expect(3)
