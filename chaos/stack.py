@@ -15,6 +15,7 @@ Nothing here is simulated except where a docstring says so.
 from __future__ import annotations
 
 import email
+import http.client
 import json
 import random
 import secrets
@@ -657,7 +658,10 @@ class Stack:
 def post_order(url: str, body: dict[str, Any], key: str, timeout: float = 30.0) -> int:
     """POST ``body`` (JSON) with an Idempotency-Key once; returns the order's id.
 
-    Raises ``urllib.error.HTTPError`` on an error answer, ``OSError`` on a network error.
+    Raises ``urllib.error.HTTPError`` on an error answer, ``OSError`` on a network error,
+    ``ConnectionError`` too when the answer is cut short (the API killed between its
+    headers and its body: ``http.client.IncompleteRead``, which is no ``OSError``). The
+    order may exist then, so the caller retries with the same key.
     """
     request = urllib.request.Request(
         url,
@@ -665,8 +669,11 @@ def post_order(url: str, body: dict[str, Any], key: str, timeout: float = 30.0) 
         headers={"Content-Type": "application/json", "Idempotency-Key": key},
         method="POST",
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return int(json.loads(response.read())["id"])
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(json.loads(response.read())["id"])
+    except http.client.HTTPException as exc:
+        raise ConnectionError(f"POST {url}: answer cut short ({exc!r})") from exc
 
 
 def order_body(n: int) -> dict[str, Any]:

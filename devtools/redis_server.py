@@ -89,11 +89,53 @@ def port_is_free(port: int) -> bool:
         return True
 
 
+PORT_LEASES = Path(tempfile.gettempdir()) / "redis-order-events-ports"
+"""One empty file per port handed out lately, shared by every process on the machine."""
+LEASE_SECONDS = 1800.0
+"""How long a port stays promised to its taker: longer than a whole test run."""
+
+
+def _lease(port: int) -> bool:
+    """Promise ``port`` to this caller unless another process on the machine has it.
+
+    A file created with O_EXCL is the promise; one older than :data:`LEASE_SECONDS` is
+    taken back. Between a pick and the child's bind nothing else holds the port, so two
+    test workers asking at once must not both get it.
+    """
+    PORT_LEASES.mkdir(parents=True, exist_ok=True)
+    path = PORT_LEASES / str(port)
+    for _ in range(2):
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return True
+        except FileExistsError:
+            try:
+                if time.time() - path.stat().st_mtime < LEASE_SECONDS:
+                    return False
+                path.unlink()
+            except FileNotFoundError:
+                pass
+    return False
+
+
 def free_port() -> int:
-    """Ask the kernel for a free TCP port on the loopback interface."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free TCP port on the loopback interface that no other caller got lately.
+
+    Not the kernel's ``bind(("127.0.0.1", 0))``: that port comes from the ephemeral range
+    and is free again the moment we close it, so until the child binds it, another test
+    worker's pick or an outgoing connection's source port can take it (CI once saw
+    ``make up`` wait for a program that never started). So: a random port below the
+    ephemeral range (outgoing connections never use those), leased (:func:`_lease`), and
+    free right now.
+    """
+    import random
+
+    low, high = 10001, _ephemeral_low() - 1
+    for _ in range(500):
+        port = random.randint(low, high)
+        if port_is_free(port) and _lease(port):
+            return port
+    raise RuntimeError(f"no free port between {low} and {high}")
 
 
 @dataclass
@@ -300,12 +342,17 @@ def _below_ephemeral() -> tuple[int, int]:
     ``ip_local_port_range``; a pair picked there can be taken between the pick and
     redis-server's bind (CI saw a node exit with "Address already in use").
     """
+    top = _ephemeral_low() - 10000 - 1
+    return (10001, top) if top > 12000 else (20000, 45000)
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (32768 where it cannot say)."""
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
-        low = 32768
-    top = low - 10000 - 1
-    return (10001, top) if top > 12000 else (20000, 45000)
+        return 32768
+    return low if low > 12000 else 32768
 
 
 def free_cluster_port() -> int:
@@ -322,7 +369,8 @@ def free_cluster_port() -> int:
                 b.bind(("127.0.0.1", port + 10000))
         except OSError:
             continue
-        return port
+        if _lease(port) and _lease(port + 10000):
+            return port
     raise RuntimeError("no free port pair for a cluster node")
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
-from devtools.procs import http_ok
+from devtools.procs import Timeout, http_ok, wait_until
 from devtools.redis_server import RedisServer, free_port
 from messaging import monitor
 from tests.helpers import Proc, wait_for
@@ -102,17 +102,20 @@ class Lab:
             "the order API of make up",
         )
         self.up.check_alive()
-        states = wait_for(
-            lambda: (
-                (s := self.states())
-                and all(s.get(n) == "RUNNING" for n in ["redis", *SERVICES])
-                and s
-            ),
-            60,
-            0.2,
-            "every program RUNNING in make ps",
-        )
-        assert states["redis"] == "RUNNING"
+        last: dict[str, str] = {}
+
+        def all_running() -> dict[str, str]:
+            last.clear()
+            last.update(self.states())
+            return last if all(last.get(n) == "RUNNING" for n in ["redis", *SERVICES]) else {}
+
+        try:
+            wait_until(all_running, 60, 0.2, "every program RUNNING in make ps")
+        except Timeout as exc:
+            # Say which program did not start, and what it printed, not only that one did not.
+            late = [n for n in ["redis", *SERVICES] if last.get(n) != "RUNNING"]
+            logs = "\n".join(f"--- {n}.log (end) ---\n{self.log(n)[-2000:]}" for n in late)
+            pytest.fail(f"{exc}: {late} not RUNNING in {last}\n{logs}")
         return self
 
     def finish(self, how: str = "down") -> str:
