@@ -80,11 +80,47 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.line("Install what the reasons name to run them; CI fails on any skip.")
 
 
+_GROUP_LOST = pytest.StashKey[str]()
+"""An e2e test's node id without its group, when xdist lost the group (else unset)."""
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """End-to-end tests share one xdist worker: at most one whole stack runs at a time."""
+    """End-to-end tests share one xdist worker: at most one whole stack runs at a time.
+
+    First among the hooks (tryfirst): xdist's own, which reads ``xdist_group`` to send a
+    group to one worker, runs before a conftest's otherwise, and found no marker (so
+    until this was seen, two whole stacks ran at once in CI).
+    """
     for item in items:
         if item.get_closest_marker("e2e") is not None:
             item.add_marker(pytest.mark.xdist_group("e2e"))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Note when ``--dist loadgroup`` would not keep the e2e group together.
+
+    xdist passes a test's group to its scheduler as an ``@group`` suffix on the node id;
+    where that no longer works (pytest 9.2, pytest-dev/pytest-xdist#1386) the group is
+    silently ignored and two whole stacks run at once on two cores. Every e2e test then
+    fails, saying so (:func:`pytest_runtest_setup`).
+    """
+    if not session.config.getoption("loadgroup", default=False):
+        return  # not an xdist worker with --dist loadgroup
+    e2e = [i.nodeid for i in session.items if i.get_closest_marker("e2e") is not None]
+    lost = [nodeid for nodeid in e2e if not nodeid.endswith("@e2e")]
+    if lost:
+        session.config.stash[_GROUP_LOST] = lost[0]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    lost = item.config.stash.get(_GROUP_LOST, None)
+    if lost is not None and item.get_closest_marker("e2e") is not None:
+        pytest.fail(
+            f"--dist loadgroup lost the e2e group ({lost} has no @e2e suffix), so whole "
+            "stacks would run at once: this pytest and pytest-xdist do not group tests "
+            "(see the pin in pyproject.toml)"
+        )
 
 
 def _no_redis(reason: str) -> None:
