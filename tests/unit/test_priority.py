@@ -38,10 +38,7 @@ def placed(priority: str = "standard") -> dict[str, Any]:
         ('["express"]', False),
     ],
     # Fixed ids: an envelope's id and time differ in each xdist worker's collection.
-    ids=[
-        "dict", "dict-standard", "text", "bytes", "text-standard", "spaced", "nested",
-        "not-json", "not-utf8", "list",
-    ],  # fmt: skip
+    ids="dict dict-standard text bytes text-standard spaced nested not-json not-utf8 list".split(),
 )
 def test_what_is_express(event: Any, express: bool) -> None:
     assert envelope.is_express(event) is express
