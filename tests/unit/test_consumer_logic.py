@@ -13,6 +13,8 @@ import smtplib
 import uuid
 from collections import Counter
 from email.message import EmailMessage, Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from consumers.email import (
     EmailHandler,
     RecipientUnknown,
     WirePolicy,
+    _text_part,
     message_id,
     render,
     wire_bytes,
@@ -548,6 +551,29 @@ def test_every_email_is_the_bytes_compat32_would_write(step: str, carrier: str) 
         event["data"]["carrier"] = carrier
     msg = render(event, recipient, step=step, sender="Shop <orders@example.com>")
     assert wire_bytes(msg) == msg.as_bytes(policy=_STOCK_WIRE)
+
+
+def test_an_ascii_part_is_the_bytes_mimetext_writes() -> None:
+    """The 7bit part built directly is MIMEText's, byte for byte, alone and in a
+    multipart, under the wire policy and compat32: random ASCII texts (control
+    characters, "From " and "." at a line's start, CR and LF alone, lines near 998)."""
+    rng = random.Random(7)
+    alphabet = [chr(c) for c in range(128)] + ["\n", "From ", ".", "=?utf-8?q?x?="]
+    policies = [WirePolicy(linesep="\r\n"), _STOCK_WIRE, email.policy.compat32]
+    for n in range(3000):
+        size = rng.choice([0, 1, 40, 300, 997, 998, 999])
+        text = "".join(rng.choice(alphabet) for _ in range(size))
+        if n % 3 == 0:
+            text += "\n"
+        subtype = rng.choice(["plain", "html"])
+        ours, stock = _text_part(text, subtype), MIMEText(text, subtype, "us-ascii")
+        if any(len(line) > 998 for line in text.splitlines()):
+            assert ours.get_content_charset() == "utf-8"  # quoted-printable: MIMEText's own
+            continue
+        for policy in policies:
+            assert ours.as_bytes(policy=policy) == stock.as_bytes(policy=policy)
+        whole = [MIMEMultipart("alternative", boundary="b", _subparts=[p]) for p in (ours, stock)]
+        assert whole[0].as_bytes(policy=policies[0]) == whole[1].as_bytes(policy=policies[0])
 
 
 def test_the_boundary_is_in_no_part(monkeypatch: pytest.MonkeyPatch) -> None:
