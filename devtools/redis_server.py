@@ -89,8 +89,8 @@ def port_is_free(port: int) -> bool:
         return True
 
 
-PORT_LEASES = Path(tempfile.gettempdir()) / "redis-order-events-ports"
-"""One empty file per port handed out lately, shared by every process on the machine."""
+PORT_LEASES = Path(tempfile.gettempdir()) / f"redis-order-events-ports-{os.getuid()}"
+"""One empty file per port handed out lately, shared by this user's processes."""
 LEASE_SECONDS = 1800.0
 """How long a port stays promised to its taker: longer than a whole test run."""
 
