@@ -20,6 +20,9 @@ are reported as lost.
 from __future__ import annotations
 
 import json
+import os
+import resource
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime
@@ -29,7 +32,15 @@ import redis
 from sqlalchemy import func, or_, select
 
 from benchmarks import vegeta
-from benchmarks.harness import BIN, Context, Row, percentile
+from benchmarks.harness import (
+    BIN,
+    Context,
+    Row,
+    cpu_seconds,
+    machine_cpu,
+    percentile,
+    process_tree,
+)
 from benchmarks.intake import body_file, start_api
 from devtools import databases
 from devtools.procs import Proc, Timeout, wait_until
@@ -108,9 +119,16 @@ def one_run(
         if observe is not None:
             pids = {name: proc.popen.pid for name, proc in zip(CONSUMERS, procs[1:], strict=True)}
             finish = observe({"smtp-sink": procs[0].popen.pid, "orders-api": api.popen.pid, **pids})
+        pipeline = [
+            *process_tree(api.popen.pid),
+            int(client.info("server")["process_id"]),
+            *(proc.popen.pid for proc in procs),
+        ]
+        meter = CpuMeter(pipeline)
         load = vegeta.post(
             f"{base}/orders", body_file(ctx), seconds=seconds, clients=WORKERS, rate=rate
         )
+        meter.load_done()
         ctx.log(f"e2e: {load.ok} orders accepted in {load.seconds:.1f}s, waiting for effects")
 
         def all_done() -> bool:
@@ -124,6 +142,7 @@ def one_run(
             wait_until(all_done, mode.e2e_deadline, 0.5, "every order's effects")
         except Timeout:
             ctx.log(f"e2e: deadline reached with {_complete(engine)} of {load.ok} done")
+        cpu = meter.stop()
         if finish is not None:
             finish()
         dead = sum(int(client.llen(keys.dead(q))) for q in queues)
@@ -140,7 +159,50 @@ def one_run(
     result["post_ms"] = load.latencies_ms
     result["dead_letters"] = float(dead)
     result["accepted"] = float(load.ok)
+    result.update(cpu)
     return result
+
+
+class CpuMeter:
+    """CPU from ``/proc`` while the pipeline works: its own processes' (Redis included),
+    the load generator's, and what everything else on the machine took meanwhile.
+
+    On a shared machine the same code at the same offered rate finished its last email
+    6 s after the POST in one run and 13 s in the next; what other work took from the
+    cores is what tells such runs apart, so it is printed beside the figures.
+    """
+
+    def __init__(self, pipeline: list[int]) -> None:
+        self.pipeline = pipeline
+        self.began = time.monotonic()
+        self.used = cpu_seconds(pipeline)
+        self.busy, self.steal = machine_cpu()
+        self.own = time.process_time()
+        self.children = _children_cpu()
+        self.generator = 0.0
+
+    def load_done(self) -> None:
+        """The load generator exited (and was waited for): its CPU is known now."""
+        self.generator = _children_cpu() - self.children
+
+    def stop(self) -> dict[str, float]:
+        """Seconds of CPU since the start: pipeline, generator, others, steal, and wall."""
+        used = cpu_seconds(self.pipeline) - self.used
+        busy, steal = machine_cpu()
+        own = time.process_time() - self.own
+        others = (busy - self.busy) - used - self.generator - own
+        return {
+            "cpu_pipeline": used,
+            "cpu_generator": self.generator,
+            "cpu_others": max(others, 0.0),
+            "cpu_steal": steal - self.steal,
+            "cpu_wall": time.monotonic() - self.began,
+        }
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _effects(engine: Any) -> dict[int, dict[str, datetime]]:
@@ -243,6 +305,30 @@ def run(ctx: Context) -> list[Row]:
             rows.append(
                 Row(SECTION, f"POST to {kind}, p{q}", "ms", [percentile(r[kind], q) for r in runs])
             )
+    cores = os.cpu_count() or 1
+    rows.append(
+        Row(
+            SECTION,
+            "pipeline CPU per order (its processes and Redis, /proc, load to last effect)",
+            "ms",
+            [r["cpu_pipeline"] / max(r["accepted"], 1.0) * 1000 for r in runs],
+            "the machine's CPU per order offered (cores / rate)",
+            [cores / mode.e2e_rate * 1000] * len(runs),
+        )
+    )
+    rows.append(
+        Row(
+            SECTION,
+            "CPU taken by other work meanwhile (not the pipeline, not vegeta)",
+            "% of a core",
+            [r["cpu_others"] / r["cpu_wall"] * 100 for r in runs],
+            note=", ".join(
+                f"run {i + 1}: vegeta {r['cpu_generator'] / r['cpu_wall']:.0%} of a core,"
+                f" steal {r['cpu_steal'] / r['cpu_wall']:.0%}"
+                for i, r in enumerate(runs)
+            ),
+        )
+    )
     dead = [int(r["dead_letters"]) for r in runs]
     if any(dead):
         # Every order here is valid: a dead letter is a refused effect, not a figure.

@@ -189,6 +189,41 @@ class Context:
         return path
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU of these processes so far, from ``/proc`` (exited ones count 0)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (after pid and comm)
+    return total / tick
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (gunicorn's workers under its master)."""
+    found = [pid]
+    for child in subprocess.run(
+        ["pgrep", "-P", str(pid)], capture_output=True, text=True
+    ).stdout.split():
+        found += process_tree(int(child))
+    return found
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine so far, every core, from /proc/stat.
+
+    Busy is everything but idle and iowait, steal included: the time a virtual machine's
+    cores ran someone else's work is time our processes could not run.
+    """
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq + steal) / tick, steal / tick
+
+
 def repeat(times: int, measure: Callable[[], float]) -> list[float]:
     """Run ``measure`` ``times`` times; the values in run order."""
     return [measure() for _ in range(times)]

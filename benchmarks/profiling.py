@@ -40,7 +40,6 @@ Redis server; the HTML profiles go to ``bench-results/profile-*.html``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import threading
@@ -52,7 +51,7 @@ from typing import Any
 import redis
 from pyinstrument import Profiler
 
-from benchmarks.harness import RESULTS_DIR
+from benchmarks.harness import RESULTS_DIR, cpu_seconds, process_tree
 from devtools.redis_server import RedisServer
 
 LAYERS = (
@@ -356,31 +355,6 @@ def profile_server(redis_url: str, database_url: str, seconds: float, rate: floa
     print(f"\n{samples:.0f} samples; collapsed stacks (flamegraph input): {out}")
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of these processes so far (those that exited count 0)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (after pid and comm)
-    return total / tick
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and its descendants."""
-    import subprocess
-
-    found = [pid]
-    for child in subprocess.run(
-        ["pgrep", "-P", str(pid)], capture_output=True, text=True
-    ).stdout.split():
-        found += _tree(int(child))
-    return found
-
-
 def profile_cpu(
     redis_url: str, database_url: str, postmaster: int | None, seconds: float, rate: float
 ) -> None:
@@ -406,12 +380,12 @@ def profile_cpu(
         api, base = start_api(ctx, url, argv)
         try:
             vegeta.post(f"{base}/orders", body, requests=200, clients=4)  # warm up
-            pids = _tree(api.popen.pid) + [redis_pid]
+            pids = process_tree(api.popen.pid) + [redis_pid]
             if postmaster is not None and argv is None:
-                pids += _tree(postmaster)
-            before = _cpu_seconds(pids)
+                pids += process_tree(postmaster)
+            before = cpu_seconds(pids)
             load = vegeta.post(f"{base}/orders", body, seconds=seconds, rate=rate)
-            used = _cpu_seconds(pids) - before
+            used = cpu_seconds(pids) - before
         finally:
             api.terminate(15.0)
         print(f"| {name} | {load.ok} | {used / max(load.ok, 1) * 1e6:,.0f} | {load.p(50):.1f} |")
@@ -455,12 +429,12 @@ def pipeline_cpu(redis_url: str, seconds: float, rate: int) -> None:
     spent: dict[str, float] = {}
 
     def observe(started: dict[str, int]) -> Any:
-        trees = {name: _tree(pid) for name, pid in {**started, **pids}.items()}
-        before = {name: _cpu_seconds(tree) for name, tree in trees.items()}
+        trees = {name: process_tree(pid) for name, pid in {**started, **pids}.items()}
+        before = {name: cpu_seconds(tree) for name, tree in trees.items()}
         began = time.monotonic()
 
         def finish() -> None:
-            spent.update({name: _cpu_seconds(trees[name]) - before[name] for name in trees})
+            spent.update({name: cpu_seconds(trees[name]) - before[name] for name in trees})
             spent["(wall)"] = time.monotonic() - began
 
         return finish
