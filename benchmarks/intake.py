@@ -65,13 +65,19 @@ def server_env(port: int, database_url: str, redis_url: str) -> dict[str, str]:
     }
 
 
-def start_api(ctx: Context, database_url: str, argv: list[str] | None = None) -> tuple[Proc, str]:
-    """Start orders-api (or ``argv`` with its environment); returns it and its base URL."""
+def start_api(
+    ctx: Context,
+    database_url: str,
+    argv: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> tuple[Proc, str]:
+    """Start orders-api (or ``argv`` with its environment, ``env`` over it); returns it
+    and its base URL."""
     port = free_port()
     logs = ctx.scratch("api")
     proc = Proc(
         argv or [str(BIN / "orders-api")],
-        server_env(port, database_url, ctx.redis_url),
+        {**server_env(port, database_url, ctx.redis_url), **(env or {})},
         logs / "server.log",
     )
     base = f"http://127.0.0.1:{port}"
