@@ -350,6 +350,7 @@ local function take(K, A)
     local d = redis.call('HGET', K[3], A[2])
     if d then out[1] = tonumber(d) return out end
   end
+  if tonumber(A[1]) < 1 then return out end  -- LRANGE 0 -1 below would be everything
   local express = redis.call('LLEN', K[4])
   if express == 0 and not suspects then
     -- Only standard work, nobody's suspect: one range, one trim, one push.

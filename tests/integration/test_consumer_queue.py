@@ -63,6 +63,20 @@ def test_take_blocks_until_a_message_arrives(bredis: redis_lib.Redis) -> None:
     assert rest == [raw(2)]
 
 
+def test_a_blocking_take_of_one_takes_one(bredis: redis_lib.Redis) -> None:
+    """Three messages arrive at once while a worker with a batch of one waits: it gets
+    one. (The top-up after BLMOVE asked the take script for ``count - 1`` = 0 more, and
+    its LRANGE 0 -1 is the whole list: the worker took the backlog.)"""
+    q = RedisQueue(bredis, Q)
+    timer = threading.Timer(0.2, lambda: RedisQueue(bredis, Q).push(raw(1), raw(2), raw(3)))
+    timer.start()
+    got = q.take("w1", 1, timeout=5)
+    timer.join()
+    assert got == [raw(1)]
+    assert bredis.lrange(keys.processing(Q, "w1"), 0, -1) == [raw(1)]
+    assert bredis.lrange(keys.pending(Q), 0, -1) == [raw(2), raw(3)]
+
+
 def test_retry_goes_to_delayed_with_backoff_then_promoted(bredis: redis_lib.Redis) -> None:
     q = RedisQueue(bredis, Q, backoff_base=10.0, backoff_max=100.0)
     message = raw(7)
