@@ -191,15 +191,22 @@ class Context:
 
 def cpu_seconds(pids: Sequence[int]) -> float:
     """User + system CPU of these processes so far, from ``/proc`` (exited ones count 0)."""
+    return sum(cpu_user_system(pids))
+
+
+def cpu_user_system(pids: Sequence[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of these processes so far, from ``/proc`` (exited ones
+    count 0): the time in their own code, and the kernel's on their behalf (syscalls)."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    user = system = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (after pid and comm)
-    return total / tick
+        user += int(fields[11])  # utime, stime (after pid and comm)
+        system += int(fields[12])
+    return user / tick, system / tick
 
 
 def process_tree(pid: int) -> list[int]:

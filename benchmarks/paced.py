@@ -28,17 +28,10 @@ from pathlib import Path
 import redis
 
 from benchmarks.consumer_sweep import KINDS, jobs_for, start_consumer
-from benchmarks.harness import BIN
+from benchmarks.harness import BIN, cpu_user_system
 from devtools.procs import wait_until
 from devtools.redis_server import RedisServer
 from messaging import keys
-
-
-def cpu_times(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def run(
@@ -61,7 +54,7 @@ def run(
             )  # fmt: skip
             time.sleep(0.5)
         jobs = jobs_for(name, count)
-        user, system = cpu_times(pid)
+        user, system = cpu_user_system([pid])
         start = time.perf_counter()
         for n, job in enumerate(jobs):
             client.rpush(keys.pending(name), job)
@@ -74,7 +67,7 @@ def run(
             return int(client.hget(keys.stats(name), "processed") or 0) >= count
 
         wait_until(acked, 120, 0.005, f"{count} acks")
-        user_end, system_end = cpu_times(pid)
+        user_end, system_end = cpu_user_system([pid])
     finally:
         if sampler is not None:
             sampler.send_signal(2)

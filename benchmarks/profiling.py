@@ -51,7 +51,7 @@ from typing import Any
 import redis
 from pyinstrument import Profiler
 
-from benchmarks.harness import RESULTS_DIR, cpu_seconds, process_tree
+from benchmarks.harness import RESULTS_DIR, cpu_seconds, cpu_user_system, process_tree
 from devtools.redis_server import RedisServer
 
 LAYERS = (
@@ -79,6 +79,7 @@ LAYERS = (
     ("SMTP and the email package", ("smtplib", "/email/", "aiosmtpd/")),
     ("SQLAlchemy (ORM/Core, Python)", ("sqlalchemy/",)),
     ("Flask/Werkzeug", ("flask/", "werkzeug/")),
+    ("gunicorn (the WSGI server)", ("gunicorn/",)),
     ("our code (orders/, consumers/, messaging/)", ("/orders/", "/consumers/", "/messaging/")),
     ("json", ("json/",)),
 )
@@ -451,7 +452,16 @@ def pipeline_cpu(redis_url: str, seconds: float, rate: int) -> None:
 
 
 def profile_pipeline(redis_url: str, seconds: float, rate: int, idle: bool) -> None:
-    """py-spy on every process of the end-to-end pipeline while it takes ``rate``/s."""
+    """py-spy on every process of the end-to-end pipeline while it takes ``rate``/s.
+
+    Prints each process's samples by layer, then (without ``--idle``) one table for the
+    whole order: each process's CPU from ``/proc`` (user + system, what the kernel
+    charged it) shared out over the layers of its samples that were not waiting, plus
+    Redis's own CPU. A sample is waiting when its innermost frame blocks (a socket
+    read, a poll, a lock or condition wait, BLMOVE): py-spy counts a thread blocked in
+    a read as running, and these are not CPU. A system call that works (a send, a file
+    write, SQLite's commit) stays with the layer that made it.
+    """
     import shutil
     import signal
     import subprocess
@@ -464,6 +474,10 @@ def profile_pipeline(redis_url: str, seconds: float, rate: int, idle: bool) -> N
     work = Path(tempfile.mkdtemp(prefix="bench-spy-"))
     ctx = Context(mode=MODES["quick"], work=work, redis_url=redis_url)
     spies: dict[str, subprocess.Popen[bytes]] = {}
+    client = redis.Redis.from_url(redis_url)
+    redis_pid = int(client.info("server")["process_id"])
+    client.close()
+    spent: dict[str, tuple[float, float]] = {}
 
     def observe(pids: dict[str, int]) -> Any:
         for name, pid in pids.items():
@@ -474,8 +488,13 @@ def profile_pipeline(redis_url: str, seconds: float, rate: int, idle: bool) -> N
             spies[name] = subprocess.Popen(
                 argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
+        trees = {name: process_tree(pid) for name, pid in {**pids, "redis": redis_pid}.items()}
+        before = {name: cpu_user_system(tree) for name, tree in trees.items()}
 
         def finish() -> None:
+            for name, tree in trees.items():
+                user, system = cpu_user_system(tree)
+                spent[name] = (user - before[name][0], system - before[name][1])
             for spy in spies.values():  # py-spy writes its output on SIGINT
                 spy.send_signal(signal.SIGINT)
             for spy in spies.values():
@@ -486,16 +505,22 @@ def profile_pipeline(redis_url: str, seconds: float, rate: int, idle: bool) -> N
     orders = _run_pipeline(ctx, rate, seconds, observe)
     RESULTS_DIR.mkdir(exist_ok=True)
     what = "wall time (on CPU and waiting)" if idle else "CPU"
+    order_cpu: dict[str, float] = defaultdict(float)  # layer -> CPU seconds, every process
     for name in spies:
         path = work / f"spy-{name}.txt"
         if not path.exists():
             print(f"\n{name}: no samples")
             continue
         totals: dict[str, float] = defaultdict(float)
+        working: dict[str, float] = defaultdict(float)
         for line in path.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
             if stack:
-                totals[_layer_of_names(stack.split(";"))] += int(count)
+                frames = stack.split(";")
+                layer = _layer_of_names(frames)
+                totals[layer] += int(count)
+                if layer != WAITING and not _waits(frames[-1]):
+                    working[layer] += int(count)
         shutil.copy(path, RESULTS_DIR / f"profile-pipeline-{name}.txt")
         busy = sum(totals.values()) / 200
         print_split(
@@ -504,7 +529,45 @@ def profile_pipeline(redis_url: str, seconds: float, rate: int, idle: bool) -> N
             {k: v / 200 for k, v in totals.items()},
             orders,
         )
+        samples = sum(working.values())
+        if name in spent and samples:
+            cpu = sum(spent[name])
+            for layer, count in working.items():
+                order_cpu[layer] += cpu * count / samples
     print(f"\ncollapsed stacks: {RESULTS_DIR}/profile-pipeline-*.txt")
+    if idle or not spent:
+        return
+    order_cpu["the Redis server (its own process)"] = sum(spent["redis"])
+    kernel = sum(system for _, system in spent.values())
+    total = sum(sum(pair) for pair in spent.values())
+    print(
+        f"\nOne order's CPU, every process ({total / orders * 1000:.2f} ms per order from"
+        f" /proc, {kernel / max(total, 1e-9):.0%} of it in the kernel on their behalf),"
+        " by layer:\n"
+    )
+    print("| layer | CPU ms per order | share |")
+    print("|---|---:|---:|")
+    for layer, cpu in sorted(order_cpu.items(), key=lambda item: -item[1]):
+        print(f"| {layer} | {cpu / orders * 1000:.2f} | {cpu / total:.0%} |")
+
+
+_WAITS = (
+    "read_from_socket (",  # redis-py (hiredis) waiting for the reply
+    "readinto (socket.py",  # smtplib waiting for the server's reply
+    "select (selectors.py",  # event loops, gunicorn's poller
+    "poll (selectors.py",
+    "Condition.wait (",
+    "Event.wait (",
+    "Thread.join (",
+    "_wait_for_tstate_lock (",
+    "_worker (concurrent/futures/thread.py",  # a pool thread waiting for work
+    "Queue.get (",
+)
+
+
+def _waits(leaf: str) -> bool:
+    """Whether a sample's innermost frame is a thread blocked, not working."""
+    return any(name in leaf for name in _WAITS)
 
 
 WAITING = "waiting in BLMOVE for work (not CPU: py-spy counts it)"
@@ -520,7 +583,7 @@ def _layer_of_names(frames: list[str]) -> str:
         for layer, needles in LAYERS:
             if any(needle in frame for needle in needles):
                 return layer
-    return "other (stdlib, interpreter, gunicorn)"
+    return "other (stdlib, interpreter)"
 
 
 def _save(profiler: Profiler, name: str) -> None:
