@@ -486,11 +486,6 @@ class EmailHandler:
 
     queue = QUEUE
     accepts = envelope.accepted_by(QUEUE)
-    lingers = False
-    """No CONSUMER_LINGER_MS wait for a fuller batch: an email costs about the same alone
-    or in a batch (its own SMTP transaction, its own "sent" commit), and an order's two
-    emails' events arrive milliseconds apart, so a wait would only delay the customer's
-    second email (measured: benchmarks/README.md, "linger")."""
 
     def __init__(
         self,

@@ -344,14 +344,6 @@ WORKER_ENV_VARS: tuple[EnvVar, ...] = declare(
     EnvVar("CONSUMER_CONCURRENCY", "1", "Handler threads per consumer process (--concurrency)."),
     EnvVar("CONSUMER_BATCH_SIZE", "10", "Messages a worker thread takes and acks per round trip."),
     EnvVar(
-        "CONSUMER_LINGER_MS",
-        "20",
-        "A busy worker thread (its last take found two or more messages) whose take finds "
-        "work waiting but less than a batch waits this long (0 to 1000 ms) and tops the "
-        "batch up once: fewer, fuller batches cost less CPU per message. Never for a take "
-        "that had to wait, an express message, or the email service. 0: off.",
-    ),
-    EnvVar(
         "CONSUMER_MAX_ATTEMPTS",
         "5",
         "Failed attempts before a message is dead-lettered (unexpected errors; a transient "
@@ -416,7 +408,6 @@ class WorkerSettings:
     retry_seconds: float = 3600.0
     revive_seconds: float = 60.0
     revive_rate: int = 10
-    linger_ms: float = 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -437,7 +428,6 @@ class WorkerSettings:
             retry_seconds=env_float(env, "CONSUMER_RETRY_SECONDS", 0.0, 30 * 86400.0),
             revive_seconds=env_float(env, "CONSUMER_REVIVE_SECONDS", 0.1, 30 * 86400.0),
             revive_rate=env_int(env, "CONSUMER_REVIVE_RATE", 1, 100_000),
-            linger_ms=env_float(env, "CONSUMER_LINGER_MS", 0.0, 1000.0),
         )
 
 

@@ -21,11 +21,7 @@ class Handler(Protocol):
     queue: str
     """The queue it drains."""
     accepts: frozenset[str]
-    """Event types it handles; any other type is a malformed message on its queue.
-
-    Optional ``lingers`` (class attribute, default True): False keeps the worker from
-    waiting CONSUMER_LINGER_MS for a fuller batch (a handler whose events cost the same
-    alone or batched)."""
+    """Event types it handles; any other type is a malformed message on its queue."""
 
     def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         """Do the work once and return the outcome events to emit (the stored ones on

@@ -78,7 +78,6 @@ import json
 import logging
 import random
 import smtplib
-import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -306,11 +305,6 @@ class Consumer(Protocol):
 
     def release(self, worker: str, messages: Sequence[bytes]) -> int:
         """Not started: put back at the head of pending."""
-
-
-def _any_express(messages: Sequence[bytes]) -> bool:
-    """Whether any message is express (a cheap filter first, as the scripts do)."""
-    return any(b'"express"' in m and envelope.is_express(m) for m in messages)
 
 
 # Shared by every script that puts a message back in line (reap, release, promote,
@@ -735,13 +729,7 @@ class RedisQueue:
     # --- consuming -------------------------------------------------------------
 
     def take(
-        self,
-        worker: str,
-        count: int,
-        timeout: float,
-        *,
-        ack: Sequence[bytes] = (),
-        linger: float = 0.0,
+        self, worker: str, count: int, timeout: float, *, ack: Sequence[bytes] = ()
     ) -> list[bytes]:
         """Move up to ``count`` messages from pending into ``worker``'s processing list.
 
@@ -749,13 +737,6 @@ class RedisQueue:
         ``timeout`` seconds and a second call tops the batch up. ``timeout=0`` never
         blocks. A suspect (a message some worker died holding) comes alone; one that
         has killed ``max_crashes`` workers is dead-lettered here instead of returned.
-
-        ``linger`` (seconds; the worker passes it when it is busy, see
-        :class:`messaging.worker.Load`): when the first call found work waiting but fewer
-        than ``count`` messages, sleep that long and top the batch up once, so that the
-        batch's take, transaction, outcome pipeline and ack serve more messages. A take
-        that had to wait for work, a suspect and a batch holding an express message
-        never linger. The taken messages are in processing meanwhile, as always.
 
         ``ack``: handled messages to acknowledge first, in the same Lua call (as
         :meth:`ack` does, before anything is taken): one round trip per message fewer
@@ -781,11 +762,6 @@ class RedisQueue:
             )
         else:
             deaths, *got = self._take(keys=tag, args=[count, "", self.express_ratio])
-        if got and linger > 0 and len(got) < count and not deaths and not _any_express(got):
-            time.sleep(linger)
-            sha = hashlib.sha1(got[0]).hexdigest()  # "holds a batch": no suspect joins
-            _deaths, *more = self._take(keys=tag, args=[count - len(got), sha, self.express_ratio])
-            got += more
         if not got and timeout > 0:
             first: bytes | None = self.client.blmove(  # type: ignore[assignment]
                 self.pending_key, processing, timeout, "LEFT", "RIGHT"

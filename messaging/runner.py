@@ -121,7 +121,6 @@ def _run(
         threads = concurrency or settings.concurrency
         common: dict[str, Any] = {
             "batch_size": settings.batch_size,
-            "linger": settings.linger_ms / 1000,
             "heartbeat_ttl": settings.heartbeat_ttl,
             "stuck_seconds": settings.stuck_seconds,
             "stop": stop,

@@ -104,9 +104,6 @@ class Worker:
         worker_id: defaults to :func:`new_worker_id`.
         stop: set it to stop gracefully.
         stuck_seconds: one message holding a thread this long makes the worker unhealthy.
-        linger: seconds a busy thread's take that found work waiting waits to fill
-            its batch (CONSUMER_LINGER_MS; see :meth:`_consume`); 0 for a handler
-            whose ``lingers`` is False.
     """
 
     def __init__(
@@ -121,10 +118,8 @@ class Worker:
         worker_id: str | None = None,
         stop: threading.Event | None = None,
         stuck_seconds: float = DEFAULT_STUCK_SECONDS,
-        linger: float = 0.0,
     ) -> None:
         self.queue = queue
-        self.linger = linger if getattr(handler, "lingers", True) else 0.0
         self.handler = handler
         self.publisher = publisher
         self.concurrency = concurrency
@@ -399,19 +394,10 @@ class Worker:
         :meth:`RedisQueue.take`'s ``ack``), which follows at once: a message taken
         alone as it arrives costs one round trip fewer. When there is no next take
         (stopping, un-started messages to put back), the ack goes alone, as before.
-
-        Linger: while the thread is busy (its last take found two or more messages), a
-        take that finds work waiting but less than a batch waits ``linger`` seconds and
-        tops the batch up (:meth:`RedisQueue.take`): the take, the transaction, the
-        outcomes' pipeline and the ack then serve more messages. Measured at 200
-        orders/s on two cores: about 15% less CPU per order and a smaller backlog; an
-        idle thread (each take finds one message or none) never waits, so at 50
-        orders/s the latency is what it was (benchmarks/README.md, "Linger").
         """
         done: list[bytes] = []
         todo: list[bytes] = []
         handled: list[bytes] = []  # to ack with the next take
-        taken = 0
         while True:
             self._stamp()
             if handled and (self.stop.is_set() or self.unhealthy.is_set()):
@@ -425,12 +411,7 @@ class Worker:
             try:
                 if handled:
                     self._before_ack()
-                # Linger only while busy: the last take found a batch (two or more).
-                linger = self.linger if taken > 1 else 0.0
-                todo = self.queue.take(
-                    self.id, self.batch_size, TAKE_TIMEOUT, ack=handled, linger=linger
-                )
-                taken = len(todo)
+                todo = self.queue.take(self.id, self.batch_size, TAKE_TIMEOUT, ack=handled)
                 with self._held_lock:
                     self._held.subtract(handled)
                     self._held.update(todo)

@@ -77,45 +77,6 @@ def test_a_blocking_take_of_one_takes_one(bredis: redis_lib.Redis) -> None:
     assert bredis.lrange(keys.pending(Q), 0, -1) == [raw(2), raw(3)]
 
 
-def test_a_lingering_take_tops_its_batch_up(bredis: redis_lib.Redis) -> None:
-    """Work was waiting, less than a batch: the take waits ``linger`` and takes what came
-    meanwhile (up to the batch); without ``linger`` it takes what was there."""
-    q = RedisQueue(bredis, Q)
-    q.push(raw(1))
-    timer = threading.Timer(0.1, lambda: RedisQueue(bredis, Q).push(raw(2), raw(3), raw(4)))
-    timer.start()
-    assert q.take("w1", 3, timeout=0, linger=1.0) == [raw(1), raw(2), raw(3)]
-    timer.join()
-    assert bredis.lrange(keys.pending(Q), 0, -1) == [raw(4)]
-    q.push(raw(5))
-    assert q.take("w1", 3, timeout=0) == [raw(4), raw(5)]
-
-
-def test_a_take_that_waited_for_work_does_not_linger(bredis: redis_lib.Redis) -> None:
-    """An idle consumer takes each message as it comes: the second, pushed during what
-    would have been the linger, is left for the next take."""
-    q = RedisQueue(bredis, Q)
-    first = threading.Timer(0.1, lambda: RedisQueue(bredis, Q).push(raw(1)))
-    second = threading.Timer(0.6, lambda: RedisQueue(bredis, Q).push(raw(2)))
-    first.start()
-    second.start()
-    assert q.take("w1", 10, timeout=5, linger=2.0) == [raw(1)]
-    first.join()
-    second.join()
-    assert q.take("w1", 10, timeout=5) == [raw(2)]
-
-
-def test_an_express_message_does_not_linger(bredis: redis_lib.Redis) -> None:
-    q = RedisQueue(bredis, Q)
-    fast = envelope.dumps(order_placed(9, express=True)).encode()
-    q.push(fast)
-    timer = threading.Timer(0.3, lambda: RedisQueue(bredis, Q).push(raw(2)))
-    timer.start()
-    assert q.take("w1", 10, timeout=0, linger=2.0) == [fast]
-    timer.join()
-    assert bredis.lrange(keys.pending(Q), 0, -1) == [raw(2)]
-
-
 def test_retry_goes_to_delayed_with_backoff_then_promoted(bredis: redis_lib.Redis) -> None:
     q = RedisQueue(bredis, Q, backoff_base=10.0, backoff_max=100.0)
     message = raw(7)
@@ -264,56 +225,6 @@ def test_worker_dead_letters_malformed_messages_and_goes_on(
 class _NoPublisher:
     def publish(self, event: dict[str, Any]) -> None:
         raise AssertionError("the noop handler emits nothing")
-
-
-class _RecordingQueue(RedisQueue):
-    """A real queue that notes the linger each take was given."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.lingers: list[float] = []
-
-    def take(self, *args: Any, linger: float = 0.0, **kwargs: Any) -> list[bytes]:
-        self.lingers.append(linger)
-        return super().take(*args, linger=linger, **kwargs)
-
-
-def test_a_worker_lingers_only_after_a_batch(bredis: redis_lib.Redis) -> None:
-    """Its first take, and a take after one that found a single message, do not linger;
-    a take after one that found a batch (two or more) does."""
-    q = _RecordingQueue(bredis, keys.NOOP_QUEUE)
-    q.push(raw(1), raw(2), raw(3))
-    stop = threading.Event()
-    worker = Worker(
-        q, NoopHandler(), _NoPublisher(), worker_id=f"t-{uuid.uuid4().hex}", stop=stop,
-        linger=0.05,
-    )  # fmt: skip
-    thread = threading.Thread(target=worker.run)
-    thread.start()
-    try:
-        wait_for(lambda: q.stats()["processed"] == 3, message="the batch handled")
-        wait_for(lambda: len(q.lingers) >= 2, message="the take after the batch")
-        q.push(raw(4))
-        wait_for(lambda: q.stats()["processed"] == 4, message="the lone message handled")
-        wait_for(lambda: len(q.lingers) >= 3, message="the take after the lone message")
-    finally:
-        stop.set()
-        thread.join(10)
-    assert q.lingers[:3] == [0.0, 0.05, 0.0]
-
-
-def test_a_handler_that_does_not_linger_keeps_its_worker_from_lingering(
-    bredis: redis_lib.Redis,
-) -> None:
-    from consumers.email import EmailHandler
-
-    class Alone(NoopHandler):
-        lingers = False
-
-    assert EmailHandler.lingers is False
-    q = RedisQueue(bredis, keys.NOOP_QUEUE)
-    assert Worker(q, Alone(), _NoPublisher(), linger=0.05).linger == 0.0
-    assert Worker(q, NoopHandler(), _NoPublisher(), linger=0.05).linger == 0.05
 
 
 def test_worker_returns_messages_whose_take_reply_was_lost(bredis: redis_lib.Redis) -> None:

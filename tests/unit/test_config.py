@@ -151,15 +151,3 @@ def test_retry_budget_settings_default_to_an_hour_and_reject_nonsense() -> None:
     ):
         with pytest.raises(ConfigError, match=needle):
             WorkerSettings.from_env(env)
-
-
-def test_linger_defaults_to_20_ms_and_rejects_nonsense() -> None:
-    from messaging.config import WorkerSettings
-
-    assert WorkerSettings.from_env({}).linger_ms == 20.0
-    assert WorkerSettings.from_env({"CONSUMER_LINGER_MS": "0"}).linger_ms == 0.0
-    assert WorkerSettings.from_env({"CONSUMER_LINGER_MS": "2.5"}).linger_ms == 2.5
-    for raw in ("-1", "1001", "soon", "nan"):
-        with pytest.raises(ConfigError, match="invalid CONSUMER_LINGER_MS") as info:
-            WorkerSettings.from_env({"CONSUMER_LINGER_MS": raw})
-        assert "\n" not in str(info.value)
