@@ -510,6 +510,7 @@ def profile_pipeline(redis_url: str, seconds: float, rate: int, idle: bool) -> N
         path = work / f"spy-{name}.txt"
         if not path.exists():
             print(f"\n{name}: no samples")
+            order_cpu[NOT_SAMPLED] += sum(spent.get(name, (0.0, 0.0)))
             continue
         totals: dict[str, float] = defaultdict(float)
         working: dict[str, float] = defaultdict(float)
@@ -530,10 +531,12 @@ def profile_pipeline(redis_url: str, seconds: float, rate: int, idle: bool) -> N
             orders,
         )
         samples = sum(working.values())
-        if name in spent and samples:
+        if name in spent:
             cpu = sum(spent[name])
             for layer, count in working.items():
                 order_cpu[layer] += cpu * count / samples
+            if not samples:  # its CPU still counts, under no layer
+                order_cpu[NOT_SAMPLED] += cpu
     print(f"\ncollapsed stacks: {RESULTS_DIR}/profile-pipeline-*.txt")
     if idle or not spent:
         return
@@ -571,6 +574,7 @@ def _waits(leaf: str) -> bool:
 
 
 WAITING = "waiting in BLMOVE for work (not CPU: py-spy counts it)"
+NOT_SAMPLED = "processes py-spy caught only waiting (their CPU, no layer)"
 
 
 def _layer_of_names(frames: list[str]) -> str:

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import statistics
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,14 +50,48 @@ class Figures:
         )
 
 
+def parse_configs(text: str) -> list[tuple[int, int]]:
+    """``"2x4,2x8"`` -> [(2, 4), (2, 8)]; argparse prints the error as one line, exit 2."""
+    configs = []
+    for item in text.split(","):
+        workers, sep, threads = item.strip().partition("x")
+        if not (sep and workers.isdigit() and threads.isdigit()):
+            raise argparse.ArgumentTypeError(f"{item!r} is not WORKERSxTHREADS")
+        if not (1 <= int(workers) <= 64 and 1 <= int(threads) <= 64):
+            raise argparse.ArgumentTypeError(f"{item!r}: workers and threads must be 1 to 64")
+        configs.append((int(workers), int(threads)))
+    return configs
+
+
+def positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    """An argparse type: a number above zero."""
+
+    def convert(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not above zero")
+        return value
+
+    return convert
+
+
 def measure(
-    ctx: Context, redis_pid: int, database_url: str, bare: bool, workers: int, threads: int
+    ctx: Context,
+    body: Path,
+    redis_pid: int,
+    database_url: str,
+    bare: bool,
+    workers: int,
+    threads: int,
 ) -> tuple[float, float, float, float]:
     """One capacity run: (requests/s, p50 ms, p99 ms, CPU µs per answered request)."""
     argv = [str(BIN / "python"), "-m", "benchmarks.bare_app"] if bare else None
     url = f"sqlite:///{ctx.work / 'unused.db'}" if bare else database_url
     env = {"WEB_CONCURRENCY": str(workers), "WEB_THREADS": str(threads)}
-    body = body_file(ctx)
     api, base = start_api(ctx, url, argv, env)
     try:
         vegeta.post(f"{base}/orders", body, requests=200, clients=4, ok_status=201)  # warm up
@@ -74,22 +109,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.server_sweep", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="WORKERSxTHREADS,...")
-    parser.add_argument("--seconds", type=float, default=5.0, help="each capacity run")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per server and config")
+    parser.add_argument(
+        "--configs", type=parse_configs, default=DEFAULT_CONFIGS, help="WORKERSxTHREADS,..."
+    )
+    parser.add_argument("--seconds", type=positive(float), default=5.0, help="each run")
+    parser.add_argument(
+        "--repeats", type=positive(int), default=2, help="runs per server and config"
+    )
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
     args = parser.parse_args(argv)
-    configs = [tuple(int(n) for n in c.split("x")) for c in args.configs.split(",")]
+    configs: list[tuple[int, int]] = args.configs
     work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     mode = MODES["quick"]
     mode = dataclasses.replace(mode, http_seconds=args.seconds, postgres=True)
     server = RedisServer(data_dir=work).start()
     ctx = Context(mode=mode, work=work, redis_url=server.url)
+    client = redis.Redis.from_url(server.url)
     try:
         vegeta.ensure_vegeta()
-        client = redis.Redis.from_url(server.url)
+        body = body_file(ctx)
         redis_pid = int(client.info("server")["process_id"])
-        results: dict[tuple[int, ...], dict[str, Figures]] = {
+        results: dict[tuple[int, int], dict[str, Figures]] = {
             c: {"bare": Figures(), "orders": Figures()} for c in configs
         }
         for repeat in range(args.repeats):
@@ -100,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     if args.database == "postgresql" and name == "orders":
                         database_url = ctx.postgres_url() or parser.error(ctx.postgres_skipped)
                     rate, p50, p99, cpu = measure(
-                        ctx, redis_pid, database_url, name == "bare", workers, threads
+                        ctx, body, redis_pid, database_url, name == "bare", workers, threads
                     )
                     fig = results[(workers, threads)][name]
                     fig.rates.append(rate)
@@ -112,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
                         f" {rate:,.0f} req/s, p50 {p50:.1f} ms, {cpu:,.0f} µs CPU",
                         flush=True,
                     )
-        client.close()
         print(
             f"\n{args.database}, {args.seconds:g} s x {args.repeats} per server and config,"
             " medians; CPU per answered request: the server's processes and Redis"
@@ -127,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 f" | {statistics.median(ratios):.2f} |"
             )
     finally:
+        client.close()
         ctx.close()
         server.stop()
     return 0
