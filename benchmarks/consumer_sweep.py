@@ -92,8 +92,9 @@ def start_consumer(
 
 def drain_once(
     redis_url: str, work: Path, name: str, count: int, batch: int, threads: int, root: Path | None
-) -> tuple[float, float]:
-    """(jobs/s, consumer CPU ms per job) of one fresh ``consumer NAME`` draining ``count``.
+) -> tuple[float, float, float | None]:
+    """(jobs/s, consumer CPU ms per job, ``smtp-sink``'s or None) of one fresh
+    ``consumer NAME`` draining ``count``.
 
     On a shared machine the CPU per job moves less than the wall-clock rate."""
     client = redis.Redis.from_url(redis_url)
@@ -116,8 +117,8 @@ def drain_once(
 
         wait_until(registered, 60, 0.01, "the consumer to register")
         stage(client, jobs_for(name, count), name)
-        pid = procs[-1].popen.pid
-        cpu = cpu_seconds(pid)
+        pids = [proc.popen.pid for proc in procs]
+        before = [cpu_seconds(pid) for pid in pids]
         start = release_jobs(client, name)
 
         def drained() -> bool:
@@ -126,13 +127,14 @@ def drain_once(
 
         wait_until(drained, 120 + count / 5, 0.005, f"{count} acks")
         seconds = time.perf_counter() - start
-        cpu = cpu_seconds(pid) - cpu
+        used = [cpu_seconds(pid) - cpu for pid, cpu in zip(pids, before, strict=True)]
     finally:
         for proc in procs:
             proc.terminate(15.0)
         client.delete(STAGING)
         client.close()
-    return count / seconds, cpu / count * 1000
+    sink = used[0] / count * 1000 if len(used) > 1 else None
+    return count / seconds, used[-1] / count * 1000, sink
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,25 +153,34 @@ def main(argv: list[str] | None = None) -> int:
     server = RedisServer(data_dir=work).start()
     rates: dict[tuple[int, int], list[float]] = {}
     cpus: dict[tuple[int, int], list[float]] = {}
+    sinks: dict[tuple[int, int], list[float]] = {}
     try:
         for _ in range(args.repeats):  # interleaved: load drifts over the sweep
             for b in batches:
                 for t in threads:
-                    rate, cpu = drain_once(server.url, work, args.name, args.jobs, b, t, args.root)
+                    rate, cpu, sink = drain_once(
+                        server.url, work, args.name, args.jobs, b, t, args.root
+                    )
                     rates.setdefault((b, t), []).append(rate)
                     cpus.setdefault((b, t), []).append(cpu)
-                    print(f"batch {b}, {t} thread(s): {rate:,.0f} jobs/s, {cpu:.2f} ms CPU/job",
-                          file=sys.stderr)  # fmt: skip
+                    if sink is not None:
+                        sinks.setdefault((b, t), []).append(sink)
+                    also = "" if sink is None else f" (smtp-sink {sink:.2f})"
+                    print(f"batch {b}, {t} thread(s): {rate:,.0f} jobs/s, {cpu:.2f} ms CPU/job"
+                          f"{also}", file=sys.stderr)  # fmt: skip
     finally:
         server.stop()
     load = os.getloadavg()[0]
     print(f"\n`consumer {args.name}`, {args.jobs} jobs, load average {load:.1f}\n")
-    print("| batch | threads | jobs/s (median) | CPU ms per job (median) | runs (jobs/s) |")
-    print("|---:|---:|---:|---:|---|")
+    sink_head = " smtp-sink CPU ms per job (median) |" if sinks else ""
+    head = "| batch | threads | jobs/s (median) | CPU ms per job (median) |"
+    print(f"{head}{sink_head} runs (jobs/s) |")
+    print("|---:|---:|---:|---:|" + ("---:|" if sinks else "") + "---|")
     for (b, t), values in rates.items():
         runs = ", ".join(f"{v:,.0f}" for v in values)
         cpu = statistics.median(cpus[(b, t)])
-        print(f"| {b} | {t} | {statistics.median(values):,.0f} | {cpu:.2f} | {runs} |")
+        sink_cell = f" {statistics.median(sinks[(b, t)]):.2f} |" if sinks else ""
+        print(f"| {b} | {t} | {statistics.median(values):,.0f} | {cpu:.2f} |{sink_cell} {runs} |")
     return 0
 
 

@@ -393,6 +393,13 @@ class PipelinedSession:
             raise smtplib.SMTPDataError(code, reply)
 
 
+def _closed_by_server(exc: smtplib.SMTPException) -> bool:
+    """The server hung up (a 421 is its last word before it does, RFC 5321 3.8)."""
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        return True
+    return isinstance(exc, smtplib.SMTPResponseException) and exc.smtp_code == 421
+
+
 def sendmail_pipelined(smtp: smtplib.SMTP, sender: str, to: str, data: bytes) -> None:
     """``smtp.sendmail(sender, [to], data)`` in two round trips instead of four.
 
@@ -560,10 +567,11 @@ class EmailHandler:
                     smtp.sendmail(parseaddr(self.sender)[1], [to], wire_bytes(msg))
                 _after_send()
                 return
-            except smtplib.SMTPServerDisconnected as exc:
+            except (smtplib.SMTPServerDisconnected, smtplib.SMTPResponseException) as exc:
                 self._drop()
-                if reused and attempt == 1:
-                    # Typically the first command on a connection the server timed out.
+                if reused and attempt == 1 and _closed_by_server(exc):
+                    # Typically the first command on a connection the server timed out
+                    # or shut down (a 421 waiting in the socket, then the close).
                     # Had it already taken the DATA, this resends the same Message-ID:
                     # the one window the module doc names, no new one.
                     continue
@@ -881,8 +889,8 @@ class EmailHandler:
         is simply dropped by the server with the connection. A refused email is that
         event's failure (its claim freed); a connection that fails fails what was in
         flight and the rest as :class:`SmtpUnavailable`. False, with nothing sent: the
-        kept connection turned out closed by the server; the caller goes one by one,
-        which reconnects.
+        kept connection turned out closed by the server (a disconnect or a 421 as the
+        first reply); the caller goes one by one, which reconnects.
         """
         smtp = session.smtp
         claimed_at = time.monotonic()
@@ -952,6 +960,9 @@ class EmailHandler:
                     session.read_envelope(job.who.email)
                     read_any = True
                 except refusals as exc:
+                    if reused and not read_any and _closed_by_server(exc):
+                        self._drop()  # a kept connection the server had closed (421)
+                        return False  # nothing was sent: the caller goes one by one
                     flight.pop()
                     fail(job, self._verdict(exc))
                     current = start(k + 1)

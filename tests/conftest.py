@@ -29,7 +29,9 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
+from consumers import smtp_sink
 from devtools.redis_server import RedisCluster, RedisNotFound, RedisServer
+from tests.helpers import RunningSink
 from tests.orders_app import PostgresCluster, find_postgres_bin
 from tests.topology import Topology
 
@@ -263,3 +265,19 @@ def go_subscriber_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("go") / "go-subscriber"
     subprocess.run(["go", "build", "-o", str(out), "."], cwd=ROOT / "go-subscriber", check=True)
     return out
+
+
+@pytest.fixture
+def start_sink(tmp_path: Path) -> Iterator[Callable[..., RunningSink]]:
+    """Start the real SMTP sink (``consumers.smtp_sink``) in-process: ``start_sink(size=...,
+    idle_seconds=...)``; it stores into ``tmp_path / "mail"`` and stops after the test."""
+    sinks: list[RunningSink] = []
+
+    def start(**limits: Any) -> RunningSink:
+        sink = RunningSink(tmp_path / "mail", smtp_sink.Limits(**limits))
+        sinks.append(sink)
+        return sink
+
+    yield start
+    for sink in sinks:
+        sink.stop()

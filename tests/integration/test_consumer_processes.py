@@ -458,12 +458,22 @@ def test_email_keeps_one_smtp_connection_and_reconnects_after_the_server_restart
         sink.wait_output("smtp-sink: listening", count=2)
         handler.handle(order_placed(3))  # the kept connection is dead: reconnects once
         assert handler._local.smtp is not first
+        # The sink says 421 to a connected client when it stops (RFC 5321 3.8): a batch
+        # on that kept connection reconnects too, and nothing fails.
+        second = handler._local.smtp
+        sink.popen.terminate()
+        sink.popen.wait(15)
+        sink = Proc([str(BIN / "smtp-sink")], sink_env, tmp_path / "sink.log", append=True)
+        sink.wait_output("smtp-sink: listening", count=3)
+        results = handler.handle_batch([order_placed(4), order_placed(5)])
+        assert all(isinstance(result, list) for result in results), results
+        assert handler._local.smtp is not second
     finally:
         handler.close()
         sink.popen.terminate()
         sink.popen.wait(15)
-    assert len(list(mail_dir.glob("*.eml"))) == 3
-    assert rows(engine, store.EmailSent) == 3
+    assert len(list(mail_dir.glob("*.eml"))) == 5
+    assert rows(engine, store.EmailSent) == 5
 
 
 def _sink(env: Env, port: int, mail_dir: Path) -> Proc:

@@ -28,10 +28,9 @@ from sqlalchemy.orm import Session
 
 from consumers import store
 from consumers.email import EmailHandler, SmtpUnavailable, sendmail_pipelined
-from consumers.smtp_sink import EmlWriter
-from devtools.redis_server import free_port
 from messaging.queue import PermanentError, RetryableError
 from tests import orders_app
+from tests.helpers import RunningSink
 
 Script = Callable[["Conversation"], None]
 
@@ -234,24 +233,16 @@ def test_an_address_with_a_line_break_never_reaches_the_wire(
 
 
 def test_the_local_sink_advertises_pipelining_and_stores_a_pipelined_message(
-    tmp_path: Path,
+    start_sink: Callable[..., RunningSink],
 ) -> None:
-    from aiosmtpd.controller import Controller
-
-    port = free_port()
-    controller = Controller(EmlWriter(tmp_path), hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        smtp = client(port)
-        for n in (1, 2):
-            sendmail_pipelined(
-                smtp, "shop@example.com", f"c{n}@example.com", f"Subject: {n}\r\n\r\n.{n}".encode()
-            )
-        smtp.quit()
-    finally:
-        controller.stop()
-    stored = sorted(path.read_bytes() for path in tmp_path.glob("*.eml"))
-    assert stored == [b"Subject: 1\r\n\r\n.1\r\n", b"Subject: 2\r\n\r\n.2\r\n"]
+    sink = start_sink()
+    smtp = client(sink.port)
+    for n in (1, 2):
+        sendmail_pipelined(
+            smtp, "shop@example.com", f"c{n}@example.com", f"Subject: {n}\r\n\r\n.{n}".encode()
+        )
+    smtp.quit()
+    assert sink.stored() == [b"Subject: 1\r\n\r\n.1\r\n", b"Subject: 2\r\n\r\n.2\r\n"]
 
 
 def order_placed(order_id: int) -> dict[str, Any]:
