@@ -76,7 +76,8 @@ LAYERS = (
         ),
     ),
     ("Redis (redis-py, socket)", ("redis/", "hiredis")),
-    ("SMTP and the email package", ("smtplib", "/email/", "aiosmtpd/")),
+    # smtp_sink: the stand-in mail server is SMTP work, not the order pipeline's own code
+    ("SMTP and the email package", ("smtplib", "/email/", "smtp_sink")),
     ("SQLAlchemy (ORM/Core, Python)", ("sqlalchemy/",)),
     ("Flask/Werkzeug", ("flask/", "werkzeug/")),
     ("gunicorn (the WSGI server)", ("gunicorn/",)),
