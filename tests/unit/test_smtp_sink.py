@@ -195,6 +195,8 @@ def test_an_empty_message_is_stored_empty(
         ([b"EHLO"], "501 Syntax: EHLO hostname"),
         ([b"EHLO c", b"MAIL <a@example.com>"], "501 Syntax: MAIL FROM:<address>"),
         ([b"EHLO c", b"MAIL FROM:<a b@example.com>"], "553 5.1.3 Error: malformed address"),
+        ([b"EHLO c", b"MAIL FROM:<a\x00b@example.com>"], "553 5.1.3 Error: malformed address"),
+        ([b"EHLO c", b"MAIL FROM:<a\rb@example.com>"], "553 5.1.3 Error: malformed address"),
         ([b"EHLO c", b"MAIL FROM:<a@example.com> X-FOO=1"], "555 MAIL FROM parameters"),
         ([b"EHLO c", b"MAIL FROM:<a@example.com> SIZE=ten"], "501 Error: SIZE takes a number"),
         ([b"EHLO c", b"MAIL FROM:<a@example.com> SIZE="], "501 Error: malformed parameter"),
