@@ -732,11 +732,9 @@ class EmailHandler:
         in ONE transaction before the first send; the emails then go out one after the
         other over this thread's kept connection (one round trip each when the server
         pipelines, :meth:`_send_pipelined`), and each is marked sent (its
-        ``emails_sent`` row and its claim's outcome) in its own short transaction right
-        after the server took it, so a crash resends at most the one email a crash of
-        :meth:`handle` would. The processed rows of the whole batch commit together at
-        the end: a crash before that redelivers the batch, whose events find their
-        claims done and re-emit the recorded outcome.
+        ``emails_sent`` row, its claim's outcome and its event's processed row) in its
+        own short transaction right after the server took it, so a crash resends at
+        most the one email a crash of :meth:`handle` would.
 
         What the batch does not claim (another delivery's claim, a second event of one
         order and step) is left to :meth:`handle` (None); a send that fails is that
