@@ -59,6 +59,11 @@ class Client:
         self.send(b"EHLO client.example\r\n")
         assert self.replies(1)[0].startswith("250-")
 
+    def greeted_in_data(self, to: str = "c@example.com") -> None:
+        """EHLO, then MAIL, RCPT and DATA: what comes next is message text."""
+        self.hello()
+        self.envelope(to)
+
     def envelope(self, to: str = "c@example.com") -> None:
         self.send(f"MAIL FROM:<shop@example.com>\r\nRCPT TO:<{to}>\r\nDATA\r\n".encode())
         assert [r[:3] for r in self.replies(3)] == ["250", "250", "354"]
@@ -141,8 +146,7 @@ def test_only_crlf_dot_crlf_ends_a_message_so_nothing_can_be_smuggled(
     connect: Callable[[int], Client],
 ) -> None:
     talk = connect(sink.port)
-    talk.hello()
-    talk.envelope("victim@example.com")
+    talk.greeted_in_data("victim@example.com")
     smuggled = b"MAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nforged\r\n"
     talk.send(b"Subject: real\r\n\r\ntext" + fake_end + smuggled + b".\r\nNOOP\r\n")
     assert [r[:3] for r in talk.replies(2)] == ["250", "250"]  # the message, then NOOP
@@ -155,8 +159,7 @@ def test_the_end_of_a_message_split_across_reads_is_found(
     sink: RunningSink, connect: Callable[[int], Client]
 ) -> None:
     talk = connect(sink.port)
-    talk.hello()
-    talk.envelope()
+    talk.greeted_in_data()
     body = b"Subject: big\r\n\r\n" + b"".join(b"line %06d\r\n" % n for n in range(20_000))
     text = body.removesuffix(b"\r\n")
     for start in range(0, len(text), 4096):
@@ -171,8 +174,7 @@ def test_an_empty_message_is_stored_empty(
     sink: RunningSink, connect: Callable[[int], Client]
 ) -> None:
     talk = connect(sink.port)
-    talk.hello()
-    talk.envelope()
+    talk.greeted_in_data()
     talk.send(b".\r\n")
     assert talk.replies(1)[0].startswith("250")
     assert sink.stored() == [b""]
@@ -241,8 +243,7 @@ def test_a_line_over_1000_octets_refuses_the_message_and_the_next_one_is_taken(
     connect: Callable[[int], Client],
 ) -> None:
     talk = connect(sink.port)
-    talk.hello()
-    talk.envelope()
+    talk.greeted_in_data()
     talk.send(b"Subject: long\r\n\r\n" + b"z" * 999 + b"\r\n.\r\n")
     assert talk.replies(1)[0].startswith("500 Line too long")
     talk.envelope()
@@ -306,8 +307,7 @@ def test_a_client_gone_mid_message_stores_nothing_and_the_sink_serves_on(
     connect: Callable[[int], Client],
 ) -> None:
     talk = connect(sink.port)
-    talk.hello()
-    talk.envelope()
+    talk.greeted_in_data()
     talk.send(b"Subject: half\r\n\r\nno end")
     talk.sock.close()
     with smtplib.SMTP("127.0.0.1", sink.port, timeout=10) as smtp:
