@@ -18,6 +18,8 @@ PIPELINING (RFC 2920), SIZE (RFC 1870) and 8BITMIME (RFC 6152). What it refuses:
   a declared SIZE over the limit: ``552``;
 - a message with a line over 1,000 octets (RFC 5321 4.5.3.1.6) or over the SIZE limit
   (32 MiB): read to its end, then refused (``500``/``552``) and not stored;
+- a message it cannot write (a full disk, the directory gone): ``451``, so the client
+  tries again later;
 - a client silent for 300 s: ``421``, and the connection is closed.
 
 On SIGTERM or SIGINT it stops listening, says ``421`` to every client still connected
@@ -72,6 +74,8 @@ _ADDRESS = r"[\x21-\x3b\x3d\x3f-\x7e]"  # printable ASCII but < and > (no space,
 _PATH = re.compile(rf"\s*<({_ADDRESS}*)>(?:\s+(.*))?|\s*({_ADDRESS}+)(?:\s+(.*))?", re.DOTALL)
 _PARAMETER = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _END = b"\r\n.\r\n"
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+"""What a log line never carries from a message (a terminal escape, a control byte)."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,7 @@ def header(data: bytes, name: str) -> str:
                 if more[:1] not in (b" ", b"\t"):
                     break
                 value += more
-            return " ".join(value.decode("ascii", "replace").split())
+            return _UNPRINTABLE.sub("?", " ".join(value.decode("ascii", "replace").split()))
     return ""
 
 
@@ -365,8 +369,13 @@ class SmtpSession(asyncio.Protocol):
             replies.append(b"500 Line too long (see RFC5321 4.5.3.1.6)\r\n")
         else:
             assert self.mail_from is not None
-            self.mailbox.store(unstuff(text), self.mail_from, self.rcpt_tos)
-            replies.append(b"250 OK: message accepted for delivery\r\n")
+            try:
+                self.mailbox.store(unstuff(text), self.mail_from, self.rcpt_tos)
+            except OSError as exc:  # a full disk, a directory gone: the client retries
+                log.error("smtp-sink: cannot store a message: %s", exc)
+                replies.append(b"451 4.3.0 Error: cannot store the message now\r\n")
+            else:
+                replies.append(b"250 OK: message accepted for delivery\r\n")
         self._reset()
         return True
 

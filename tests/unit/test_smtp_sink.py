@@ -319,6 +319,26 @@ def test_the_header_for_the_log_is_read_from_the_header_block_only() -> None:
     data = b"Subject: s\r\nmessage-id: <a@b>\r\n\tfolded\r\n\r\nMessage-ID: <body@x>\r\n"
     assert smtp_sink.header(data, "Message-ID") == "<a@b> folded"
     assert smtp_sink.header(b"Subject: s\r\n\r\nMessage-ID: <body@x>\r\n", "Message-ID") == ""
+    # A terminal escape or any other control byte never reaches the log line.
+    hostile = b"Message-ID: <\x1b[2J\x1b]0;pwned\x07\xff@x>\r\n\r\n"
+    assert smtp_sink.header(hostile, "Message-ID") == "<?[2J?]0;pwned??@x>"
+
+
+def test_a_message_it_cannot_write_is_deferred_with_451_and_the_next_one_is_stored(
+    sink: RunningSink, connect: Callable[[int], Client]
+) -> None:
+    sink.directory.rmdir()
+    sink.directory.write_text("not a directory")  # every write under it now fails
+    talk = connect(sink.port)
+    talk.greeted_in_data()
+    talk.send(b"Subject: a\r\n\r\nx\r\n.\r\n")
+    assert talk.replies(1) == ["451 4.3.0 Error: cannot store the message now"]
+    sink.directory.unlink()
+    sink.directory.mkdir()
+    talk.envelope()
+    talk.send(b"Subject: b\r\n\r\ny\r\n.\r\n")
+    assert talk.replies(1)[0].startswith("250")
+    assert sink.stored() == [b"Subject: b\r\n\r\ny\r\n"]
 
 
 def test_a_port_in_use_is_one_line_and_exit_1(sink: RunningSink) -> None:
