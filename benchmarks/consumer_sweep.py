@@ -29,7 +29,7 @@ from pathlib import Path
 import redis
 
 from benchmarks.drain import STAGING, job, release_jobs, stage
-from benchmarks.harness import BIN
+from benchmarks.harness import BIN, cpu_seconds
 from devtools.procs import Proc, wait_until
 from devtools.redis_server import RedisServer, free_port
 from messaging import envelope, keys
@@ -53,12 +53,6 @@ def jobs_for(name: str, count: int) -> list[bytes]:
         ).encode()
         for n in range(1, count + 1)
     ]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_consumer(
@@ -118,7 +112,7 @@ def drain_once(
         wait_until(registered, 60, 0.01, "the consumer to register")
         stage(client, jobs_for(name, count), name)
         pids = [proc.popen.pid for proc in procs]
-        before = [cpu_seconds(pid) for pid in pids]
+        before = [cpu_seconds([pid]) for pid in pids]
         start = release_jobs(client, name)
 
         def drained() -> bool:
@@ -127,7 +121,7 @@ def drain_once(
 
         wait_until(drained, 120 + count / 5, 0.005, f"{count} acks")
         seconds = time.perf_counter() - start
-        used = [cpu_seconds(pid) - cpu for pid, cpu in zip(pids, before, strict=True)]
+        used = [cpu_seconds([pid]) - cpu for pid, cpu in zip(pids, before, strict=True)]
     finally:
         for proc in procs:
             proc.terminate(15.0)

@@ -180,6 +180,7 @@ def profile_post(redis_url: str, database_url: str, count: int) -> None:
     thread, process = cpu_per_request(app, "cpu")
     bare, _ = cpu_per_request(create_bare_app(), "bare")
     timed = environs("key", count)
+    statuses.clear()
     profiler = Profiler(interval=0.0002)
     start = time.perf_counter()
     profiler.start()
@@ -187,6 +188,8 @@ def profile_post(redis_url: str, database_url: str, count: int) -> None:
         b"".join(app(environ, start_response))
     profiler.stop()
     elapsed = time.perf_counter() - start
+    if statuses != ["201 CREATED"] * count:
+        raise RuntimeError(f"POST /orders answered {sorted(set(statuses))}")
     publisher = app.extensions.get("orders.publisher")  # orders.api.PUBLISHER
     if publisher is not None:
         publisher.close()
