@@ -355,3 +355,50 @@ def test_an_express_order_jumps_the_queues_backlog(
             json.loads(m)["data"]["order_id"] for m in redis.lrange(keys.pending(queue), 0, -1)
         ] == [express_id - 1]
     assert client.get(f"/orders/{express_id}", headers=ADMIN).get_json()["priority"] == "express"
+
+
+def test_marking_and_releasing_touch_exactly_the_named_unpublished_rows(
+    redis_url: str, make_app: Callable[..., Flask]
+) -> None:
+    """The driver-level UPDATEs of :func:`orders.outbox.mark_published` and
+    :func:`~orders.outbox.release`: id lists padded to a power of two and split past 512
+    still change each named row once, never a row not named, never a row marked before."""
+    from datetime import timedelta
+
+    from sqlalchemy import insert
+
+    from orders.models import utc_now
+    from orders.outbox import mark_published, release
+
+    app = make_app(redis_url, "queue")
+    engine = app.extensions["orders"].engine
+    claim = utc_now() + timedelta(seconds=600)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(Outbox),
+            [
+                {
+                    "event_id": f"event-{n}", "type": envelope.ORDER_PLACED, "payload": "{}",
+                    "created_at": utc_now(), "claimed_until": claim, "attempts": 0,
+                }
+                for n in range(1, 1201)
+            ],
+        )  # fmt: skip
+    marked = [1, 2, 3, *range(100, 700)]  # 603 ids: a statement of 512, one of 128 (91 padded)
+    mark_published(engine, marked)
+    mark_published(engine, [2, 3, 5])  # 2 and 3 were marked: only 5 changes
+    released = [900, 901, 902, 3]  # 3 is published: not released
+    release(engine, released)
+    release(engine, [])
+    mark_published(engine, [])
+    rows = {row.id: row for row in _outbox(app)}
+    assert len(rows) == 1200
+    for outbox_id, row in rows.items():
+        if outbox_id in (*marked, 5):
+            assert row.published_at is not None, outbox_id
+            assert (row.claimed_until, row.attempts) == (None, 1), outbox_id
+        elif outbox_id in released:
+            assert (row.published_at, row.claimed_until, row.attempts) == (None, None, 1)
+        else:
+            assert row.published_at is None and row.claimed_until is not None, outbox_id
+            assert row.attempts == 0, outbox_id
