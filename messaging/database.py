@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -349,8 +349,11 @@ def _pipelined(dbapi_connection: Any) -> Iterator[None]:
 
 
 @contextmanager
-def driver_transaction(engine: Engine) -> Iterator[Any]:
+def driver_transaction(engine: Engine, *, write: bool = True) -> Iterator[Any]:
     """A pooled connection's DBAPI cursor in one transaction: commit, or roll back.
+
+    ``write=False`` is for reads: no write lock is taken (SQLite: WAL readers never wait
+    for the writer), and the transaction only ends what the driver began.
 
     The connection comes from the engine's pool (its ``connect`` listeners, pre-ping and
     recycling apply). On SQLite the transaction holds :func:`write_lock`. A driver
@@ -374,9 +377,10 @@ def driver_transaction(engine: Engine) -> Iterator[Any]:
     try:
         cursor = raw.cursor()
         try:
-            with write_lock(engine), _pipelined(raw.dbapi_connection):
+            with write_lock(engine) if write else nullcontext(), _pipelined(raw.dbapi_connection):
                 driver = raw.dbapi_connection
-                if dialect.name == "sqlite" and getattr(driver, "isolation_level", "") is None:
+                sqlite_autocommit = getattr(driver, "isolation_level", "") is None
+                if write and dialect.name == "sqlite" and sqlite_autocommit:
                     # Autocommit mode (the consumers' engines, see consumers.store): no
                     # implicit BEGIN, so take the write lock now, as their ORM path does.
                     cursor.execute("BEGIN IMMEDIATE")

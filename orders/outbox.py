@@ -96,6 +96,9 @@ def _by_ids(dialect: Any, size: int, *, mark: bool) -> database.DriverStatement:
 _BY_IDS: dict[tuple[Any, int, bool], database.DriverStatement] = {}
 
 
+_CLAIMABLE: dict[Any, database.DriverStatement] = {}
+"""The relay's probe (:meth:`Relay.claimable`), compiled once per dialect."""
+
 _MOST_IDS = 512
 """Most ids one statement names (a longer list takes several, in one transaction)."""
 
@@ -377,10 +380,37 @@ class Relay:
         self._redis_down = False
         self._db_down = False
 
+    def claimable(self) -> bool:
+        """Whether any row is publishable now: a read, without the write lock.
+
+        Most polls find nothing (the fast path publishes and marks every row it
+        writes), and the claim is a write transaction: on SQLite it queues on the file's
+        one write lock with the requests' inserts. The claim still decides; this only
+        spares it when there is nothing to take.
+        """
+        probe = _CLAIMABLE.get(self.engine.dialect)
+        if probe is None:
+            now = database.now_plus(self.engine.dialect.name)
+            statement = (
+                select(Outbox.id)
+                .where(
+                    Outbox.published_at.is_(None),
+                    or_(Outbox.claimed_until.is_(None), Outbox.claimed_until < now),
+                )
+                .limit(1)
+            )
+            probe = _CLAIMABLE.setdefault(
+                self.engine.dialect, database.DriverStatement(statement, self.engine.dialect)
+            )
+        with database.driver_transaction(self.engine, write=False) as cursor:
+            return probe.first(cursor) is not None
+
     def claim(self) -> list[tuple[int, str, str]]:
         """Claim up to ``batch`` publishable rows: ``(id, type, payload)`` in id order."""
         # The database's clock, not this host's: the claim is written here and compared by
         # every other relay, each on its own host (and clock).
+        if not self.claimable():
+            return []
         dialect = self.engine.dialect.name
         now = database.now_plus(dialect)
         candidates = (

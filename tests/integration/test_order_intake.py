@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 
 from messaging import envelope, keys
 from orders.models import Order, Outbox
-from orders.outbox import FastPublisher, Relay
+from orders.outbox import FastPublisher, Relay, mark_published, release
 from orders.service import place_order
 from orders.validation import request_hash, validate_order
 from tests.helpers import wait_for
@@ -368,7 +368,6 @@ def test_marking_and_releasing_touch_exactly_the_named_unpublished_rows(
     from sqlalchemy import insert
 
     from orders.models import utc_now
-    from orders.outbox import mark_published, release
 
     app = make_app(redis_url, "queue")
     engine = app.extensions["orders"].engine
@@ -402,3 +401,31 @@ def test_marking_and_releasing_touch_exactly_the_named_unpublished_rows(
         else:
             assert row.published_at is None and row.claimed_until is not None, outbox_id
             assert row.attempts == 0, outbox_id
+
+
+def test_the_relay_probe_sees_exactly_the_rows_a_claim_would_take(
+    redis_url: str, make_app: Callable[..., Flask]
+) -> None:
+    """:meth:`Relay.claimable` (the read that spares an empty claim its write
+    transaction) is true when, and only when, ``claim`` would take a row."""
+    from sqlalchemy import update
+
+    from messaging import database
+
+    app = make_app(redis_url, "queue")
+    svc = app.extensions["orders"]
+    relay = _relay(app)
+    assert not relay.claimable()  # no rows
+    placed = place_order(svc.engine, validate_order(ORDER), request_hash(ORDER), None, 30)
+    assert not relay.claimable() and relay.claim() == []  # born claimed by its request
+    dialect = svc.engine.dialect.name
+    with svc.engine.begin() as conn:  # the request's process died: its claim expired
+        conn.execute(update(Outbox).values(claimed_until=database.now_plus(dialect, -1)))
+    assert relay.claimable()
+    assert [row[0] for row in relay.claim()] == [placed.outbox_id]
+    assert not relay.claimable()  # claimed by this relay now
+    with svc.engine.begin() as conn:  # a claim that never was (a row from before claims)
+        conn.execute(update(Outbox).values(claimed_until=None))
+    assert relay.claimable()
+    mark_published(svc.engine, [placed.outbox_id])
+    assert not relay.claimable() and relay.claim() == []  # published
