@@ -42,6 +42,10 @@ this process. Both start their own Redis server; the HTML profiles go to
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -337,9 +341,6 @@ def profile_server(redis_url: str, database_url: str, seconds: float, rate: floa
     Samples only threads on the CPU (py-spy's default: no idle frames), so the split is
     of CPU time, not of waiting. Every worker is sampled, relay and marker included.
     """
-    import shutil
-    import subprocess
-
     from benchmarks import vegeta
     from benchmarks.harness import BIN, MODES, Context
     from benchmarks.intake import body_file, start_api
@@ -405,23 +406,69 @@ def profile_server(redis_url: str, database_url: str, seconds: float, rate: floa
     print(f"\n{samples:.0f} samples; collapsed stacks (flamegraph input): {out}")
 
 
+def thread_cpu(pids: list[int]) -> dict[tuple[int, int], float]:
+    """User + system CPU seconds of every thread of these processes, from ``/proc``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found: dict[tuple[int, int], float] = {}
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            found[(pid, int(task.name))] = (int(fields[11]) + int(fields[12])) / tick
+    return found
+
+
+THREAD_ROLES = {
+    "MainThread": "main thread (gunicorn's accept and keep-alive loop)",
+    "ThreadPoolExecutor": "request threads (gthread's pool)",
+    "outbox-publisher": "outbox-publisher (publishes what requests committed)",
+    "outbox-marker": "outbox-marker (marks published rows)",
+    "outbox-relay": "outbox-relay (polls the outbox)",
+}
+
+
+def thread_roles(py_spy: str | None, pids: list[int]) -> dict[int, str]:
+    """Thread id -> role, from the Python thread names ``py-spy dump`` shows."""
+    roles: dict[int, str] = {}
+    if py_spy is None:
+        return roles
+    for pid in pids:
+        dump = subprocess.run(
+            [py_spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60
+        ).stdout
+        for match in re.finditer(r'^Thread (\d+) \(\w+\): "([^"]*)"', dump, re.MULTILINE):
+            name = match.group(2)
+            roles[int(match.group(1))] = next(
+                (role for prefix, role in THREAD_ROLES.items() if name.startswith(prefix)),
+                name,
+            )
+    return roles
+
+
 def profile_cpu(
     redis_url: str, database_url: str, postmaster: int | None, seconds: float, rate: float
 ) -> None:
-    """CPU per request of bare Flask and of orders-api at one offered rate."""
+    """CPU per request of bare Flask and of orders-api at one offered rate (0: as fast as
+    16 clients get answers), in total and by thread: the gunicorn master, each worker's
+    threads by role (named by ``py-spy dump`` when py-spy is there), Redis, PostgreSQL."""
     from benchmarks import vegeta
     from benchmarks.harness import BIN, MODES, Context
     from benchmarks.intake import body_file, start_api
 
+    py_spy = shutil.which("py-spy", path=str(BIN)) or shutil.which("py-spy")
     work = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
     ctx = Context(mode=MODES["quick"], work=work, redis_url=redis_url)
     client = redis.Redis.from_url(redis_url)
     redis_pid = int(client.info("server")["process_id"])
     client.close()
     body = body_file(ctx)
-    print(f"{rate:g} requests/s offered for {seconds:g} s to each server\n")
+    offered = f"{rate:g} requests/s offered" if rate else "16 clients as fast as answered"
+    print(f"{offered} for {seconds:g} s to each server\n")
     print("| server | answered | CPU µs per request (server, Redis, database) | p50 ms |")
     print("|---|---:|---:|---:|")
+    splits: dict[str, dict[str, float]] = {}
     for name, argv in (
         ("bare Flask", [str(BIN / "python"), "-m", "benchmarks.bare_app"]),
         ("orders-api", None),
@@ -430,15 +477,36 @@ def profile_cpu(
         api, base = start_api(ctx, url, argv)
         try:
             vegeta.post(f"{base}/orders", body, requests=200, clients=4)  # warm up
-            pids = process_tree(api.popen.pid) + [redis_pid]
+            server_pids = process_tree(api.popen.pid)
+            others = {redis_pid: "redis-server"}
             if postmaster is not None and argv is None:
-                pids += process_tree(postmaster)
-            before = cpu_seconds(pids)
+                others.update(dict.fromkeys(process_tree(postmaster), "PostgreSQL"))
+            pids = server_pids + list(others)
+            before = thread_cpu(pids)
             load = vegeta.post(f"{base}/orders", body, seconds=seconds, rate=rate)
-            used = cpu_seconds(pids) - before
+            after = thread_cpu(pids)
+            roles = thread_roles(py_spy, server_pids[1:])
         finally:
             api.terminate(15.0)
-        print(f"| {name} | {load.ok} | {used / max(load.ok, 1) * 1e6:,.0f} | {load.p(50):.1f} |")
+        answered = max(load.ok, 1)
+        split: dict[str, float] = defaultdict(float)
+        for (pid, tid), cpu in after.items():
+            if pid in others:
+                role = others[pid]
+            elif pid == server_pids[0]:
+                role = "gunicorn master"
+            else:
+                role = roles.get(tid, "other threads")
+            split[role] += (cpu - before.get((pid, tid), 0.0)) / answered * 1e6
+        splits[name] = split
+        used = sum(split.values())
+        print(f"| {name} | {load.ok} | {used:,.0f} | {load.p(50):.1f} |")
+    print("\nCPU µs per request by thread (every worker's threads of one role together)\n")
+    print("| thread | bare Flask | orders-api |")
+    print("|---|---:|---:|")
+    bare, ours = splits["bare Flask"], splits["orders-api"]
+    for role in sorted(set(bare) | set(ours), key=lambda r: -ours.get(r, 0.0)):
+        print(f"| {role} | {bare.get(role, 0.0):,.0f} | {ours.get(role, 0.0):,.0f} |")
 
 
 def _run_pipeline(ctx: Any, rate: int, seconds: float, observe: Any) -> int:
@@ -511,9 +579,7 @@ def profile_pipeline(redis_url: str, seconds: float, rate: int, idle: bool) -> N
     a read as running, and these are not CPU. A system call that works (a send, a file
     write, SQLite's commit) stays with the layer that made it.
     """
-    import shutil
     import signal
-    import subprocess
 
     from benchmarks.harness import BIN, MODES, Context
 
@@ -656,7 +722,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seconds", type=float, default=0.0, help="load time (10; pipeline 5)")
     parser.add_argument(
-        "--rate", type=float, default=0.0, help="orders/s (200; pipeline 50; cpu 150)"
+        "--rate",
+        type=float,
+        default=None,
+        help="orders/s (200; pipeline 50; cpu 150, where 0 is as fast as 16 clients go)",
     )
     parser.add_argument("--idle", action="store_true", help="pipeline: sample waiting too")
     parser.add_argument("--count", type=int, default=0)
@@ -694,7 +763,11 @@ def main(argv: list[str] | None = None) -> int:
                     pid_file = cluster.data / "postmaster.pid"
                     postmaster = int(pid_file.read_text().split()[0])
                 profile_cpu(
-                    server.url, database_url, postmaster, args.seconds or 8.0, args.rate or 150.0
+                    server.url,
+                    database_url,
+                    postmaster,
+                    args.seconds or 8.0,
+                    150.0 if args.rate is None else args.rate,
                 )
             else:
                 profile_post(server.url, database_url, args.count or 2000)
