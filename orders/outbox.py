@@ -17,7 +17,9 @@ write lock, so two relays cannot claim the same row either. Rows written by a re
 start claimed, so the relay leaves them to the fast path unless it fails (then the
 claim is released at once) or dies (then the claim expires).
 ``now`` is the database's clock (:func:`messaging.database.now_plus`), never a relay
-host's: a relay whose clock ran an hour ahead would take every live claim.
+host's: a relay whose clock ran an hour ahead would take every live claim. A poll reads
+first whether any row is publishable (:meth:`Relay.claimable`, no write lock) and claims
+only then: most polls find nothing.
 
 Publishing, then marking: a crash between the two sends the event again later, a
 duplicate that consumers drop by event id. An event is never lost.
