@@ -435,9 +435,12 @@ def thread_roles(py_spy: str | None, pids: list[int]) -> dict[int, str]:
     if py_spy is None:
         return roles
     for pid in pids:
-        dump = subprocess.run(
-            [py_spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60
-        ).stdout
+        try:
+            dump = subprocess.run(
+                [py_spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60
+            ).stdout
+        except (OSError, subprocess.SubprocessError):  # no ptrace here: threads unnamed
+            continue
         for match in re.finditer(r'^Thread (\d+) \(\w+\): "([^"]*)"', dump, re.MULTILINE):
             name = match.group(2)
             roles[int(match.group(1))] = next(
