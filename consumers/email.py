@@ -56,7 +56,7 @@ import smtplib
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.charset import QP, Charset
@@ -115,6 +115,14 @@ STEPS: dict[str, str] = {
 
 CLAIM_POLL_SECONDS = 0.2
 """How often a delivery that found another's live claim looks at it again."""
+
+RECIPIENT_WAIT_SECONDS = 0.5
+"""How long a later step's event (a shipped email) waits for its order's OrderPlaced to
+be recorded here before it fails as :class:`RecipientUnknown` (and is retried after the
+queue's backoff). With two handler threads, or two email processes, one may take a
+ShipmentBooked while another still holds its order's OrderPlaced, uncommitted: that
+wait is a few milliseconds, the backoff a second."""
+RECIPIENT_POLL_SECONDS = 0.01
 
 
 class RecipientUnknown(RetryableError):
@@ -629,7 +637,12 @@ class EmailHandler:
             return stored
         step = STEPS[event["type"]]
         order_id = order_of(event).order_id if step == STEP_RECEIVED else order_id_of(event)
-        who = self._recipient(event, order_id)
+        try:
+            who = self._recipient(event, order_id)
+        except RecipientUnknown:
+            if not self.await_recipients({order_id}):
+                raise
+            who = self._recipient(event, order_id)
         owner = uuid.uuid4().hex  # this delivery's claim (another thread: another one)
         state, done = store.claim_effect(
             self.engine, order_id, step, event["id"], owner, self.claim_seconds
@@ -722,7 +735,43 @@ class EmailHandler:
         who = store.Recipient(order_id=order_id, email=email, currency=currency, total=total)
         return order_id, step, who, owner
 
+    def await_recipients(
+        self, order_ids: Collection[int], stopping: Callable[[], bool] = bool
+    ) -> set[int]:
+        """The orders of ``order_ids`` whose recipient is (or, within
+        :data:`RECIPIENT_WAIT_SECONDS`, gets) recorded here: reads, no write lock."""
+        dialect = self.engine.dialect
+        deadline = time.monotonic() + RECIPIENT_WAIT_SECONDS
+        while True:
+            with database.driver_transaction(self.engine, write=False) as cursor:
+                known = {
+                    order_id
+                    for order_id in order_ids
+                    if SQL(dialect, "recipient").first(cursor, order_id=order_id) is not None
+                }
+            if len(known) == len(order_ids) or time.monotonic() >= deadline or stopping():
+                return known
+            time.sleep(RECIPIENT_POLL_SECONDS)
+
     def handle_batch(
+        self, events: list[dict[str, Any]], stopping: Callable[[], bool] = bool
+    ) -> list[list[dict[str, Any]] | Exception | None]:
+        """A taken batch (:meth:`_handle_batch`); then the events whose order had no
+        recipient yet, once more, as soon as another thread or process records it
+        (:meth:`await_recipients`). Those still without one fail as RecipientUnknown."""
+        results = self._handle_batch(events, stopping)
+        unknown = [i for i, r in enumerate(results) if isinstance(r, RecipientUnknown)]
+        if not unknown or stopping():
+            return results
+        found = self.await_recipients({order_id_of(events[i]) for i in unknown}, stopping)
+        again = [i for i in unknown if order_id_of(events[i]) in found]
+        if again:
+            retried = self._handle_batch([events[i] for i in again], stopping)
+            for i, result in zip(again, retried, strict=True):
+                results[i] = result
+        return results
+
+    def _handle_batch(
         self, events: list[dict[str, Any]], stopping: Callable[[], bool] = bool
     ) -> list[list[dict[str, Any]] | Exception | None]:
         """A taken batch: one claim transaction, one SMTP session, one record transaction.

@@ -243,3 +243,57 @@ def test_a_worker_killed_after_a_batch_first_send_resends_that_email_only(
     finally:
         check.dispose()
     assert queue.stats()["dead_letters"] == 0
+
+
+def test_a_shipped_email_waits_for_its_order_placed_from_another_thread(
+    bclient: redis_lib.Redis, engine: Engine, tmp_path: Path
+) -> None:
+    """With two handler threads (or two email processes) one can take an order's
+    ShipmentBooked while the other still holds its OrderPlaced: the shipped email waits
+    for the recipient to be recorded (RECIPIENT_WAIT_SECONDS) instead of failing into a
+    retry a second later. An order whose OrderPlaced never comes still fails as
+    RecipientUnknown, on the batch path and one by one."""
+    import threading
+
+    from consumers.email import RecipientUnknown
+
+    port = free_port()
+    sink = start_sink(tmp_path, port)
+    asked = threading.Event()
+
+    class OtherThreadRecords(EmailHandler):
+        def await_recipients(self, order_ids: Any, stopping: Any = bool) -> set[int]:
+            asked.set()  # the other thread commits the OrderPlaced while this one waits
+            return super().await_recipients(order_ids, stopping)
+
+    handler = OtherThreadRecords(engine, host="127.0.0.1", port=port, sender="shop@example.com")
+    received: list[list[dict[str, Any]]] = []
+
+    def other_thread(order_id: int) -> None:
+        asked.wait(10)
+        received.append(handler.handle(order_placed(order_id)))
+        handler.close()
+
+    try:
+        thread = threading.Thread(target=other_thread, args=(7,))
+        thread.start()
+        shipped, never = handler.handle_batch([shipment_booked(7), shipment_booked(8)])
+        thread.join(10)
+        asked.clear()
+        thread = threading.Thread(target=other_thread, args=(9,))
+        thread.start()
+        [alone] = handler.handle(shipment_booked(9))
+        thread.join(10)
+        with pytest.raises(RecipientUnknown):
+            handler.handle(shipment_booked(10))
+    finally:
+        handler.close()
+        sink.popen.terminate()
+        sink.popen.wait(15)
+    assert isinstance(shipped, list) and [e["data"]["step"] for e in shipped] == ["shipped"]
+    assert isinstance(never, RecipientUnknown)
+    assert alone["data"] == {**alone["data"], "order_id": 9, "step": "shipped"}
+    assert [[e["data"]["step"] for e in r] for r in received] == [["received"], ["received"]]
+    assert message_ids(tmp_path) == sorted(
+        f"<order-{n}.{step}@example.com>" for n in (7, 9) for step in ("received", "shipped")
+    )
