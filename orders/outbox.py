@@ -71,9 +71,9 @@ def one_line(exc: BaseException) -> str:
 def _by_ids(dialect: Any, size: int, *, mark: bool) -> database.DriverStatement:
     """``UPDATE outbox ... WHERE id IN (<size> binds) AND published_at IS NULL``, compiled
     once per dialect, list size and kind, and run on the driver (see
-    :class:`messaging.database.DriverStatement`): through SQLAlchemy's Core, one mark
-    cost about 450 µs of CPU whatever its size, on the driver 60-160 µs
-    (``benchmarks/README.md``, session 26). Sizes are powers of two (the caller repeats
+    :class:`messaging.database.DriverStatement`): through SQLAlchemy's Core, a mark of
+    1-8 rows cost 430-600 µs of CPU, on the driver 60-165 µs (the README's session-26
+    section). Sizes are powers of two (the caller repeats
     its last id to fill the list: ``IN`` does not mind), so at most a dozen statements
     are ever compiled.
     """
