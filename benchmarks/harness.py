@@ -197,16 +197,24 @@ def cpu_seconds(pids: Sequence[int]) -> float:
 def cpu_user_system(pids: Sequence[int]) -> tuple[float, float]:
     """(user, system) CPU seconds of these processes so far, from ``/proc`` (exited ones
     count 0): the time in their own code, and the kernel's on their behalf (syscalls)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    user = system = 0
+    user = system = 0.0
     for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        user += int(fields[11])  # utime, stime (after pid and comm)
-        system += int(fields[12])
-    return user / tick, system / tick
+        found = stat_cpu(Path(f"/proc/{pid}/stat"))
+        if found is not None:
+            user += found[0]
+            system += found[1]
+    return user, system
+
+
+def stat_cpu(stat: Path) -> tuple[float, float] | None:
+    """(user, system) CPU seconds from one ``/proc/<pid>/stat`` or
+    ``/proc/<pid>/task/<tid>/stat`` file; None when it is gone (exited)."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick  # utime, stime (after pid, comm)
 
 
 def process_tree(pid: int) -> list[int]:

@@ -42,7 +42,6 @@ this process. Both start their own Redis server; the HTML profiles go to
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -57,7 +56,13 @@ from typing import Any
 import redis
 from pyinstrument import Profiler
 
-from benchmarks.harness import RESULTS_DIR, cpu_seconds, cpu_user_system, process_tree
+from benchmarks.harness import (
+    RESULTS_DIR,
+    cpu_seconds,
+    cpu_user_system,
+    process_tree,
+    stat_cpu,
+)
 from devtools.redis_server import RedisServer
 
 LAYERS = (
@@ -408,15 +413,12 @@ def profile_server(redis_url: str, database_url: str, seconds: float, rate: floa
 
 def thread_cpu(pids: list[int]) -> dict[tuple[int, int], float]:
     """User + system CPU seconds of every thread of these processes, from ``/proc``."""
-    tick = os.sysconf("SC_CLK_TCK")
     found: dict[tuple[int, int], float] = {}
     for pid in pids:
         for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            found[(pid, int(task.name))] = (int(fields[11]) + int(fields[12])) / tick
+            cpu = stat_cpu(task / "stat")
+            if cpu is not None:
+                found[(pid, int(task.name))] = sum(cpu)
     return found
 
 
