@@ -123,6 +123,7 @@ queue's backoff). With two handler threads, or two email processes, one may take
 ShipmentBooked while another still holds its order's OrderPlaced, uncommitted: that
 wait is a few milliseconds, the backoff a second."""
 RECIPIENT_POLL_SECONDS = 0.01
+"""How often that wait reads whether the recipient is recorded (no write lock)."""
 
 
 class RecipientUnknown(RetryableError):

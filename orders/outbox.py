@@ -98,8 +98,20 @@ def _by_ids(dialect: Any, size: int, *, mark: bool) -> database.DriverStatement:
 _BY_IDS: dict[tuple[Any, int, bool], database.DriverStatement] = {}
 
 
-_CLAIMABLE: dict[Any, database.DriverStatement] = {}
-"""The relay's probe (:meth:`Relay.claimable`), compiled once per dialect."""
+_SQL = database.DriverStatements(
+    # The relay's probe (Relay.claimable): a publishable row, unclaimed or its claim expired.
+    claimable=lambda dialect: (
+        select(Outbox.id)
+        .where(
+            Outbox.published_at.is_(None),
+            or_(
+                Outbox.claimed_until.is_(None),
+                Outbox.claimed_until < database.now_plus(dialect.name),
+            ),
+        )
+        .limit(1)
+    ),
+)
 
 _MOST_IDS = 512
 """Most ids one statement names (a longer list takes several, in one transaction)."""
@@ -390,20 +402,7 @@ class Relay:
         one write lock with the requests' inserts. The claim still decides; this only
         spares it when there is nothing to take.
         """
-        probe = _CLAIMABLE.get(self.engine.dialect)
-        if probe is None:
-            now = database.now_plus(self.engine.dialect.name)
-            statement = (
-                select(Outbox.id)
-                .where(
-                    Outbox.published_at.is_(None),
-                    or_(Outbox.claimed_until.is_(None), Outbox.claimed_until < now),
-                )
-                .limit(1)
-            )
-            probe = _CLAIMABLE.setdefault(
-                self.engine.dialect, database.DriverStatement(statement, self.engine.dialect)
-            )
+        probe = _SQL(self.engine.dialect, "claimable")
         with database.driver_transaction(self.engine, write=False) as cursor:
             return probe.first(cursor) is not None
 
