@@ -14,12 +14,22 @@ carried out 24 s later. Two checks, right before the app runs:
 
 :class:`SheddingThreadWorker` stamps each connection when it is queued;
 :func:`shed_stale_requests` wraps the WSGI app and does the checks.
+
+A request gunicorn itself cannot parse never reaches Flask: a control character in a
+header, a request line or header block over gunicorn's limits, a bad Content-Length, a
+``SCRIPT_NAME`` header (honoured from the trusted forwarder addresses, 127.0.0.1 by
+default) that the path does not start with. gunicorn answers those with an HTML page
+(and the last one with a 500). :meth:`SheddingThreadWorker.handle_error` answers them as
+the app answers bad input: a 4xx ``application/problem+json`` naming the part of the
+request at fault (:func:`parse_problem`), and the connection is closed.
 """
 
 from __future__ import annotations
 
+import http
 import json
 import logging
+import re
 import select
 import socket
 import threading
@@ -27,7 +37,11 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from gunicorn.http import errors as http_errors
 from gunicorn.workers.gthread import ThreadWorker
+
+from orders.auth import SECURITY_HEADERS
+from orders.validation import PROBLEM_CONTENT_TYPE, Problem
 
 log = logging.getLogger("orders-api")
 
@@ -37,6 +51,99 @@ _current = threading.local()
 _HANGUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+"""A header name worth naming in an answer (RFC 9110 token, short)."""
+
+MAX_DETAIL = 200
+"""Characters of the parser's message kept in ``detail`` (it may quote the request)."""
+
+_PARSE_ERRORS: tuple[tuple[type[Exception], int, str, str, str], ...] = (
+    # (gunicorn's exception, status, problem slug, title, the field at fault); the first
+    # match wins. "" as the field: the header the exception names.
+    (http_errors.ConfigurationProblem, 400, "bad-request", "Bad request", "SCRIPT_NAME"),
+    (http_errors.LimitRequestLine, 414, "uri-too-long", "URI too long", "request-target"),
+    (
+        http_errors.LimitRequestHeaders,
+        431,
+        "headers-too-large",
+        "Request header fields too large",
+        "headers",
+    ),
+    (http_errors.InvalidHeaderName, 400, "invalid-header", "Invalid header", ""),
+    (http_errors.InvalidHeader, 400, "invalid-header", "Invalid header", ""),
+    (http_errors.ObsoleteFolding, 400, "invalid-header", "Invalid header", ""),
+    (
+        http_errors.InvalidRequestLine,
+        400,
+        "invalid-request-line",
+        "Invalid request line",
+        "request-line",
+    ),
+    (http_errors.InvalidRequestMethod, 400, "invalid-method", "Invalid method", "method"),
+    (
+        http_errors.InvalidHTTPVersion,
+        400,
+        "invalid-http-version",
+        "Invalid HTTP version",
+        "HTTP-version",
+    ),
+    (
+        # RFC 9112 says SHOULD 501; a coding the client chose is the client's to change.
+        http_errors.UnsupportedTransferCoding,
+        400,
+        "unsupported-transfer-coding",
+        "Unsupported transfer coding",
+        "Transfer-Encoding",
+    ),
+    (http_errors.ExpectationFailed, 417, "expectation-failed", "Expectation failed", "Expect"),
+    (
+        http_errors.InvalidSchemeHeaders,
+        400,
+        "invalid-header",
+        "Contradictory scheme headers",
+        "X-Forwarded-Proto",
+    ),
+    (http_errors.ForbiddenProxyRequest, 403, "forbidden", "Forbidden", "PROXY"),
+    (http_errors.ParseException, 400, "bad-request", "Bad request", "request"),
+)
+
+
+def parse_problem(exc: BaseException) -> Problem | None:
+    """The 4xx problem for a request gunicorn could not parse; None for anything else.
+
+    An invalid header the *application* sent (``InvalidResponseHeader``) is the app's
+    error, not the client's: None, and gunicorn answers 500 as for any app error.
+    """
+    if isinstance(exc, (http_errors.InvalidResponseHeader, http_errors.InvalidResponseHeaderName)):
+        return None
+    found = next((row for row in _PARSE_ERRORS if isinstance(exc, row[0])), None)
+    if found is None:
+        return None
+    _, status, slug, title, field_name = found
+    if not field_name:
+        name = str(getattr(exc, "hdr", ""))
+        if _TOKEN.fullmatch(name) and not isinstance(exc, http_errors.InvalidHeaderName):
+            field_name = "-".join(part.capitalize() for part in name.split("-"))
+        else:
+            field_name = "headers"
+    detail = str(exc)
+    if len(detail) > MAX_DETAIL:
+        detail = detail[:MAX_DETAIL] + "..."
+    return Problem(status, slug, title, detail, [{"field": field_name, "message": detail}])
+
+
+def problem_bytes(problem: Problem) -> bytes:
+    """A whole HTTP/1.1 response for ``problem``, closing the connection."""
+    body = json.dumps(problem.to_dict()).encode()
+    head = [
+        f"HTTP/1.1 {problem.status} {http.HTTPStatus(problem.status).phrase}",
+        "Connection: close",
+        f"Content-Type: {PROBLEM_CONTENT_TYPE}",
+        f"Content-Length: {len(body)}",
+        *(f"{name}: {value}" for name, value in SECURITY_HEADERS.items()),
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
 class SheddingThreadWorker(ThreadWorker):  # type: ignore[misc]
@@ -58,6 +165,22 @@ class SheddingThreadWorker(ThreadWorker):  # type: ignore[misc]
             return super().handle(conn)
         finally:
             _current.waited = None
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        """A request gunicorn could not parse: 4xx problem+json (:func:`parse_problem`).
+
+        Anything else (the app's own failure) is gunicorn's, as before: a 500.
+        """
+        problem = parse_problem(exc)
+        if problem is None:
+            super().handle_error(req, client, addr, exc)
+            return
+        self.log.warning("Invalid request from ip=%s: %s", (addr or ("",))[0], problem.detail)
+        try:
+            client.settimeout(1.0)
+            client.sendall(problem_bytes(problem))
+        except OSError:
+            self.log.debug("could not send the %d answer", problem.status)
 
 
 def client_gone(sock: socket.socket | None) -> bool:

@@ -28,6 +28,10 @@ never holds a thread either.
 - Cross-origin: the page lives on orders-api's port, so the stream answers CORS
   (``Access-Control-Allow-Origin``) for pages served from the same host name only.
 - ``GET /healthz``: ``{"status": "ok", "streams": N, "subscribed": bool}``.
+- Every error answer is ``application/problem+json``: an unknown path (404), a method
+  other than GET or HEAD (405, with ``Allow``), and a request aiohttp cannot parse (a
+  control character in a header, a request line or header over its limits, a bad
+  Content-Length: 400, naming the part at fault; :class:`ProblemRequestHandler`).
 - SIGTERM or SIGINT: every stream ends at once (``bye``), then the process exits 0.
 """
 
@@ -36,15 +40,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis
-from aiohttp import web
+from aiohttp import http_exceptions, web, web_protocol, web_server
 
 from messaging import keys, logs
 from messaging.config import command_line, load_settings
@@ -72,12 +78,100 @@ def sse_event(data: str, event: str | None = None) -> str:
     return head + "".join(f"data: {line}\n" for line in lines) + "\n"
 
 
-def _problem(status: int, kind: str, title: str, detail: str) -> web.Response:
-    body = {"type": kind, "title": title, "status": status, "detail": detail}
+def _problem(
+    status: int, kind: str, title: str, detail: str, errors: list[dict[str, str]] | None = None
+) -> web.Response:
+    body: dict[str, Any] = {"type": kind, "title": title, "status": status, "detail": detail}
+    if errors:
+        body["errors"] = errors
     response = web.Response(status=status, text=json.dumps(body))
     response.content_type = PROBLEM_CONTENT_TYPE
     response.force_close()  # a refused client does not keep a socket here either
     return response
+
+
+_PARSE_FIELDS: tuple[tuple[type[Exception], str], ...] = (
+    # aiohttp's parse error -> the part of the request at fault; the first match wins.
+    (http_exceptions.InvalidHeader, "headers"),
+    (http_exceptions.BadHttpMethod, "method"),
+    (http_exceptions.BadStatusLine, "request-line"),
+    (http_exceptions.InvalidURLError, "request-target"),
+    (http_exceptions.LineTooLong, "request-line or headers"),
+    (http_exceptions.TransferEncodingError, "Transfer-Encoding"),
+    (http_exceptions.ContentLengthError, "Content-Length"),
+)
+_PARSE_WORDS: tuple[tuple[str, str], ...] = (
+    # Words of the C parser's messages -> the part at fault; the first match wins.
+    ("content-length", "Content-Length"),
+    ("transfer-encoding", "Transfer-Encoding"),
+    ("chunk", "body"),
+    ("header", "headers"),
+    ("method", "method"),
+    ("version", "HTTP-version"),
+    ("url", "request-target"),
+)
+MAX_DETAIL = 200
+"""Characters of the parser's message kept in ``detail`` (it may quote the request)."""
+
+
+def parse_problem(status: int, exc: BaseException | None, message: str | None) -> web.Response:
+    """The problem+json answer to a request the HTTP parser refused (status 4xx)."""
+    detail = " ".join((message or str(exc or "") or "the request is not valid HTTP/1.1").split())
+    field_name = next((name for kind, name in _PARSE_FIELDS if isinstance(exc, kind)), "")
+    if isinstance(exc, http_exceptions.InvalidHeader) and _TOKEN.fullmatch(exc.hdr or ""):
+        field_name = exc.hdr
+    if not field_name:  # the C parser names the part in its message
+        lowered = detail.lower()
+        field_name = next((name for word, name in _PARSE_WORDS if word in lowered), "request")
+    if len(detail) > MAX_DETAIL:
+        detail = detail[:MAX_DETAIL] + "..."
+    errors = [{"field": field_name, "message": detail}]
+    return _problem(status, "bad-request", "Bad request", detail, errors)
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+"""A header name worth naming in an answer (RFC 9110 token, short)."""
+
+
+class ProblemRequestHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler; a request it cannot parse gets problem+json.
+
+    aiohttp answers those itself, before any route or middleware, in plain text. Its
+    server makes each connection's handler from ``aiohttp.web_server.RequestHandler``;
+    :func:`main` points that name here. Errors of the app itself (500) stay aiohttp's.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A 4xx parse error as problem+json; anything else as aiohttp answers it."""
+        if not 400 <= status < 500:
+            return super().handle_error(request, status, exc, message)
+        log.info("refused a request from %s: %s", request.remote, message or exc)
+        return parse_problem(status, exc, message)
+
+
+@web.middleware
+async def problem_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """An HTTP error the router raises (404, 405) as problem+json, its headers kept."""
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        detail = {
+            404: f"there is no {request.path!r} here: GET /events/stream or /healthz",
+            405: f"{request.method} is not allowed here; use {exc.headers.get('Allow', 'GET')}",
+        }.get(exc.status, exc.reason)
+        response = _problem(exc.status, "about:blank", exc.reason, detail)
+        for name in ("Allow", "Retry-After"):
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+        return response
 
 
 def _frame(text: str, event: str | None = None, retry_ms: int | None = None) -> bytes:
@@ -198,7 +292,7 @@ class StreamServer:
 
     def app(self) -> web.Application:
         """The routes: ``/events/stream`` and ``/healthz``."""
-        app = web.Application()
+        app = web.Application(middlewares=[problem_errors])
         app.router.add_get("/events/stream", self.stream)
         app.router.add_get("/healthz", self.healthz)
         app.on_startup.append(self._start_hub)
@@ -349,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings("orders-stream", OrderServiceSettings.from_env)
     logs.configure(settings.base.log_format, settings.base.log_level)
     server = StreamServer(settings)
+    web_server.RequestHandler = ProblemRequestHandler  # type: ignore[misc]
     log.info(
         "orders-stream on http://%s:%d/events/stream: at most %d streams per client, %d in all",
         settings.host, settings.stream_port, settings.stream_max_per_client,

@@ -18,80 +18,20 @@ import socket
 import statistics
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import redis as redis_lib
-from sqlalchemy import create_engine, func, select
-from sqlalchemy.orm import Session
 
-from devtools.procs import http_ok
-from devtools.redis_server import free_port
 from devtools.streams import StreamCrowd, grant_ticket
-from orders.models import Order
-from tests.helpers import BIN, Proc, wait_for
+from tests.e2e.conftest import TOKEN
+from tests.helpers import wait_for
 from tests.orders_app import ORDER
 
 pytestmark = pytest.mark.e2e
 
-TOKEN = "operator-token-for-the-stream-test"
 STREAMS = 200
 POSTS = 40
 RATIO_LIMIT = 3.0
 """POST /orders p50 with 200 open streams over p50 without, same run (measured ~1.0-1.3)."""
-
-
-class Api:
-    def __init__(self, tmp_path: Path, redis_url: str, **env: str) -> None:
-        self.port, self.stream_port = free_port(), free_port()
-        self.db = tmp_path / "orders.db"
-        self.redis_url = redis_url
-        common = {
-            "HOST": "127.0.0.1",
-            "DATABASE_URL": f"sqlite:///{self.db}",
-            "REDIS_URL": redis_url,
-            "RATE_LIMIT_PER_MINUTE": "0",
-            "STREAM_PORT": str(self.stream_port),
-            "ADMIN_TOKEN": TOKEN,
-        }
-        self.api = Proc(
-            [str(BIN / "orders-api")],
-            {**common, "PORT": str(self.port), "RELAY_IN_PROCESS": "1", **env},
-            tmp_path / "api.log",
-        )
-        self.stream = Proc([str(BIN / "orders-stream")], common, tmp_path / "stream.log")
-        wait_for(lambda: http_ok(f"http://127.0.0.1:{self.port}/healthz"), 30, 0.05, "orders-api")
-        wait_for(
-            lambda: http_ok(f"http://127.0.0.1:{self.stream_port}/healthz"), 30, 0.05, "stream"
-        )
-
-    def orders(self) -> int:
-        engine = create_engine(f"sqlite:///{self.db}")
-        try:
-            with Session(engine) as session:
-                return int(session.scalar(select(func.count()).select_from(Order)) or 0)
-        finally:
-            engine.dispose()
-
-    def stop(self) -> None:
-        for proc in (self.api, self.stream):
-            if proc.alive():
-                proc.terminate(20.0)
-
-
-@pytest.fixture
-def start_api(tmp_path: Path, redis_url: str, redis: redis_lib.Redis) -> Iterator[type]:
-    started: list[Api] = []
-
-    def start(**env: str) -> Api:
-        api = Api(tmp_path, redis_url, **env)
-        started.append(api)
-        return api
-
-    yield start  # type: ignore[misc]
-    for api in started:
-        api.stop()
 
 
 def _post_order(port: int, timeout: float = 30.0) -> tuple[int, float]:
