@@ -29,7 +29,6 @@ from __future__ import annotations
 import http
 import json
 import logging
-import re
 import select
 import socket
 import threading
@@ -41,7 +40,7 @@ from gunicorn.http import errors as http_errors
 from gunicorn.workers.gthread import ThreadWorker
 
 from orders.auth import SECURITY_HEADERS
-from orders.validation import PROBLEM_CONTENT_TYPE, Problem
+from orders.validation import HEADER_NAME_RE, MAX_PARSE_DETAIL, PROBLEM_CONTENT_TYPE, Problem
 
 log = logging.getLogger("orders-api")
 
@@ -51,12 +50,6 @@ _current = threading.local()
 _HANGUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
-"""A header name worth naming in an answer (RFC 9110 token, short)."""
-
-MAX_DETAIL = 200
-"""Characters of the parser's message kept in ``detail`` (it may quote the request)."""
 
 _PARSE_ERRORS: tuple[tuple[type[Exception], int, str, str, str], ...] = (
     # (gunicorn's exception, status, problem slug, title, the field at fault); the first
@@ -123,13 +116,13 @@ def parse_problem(exc: BaseException) -> Problem | None:
     _, status, slug, title, field_name = found
     if not field_name:
         name = str(getattr(exc, "hdr", ""))
-        if _TOKEN.fullmatch(name) and not isinstance(exc, http_errors.InvalidHeaderName):
+        if HEADER_NAME_RE.fullmatch(name) and not isinstance(exc, http_errors.InvalidHeaderName):
             field_name = "-".join(part.capitalize() for part in name.split("-"))
         else:
             field_name = "headers"
     detail = str(exc)
-    if len(detail) > MAX_DETAIL:
-        detail = detail[:MAX_DETAIL] + "..."
+    if len(detail) > MAX_PARSE_DETAIL:
+        detail = detail[:MAX_PARSE_DETAIL] + "..."
     return Problem(status, slug, title, detail, [{"field": field_name, "message": detail}])
 
 

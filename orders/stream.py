@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import sys
 import threading
 import time
@@ -56,6 +55,7 @@ from messaging import keys, logs
 from messaging.config import command_line, load_settings
 from messaging.connection import redis_client
 from orders.config import OrderServiceSettings
+from orders.validation import HEADER_NAME_RE, MAX_PARSE_DETAIL
 
 log = logging.getLogger("orders-stream")
 
@@ -110,27 +110,21 @@ _PARSE_WORDS: tuple[tuple[str, str], ...] = (
     ("version", "HTTP-version"),
     ("url", "request-target"),
 )
-MAX_DETAIL = 200
-"""Characters of the parser's message kept in ``detail`` (it may quote the request)."""
 
 
 def parse_problem(status: int, exc: BaseException | None, message: str | None) -> web.Response:
     """The problem+json answer to a request the HTTP parser refused (status 4xx)."""
     detail = " ".join((message or str(exc or "") or "the request is not valid HTTP/1.1").split())
     field_name = next((name for kind, name in _PARSE_FIELDS if isinstance(exc, kind)), "")
-    if isinstance(exc, http_exceptions.InvalidHeader) and _TOKEN.fullmatch(exc.hdr or ""):
+    if isinstance(exc, http_exceptions.InvalidHeader) and HEADER_NAME_RE.fullmatch(exc.hdr or ""):
         field_name = exc.hdr
     if not field_name:  # the C parser names the part in its message
         lowered = detail.lower()
         field_name = next((name for word, name in _PARSE_WORDS if word in lowered), "request")
-    if len(detail) > MAX_DETAIL:
-        detail = detail[:MAX_DETAIL] + "..."
+    if len(detail) > MAX_PARSE_DETAIL:
+        detail = detail[:MAX_PARSE_DETAIL] + "..."
     errors = [{"field": field_name, "message": detail}]
     return _problem(status, "bad-request", "Bad request", detail, errors)
-
-
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
-"""A header name worth naming in an answer (RFC 9110 token, short)."""
 
 
 class ProblemRequestHandler(web_protocol.RequestHandler):
@@ -164,7 +158,7 @@ async def problem_errors(request: web.Request, handler: Any) -> web.StreamRespon
         if exc.status < 400:
             raise
         detail = {
-            404: f"there is no {request.path!r} here: GET /events/stream or /healthz",
+            404: f"there is no {request.path[:100]!r} here: GET /events/stream or /healthz",
             405: f"{request.method} is not allowed here; use {exc.headers.get('Allow', 'GET')}",
         }.get(exc.status, exc.reason)
         response = _problem(exc.status, "about:blank", exc.reason, detail)

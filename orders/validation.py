@@ -71,6 +71,11 @@ SKU_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PRICE_RE = re.compile(r"[0-9]+(\.[0-9]+)?")
 DIGITS_RE = re.compile(r"[0-9]{1,18}")
 IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
+HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+"""A header name short and plain enough to name in an answer (an RFC 9110 token)."""
+MAX_PARSE_DETAIL = 200
+"""Characters of an HTTP parser's message kept in a problem's ``detail``: it may quote
+the request (orders.httpworker, orders.stream)."""
 ORDER_FIELDS = ("customer_email", "currency", "items")
 OPTIONAL_ORDER_FIELDS = ("priority",)
 PRIORITIES = ("standard", "express")

@@ -18,6 +18,7 @@ from aiohttp import http_exceptions
 from gunicorn.http import errors as gunicorn_errors
 
 from orders import httpworker, stream
+from orders.validation import MAX_PARSE_DETAIL
 
 
 def _subclasses(base: type) -> list[type]:
@@ -55,7 +56,7 @@ def test_every_gunicorn_parse_error_is_a_4xx_problem_naming_a_field(kind: type) 
     body = problem.to_dict()
     assert body["status"] == problem.status
     assert body["errors"][0]["field"]
-    assert len(body["detail"]) <= httpworker.MAX_DETAIL + 3
+    assert len(body["detail"]) <= MAX_PARSE_DETAIL + 3
     response = httpworker.problem_bytes(problem)
     head, _, raw = response.partition(b"\r\n\r\n")
     assert head.startswith(f"HTTP/1.1 {problem.status} ".encode())
@@ -83,7 +84,7 @@ def test_the_part_at_fault_is_named() -> None:
     )
     # The request line may be 4 KiB of anything: the answer quotes only the start.
     long = httpworker.parse_problem(gunicorn_errors.InvalidRequestLine("A" * 5000))
-    assert long is not None and len(long.detail) == httpworker.MAX_DETAIL + 3
+    assert long is not None and len(long.detail) == MAX_PARSE_DETAIL + 3
 
 
 def test_the_apps_own_errors_stay_500s() -> None:
@@ -123,4 +124,4 @@ def test_aiohttp_parse_errors_are_problems_naming_the_part(
     body = json.loads(response.text)
     assert body["errors"][0]["field"] == field
     assert "\n" not in body["detail"]
-    assert len(body["detail"]) <= stream.MAX_DETAIL + 3
+    assert len(body["detail"]) <= MAX_PARSE_DETAIL + 3
