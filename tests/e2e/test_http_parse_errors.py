@@ -1,20 +1,26 @@
 """What the HTTP servers answer to bytes that are not a valid request, for real.
 
 The raw bytes go over a socket to a real ``orders-api`` (gunicorn) and ``orders-stream``
-(aiohttp): a control character in a header, a header block or request line over the
-limits, a bad Content-Length, a ``SCRIPT_NAME`` the path does not start with (gunicorn
-answered that one with a 500), an unknown path or method on the stream server. Each
-answer is a 4xx ``application/problem+json`` naming the part at fault, never an HTML or
-plain-text page, and the server goes on answering.
+(aiohttp) and a consumer's metrics server (``METRICS_PORT``, the standard library's):
+a control character in a header, a header block or request line over the limits, a bad
+Content-Length, a ``SCRIPT_NAME`` the path does not start with (gunicorn answered that
+one with a 500), an unknown path or method on the stream server. Each answer is a 4xx
+``application/problem+json`` naming the part at fault, never an HTML or plain-text
+page, and the server goes on answering.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+from devtools.redis_server import free_port
+from tests.helpers import BIN, Proc, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -119,3 +125,47 @@ def test_unparseable_requests_get_problem_json_naming_the_part(start_api: type) 
     )
     assert (got, body["status"], headers["allow"]) == (405, 405, "GET,HEAD")
     assert "Invalid request from ip=127.0.0.1" in api.api.output()
+
+
+METRICS_CASES = [
+    ("not a request line", b"GARBAGE\r\n\r\n", 400, "request-line"),
+    ("an unsupported version", b"GET /metrics HTTP/2.0\r\n" + HOST + b"\r\n", 400, "HTTP-version"),
+    (
+        "over 100 headers",
+        _request(b"GET /metrics", *[b"X-%d: 1" % i for i in range(120)]),
+        431,
+        "headers",
+    ),
+    (
+        "a request line over 64 KiB",
+        b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+        414,
+        "request-target",
+    ),
+]
+
+
+def test_a_consumers_metrics_server_answers_problem_json_too(
+    tmp_path: Path, redis_url: str
+) -> None:
+    port = free_port()
+    env = {"REDIS_URL": redis_url, "METRICS_PORT": str(port), "REDIS_CONNECT_ATTEMPTS": "1"}
+    consumer = Proc([str(BIN / "consumer"), "noop"], env, tmp_path / "noop.log")
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def scraped() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return b"consumer_events" in response.read()
+        except OSError:
+            return False
+
+    try:
+        wait_for(scraped, 30, 0.05, "the consumer's metrics")
+        for name, request, status, field in METRICS_CASES:
+            got, headers, body = _exchange(port, request)
+            assert (got, headers["content-type"]) == (status, "application/problem+json"), name
+            assert (body["status"], body["errors"][0]["field"]) == (status, field), (name, body)
+            assert scraped(), name  # and it goes on serving
+    finally:
+        consumer.terminate(20.0)
