@@ -51,55 +51,36 @@ _HANGUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
-_PARSE_ERRORS: tuple[tuple[type[Exception], int, str, str, str], ...] = (
-    # (gunicorn's exception, status, problem slug, title, the field at fault); the first
-    # match wins. "" as the field: the header the exception names.
-    (http_errors.ConfigurationProblem, 400, "bad-request", "Bad request", "SCRIPT_NAME"),
-    (http_errors.LimitRequestLine, 414, "uri-too-long", "URI too long", "request-target"),
-    (
-        http_errors.LimitRequestHeaders,
-        431,
-        "headers-too-large",
-        "Request header fields too large",
-        "headers",
-    ),
-    (http_errors.InvalidHeaderName, 400, "invalid-header", "Invalid header", ""),
-    (http_errors.InvalidHeader, 400, "invalid-header", "Invalid header", ""),
-    (http_errors.ObsoleteFolding, 400, "invalid-header", "Invalid header", ""),
-    (
-        http_errors.InvalidRequestLine,
-        400,
-        "invalid-request-line",
-        "Invalid request line",
-        "request-line",
-    ),
-    (http_errors.InvalidRequestMethod, 400, "invalid-method", "Invalid method", "method"),
-    (
-        http_errors.InvalidHTTPVersion,
-        400,
-        "invalid-http-version",
-        "Invalid HTTP version",
-        "HTTP-version",
-    ),
-    (
-        # RFC 9112 says SHOULD 501; a coding the client chose is the client's to change.
-        http_errors.UnsupportedTransferCoding,
-        400,
-        "unsupported-transfer-coding",
-        "Unsupported transfer coding",
-        "Transfer-Encoding",
-    ),
-    (http_errors.ExpectationFailed, 417, "expectation-failed", "Expectation failed", "Expect"),
-    (
-        http_errors.InvalidSchemeHeaders,
-        400,
-        "invalid-header",
-        "Contradictory scheme headers",
-        "X-Forwarded-Proto",
-    ),
-    (http_errors.ForbiddenProxyRequest, 403, "forbidden", "Forbidden", "PROXY"),
-    (http_errors.ParseException, 400, "bad-request", "Bad request", "request"),
+_STATUS: dict[type[Exception], int] = {
+    # Where the exception's own ``code`` (400 when it has none) is not the answer.
+    http_errors.LimitRequestLine: 414,
+    http_errors.LimitRequestHeaders: 431,
+    http_errors.ExpectationFailed: 417,
+    http_errors.ConfigurationProblem: 400,  # gunicorn's 500: a SCRIPT_NAME header a client sent
+    http_errors.UnsupportedTransferCoding: 400,  # RFC 9112: SHOULD 501; the client's to change
+}
+_FIELD: dict[type[Exception], str] = {
+    # The part of the request at fault; header errors name their header, else "headers".
+    http_errors.ConfigurationProblem: "SCRIPT_NAME",
+    http_errors.LimitRequestLine: "request-target",
+    http_errors.InvalidRequestLine: "request-line",
+    http_errors.InvalidRequestMethod: "method",
+    http_errors.InvalidHTTPVersion: "HTTP-version",
+    http_errors.UnsupportedTransferCoding: "Transfer-Encoding",
+    http_errors.ExpectationFailed: "Expect",
+    http_errors.InvalidSchemeHeaders: "X-Forwarded-Proto",
+    http_errors.ForbiddenProxyRequest: "PROXY",
+}
+_HEADER_ERRORS = (
+    http_errors.InvalidHeader,
+    http_errors.InvalidHeaderName,
+    http_errors.ObsoleteFolding,
+    http_errors.LimitRequestHeaders,
 )
+
+
+def _first(table: dict[type[Exception], Any], exc: BaseException) -> Any:
+    return next((table[kind] for kind in type(exc).__mro__ if kind in table), None)
 
 
 def parse_problem(exc: BaseException) -> Problem | None:
@@ -108,22 +89,26 @@ def parse_problem(exc: BaseException) -> Problem | None:
     An invalid header the *application* sent (``InvalidResponseHeader``) is the app's
     error, not the client's: None, and gunicorn answers 500 as for any app error.
     """
-    if isinstance(exc, (http_errors.InvalidResponseHeader, http_errors.InvalidResponseHeaderName)):
+    if not isinstance(exc, http_errors.ParseException) or isinstance(
+        exc, (http_errors.InvalidResponseHeader, http_errors.InvalidResponseHeaderName)
+    ):
         return None
-    found = next((row for row in _PARSE_ERRORS if isinstance(exc, row[0])), None)
-    if found is None:
-        return None
-    _, status, slug, title, field_name = found
-    if not field_name:
+    status = _first(_STATUS, exc) or getattr(exc, "code", 400)
+    if not 400 <= status < 500:
+        status = 400
+    field_name = _first(_FIELD, exc)
+    if field_name is None and isinstance(exc, _HEADER_ERRORS):
         name = str(getattr(exc, "hdr", ""))
-        if HEADER_NAME_RE.fullmatch(name) and not isinstance(exc, http_errors.InvalidHeaderName):
-            field_name = "-".join(part.capitalize() for part in name.split("-"))
-        else:
-            field_name = "headers"
+        named = HEADER_NAME_RE.fullmatch(name) and not isinstance(
+            exc, http_errors.InvalidHeaderName
+        )
+        field_name = "-".join(part.capitalize() for part in name.split("-")) if named else "headers"
+    title = http.HTTPStatus(status).phrase
     detail = str(exc)
     if len(detail) > MAX_PARSE_DETAIL:
         detail = detail[:MAX_PARSE_DETAIL] + "..."
-    return Problem(status, slug, title, detail, [{"field": field_name, "message": detail}])
+    errors = [{"field": field_name or "request", "message": detail}]
+    return Problem(status, "-".join(title.lower().split()), title, detail, errors)
 
 
 def problem_bytes(problem: Problem) -> bytes:
