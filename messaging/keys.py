@@ -135,6 +135,14 @@ def rate_limit(client: str) -> str:
     return f"ratelimit:{client}"
 
 
+def auth_failures(client: str) -> str:
+    """Hash of one client's bucket of failed operator-token attempts (AUTH_FAILURES_PER_MINUTE).
+
+    ``client`` is the remote IP address, as for :func:`rate_limit`.
+    """
+    return "authfail:" + rate_limit(client).removeprefix("ratelimit:")
+
+
 def stream_ticket(ticket: str) -> str:
     """String whose existence lets one dashboard page open the live feed (orders-stream)."""
     return f"stream-ticket:{ticket}"

@@ -26,6 +26,15 @@ behind HTTPS; its value is an HMAC of the token, not the token, and changing
 cookie must also carry an ``Origin`` equal to its own (SameSite treats every port
 of localhost as the same site; the Origin check does not).
 
+Guessing is throttled: every presented token (bearer, login form, ``?token=``) is first
+checked against the client IP's bucket of failures (``AUTH_FAILURES_PER_MINUTE``, a
+token bucket in Redis, :class:`orders.ratelimit.RateLimiter`), and only a wrong one
+takes from it. Once it is empty the client gets ``429`` with ``Retry-After`` and its
+tokens are not even compared, right or wrong, until the bucket refills: a short or
+guessable ``ADMIN_TOKEN`` cannot be found by trying. The session cookie is not counted
+(an HMAC of the token, nothing to guess). With Redis down the throttle is skipped,
+as the API's rate limit is.
+
 Every request's ``Host`` must be in ``ALLOWED_HOSTS`` (default ``localhost``,
 ``127.0.0.1``, ``[::1]`` and ``HOST``): a page on a name that an attacker rebinds to
 127.0.0.1 (DNS rebinding) then gets a 400, not the dashboard. Every response carries
@@ -42,10 +51,12 @@ import secrets
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Flask, Response, current_app, redirect, render_template, request
+from flask import Blueprint, Flask, Response, current_app, g, redirect, render_template, request
 
+from messaging import keys
 from orders.config import OrderServiceSettings
-from orders.extensions import problem_response
+from orders.extensions import problem_response, services
+from orders.ratelimit import RateLimiter
 from orders.validation import Problem, bad_request
 
 log = logging.getLogger("orders-api")
@@ -53,6 +64,12 @@ auth = Blueprint("auth", __name__)
 
 EXTENSION = "orders.auth"
 """Key of the app's :class:`Credential` in ``app.extensions``."""
+
+THROTTLE = "orders.auth.throttle"
+"""Key of the app's failed-token :class:`~orders.ratelimit.RateLimiter` in ``app.extensions``."""
+
+LOGIN_ENDPOINTS = frozenset({"auth.login", "auth.login_page", "dashboard.page"})
+"""Where a person types or follows the token: a throttled one gets the form, not JSON."""
 
 COOKIE = "orders_admin"
 """The dashboard's session cookie."""
@@ -198,14 +215,78 @@ def _bearer() -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
+class TooManyFailures(Exception):
+    """The client sent too many wrong operator tokens: 429 until its bucket refills."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+def _throttle() -> RateLimiter:
+    found = current_app.extensions.get(THROTTLE)
+    if found is None:
+        svc = services()
+        found = current_app.extensions.setdefault(
+            THROTTLE,
+            RateLimiter(svc.redis, svc.settings.auth_failures_per_minute, keys.auth_failures),
+        )
+    return found  # type: ignore[no-any-return]
+
+
+def token_accepted(given: str) -> bool:
+    """Compare a presented token with ADMIN_TOKEN, throttled per client IP.
+
+    Raises:
+        TooManyFailures: the client's failures bucket is empty; nothing was compared.
+    """
+    throttle = _throttle()
+    client = request.remote_addr
+    decision = throttle.peek(client)
+    if not decision.allowed:
+        raise TooManyFailures(decision.retry_after)
+    if credential().token_matches(given):
+        return True
+    throttle.check(client)
+    return False
+
+
 def is_operator() -> bool:
-    """True if this request carries the operator credential (bearer token or cookie)."""
-    cred = credential()
-    bearer = _bearer()
-    if bearer is not None:
-        return cred.token_matches(bearer)
-    cookie = request.cookies.get(COOKIE)
-    return cookie is not None and cred.cookie_matches(cookie)
+    """True if this request carries the operator credential (bearer token or cookie).
+
+    Decided once per request. Raises :class:`TooManyFailures` for a bearer token from a
+    client that sent too many wrong ones.
+    """
+    if "operator" not in g:
+        bearer = _bearer()
+        if bearer is not None:
+            g.operator = token_accepted(bearer)
+        else:
+            cookie = request.cookies.get(COOKIE)
+            g.operator = cookie is not None and credential().cookie_matches(cookie)
+    return bool(g.operator)
+
+
+@auth.app_errorhandler(TooManyFailures)
+def too_many_failures(exc: TooManyFailures) -> Response:
+    """429 with Retry-After: the login form where a person is, else problem+json."""
+    log.warning("refused operator tokens from %s for %d s", request.remote_addr, exc.retry_after)
+    if request.endpoint in LOGIN_ENDPOINTS:
+        response = _login_form(
+            429, f"Too many wrong tokens from this address: try again in {exc.retry_after} s."
+        )
+    else:
+        response = problem_response(
+            Problem(
+                429,
+                "too-many-token-failures",
+                "Too many wrong operator tokens",
+                f"too many wrong operator tokens from {request.remote_addr} "
+                f"(AUTH_FAILURES_PER_MINUTE); retry after {exc.retry_after} s",
+            )
+        )
+    response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 def _same_origin() -> bool:
@@ -283,7 +364,7 @@ def _login_form(status: int, error: str) -> Response:
 
 
 def _login_with(token: str) -> Response:
-    if not credential().token_matches(token):
+    if not token_accepted(token):
         log.warning("dashboard: refused a login from %s", request.remote_addr)
         return _login_form(401, "That is not the token (ADMIN_TOKEN, or the one in the log).")
     response = current_app.make_response(redirect("/", code=303))

@@ -46,6 +46,11 @@ ENV_VARS: tuple[EnvVar, ...] = declare(
         "600",
         "orders-api requests per client IP per minute (token bucket in Redis); 0 = off.",
     ),
+    EnvVar(
+        "AUTH_FAILURES_PER_MINUTE",
+        "10",
+        "Wrong operator tokens per client IP per minute before 429 (Redis bucket); 0 = off.",
+    ),
     EnvVar("RELAY_IN_PROCESS", "1", "1: each orders-api worker runs an outbox relay thread."),
     EnvVar("RELAY_INTERVAL", "0.5", "Seconds between two outbox polls of the relay."),
     EnvVar("RELAY_BATCH", "100", "Most outbox rows the relay publishes per poll."),
@@ -147,6 +152,8 @@ class OrderServiceSettings:
     stream_max_connections: int = 2000
     metrics_dir: str = ""
     rate_limit_per_minute: int = 600
+    auth_failures_per_minute: int = 10
+    """AUTH_FAILURES_PER_MINUTE: wrong operator tokens per client IP (burst the same); 0: off."""
     """RATE_LIMIT_PER_MINUTE: per client IP (burst of the same size); 0 turns it off."""
     admin_token: str = ""
     """ADMIN_TOKEN: the operator credential; empty: generated at start (orders.auth)."""
@@ -203,6 +210,7 @@ class OrderServiceSettings:
             stream_max_connections=env_int(env, "STREAM_MAX_CONNECTIONS", 1, 1_000_000),
             metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR", "").strip(),
             rate_limit_per_minute=env_int(env, "RATE_LIMIT_PER_MINUTE", 0, 1_000_000),
+            auth_failures_per_minute=env_int(env, "AUTH_FAILURES_PER_MINUTE", 0, 1_000_000),
             admin_token=admin_token,
             allowed_hosts=allowed,
             stuck_seconds=env_float(env, "ORDER_STUCK_SECONDS", 1.0, 86400.0),

@@ -86,6 +86,10 @@ def _protect(paths: dict[str, Any]) -> dict[str, Any]:
                 continue
             operation["security"] = [{"operatorToken": []}, {"operatorCookie": []}]
             operation["responses"]["401"] = _problem("No or wrong operator credential")
+            operation["responses"]["429"] = _problem(
+                "Too many wrong operator tokens from this client (AUTH_FAILURES_PER_MINUTE); "
+                "Retry-After says when to try again"
+            )
     return paths
 
 
@@ -114,6 +118,11 @@ def _login_paths() -> dict[str, Any]:
                 "responses": {
                     "303": {"description": "Logged in: to the dashboard, with the cookie"},
                     "401": {"description": "Wrong token: the form again", "content": html},
+                    "429": {
+                        "description": "Too many wrong tokens from this client: the form, "
+                        "with Retry-After",
+                        "content": html,
+                    },
                 },
             },
         }

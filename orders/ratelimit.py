@@ -15,6 +15,10 @@ to every request.
 
 The client is ``request.remote_addr``: behind a reverse proxy, put werkzeug's
 ``ProxyFix`` in front so that it is the real client, or every client shares one bucket.
+
+The same bucket, under another key (``key``), counts failed operator-token attempts
+(orders.auth, AUTH_FAILURES_PER_MINUTE): :meth:`RateLimiter.peek` asks whether a token
+is left without taking it, and only a failure takes one.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -36,7 +41,8 @@ FAIL_OPEN_SECONDS = 1.0
 """After a Redis error, requests skip the limiter for this long."""
 
 TOKEN_BUCKET = """
--- KEYS[1]: the bucket hash; ARGV[1]: capacity (tokens); ARGV[2]: refill (tokens/s).
+-- KEYS[1]: the bucket hash; ARGV[1]: capacity (tokens); ARGV[2]: refill (tokens/s);
+-- ARGV[3]: '0' only looks (nothing is taken or written), otherwise one token is taken.
 -- Returns {allowed 0/1, seconds until a token is there (string), tokens left (string)}.
 local capacity = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
@@ -49,11 +55,14 @@ tokens = math.min(capacity, tokens + math.max(0, now - ts) * rate)
 local allowed = 0
 local wait = 0
 if tokens >= 1 then
-  tokens = tokens - 1
   allowed = 1
 else
   wait = (1 - tokens) / rate
 end
+if ARGV[3] == '0' then
+  return {allowed, tostring(wait), tostring(tokens)}
+end
+if allowed == 1 then tokens = tokens - 1 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) / rate * 1000) + 1000)
 return {allowed, tostring(wait), tostring(tokens)}
@@ -77,9 +86,16 @@ ALLOW = Decision(True, 0, -1)
 class RateLimiter:
     """Token buckets per client on Redis; ``per_minute=0`` allows everything."""
 
-    def __init__(self, client: redis.Redis, per_minute: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        per_minute: int,
+        key: Callable[[str], str] = keys.rate_limit,
+    ) -> None:
         self.client = client
         self.per_minute = per_minute
+        self.key = key
+        """The bucket's Redis key for a client IP."""
         self._script: Script | None = None  # registered on first use: nothing connects here
         self._skip_until = 0.0
         self._lock = threading.Lock()
@@ -91,6 +107,13 @@ class RateLimiter:
 
     def check(self, client_ip: str | None) -> Decision:
         """Take one token for ``client_ip``; fail open when Redis does not answer."""
+        return self._bucket(client_ip, take=True)
+
+    def peek(self, client_ip: str | None) -> Decision:
+        """Whether ``client_ip`` has a token left, taking none; fails open like :meth:`check`."""
+        return self._bucket(client_ip, take=False)
+
+    def _bucket(self, client_ip: str | None, *, take: bool) -> Decision:
         if not self.per_minute or not client_ip:
             return ALLOW
         if time.monotonic() < self._skip_until:
@@ -99,7 +122,8 @@ class RateLimiter:
             if self._script is None:
                 self._script = self.client.register_script(TOKEN_BUCKET)
             allowed, wait, left = self._script(
-                keys=[keys.rate_limit(client_ip)], args=[self.per_minute, self.per_minute / 60]
+                keys=[self.key(client_ip)],
+                args=[self.per_minute, self.per_minute / 60, "1" if take else "0"],
             )
         except (redis.RedisError, OSError) as exc:
             with self._lock:

@@ -38,7 +38,14 @@ SAME_ORIGIN = {"Origin": "http://localhost"}
 
 @pytest.fixture
 def app(tmp_path: Path, redis_url: str, redis: redis_lib.Redis) -> Iterator[Flask]:
-    app = build_app(f"sqlite:///{tmp_path / 'orders.db'}", redis_url, RATE_LIMIT_PER_MINUTE="0")
+    # The failed-token throttle off: these tests send wrong tokens on purpose, and
+    # test_wrong_tokens_are_throttled_per_client below tests it on its own app.
+    app = build_app(
+        f"sqlite:///{tmp_path / 'orders.db'}",
+        redis_url,
+        RATE_LIMIT_PER_MINUTE="0",
+        AUTH_FAILURES_PER_MINUTE="0",
+    )
     yield app
     app.extensions["orders"].close()
 
@@ -330,3 +337,52 @@ def test_odd_dead_letter_ids_are_404_not_500(client: FlaskClient, letter: str) -
         f"/api/queues/payment/dead-letters/{letter}/discard", json={}, headers=ADMIN
     )
     assert response.status_code == 404, response.get_data(as_text=True)
+
+
+def test_wrong_tokens_are_throttled_per_client(
+    tmp_path: Path, redis_url: str, redis: redis_lib.Redis
+) -> None:
+    app = build_app(
+        f"sqlite:///{tmp_path / 'orders.db'}",
+        redis_url,
+        RATE_LIMIT_PER_MINUTE="0",
+        AUTH_FAILURES_PER_MINUTE="3",
+    )
+    try:
+        client = app.test_client()
+        wrong = {"Authorization": "Bearer not-the-token-0123456789"}
+        order_id = client.post("/orders", json=ORDER).get_json()["id"]
+        for _ in range(3):
+            assert client.get("/api/queues", headers=wrong).status_code == 401
+        # The bucket is empty: 429, and no token is compared, not even the right one.
+        for headers in (wrong, ADMIN):
+            refused = client.get("/api/queues", headers=headers)
+            assert refused.status_code == 429
+            assert refused.content_type == "application/problem+json"
+            assert refused.get_json()["type"].endswith("too-many-token-failures")
+            assert int(refused.headers["Retry-After"]) == 20  # 3 a minute: one in 20 s
+        # No oracle on the public API either (the email is unmasked for the operator).
+        assert client.get(f"/orders/{order_id}", headers=ADMIN).status_code == 429
+        # Where a person types it: the form, with the reason.
+        form = client.post("/login", data={"token": ADMIN_TOKEN}, headers=SAME_ORIGIN)
+        assert form.status_code == 429 and form.mimetype == "text/html"
+        assert "Too many wrong tokens" in form.get_data(as_text=True)
+        assert client.get(f"/?token={ADMIN_TOKEN}").status_code == 429
+        # Anonymous requests are not affected, nor another client.
+        assert client.get(f"/orders/{order_id}").status_code == 200
+        other = app.test_client()
+        other.environ_base["REMOTE_ADDR"] = "10.0.0.2"
+        assert other.get("/api/queues", headers=ADMIN).status_code == 200
+        assert other.get("/api/queues", headers=wrong).status_code == 401
+        # A right token does not refill the bucket; the bucket refilling does.
+        assert redis.hget("authfail:127.0.0.1", "tokens") is not None
+        redis.delete("authfail:127.0.0.1")
+        assert client.get("/api/queues", headers=ADMIN).status_code == 200
+        # A session cookie is never compared against the bucket (nothing to guess in it).
+        logged_in = client.post("/login", data={"token": ADMIN_TOKEN}, headers=SAME_ORIGIN)
+        assert logged_in.status_code == 303
+        for _ in range(4):
+            client.get("/api/queues", headers=wrong)
+        assert client.get("/api/queues").status_code == 200  # by the cookie
+    finally:
+        app.extensions["orders"].close()
