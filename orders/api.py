@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from messaging import faults, tracing
 from orders import validation
 from orders.auth import is_operator, mask_email
-from orders.extensions import problem_response, services
+from orders.extensions import app_limiter, problem_response, services, too_many
 from orders.invoice import invoice_number, render_invoice
 from orders.openapi import openapi_document
 from orders.outbox import FastPublisher
@@ -54,13 +54,7 @@ def fast_publisher() -> FastPublisher:
 
 
 def _limiter() -> RateLimiter:
-    limiter = current_app.extensions.get(RATE_LIMITER)
-    if limiter is None:
-        svc = services()
-        limiter = current_app.extensions.setdefault(
-            RATE_LIMITER, RateLimiter(svc.redis, svc.settings.rate_limit_per_minute)
-        )
-    return limiter  # type: ignore[no-any-return]
+    return app_limiter(RATE_LIMITER, lambda settings: settings.rate_limit_per_minute)
 
 
 @api.before_request
@@ -72,17 +66,13 @@ def rate_limit() -> Response | None:
     decision = limiter.check(request.remote_addr)
     if decision.allowed:
         return None
-    response = problem_response(
-        Problem(
-            429,
-            "rate-limited",
-            "Too many requests",
-            f"more than {limiter.per_minute} requests a minute from {request.remote_addr}; "
-            f"retry after {decision.retry_after} s",
-        )
+    return too_many(
+        "rate-limited",
+        "Too many requests",
+        f"more than {limiter.per_minute} requests a minute from {request.remote_addr}; "
+        f"retry after {decision.retry_after} s",
+        decision.retry_after,
     )
-    response.headers["Retry-After"] = str(decision.retry_after)
-    return response
 
 
 def _not_found(order_id: int) -> Problem:

@@ -55,7 +55,7 @@ from flask import Blueprint, Flask, Response, current_app, g, redirect, render_t
 
 from messaging import keys
 from orders.config import OrderServiceSettings
-from orders.extensions import problem_response, services
+from orders.extensions import app_limiter, problem_response, too_many
 from orders.ratelimit import RateLimiter
 from orders.validation import Problem, bad_request
 
@@ -224,14 +224,9 @@ class TooManyFailures(Exception):
 
 
 def _throttle() -> RateLimiter:
-    found = current_app.extensions.get(THROTTLE)
-    if found is None:
-        svc = services()
-        found = current_app.extensions.setdefault(
-            THROTTLE,
-            RateLimiter(svc.redis, svc.settings.auth_failures_per_minute, keys.auth_failures),
-        )
-    return found  # type: ignore[no-any-return]
+    return app_limiter(
+        THROTTLE, lambda settings: settings.auth_failures_per_minute, keys.auth_failures
+    )
 
 
 def token_accepted(given: str) -> bool:
@@ -275,18 +270,15 @@ def too_many_failures(exc: TooManyFailures) -> Response:
         response = _login_form(
             429, f"Too many wrong tokens from this address: try again in {exc.retry_after} s."
         )
-    else:
-        response = problem_response(
-            Problem(
-                429,
-                "too-many-token-failures",
-                "Too many wrong operator tokens",
-                f"too many wrong operator tokens from {request.remote_addr} "
-                f"(AUTH_FAILURES_PER_MINUTE); retry after {exc.retry_after} s",
-            )
-        )
-    response.headers["Retry-After"] = str(exc.retry_after)
-    return response
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    return too_many(
+        "too-many-token-failures",
+        "Too many wrong operator tokens",
+        f"too many wrong operator tokens from {request.remote_addr} "
+        f"(AUTH_FAILURES_PER_MINUTE); retry after {exc.retry_after} s",
+        exc.retry_after,
+    )
 
 
 def _same_origin() -> bool:

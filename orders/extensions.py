@@ -8,9 +8,14 @@ direction, no circle.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flask import Response, current_app, json
 
+from messaging import keys
 from orders.bootstrap import OrderServices
+from orders.config import OrderServiceSettings
+from orders.ratelimit import RateLimiter
 from orders.validation import PROBLEM_CONTENT_TYPE, Problem
 
 EXTENSION = "orders"
@@ -28,4 +33,25 @@ def problem_response(problem: Problem) -> Response:
         json.dumps(problem.to_dict()), status=problem.status, mimetype=PROBLEM_CONTENT_TYPE
     )
     response.headers["Content-Type"] = PROBLEM_CONTENT_TYPE
+    return response
+
+
+def app_limiter(
+    name: str,
+    per_minute: Callable[[OrderServiceSettings], int],
+    key: Callable[[str], str] = keys.rate_limit,
+) -> RateLimiter:
+    """The current app's :class:`RateLimiter` stored as ``name`` (made on first use)."""
+    found = current_app.extensions.get(name)
+    if found is None:
+        svc = services()
+        limiter = RateLimiter(svc.redis, per_minute(svc.settings), key)
+        found = current_app.extensions.setdefault(name, limiter)
+    return found  # type: ignore[no-any-return]
+
+
+def too_many(slug: str, title: str, detail: str, retry_after: int) -> Response:
+    """429 problem JSON with ``Retry-After``."""
+    response = problem_response(Problem(429, slug, title, detail))
+    response.headers["Retry-After"] = str(retry_after)
     return response
