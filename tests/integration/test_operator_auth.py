@@ -24,7 +24,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from devtools.redis_server import free_port
-from messaging import envelope
+from messaging import envelope, keys
 from messaging.queue import RedisQueue
 from orders import auth, openapi
 from orders.app import create_app
@@ -375,8 +375,9 @@ def test_wrong_tokens_are_throttled_per_client(
         assert other.get("/api/queues", headers=ADMIN).status_code == 200
         assert other.get("/api/queues", headers=wrong).status_code == 401
         # A right token does not refill the bucket; the bucket refilling does.
-        assert redis.hget("authfail:127.0.0.1", "tokens") is not None
-        redis.delete("authfail:127.0.0.1")
+        bucket = keys.auth_failures("127.0.0.1")
+        assert redis.hget(bucket, "tokens") is not None
+        redis.delete(bucket)
         assert client.get("/api/queues", headers=ADMIN).status_code == 200
         # A session cookie is never compared against the bucket (nothing to guess in it).
         logged_in = client.post("/login", data={"token": ADMIN_TOKEN}, headers=SAME_ORIGIN)
