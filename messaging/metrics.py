@@ -8,8 +8,8 @@ queue do not report the same depth ten times.
 
 The server is prometheus_client's WSGI app on the standard library's threading WSGI
 server, as ``prometheus_client.start_http_server`` builds it, with one change: a request
-the server cannot parse (a control character or an over-long line in the request line,
-more than 100 headers, a header over 64 KiB) is answered with a 4xx
+the server cannot parse (a request line that is not one, an HTTP version it does not
+speak, a request line over 64 KiB, more than 100 headers) is answered with a 4xx
 ``application/problem+json`` naming the part at fault, as the order service answers bad
 input, instead of the standard library's HTML page (:class:`ProblemHandler`).
 """
