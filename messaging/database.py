@@ -193,10 +193,17 @@ class DriverInsert:
         *,
         returning_id: bool = False,
         sql_values: dict[str, Any] | None = None,
+        skip_conflicts_on: tuple[str, ...] = (),
     ) -> None:
-        """``sql_values``: columns set by a SQL expression (the database's clock ...)."""
+        """``sql_values``: columns set by a SQL expression (the database's clock ...).
+
+        ``skip_conflicts_on``: the columns of a unique index; a row whose values are
+        taken already is not inserted (``ON CONFLICT DO NOTHING``) and :meth:`one`
+        returns None for it instead of raising ``IntegrityError``.
+        """
         self.table = table
         self.dialect = dialect
+        self.skip_conflicts_on = skip_conflicts_on
         # SQLite hands back the new row's id as lastrowid; PostgreSQL needs RETURNING.
         self.returning = returning_id and dialect.name != "sqlite"
         self.sql_values = sql_values or {}
@@ -206,7 +213,14 @@ class DriverInsert:
     def _prepare(self, columns: tuple[str, ...]) -> tuple[str, list[tuple[str, Any]]]:
         found = self._compiled.get(columns)
         if found is None:
-            statement = insert(self.table).values(self.sql_values)
+            if self.skip_conflicts_on:
+                statement = (
+                    insert_of(self.dialect)(self.table)
+                    .values(self.sql_values)
+                    .on_conflict_do_nothing(index_elements=list(self.skip_conflicts_on))
+                )
+            else:
+                statement = insert(self.table).values(self.sql_values)
             if self.returning:
                 statement = statement.returning(*self.table.primary_key.columns)
             compiled = statement.compile(dialect=self.dialect, column_keys=list(columns))
@@ -231,12 +245,16 @@ class DriverInsert:
         return {name: value for (name, _), value in zip(binds, values, strict=True)}
 
     def one(self, cursor: Any, row: dict[str, Any]) -> int | None:
-        """Insert one row; returns its primary key when built with ``returning_id``."""
+        """Insert one row; returns its primary key when built with ``returning_id``
+        (None when ``skip_conflicts_on`` skipped it)."""
         sql, binds = self._prepare(tuple(row))
         cursor.execute(sql, self._params(binds, row))
         if self.returning:
-            return int(cursor.fetchone()[0])
-        return int(cursor.lastrowid) if self.dialect.name == "sqlite" else None
+            found = cursor.fetchone()
+            return None if found is None else int(found[0])
+        if self.dialect.name != "sqlite" or cursor.rowcount == 0:
+            return None
+        return int(cursor.lastrowid)
 
     def many(self, cursor: Any, rows: list[dict[str, Any]]) -> None:
         """Insert rows that all name the same columns (one executemany)."""
