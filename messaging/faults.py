@@ -34,6 +34,11 @@ The points: where each sits (what the process has just done) -> the recovery tha
 - ``api.after_commit``: POST /orders committed the order and its outbox row (born
   claimed), before the fast-path publish -> a relay publishes the row once its claim
   has expired; the client's retry with its Idempotency-Key finds the order.
+- ``api.group_commit``: POST /orders's group commit inserted the orders of several
+  concurrent requests in one transaction, not committed (reached only by batches of
+  two or more) -> the transaction dies with the process: none of those orders is
+  stored and none was answered; each client's retry with its Idempotency-Key stores
+  its order once.
 - ``api.before_publish``: POST /orders committed and handed its event to the worker's
   background publisher (the 201 may be on its way), which is about to send it -> as
   for ``api.after_commit``: the relay publishes the claimed row once the claim expires.
@@ -65,6 +70,7 @@ POINTS = frozenset(
         "worker.before_ack",
         "email.after_send",
         "api.after_commit",
+        "api.group_commit",
         "api.before_publish",
         "relay.after_publish",
     }

@@ -68,6 +68,11 @@ LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 ORDERS_PLACED = Counter("orders_placed", "Orders created by POST /orders (not replays).")
+COMMIT_BATCH = Histogram(
+    "orders_intake_commit_batch_size",
+    "Orders written by one intake transaction (concurrent POSTs share one: group commit).",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+)
 
 UNTIMED_ENDPOINTS = frozenset({"dashboard.event_stream"})
 """Long-lived responses: counted, but their duration is not a latency."""

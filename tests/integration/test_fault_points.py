@@ -17,6 +17,7 @@ import contextlib
 import http.client
 import json
 import re
+import threading
 import urllib.error
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ from messaging import faults, keys
 from messaging.database import database_engine
 from messaging.queue import RedisQueue
 from orders.bootstrap import create_schema
-from orders.models import Outbox
+from orders.models import Order, Outbox
 from orders.service import place_order
 from orders.validation import request_hash, validate_order
 from tests.helpers import BIN, Proc, wait_for
@@ -307,6 +308,79 @@ def test_api_killed_before_its_background_publish_the_relay_publishes_the_claim(
     _wait_api(clean, base)
     assert post_order(base + "/orders", order_body(8), "fault-key-2") == event["data"]["order_id"]
     assert len(queued(bredis, "payment")) == 1
+
+
+def test_api_killed_inside_a_group_commit_stores_none_of_it_and_retries_store_each_once(
+    procs: Procs, bredis: redis_lib.Redis
+) -> None:
+    """Concurrent POSTs share one transaction; the worker dies before its commit."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    api_env = {"HOST": "127.0.0.1", "PORT": str(port), "WEB_CONCURRENCY": "1"}
+    armed = procs.orders(
+        "orders-api",
+        FAULT_POINT="api.group_commit:exit",
+        RELAY_IN_PROCESS="0",
+        WEB_THREADS="8",
+        **api_env,
+    )
+    _wait_api(armed, base)
+    keys_sent: list[str] = []
+    answered: dict[str, int] = {}
+    # Bursts of 8 at once until two of them meet in one transaction (the first burst,
+    # almost always: its first request leads alone, the others queue behind it).
+    for burst in range(20):
+        if "FAULT_POINT api.group_commit" in armed.output():
+            break
+        batch = [f"group-{burst}-{n}" for n in range(8)]
+        keys_sent += batch
+        barrier = threading.Barrier(len(batch))
+
+        def post(key: str, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            with contextlib.suppress(
+                urllib.error.URLError, ConnectionError, http.client.HTTPException
+            ):
+                answered[key] = post_order(base + "/orders", order_body(200), key)
+
+        threads = [threading.Thread(target=post, args=(key,)) for key in batch]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    wait_for(lambda: "FAULT_POINT api.group_commit: exit 137" in armed.output(), 10)
+    armed.terminate()
+
+    engine = database_engine(procs.orders_db)
+    try:
+        with engine.connect() as conn:
+            stored = {
+                key: order_id
+                for key, order_id in conn.execute(select(Order.idempotency_key, Order.id))
+            }
+            assert len(conn.execute(select(Outbox)).all()) == len(stored)
+        # Every answer names a stored order; the dying transaction's orders (two or
+        # more) are not stored, none of them half (no outbox row without its order).
+        assert set(answered.items()) <= set(stored.items())
+        assert len(stored) <= len(keys_sent) - 2
+
+        # Each client retries with its key: every order once, the answered ones unchanged.
+        clean = procs.orders("orders-api", **api_env)
+        _wait_api(clean, base)
+        retried = {key: post_order(base + "/orders", order_body(200), key) for key in keys_sent}
+        assert {key: retried[key] for key in answered} == answered
+        assert len(set(retried.values())) == len(keys_sent)
+        with engine.connect() as conn:
+            assert {
+                key: order_id
+                for key, order_id in conn.execute(select(Order.idempotency_key, Order.id))
+            } == retried
+    finally:
+        engine.dispose()
+    # The relay in the clean worker sends what the dead one never published: each once.
+    wait_for(lambda: len(queued(bredis, "payment")) >= len(keys_sent), 30, message="every event")
+    placed = Counter(e["data"]["order_id"] for e in queued(bredis, "payment"))
+    assert placed == dict.fromkeys(retried.values(), 1)
 
 
 def test_relay_killed_between_publish_and_mark_publishes_again_never_loses(
