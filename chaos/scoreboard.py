@@ -125,6 +125,9 @@ class Scenario:
     promises_zero: bool = True
     before: Callable[[Stack, Params], None] | None = None
     after: Callable[[Stack, Params], None] | None = None
+    burst: int = 1
+    """Orders the client sends at the same instant (16: as many as orders-api's request
+    threads, so the workers' group commits write several orders per transaction)."""
 
 
 @dataclass
@@ -554,6 +557,43 @@ def kill_api(stack: Stack, params: Params, done: threading.Event, notes: Notes) 
     notes.fire(landed, "SIGKILLs of gunicorn + workers landed")
 
 
+BURST_KILL_DELAY = 0.004
+"""Seconds into a burst of concurrent POSTs when orders-api is SIGKILLed: its requests
+are in flight then, parsed or in a group commit, none of them answered yet."""
+
+
+def kill_api_in_bursts(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
+    """SIGKILL orders-api (master and workers) twice, each time just after a burst of 16
+    POSTs arrived: the orders of the group commits in flight die uncommitted with it,
+    and their clients' retries (same Idempotency-Key) must store each order once."""
+    start, period = wait_until(lambda: stack.bursts, 30, 0.001, "the intake started")
+    first = max(1, round(0.3 * params.intake_seconds / period))
+    landed = 0
+    for burst in (first, max(first + 1, round(0.6 * params.intake_seconds / period))):
+        delay = start + burst * period + BURST_KILL_DELAY - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        assert stack.api is not None
+        was_alive = stack.api.alive()
+        stack.api.kill()
+        landed += was_alive and stack.api.popen.returncode == -signal.SIGKILL
+        stack.start_api()
+    notes.cleared_at = time.monotonic()
+    notes.fire(landed, f"SIGKILLs landed {BURST_KILL_DELAY * 1000:g} ms into a burst")
+    done.wait(params.settle_timeout)
+    try:
+        transactions = stack.metric("orders_intake_commit_batch_size_count")
+    except OSError as exc:
+        notes.add(f"group commit sizes unread: {exc}")
+        return
+    if transactions:
+        written = stack.metric("orders_intake_commit_batch_size_sum")
+        notes.add(
+            f"after the last restart: {written:g} orders in {transactions:g} transactions"
+            f" (group commit, {written / transactions:.1f} per transaction)"
+        )
+
+
 def lock_database(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
     start = time.monotonic()
     _at(0.3, params, start)
@@ -731,6 +771,13 @@ SCENARIOS: tuple[Scenario, ...] = (
         after=_normal_payment,
     ),
     Scenario("orders-api SIGKILLed", "none lost, none doubled", kill_api),
+    Scenario(
+        "orders-api SIGKILLed in a burst",
+        "none lost, none doubled",
+        kill_api_in_bursts,
+        quick=False,  # tests/integration/test_fault_points.py kills one group commit in CI
+        burst=16,
+    ),
     Scenario("database locked", "none lost, none doubled", lock_database),
     Scenario(
         "slow consumer",
@@ -806,7 +853,8 @@ def run_scenario(stack: Stack, scenario: Scenario, params: Params) -> Result:
     fault = threading.Thread(target=run_fault, name="fault")
     fault.start()
     prefix = f"{scenario.name}-{int(time.time() * 1000)}".replace(" ", "_").replace(",", "")
-    stats = stack.place(prefix, params.orders, params.intake_seconds)
+    threads = max(4, scenario.burst)
+    stats = stack.place(prefix, params.orders, params.intake_seconds, threads, burst=scenario.burst)
     intake_end = time.monotonic()
     done.set()
     fault.join()

@@ -237,6 +237,8 @@ class Stack:
         self.stream_port = free_port()
         self.stream_base = f"http://127.0.0.1:{self.stream_port}"
         self.admin_token = secrets.token_urlsafe(32)
+        self.bursts: tuple[float, float] | None = None
+        """While :meth:`place` runs: (first burst's start, seconds between bursts)."""
         """The API's ADMIN_TOKEN (operator endpoints: Authorization: Bearer ...)."""
         self.common: dict[str, str] = {}
         self.consumer_env = consumer_env or {}
@@ -510,22 +512,37 @@ class Stack:
             stats.gave_up.append(key)
 
     def place(
-        self, prefix: str, count: int, seconds: float, threads: int = 4, give_up: float = 120.0
+        self,
+        prefix: str,
+        count: int,
+        seconds: float,
+        threads: int = 4,
+        give_up: float = 120.0,
+        burst: int = 1,
     ) -> IntakeStats:
-        """Place ``count`` orders spread over about ``seconds``, ``threads`` at a time."""
+        """Place ``count`` orders spread over about ``seconds``, ``threads`` at a time,
+        ``burst`` of them sent at the same instant (then a pause as long as theirs).
+
+        While it runs, :attr:`bursts` is (the first burst's start on the monotonic
+        clock, seconds from one burst to the next), for a fault to aim at a burst.
+        """
         stats = IntakeStats()
         gap = seconds / max(count, 1)
         start = time.monotonic()
+        self.bursts = (start, gap * burst)
 
         def one(n: int) -> None:
             # Pace the submissions, so faults land while orders are arriving.
-            delay = start + n * gap - time.monotonic()
+            delay = start + (n - n % burst) * gap - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             self.post_order(f"{prefix}-{n}", order_body(n), stats, give_up)
 
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(one, range(count)))
+        try:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(one, range(count)))
+        finally:
+            self.bursts = None
         return stats
 
     # --- counting -------------------------------------------------------------------
