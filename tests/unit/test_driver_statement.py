@@ -8,15 +8,19 @@ applied, literals kept), on both paramstyles (SQLite's qmark, psycopg's pyformat
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
+from typing import cast
 
 import pytest
-from sqlalchemy import Engine, bindparam, insert, select
+from sqlalchemy import Engine, Table, bindparam, insert, select
 from sqlalchemy.dialects import postgresql
 
 from consumers import store
 from messaging import database
-from messaging.database import DriverStatement, DriverStatements
+from messaging.database import DriverInsert, DriverStatement, DriverStatements
+from orders.bootstrap import create_schema
+from orders.models import Order
 
 PROCESSED = store.Processed.__table__
 
@@ -119,3 +123,40 @@ def test_a_consumer_engines_driver_transaction_holds_the_write_lock(engine: Engi
         raise RuntimeError("after the insert")
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM consumer_processed").scalar() == 0
+
+
+def test_a_driver_insert_skips_a_row_whose_unique_key_is_taken(tmp_path: Path) -> None:
+    """skip_conflicts_on: ON CONFLICT DO NOTHING, and ``one`` answers None for the row
+    it skipped (the intake's Idempotency-Key), the new id otherwise."""
+    orders = database.database_engine(f"sqlite:///{tmp_path / 'orders.db'}")
+    create_schema(orders)
+    inserts = DriverInsert(
+        cast(Table, Order.__table__),
+        orders.dialect,
+        returning_id=True,
+        skip_conflicts_on=("idempotency_key",),
+    )
+    row = {
+        "customer_email": "ada@example.com",
+        "currency": "EUR",
+        "total": Decimal("25.00"),
+        "status": "placed",
+        "priority": "standard",
+        "created_at": datetime(2026, 12, 5, tzinfo=UTC),
+        "idempotency_key": "k-1",
+        "request_hash": "0" * 64,
+    }
+    with database.driver_transaction(orders) as cursor:
+        first = inserts.one(cursor, row)
+        again = inserts.one(cursor, {**row, "customer_email": "eve@example.com"})
+        other = inserts.one(cursor, {**row, "idempotency_key": "k-2"})
+        unkeyed = [inserts.one(cursor, {**row, "idempotency_key": None}) for _ in range(2)]
+    assert again is None
+    ids = [first, other, *unkeyed]
+    assert None not in ids and len(set(ids)) == 4
+    with orders.connect() as conn:
+        stored = conn.execute(select(Order.id, Order.customer_email).order_by(Order.id)).all()
+    assert [tuple(r) for r in stored] == [(i, "ada@example.com") for i in ids]
+    sql, _ = inserts._prepare(tuple(row))
+    assert "ON CONFLICT (idempotency_key) DO NOTHING" in sql
+    orders.dispose()
