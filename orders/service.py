@@ -227,14 +227,17 @@ class _GroupCommit:
     binary log group commit), without waiting for company.
     """
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self) -> None:
         self._cond = threading.Condition()
         self._queued: list[_Placing] = []
         self._leading = False
 
-    def place(self, placing: _Placing) -> None:
-        """Return once ``placing`` is done (by this thread or by another's batch)."""
+    def place(self, engine: Engine, placing: _Placing) -> None:
+        """Return once ``placing`` is done (by this thread or by another's batch).
+
+        ``engine`` is the one this group belongs to (:func:`_group`); the group keeps
+        no reference to it, so an engine no longer used goes away with its group.
+        """
         with self._cond:
             self._queued.append(placing)
             while self._leading and not placing.done:
@@ -245,7 +248,7 @@ class _GroupCommit:
             batch, self._queued = self._queued, []
         try:
             COMMIT_BATCH.observe(len(batch))
-            _write(self.engine, batch)
+            _write(engine, batch)
         except BaseException as exc:  # interrupted: no order of it may wait forever
             for queued in batch:
                 if not queued.done:
@@ -267,7 +270,7 @@ def _group(engine: Engine) -> _GroupCommit:
         with _GROUPS_GUARD:
             found = _GROUPS.get(engine)
             if found is None:
-                found = _GROUPS[engine] = _GroupCommit(engine)
+                found = _GROUPS[engine] = _GroupCommit()
     return found
 
 
@@ -425,7 +428,7 @@ def place_order(
             for _, item, amount in priced
         ],
     )
-    _group(engine).place(placing)
+    _group(engine).place(engine, placing)
     if placing.error is not None:
         _raise_own(placing.error)
     if placing.result is not None:
