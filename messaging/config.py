@@ -65,6 +65,41 @@ def command_line(prog: str, description: str | None) -> OneLineParser:
     )
 
 
+def arg_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer within [low, high].
+
+    Anything else is the parser's one-line usage error (exit 2), never a traceback
+    further on (an id SQLite cannot bind, a count Redis refuses).
+    """
+
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not between {low} and {high}")
+        return value
+
+    return parse
+
+
+def arg_seconds(low: float, high: float) -> Callable[[str], float]:
+    """An argparse ``type``: a number of seconds within [low, high] (``nan`` and ``inf``
+    are not: a sleep or a date that far away fails later, with a traceback)."""
+
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds") from None
+        if not low <= value <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{raw!r} is not between {low:.15g} and {high:.15g}")
+        return value
+
+    return parse
+
+
 def load_settings(prog: str, load: Callable[[], _S]) -> _S:
     """``load()`` the process's settings; a :class:`ConfigError` ends the process.
 

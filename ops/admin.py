@@ -37,11 +37,20 @@ from redis.retry import Retry
 from sqlalchemy.exc import SQLAlchemyError
 
 from messaging import keys, monitor
-from messaging.config import EXIT_BAD_CONFIG, EXIT_NO_REDIS, EXIT_OK, ConfigError, Settings
+from messaging.config import (
+    EXIT_BAD_CONFIG,
+    EXIT_NO_REDIS,
+    EXIT_OK,
+    ConfigError,
+    Settings,
+    arg_int,
+    arg_seconds,
+)
 from messaging.connection import redis_client
 from messaging.database import database_engine
 from messaging.queue import RedisQueue
 from orders.config import OrderServiceSettings
+from orders.validation import MAX_ORDER_ID
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -49,6 +58,8 @@ if TYPE_CHECKING:
     from orders.stuck import StuckReport
 
 PROG = "orders-admin"
+MAX_LIST = 10_000
+"""The most dead letters ``dead-letters list --limit`` shows at once."""
 EXIT_FAILED = 1
 """Not found, or the database is unreachable."""
 
@@ -352,7 +363,7 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser("queues", help="a table of every queue's figures")
     q.add_argument(
         "--sample",
-        type=float,
+        type=arg_seconds(0, 60),
         default=1.0,
         metavar="SECONDS",
         help="measure processed/s over this many seconds (0: skip)",
@@ -363,7 +374,7 @@ def parser() -> argparse.ArgumentParser:
     dsub = dead.add_subparsers(dest="action", required=True, parser_class=_OneLineParser)
     dl = dsub.add_parser("list", help="the oldest dead letters of a queue")
     dl.add_argument("queue", metavar="QUEUE", help=", ".join(monitor.QUEUES))
-    dl.add_argument("--limit", type=int, default=50)
+    dl.add_argument("--limit", type=arg_int(1, MAX_LIST), default=50, help="at most this many")
     dl.set_defaults(func=cmd_dead_list)
     ds = dsub.add_parser("show", help="one dead letter in full")
     ds.add_argument("queue", metavar="QUEUE")
@@ -382,7 +393,7 @@ def parser() -> argparse.ArgumentParser:
     orders = sub.add_parser("orders", help="orders in the database")
     osub = orders.add_subparsers(dest="action", required=True, parser_class=_OneLineParser)
     show = osub.add_parser("show", help="an order's status and history")
-    show.add_argument("order_id", metavar="ORDER_ID", type=int)
+    show.add_argument("order_id", metavar="ORDER_ID", type=arg_int(1, MAX_ORDER_ID))
     show.set_defaults(func=cmd_order_show)
 
     st = sub.add_parser(
@@ -390,7 +401,7 @@ def parser() -> argparse.ArgumentParser:
     )
     st.add_argument(
         "--older-than",
-        type=float,
+        type=arg_seconds(0, 86400),
         default=None,
         metavar="SECONDS",
         help="idle for at least this long (default ORDER_STUCK_SECONDS, 30)",
@@ -405,9 +416,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Console script ``orders-admin``."""
     args = parser().parse_args(argv)
-    if getattr(args, "limit", 1) < 1 or getattr(args, "sample", 0) < 0:
-        print(f"{PROG}: --limit and --sample must be positive", file=sys.stderr)
-        return EXIT_BAD_CONFIG
     try:
         settings = Settings.from_env()
         return int(args.func(args, settings))

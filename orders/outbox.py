@@ -47,7 +47,7 @@ from sqlalchemy import Engine, bindparam, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from messaging import database, faults, logs, tracing
-from messaging.config import EXIT_NO_REDIS, EXIT_OK, command_line, load_settings
+from messaging.config import EXIT_NO_REDIS, EXIT_OK, arg_seconds, command_line, load_settings
 from messaging.publisher import EventPublisher
 from orders.bootstrap import OrderServices, create_schema, order_services
 from orders.config import OrderServiceSettings
@@ -539,6 +539,10 @@ def start_relay_thread(services: OrderServices) -> tuple[threading.Thread, threa
     return thread, stop
 
 
+MAX_RECONCILE_WINDOW = 10 * 365 * 86400.0
+"""Seconds: the longest ``--window`` (and ``--older-than``) a reconcile pass takes."""
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = command_line(
         "orders-relay",
@@ -549,12 +553,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--reconcile", action="store_true", help="run one reconciliation pass and exit"
     )
     parser.add_argument(
-        "--older-than", type=float, default=60.0, metavar="SECONDS",
-        help="only orders placed at least this long ago (default 60)",
+        "--older-than", type=arg_seconds(0, MAX_RECONCILE_WINDOW), default=60.0,
+        metavar="SECONDS", help="only orders placed at least this long ago (default 60)",
     )  # fmt: skip
     parser.add_argument(
-        "--window", type=float, default=86400.0, metavar="SECONDS",
-        help="only orders placed within this many seconds (default 86400)",
+        "--window", type=arg_seconds(0, MAX_RECONCILE_WINDOW), default=86400.0,
+        metavar="SECONDS", help="only orders placed within this many seconds (default "
+        f"86400, at most {MAX_RECONCILE_WINDOW:g}: ten years)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if not 0 <= args.older_than <= args.window:

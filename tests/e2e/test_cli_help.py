@@ -89,3 +89,67 @@ def test_bad_config_is_one_line_and_exit_2(script: str, tmp_path: Path) -> None:
 
 def test_every_script_without_settings_is_a_console_script() -> None:
     assert READS_NO_SETTINGS <= set(SCRIPTS)
+
+
+OUT_OF_RANGE = [
+    (
+        "orders-admin",
+        ["orders", "show", "99999999999999999999999"],
+        "argument ORDER_ID: '99999999999999999999999' is not between 1 and 2147483647",
+    ),
+    ("orders-admin", ["orders", "show", "0"], "argument ORDER_ID: '0' is not between 1"),
+    (
+        "orders-admin",
+        ["dead-letters", "list", "payment", "--limit", "1e30"],
+        "argument --limit: '1e30' is not an integer",
+    ),
+    (
+        "orders-admin",
+        ["dead-letters", "list", "payment", "--limit", "99999999999999999999999"],
+        "argument --limit: '99999999999999999999999' is not between 1 and 10000",
+    ),
+    ("orders-admin", ["queues", "--sample", "inf"], "argument --sample: 'inf' is not between"),
+    ("orders-admin", ["queues", "--sample", "nan"], "argument --sample: 'nan' is not between"),
+    ("orders-admin", ["stuck", "--older-than", "-1"], "argument --older-than: '-1' is not"),
+    (
+        "orders-relay",
+        ["--reconcile", "--window", "1e12"],
+        "argument --window: '1e12' is not between 0 and 315360000",
+    ),
+    ("orders-relay", ["--reconcile", "--older-than", "inf"], "argument --older-than: 'inf'"),
+]
+"""Arguments past what the code can use: each was a traceback (an id SQLite cannot bind,
+a sleep or a date out of range) or a wrong message ("cannot reach Redis" for a count
+Redis refused)."""
+
+
+@pytest.mark.parametrize(("script", "argv", "says"), OUT_OF_RANGE)
+def test_an_argument_out_of_range_is_one_line_and_exit_2(
+    script: str, argv: list[str], says: str, tmp_path: Path, redis_url: str
+) -> None:
+    done = subprocess.run(
+        [str(BIN / script), *argv],
+        cwd=tmp_path,
+        env={**os.environ, "REDIS_URL": redis_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"{script}: {says}"), line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_local_redis_refuses_a_port_past_65535(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(BIN / "local-redis"), "--port", "99999999", "--dir", str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "local-redis: error: argument --port: 99999999 is not between 1 and 65535"
+    )
+    assert "Traceback" not in done.stderr
