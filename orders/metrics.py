@@ -70,7 +70,8 @@ LATENCY = Histogram(
 ORDERS_PLACED = Counter("orders_placed", "Orders created by POST /orders (not replays).")
 COMMIT_BATCH = Histogram(
     "orders_intake_commit_batch_size",
-    "Orders written by one intake transaction (concurrent POSTs share one: group commit).",
+    "Orders per intake transaction, replays of a stored Idempotency-Key included"
+    " (concurrent POSTs of a worker share one: group commit).",
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
 )
 
