@@ -89,7 +89,6 @@ def consumers_drain(
         "REDIS_URL": ctx.redis_url,
         "CONSUMER_BATCH_SIZE": str(batch),
         "LOG_LEVEL": log_level,
-        "DATABASE_URL": "sqlite:///:memory:",
         **(extra_env or {}),
     }
     logs = ctx.scratch("drain")

@@ -74,7 +74,6 @@ def run(ctx: Context) -> list[Row]:
                 "REDIS_URL": ctx.redis_url,
                 "CONSUMER_BATCH_SIZE": "10",
                 "LOG_LEVEL": "WARNING",
-                "DATABASE_URL": "sqlite:///:memory:",
                 "INVOICE_DATABASE_URL": f"sqlite:///{db}",
             }
             proc = Proc([str(BIN / "consumer"), "invoice"], env, db.with_suffix(".log"))

@@ -469,12 +469,31 @@ class WorkerSettings:
 _DATABASE_SCHEMES = ("sqlite://", "postgresql+psycopg://", "postgresql://")
 
 
+def _sqlite_in_memory(url: str) -> bool:
+    """Whether a sqlite URL names no file: ``sqlite://``, ``sqlite:///``,
+    ``sqlite:///:memory:``, or a URI filename with ``mode=memory``."""
+    if not url.startswith("sqlite:///"):
+        return True  # sqlite:// and sqlite://host...: SQLAlchemy opens memory
+    path, _, query = url.removeprefix("sqlite:///").partition("?")
+    return (
+        path in ("", ":memory:")
+        or path.startswith("file::memory:")
+        or any(part.lower() == "mode=memory" for part in query.split("&"))
+    )
+
+
 def database_url(env: Mapping[str, str], name: str) -> str:
     """A database URL variable: sqlite:/// or PostgreSQL (normalised to psycopg 3)."""
     raw = env_str(env, name)
     if not raw.startswith(_DATABASE_SCHEMES):
         raise ConfigError(
             f"invalid {name} {raw!r}: must start with sqlite:/// or postgresql+psycopg://"
+        )
+    if raw.startswith("sqlite:") and _sqlite_in_memory(raw):
+        raise ConfigError(
+            f"invalid {name} {raw!r}: an in-memory SQLite database lives and dies with one"
+            " connection (every thread and process would get its own, empty one); give a"
+            " file, e.g. sqlite:///var/orders.db"
         )
     if raw.startswith("postgresql://"):
         # psycopg 3 is the driver we ship; SQLAlchemy's bare scheme means psycopg2.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from devtools.envdoc import ALL_ENV_VARS as ENV_VARS
-from messaging.config import ConfigError, Settings
+from messaging.config import ConfigError, Settings, database_url
 
 
 def test_defaults_are_the_originals() -> None:
@@ -151,3 +151,31 @@ def test_retry_budget_settings_default_to_an_hour_and_reject_nonsense() -> None:
     ):
         with pytest.raises(ConfigError, match=needle):
             WorkerSettings.from_env(env)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://",
+        "sqlite:///",
+        "sqlite:///:memory:",
+        "sqlite:///:memory:?cache=shared",
+        "sqlite:///file::memory:?uri=true",
+        "sqlite:///file:orders?mode=memory&cache=shared&uri=true",
+        "sqlite://localhost/orders.db",
+    ],
+)
+def test_an_in_memory_sqlite_database_is_refused(url: str) -> None:
+    """It started and answered 503 to every POST: each pooled connection of each process
+    opened its own empty database, without the tables create_schema made in another."""
+    with pytest.raises(ConfigError, match="in-memory SQLite database") as refused:
+        database_url({"DATABASE_URL": url}, "DATABASE_URL")
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["sqlite:///var/orders.db", "sqlite:////srv/data/orders.db", "sqlite:///memory.db"],
+)
+def test_a_sqlite_file_is_taken_as_given(url: str) -> None:
+    assert database_url({"DATABASE_URL": url}, "DATABASE_URL") == url
