@@ -161,6 +161,10 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 			// Not the parser's message: it may echo the URL's password.
 			return Config{}, &ConfigError{"REDIS_URL", redactURL(cfg.URL), "must be redis://, rediss:// or unix:// URL"}
 		}
+		if parsed.Network == "tcp" && !validPort(parsed.Addr) {
+			// go-redis takes any number; the dial would fail at every attempt instead.
+			return Config{}, &ConfigError{"REDIS_URL", redactURL(cfg.URL), "the port must be 1 to 65535"}
+		}
 		if parsed.TLSConfig != nil && parsed.TLSConfig.InsecureSkipVerify {
 			return Config{}, &ConfigError{"REDIS_URL", redactURL(cfg.URL), "TLS verification cannot be turned off (skip_verify)"}
 		}
@@ -321,4 +325,14 @@ func (c Config) NewClient() redis.UniversalClient {
 		WriteTimeout:  opts.WriteTimeout,
 		DialerRetries: opts.DialerRetries,
 	})
+}
+
+// validPort reports whether addr (host:port) names a TCP port from 1 to 65535.
+func validPort(addr string) bool {
+	_, raw, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	port, err := strconv.Atoi(raw)
+	return err == nil && port >= 1 && port <= 65535
 }

@@ -98,6 +98,8 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"attempts", map[string]string{"REDIS_CONNECT_ATTEMPTS": "0"}, `invalid REDIS_CONNECT_ATTEMPTS "0": must be between 1 and 1000`},
 		{"delay", map[string]string{"REDIS_CONNECT_RETRY_DELAY": "NaN"}, `invalid REDIS_CONNECT_RETRY_DELAY "NaN": must be between 0 and 3600`},
 		{"url scheme, password hidden", map[string]string{"REDIS_URL": "http://u:pw@host"}, `invalid REDIS_URL "http://u:xxxxx@host": must be redis://, rediss:// or unix:// URL`},
+		{"url port past 65535", map[string]string{"REDIS_URL": "redis://u:pw@host:99999/0"}, `invalid REDIS_URL "redis://u:xxxxx@host:99999/0": the port must be 1 to 65535`},
+		{"url port 0", map[string]string{"REDIS_URL": "redis://host:0/0"}, `invalid REDIS_URL "redis://host:0/0": the port must be 1 to 65535`},
 		{"tls verification off", map[string]string{"REDIS_URL": "rediss://u:pw@host?skip_verify=true"}, `invalid REDIS_URL "rediss://u:xxxxx@host?skip_verify=true": TLS verification cannot be turned off (skip_verify)`},
 		{"ca file without tls", map[string]string{"REDIS_URL": "redis://host", "REDIS_TLS_CA_FILE": "ca.pem"}, `invalid REDIS_TLS_CA_FILE "ca.pem": needs a rediss:// REDIS_URL`},
 		{"ca file missing", map[string]string{"REDIS_URL": "rediss://host", "REDIS_TLS_CA_FILE": "/nonexistent/ca.pem"}, `invalid REDIS_TLS_CA_FILE "/nonexistent/ca.pem": no such file`},

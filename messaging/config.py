@@ -339,6 +339,8 @@ class Settings:
             raise ConfigError(  # only the scheme: the rest of the URL may hold a password
                 f"invalid REDIS_URL scheme {scheme!r}: must start with redis://, rediss:// or unix://"
             )
+        if redis_url:
+            _check_redis_url(redis_url)
         if redis_url.startswith("rediss://") and _turns_verification_off(redis_url):
             raise ConfigError(  # no URL in the message: it may hold a password
                 "invalid REDIS_URL: TLS verification cannot be turned off (ssl_check_hostname)"
@@ -368,6 +370,32 @@ class Settings:
             otel_service_name=env_str(env, "OTEL_SERVICE_NAME"),
             otel_sdk_disabled=env_choice(env, "OTEL_SDK_DISABLED", ("false", "true")) == "true",
         )
+
+
+def _check_redis_url(url: str) -> None:
+    """REDIS_URL as redis-py will read it, checked now: one line at start instead of a
+    traceback at the first connection (a port past 65535, an option that is not a
+    number, a broken IPv6 address), and a database that is not a number, which
+    redis-py drops without a word (``redis://host/orders`` would be database 0).
+    The message never quotes the URL: it may hold a password."""
+    from urllib.parse import urlsplit
+
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - urlsplit checks the port only when asked
+    except ValueError as exc:
+        raise ConfigError(f"invalid REDIS_URL: {exc}") from None
+    database = parts.path.strip("/")
+    if url.startswith(("redis://", "rediss://")) and database and not database.isdigit():
+        raise ConfigError(
+            f"invalid REDIS_URL: the database {database[:40]!r} after the host must be a"
+            " number (redis://host:6379/0)"
+        )
+    if parts.port == 0:
+        raise ConfigError("invalid REDIS_URL: port 0")
 
 
 def settings_fields() -> list[str]:

@@ -179,3 +179,42 @@ def test_an_in_memory_sqlite_database_is_refused(url: str) -> None:
 )
 def test_a_sqlite_file_is_taken_as_given(url: str) -> None:
     assert database_url({"DATABASE_URL": url}, "DATABASE_URL") == url
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://:s3cret@localhost:99999/0", "invalid REDIS_URL: Port out of range 0-65535"),
+        ("redis://:s3cret@localhost:0/0", "invalid REDIS_URL: port 0"),
+        ("redis://:s3cret@[::1/0", "invalid REDIS_URL: Invalid IPv6 URL"),
+        (
+            "redis://:s3cret@localhost/0?socket_timeout=soon",
+            "invalid REDIS_URL: Invalid value for 'socket_timeout' in connection URL.",
+        ),
+        (
+            "redis://:s3cret@localhost:6379/orders",
+            "invalid REDIS_URL: the database 'orders' after the host must be a number",
+        ),
+    ],
+)
+def test_a_redis_url_redis_py_cannot_use_is_refused_at_start(url: str, says: str) -> None:
+    """Each was a traceback at the first connection, or (a database name) database 0."""
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"REDIS_URL": url})
+    assert str(refused.value).startswith(says)
+    assert "s3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://localhost",
+        "redis://localhost:6379",
+        "redis://localhost:6379/",
+        "redis://:pw@localhost:6379/3",
+        "rediss://cache.example:6380/0",
+        "unix:///run/redis.sock?db=2",
+    ],
+)
+def test_a_usable_redis_url_is_taken(url: str) -> None:
+    assert Settings.from_env({"REDIS_URL": url}).redis_url == url
