@@ -191,23 +191,22 @@ def shed_stale_requests(app: WsgiApp, queue_timeout: float) -> WsgiApp:
         if waited is not None and waited > queue_timeout:
             log.warning("shed %s: it waited %.1f s for a thread", where, waited)
             body = json.dumps(
-                {
-                    "type": "overloaded",
-                    "title": "Server overloaded",
-                    "status": 503,
-                    "detail": (
-                        f"the request waited {waited:.1f} s for a worker thread "
-                        f"(REQUEST_QUEUE_TIMEOUT_SECONDS {queue_timeout:g}); it was not "
-                        "carried out, retry it"
-                    ),
-                }
+                Problem(
+                    503,
+                    "overloaded",
+                    "Server overloaded",
+                    f"the request waited {waited:.1f} s for a worker thread "
+                    f"(REQUEST_QUEUE_TIMEOUT_SECONDS {queue_timeout:g}); it was not "
+                    "carried out, retry it",
+                ).to_dict()
             ).encode()
             start_response(
                 "503 Service Unavailable",
                 [
-                    ("Content-Type", "application/problem+json"),
+                    ("Content-Type", PROBLEM_CONTENT_TYPE),
                     ("Content-Length", str(len(body))),
                     ("Retry-After", "1"),
+                    *SECURITY_HEADERS.items(),
                 ],
             )
             return [body]

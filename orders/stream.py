@@ -55,7 +55,7 @@ from messaging import keys, logs
 from messaging.config import command_line, load_settings
 from messaging.connection import redis_client
 from orders.config import OrderServiceSettings
-from orders.validation import HEADER_NAME_RE, MAX_PARSE_DETAIL
+from orders.validation import HEADER_NAME_RE, MAX_PARSE_DETAIL, PROBLEM_CONTENT_TYPE, Problem
 
 log = logging.getLogger("orders-stream")
 
@@ -65,7 +65,6 @@ POLL_SECONDS = 1.0
 """How long the hub's wait for a pub/sub message lasts (its stop check runs between)."""
 CLIENT_BUFFER = 1000
 """Messages buffered for one stream; a client further behind is disconnected."""
-PROBLEM_CONTENT_TYPE = "application/problem+json"
 
 BATCH = 200
 """Most pub/sub messages the hub hands to the event loop in one go."""
@@ -81,9 +80,7 @@ def sse_event(data: str, event: str | None = None) -> str:
 def _problem(
     status: int, kind: str, title: str, detail: str, errors: list[dict[str, str]] | None = None
 ) -> web.Response:
-    body: dict[str, Any] = {"type": kind, "title": title, "status": status, "detail": detail}
-    if errors:
-        body["errors"] = errors
+    body = Problem(status, kind, title, detail, errors or []).to_dict()
     response = web.Response(status=status, text=json.dumps(body))
     response.content_type = PROBLEM_CONTENT_TYPE
     response.force_close()  # a refused client does not keep a socket here either

@@ -22,6 +22,7 @@ import uuid
 import pytest
 
 from devtools.streams import StreamCrowd, grant_ticket
+from orders.validation import PROBLEM_BASE
 from tests.e2e.conftest import TOKEN
 from tests.helpers import wait_for
 from tests.orders_app import ORDER
@@ -140,7 +141,8 @@ def test_a_post_nobody_waits_for_is_not_carried_out(start_api: type) -> None:
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503"), answer
     assert b"Retry-After: 1" in head
-    assert json.loads(body)["type"] == "overloaded"
+    assert json.loads(body)["type"] == PROBLEM_BASE + "overloaded"
+    assert b"X-Content-Type-Options: nosniff" in head
     # The next request, not queued behind anything, is carried out.
     assert _post_order(api.port)[0] == 201
     assert api.orders() == 1
