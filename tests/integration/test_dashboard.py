@@ -345,8 +345,8 @@ def test_admin_requeue_all(redis_url: str, known: RedisQueue, raw: redis_lib.Red
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["dead-letters", "list", "nope"], "unknown queue 'nope'"),
         (["dead-letters", "requeue", "payment"], "which dead letters? give their IDs"),
-        (["orders", "show", "abc"], "invalid int value: 'abc'"),
-        (["queues", "--sample", "-1"], "--limit and --sample must be positive"),
+        (["orders", "show", "abc"], "argument ORDER_ID: 'abc' is not an integer"),
+        (["queues", "--sample", "-1"], "argument --sample: '-1' is not between 0 and 60"),
     ],
 )
 def test_admin_bad_arguments_exit_2(redis_url: str, argv: list[str], needle: str) -> None:
