@@ -204,7 +204,7 @@ def readyz() -> Response:
         log.warning("readyz: database down: %s", exc)
         checks["database"] = "down"
     try:
-        svc.redis.ping()
+        svc.guard.ping()  # within GUARD_TIMEOUT_SECONDS: a probe must answer promptly
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         log.warning("readyz: redis down: %s", exc)
         checks["redis"] = "down"

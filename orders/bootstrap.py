@@ -61,12 +61,26 @@ class OrderServices:
     publisher: EventPublisher
     monitor: Redis
     """Bytes (not decoded) client of the dashboard and /metrics: dead letters may be garbage."""
+    guard: Redis
+    """The request path's client (rate limit, token throttle, /readyz): it gives up after
+    :data:`GUARD_TIMEOUT_SECONDS`, once, so a Redis that hangs (stopped, cut off by a
+    network that drops instead of refusing) delays a request by that much, not by the
+    other clients' timeouts; the limits fail open."""
 
     def close(self) -> None:
         """Release pooled connections (database and Redis)."""
         self.engine.dispose()
         self.redis.close()
         self.monitor.close()
+        self.guard.close()
+
+
+GUARD_TIMEOUT_SECONDS = 0.5
+"""How long a request waits for Redis on its own path (a rate-limit check takes well
+under a millisecond): then the limit fails open and /readyz reports Redis down."""
+MONITOR_TIMEOUT_SECONDS = 2.0
+"""The dashboard's and /metrics' Redis reads: a page polls them every few seconds, and
+a frozen Redis must not hold a request thread for long on each poll."""
 
 
 def order_services(settings: OrderServiceSettings) -> OrderServices:
@@ -97,8 +111,14 @@ def order_services(settings: OrderServiceSettings) -> OrderServices:
         monitor=redis_client(
             settings.base,
             decode_responses=False,
-            socket_connect_timeout=2,
-            socket_timeout=5,
-            retry=Retry(NoBackoff(), 1),
+            socket_connect_timeout=MONITOR_TIMEOUT_SECONDS,
+            socket_timeout=MONITOR_TIMEOUT_SECONDS,
+            retry=Retry(NoBackoff(), 0),
+        ),
+        guard=redis_client(
+            settings.base,
+            socket_connect_timeout=GUARD_TIMEOUT_SECONDS,
+            socket_timeout=GUARD_TIMEOUT_SECONDS,
+            retry=Retry(NoBackoff(), 0),
         ),
     )

@@ -63,9 +63,10 @@ def _ticket() -> str:
     # orders-stream cannot check the operator's cookie (it does not know the token, which
     # orders-api may have generated), so an operator's page gets a random ticket that
     # orders-stream looks up in Redis. Redis down: no ticket; the page asks again later.
+    # The request path's client (guard): a Redis that hangs holds the page half a second.
     ticket = secrets.token_urlsafe(24)
     try:
-        services().redis.set(keys.stream_ticket(ticket), "1", ex=STREAM_TICKET_SECONDS)
+        services().guard.set(keys.stream_ticket(ticket), "1", ex=STREAM_TICKET_SECONDS)
     except redis.RedisError as exc:
         log.warning("dashboard: no feed ticket, Redis unreachable: %s", exc)
         return ""

@@ -45,7 +45,7 @@ def app_limiter(
     found = current_app.extensions.get(name)
     if found is None:
         svc = services()
-        limiter = RateLimiter(svc.redis, per_minute(svc.settings), key)
+        limiter = RateLimiter(svc.guard, per_minute(svc.settings), key)
         found = current_app.extensions.setdefault(name, limiter)
     return found  # type: ignore[no-any-return]
 

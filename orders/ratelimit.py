@@ -10,8 +10,10 @@ expires once it would be full again: an idle client costs no memory.
 Fail-open: when Redis does not answer, the request is allowed. The limit protects the
 service; it must not take order intake down with it (orders are accepted while Redis
 is away and the outbox relay publishes them later). After a failure the limiter is not
-asked again for :data:`FAIL_OPEN_SECONDS`, so a Redis outage does not add a timeout
-to every request.
+asked again for :data:`FAIL_OPEN_SECONDS`, and then by one request at a time until Redis
+answers, so a Redis outage does not add a timeout to every request. Its client
+(``OrderServices.guard``) gives up after half a second, once: a Redis that hangs
+instead of refusing costs one request that long per second, not every request ten.
 
 The client is ``request.remote_addr``: behind a reverse proxy, put werkzeug's
 ``ProxyFix`` in front so that it is the real client, or every client shares one bucket.
@@ -98,6 +100,9 @@ class RateLimiter:
         """The bucket's Redis key for a client IP."""
         self._script: Script | None = None  # registered on first use: nothing connects here
         self._skip_until = 0.0
+        self._failing = False
+        """Redis did not answer the last check: skip it, then let one request probe."""
+        self._probing = False
         self._lock = threading.Lock()
 
     @property
@@ -118,6 +123,11 @@ class RateLimiter:
             return ALLOW
         if time.monotonic() < self._skip_until:
             return ALLOW
+        if self._failing:  # one request probes whether Redis is back; the others pass
+            with self._lock:
+                if self._probing:
+                    return ALLOW
+                self._probing = True
         try:
             if self._script is None:
                 self._script = self.client.register_script(TOKEN_BUCKET)
@@ -127,12 +137,20 @@ class RateLimiter:
             )
         except (redis.RedisError, OSError) as exc:
             with self._lock:
-                if time.monotonic() >= self._skip_until:
+                if not self._failing:
                     log.warning("Rate limiter unavailable, allowing requests: %s", exc)
+                self._failing, self._probing = True, False
                 self._skip_until = time.monotonic() + FAIL_OPEN_SECONDS
             return ALLOW
         except ValueError:  # not an address we can key on: do not limit it
+            with self._lock:
+                self._probing = False
             return ALLOW
+        if self._failing:
+            with self._lock:
+                if self._failing:
+                    log.warning("Rate limiter available again")
+                self._failing, self._probing = False, False
         if int(allowed):
             return Decision(True, 0, int(float(left)))
         return Decision(False, max(1, math.ceil(float(wait))), 0)

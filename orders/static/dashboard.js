@@ -215,6 +215,27 @@ async function renderDead(queuesWithDead) {
   replaceChildren(list, blocks.length ? blocks : [el("p", "none", "note")]);
 }
 
+// Run fn now and again every ms after it finished, never two at once: a slow answer
+// (Redis frozen, say) must not pile this page's requests up on the server's threads, as
+// a fixed interval would. Returns a function that stops it.
+function poll(fn, ms) {
+  let timer = null;
+  let stopped = false;
+  const run = async () => {
+    try {
+      await fn();
+    } catch (_) {
+      // each refresh shows its own failure; the next run tries again
+    }
+    if (!stopped) timer = window.setTimeout(run, ms);
+  };
+  run();
+  return () => {
+    stopped = true;
+    window.clearTimeout(timer);
+  };
+}
+
 async function refreshQueues() {
   try {
     const body = await getJson("/api/queues");
@@ -400,7 +421,7 @@ function collectLines() {
 
 // --- one order: its timeline -----------------------------------------------------------------
 
-let detailTimer = null;
+let stopDetail = () => {};
 
 function invoiceCell(order) {
   const td = el("td");
@@ -475,7 +496,7 @@ async function showOrder(id) {
 }
 
 function route() {
-  window.clearInterval(detailTimer);
+  stopDetail();
   const match = /^#order\/([0-9]+)$/.exec(window.location.hash);
   const section = document.getElementById("order-detail");
   if (!match) {
@@ -483,9 +504,15 @@ function route() {
     delete section.dataset.orderId;
     return;
   }
-  showOrder(match[1]).then(() => section.scrollIntoView({ block: "start" }));
   // The order moves on while you look: follow it until it is final.
-  detailTimer = window.setInterval(() => showOrder(match[1]), ORDER_POLL_MS);
+  let first = true;
+  stopDetail = poll(async () => {
+    await showOrder(match[1]);
+    if (first) {
+      first = false;
+      section.scrollIntoView({ block: "start" });
+    }
+  }, ORDER_POLL_MS);
 }
 
 // --- charts (uPlot, served from this origin) -------------------------------------------------
@@ -621,16 +648,12 @@ function start() {
     e.preventDefault();
     window.location.hash = "";
   });
-  refreshStages();
+  poll(refreshStages, STAGE_POLL_MS);
   route();
-  window.setInterval(refreshStages, STAGE_POLL_MS);
   openStream();
-  refreshQueues();
-  refreshOrders();
-  refreshStuck();
-  window.setInterval(refreshQueues, QUEUE_POLL_MS);
-  window.setInterval(refreshStuck, STUCK_POLL_MS);
-  window.setInterval(refreshOrders, ORDER_POLL_MS);
+  poll(refreshQueues, QUEUE_POLL_MS);
+  poll(refreshOrders, ORDER_POLL_MS);
+  poll(refreshStuck, STUCK_POLL_MS);
 }
 
 document.addEventListener("DOMContentLoaded", start);

@@ -6,15 +6,23 @@ Real Redis and real SQLite/PostgreSQL through the Flask app.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import redis as redis_lib
 from flask import Flask
 
-from devtools.redis_server import free_port
+from devtools.redis_server import RedisServer, free_port
 from messaging import envelope, keys
+from orders.api import RATE_LIMITER
 from orders.app import create_app
+from orders.bootstrap import GUARD_TIMEOUT_SECONDS
 from orders.history import record_event
 from orders.reconcile import reconcile
 from tests.orders_app import ADMIN, ADMIN_TOKEN, ORDER, order, outcome, wait_published
@@ -55,6 +63,69 @@ def test_the_limiter_fails_open_when_redis_is_down(make_app: Callable[..., Flask
     for n in range(3):  # over the limit, but nobody can count: orders are still taken
         response = client.post("/orders", json=order(customer_email=f"c{n}@example.com"))
         assert response.status_code == 201, response.get_json()
+
+
+@contextmanager
+def frozen(server: RedisServer) -> Iterator[None]:
+    """SIGSTOP the server: connections stay open, nothing answers (a hang, not a refusal)."""
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+
+
+def test_a_frozen_redis_costs_a_request_the_guard_timeout_once_then_nothing(
+    make_app: Callable[..., Flask],
+    redis_server_factory: Callable[..., RedisServer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The rate limit and /readyz use the request path's own client (``guard``): it gives
+    up after GUARD_TIMEOUT_SECONDS, with no retry, so a Redis that hangs delays a request
+    by that, not by the other clients' 5 s twice (a POST took 10 s, /readyz 15 s); while
+    it stays down one request at a time probes it and the others pass at once."""
+    server = redis_server_factory()
+    app = make_app(server.url, RATE_LIMIT_PER_MINUTE="1000")
+    client = app.test_client()
+    assert client.post("/orders", json=ORDER).status_code == 201  # connected, counted
+    guard = app.extensions["orders"].guard
+    assert guard.connection_pool.connection_kwargs["socket_timeout"] == GUARD_TIMEOUT_SECONDS
+    limiter = app.extensions[RATE_LIMITER]
+    calls: list[str] = []
+    probing = threading.Event()
+    real_script = limiter._script
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(threading.current_thread().name)
+        probing.set()
+        return real_script(*args, **kwargs)
+
+    limiter._script = counted
+    with frozen(server), caplog.at_level(logging.WARNING, "orders-api"):
+        response = client.post("/orders", json=order(customer_email="b@example.com"))
+        assert response.status_code == 201, response.get_json()
+        assert calls == ["MainThread"]
+        assert "Rate limiter unavailable, allowing requests: Timeout" in caplog.text
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.get_json()["checks"] == {"database": "ok", "redis": "down"}
+        # Past the fail-open pause: one request probes (and waits), the others pass.
+        limiter._skip_until = 0.0
+        probing.clear()
+        prober = threading.Thread(target=limiter.check, args=("192.0.2.1",), name="prober")
+        prober.start()
+        assert probing.wait(10)
+        assert limiter.check("192.0.2.2").allowed
+        assert client.post("/orders", json=order(customer_email="c@example.com")).status_code == 201
+        prober.join(10)
+        assert calls == ["MainThread", "prober"]
+    # Redis is back: the next probe finds it, and the limit counts again.
+    limiter._skip_until = 0.0
+    assert limiter.check("127.0.0.1").remaining >= 0
+    assert "Rate limiter available again" in caplog.text
+    assert limiter.check("127.0.0.1").remaining >= 0
+    assert calls[-2:] == ["MainThread", "MainThread"]
 
 
 def test_an_unreachable_database_is_503_problem_json(redis_url: str) -> None:
