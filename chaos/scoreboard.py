@@ -28,6 +28,7 @@ shorter faults (what CI runs: tests/e2e/test_scoreboard.py).
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import signal
 import socket
@@ -279,6 +280,35 @@ def redis_down(stack: Stack, params: Params, done: threading.Event, notes: Notes
     notes.cleared_at = time.monotonic()
     notes.add(f"Redis stopped {params.redis_down_seconds:g} s")
     notes.fire(not_ready, "/readyz failures while Redis was down")
+
+
+def redis_frozen(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
+    """SIGSTOP Redis, then SIGCONT: a hang, not a refusal. Connections stay open and
+    nothing answers (a stopped VM, a network that drops packets); on SIGCONT every key
+    whose TTL ran out meanwhile (workers' heartbeats, leases) expires at once."""
+    start = time.monotonic()
+    _at(0.3, params, start)
+    assert stack.redis.process is not None
+    pid = stack.redis.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    answered, slowest = 0, 0.0
+    try:
+        until = time.monotonic() + params.redis_down_seconds
+        while time.monotonic() < until:
+            asked = time.monotonic()
+            try:
+                urllib.request.urlopen(stack.base + "/readyz", timeout=5.0).close()
+            except urllib.error.HTTPError as exc:
+                answered += exc.code == 503  # answered, and said Redis is down
+                slowest = max(slowest, time.monotonic() - asked)
+            except OSError:  # no answer within 5 s: not counted
+                slowest = max(slowest, time.monotonic() - asked)
+            time.sleep(0.2)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    notes.cleared_at = time.monotonic()
+    notes.add(f"Redis frozen (SIGSTOP) {params.redis_down_seconds:g} s")
+    notes.fire(answered, f"/readyz 503s while frozen, the slowest in {slowest:.2f} s")
 
 
 def redis_failover(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
@@ -750,6 +780,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         after=_normal_payment,
     ),
     Scenario("Redis down during intake", "none lost, none doubled", redis_down),
+    Scenario("Redis frozen (SIGSTOP)", "none lost, none doubled", redis_frozen),
     Scenario("Redis failover (READONLY)", "none lost, none doubled", redis_failover),
     Scenario(
         "crash-looping message",
