@@ -573,16 +573,22 @@ def _skew_payment(stack: Stack, params: Params) -> None:
     wait_until(stack.workers_registered, 60, 0.1, "skewed payment workers")
 
 
+def _kill_and_restart_api(stack: Stack) -> int:
+    """SIGKILL orders-api (master and workers) and start it again; 1 if the kill landed."""
+    assert stack.api is not None
+    was_alive = stack.api.alive()
+    stack.api.kill()
+    landed = int(was_alive and stack.api.popen.returncode == -signal.SIGKILL)
+    stack.start_api()
+    return landed
+
+
 def kill_api(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
     start = time.monotonic()
     landed = 0
     for fraction in (0.3, 0.6):
         _at(fraction, params, start)
-        assert stack.api is not None
-        was_alive = stack.api.alive()
-        stack.api.kill()
-        landed += was_alive and stack.api.popen.returncode == -signal.SIGKILL
-        stack.start_api()
+        landed += _kill_and_restart_api(stack)
     notes.cleared_at = time.monotonic()
     notes.fire(landed, "SIGKILLs of gunicorn + workers landed")
 
@@ -603,11 +609,7 @@ def kill_api_in_bursts(stack: Stack, params: Params, done: threading.Event, note
         delay = start + burst * period + BURST_KILL_DELAY - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        assert stack.api is not None
-        was_alive = stack.api.alive()
-        stack.api.kill()
-        landed += was_alive and stack.api.popen.returncode == -signal.SIGKILL
-        stack.start_api()
+        landed += _kill_and_restart_api(stack)
     notes.cleared_at = time.monotonic()
     notes.fire(landed, f"SIGKILLs landed {BURST_KILL_DELAY * 1000:g} ms into a burst")
     done.wait(params.settle_timeout)

@@ -216,6 +216,16 @@ def test_a_raise_before_the_ack_is_survived_by_the_worker_loop(
     assert outcomes == {e["data"]["order_id"]: 1 for e in batch}
 
 
+def _api_address() -> tuple[str, dict[str, str]]:
+    """A free port for one orders-api worker: its base URL and its environment."""
+    port = free_port()
+    return f"http://127.0.0.1:{port}", {
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "WEB_CONCURRENCY": "1",
+    }
+
+
 def _wait_api(proc: Proc, base: str) -> None:
     wait_for(lambda: http_ok(base + "/healthz") or not proc.alive(), 60, 0.1, "orders-api")
     proc.check_alive()
@@ -224,9 +234,7 @@ def _wait_api(proc: Proc, base: str) -> None:
 def test_api_killed_after_commit_the_relay_publishes_the_expired_claim(
     procs: Procs, bredis: redis_lib.Redis
 ) -> None:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    api_env = {"HOST": "127.0.0.1", "PORT": str(port), "WEB_CONCURRENCY": "1"}
+    base, api_env = _api_address()
     armed = procs.orders(
         "orders-api", FAULT_POINT="api.after_commit:exit", RELAY_IN_PROCESS="0", **api_env
     )
@@ -270,9 +278,7 @@ def test_api_killed_before_its_background_publish_the_relay_publishes_the_claim(
     procs: Procs, bredis: redis_lib.Redis
 ) -> None:
     """The event waits in the worker's FastPublisher, its row claimed; the worker dies."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    api_env = {"HOST": "127.0.0.1", "PORT": str(port), "WEB_CONCURRENCY": "1"}
+    base, api_env = _api_address()
     armed = procs.orders(
         "orders-api", FAULT_POINT="api.before_publish:exit", RELAY_IN_PROCESS="0", **api_env
     )
@@ -314,9 +320,7 @@ def test_api_killed_inside_a_group_commit_stores_none_of_it_and_retries_store_ea
     procs: Procs, bredis: redis_lib.Redis
 ) -> None:
     """Concurrent POSTs share one transaction; the worker dies before its commit."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    api_env = {"HOST": "127.0.0.1", "PORT": str(port), "WEB_CONCURRENCY": "1"}
+    base, api_env = _api_address()
     armed = procs.orders(
         "orders-api",
         FAULT_POINT="api.group_commit:exit",
