@@ -123,11 +123,12 @@ class RateLimiter:
             return ALLOW
         if time.monotonic() < self._skip_until:
             return ALLOW
+        probe = False
         if self._failing:  # one request probes whether Redis is back; the others pass
             with self._lock:
                 if self._probing:
                     return ALLOW
-                self._probing = True
+                self._probing = probe = True
         try:
             if self._script is None:
                 self._script = self.client.register_script(TOKEN_BUCKET)
@@ -139,18 +140,20 @@ class RateLimiter:
             with self._lock:
                 if not self._failing:
                     log.warning("Rate limiter unavailable, allowing requests: %s", exc)
-                self._failing, self._probing = True, False
+                self._failing = True
                 self._skip_until = time.monotonic() + FAIL_OPEN_SECONDS
             return ALLOW
         except ValueError:  # not an address we can key on: do not limit it
-            with self._lock:
-                self._probing = False
             return ALLOW
+        finally:
+            if probe:  # whatever happened, the next request may probe (none stays stuck)
+                with self._lock:
+                    self._probing = False
         if self._failing:
             with self._lock:
                 if self._failing:
                     log.warning("Rate limiter available again")
-                self._failing, self._probing = False, False
+                self._failing = False
         if int(allowed):
             return Decision(True, 0, int(float(left)))
         return Decision(False, max(1, math.ceil(float(wait))), 0)
