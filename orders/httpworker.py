@@ -40,7 +40,7 @@ from gunicorn.http import errors as http_errors
 from gunicorn.workers.gthread import ThreadWorker
 
 from orders.auth import SECURITY_HEADERS
-from orders.validation import HEADER_NAME_RE, MAX_PARSE_DETAIL, PROBLEM_CONTENT_TYPE, Problem
+from orders.validation import HEADER_NAME_RE, PROBLEM_CONTENT_TYPE, Problem, parse_detail
 
 log = logging.getLogger("orders-api")
 
@@ -104,9 +104,7 @@ def parse_problem(exc: BaseException) -> Problem | None:
         )
         field_name = "-".join(part.capitalize() for part in name.split("-")) if named else "headers"
     title = http.HTTPStatus(status).phrase
-    detail = str(exc)
-    if len(detail) > MAX_PARSE_DETAIL:
-        detail = detail[:MAX_PARSE_DETAIL] + "..."
+    detail = parse_detail(str(exc))
     errors = [{"field": field_name or "request", "message": detail}]
     return Problem(status, "-".join(title.lower().split()), title, detail, errors)
 

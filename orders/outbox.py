@@ -559,7 +559,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--window", type=arg_seconds(0, MAX_RECONCILE_WINDOW), default=86400.0,
         metavar="SECONDS", help="only orders placed within this many seconds (default "
-        f"86400, at most {MAX_RECONCILE_WINDOW:g}: ten years)",
+        f"86400, at most {MAX_RECONCILE_WINDOW:.0f}: ten years)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if not 0 <= args.older_than <= args.window:

@@ -55,7 +55,7 @@ from messaging import keys, logs
 from messaging.config import command_line, load_settings
 from messaging.connection import redis_client
 from orders.config import OrderServiceSettings
-from orders.validation import HEADER_NAME_RE, MAX_PARSE_DETAIL, PROBLEM_CONTENT_TYPE, Problem
+from orders.validation import HEADER_NAME_RE, PROBLEM_CONTENT_TYPE, Problem, parse_detail
 
 log = logging.getLogger("orders-stream")
 
@@ -118,8 +118,7 @@ def parse_problem(status: int, exc: BaseException | None, message: str | None) -
     if not field_name:  # the C parser names the part in its message
         lowered = detail.lower()
         field_name = next((name for word, name in _PARSE_WORDS if word in lowered), "request")
-    if len(detail) > MAX_PARSE_DETAIL:
-        detail = detail[:MAX_PARSE_DETAIL] + "..."
+    detail = parse_detail(detail)
     errors = [{"field": field_name, "message": detail}]
     return _problem(status, "bad-request", "Bad request", detail, errors)
 

@@ -76,6 +76,16 @@ HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 MAX_PARSE_DETAIL = 200
 """Characters of an HTTP parser's message kept in a problem's ``detail``: it may quote
 the request (orders.httpworker, orders.stream)."""
+
+
+def parse_detail(message: str) -> str:
+    """An HTTP parser's message as a problem's ``detail``: at most
+    :data:`MAX_PARSE_DETAIL` characters of it (it may quote the request), then "..."."""
+    if len(message) > MAX_PARSE_DETAIL:
+        return message[:MAX_PARSE_DETAIL] + "..."
+    return message
+
+
 ORDER_FIELDS = ("customer_email", "currency", "items")
 OPTIONAL_ORDER_FIELDS = ("priority",)
 PRIORITIES = ("standard", "express")
