@@ -932,6 +932,10 @@ class EmailHandler:
     ) -> bool:
         """The batch's claimed emails in one round trip each (:class:`PipelinedSession`).
 
+        Each email is rendered while the server reads the group before it (the body of
+        one and the envelope of the next), so the thread's CPU and the server's work
+        overlap instead of taking turns; an email that cannot be rendered fails alone.
+
         Each email is recorded right after the server's 250 for it, as one by one, so
         a crash resends at most that one; the next email's envelope already on the wire
         is simply dropped by the server with the connection. A refused email is that
@@ -945,6 +949,7 @@ class EmailHandler:
         flight: list[_Job] = []  # the body awaiting its reply, then the envelope
         mids: dict[int, str] = {}
         put_back: set[int] = set()  # not started (shutting down): results stay None
+        ready: dict[int, tuple[bytes, bytes] | Exception] = {}  # rendered ahead, by k
         read_any = False
         refusals = (smtplib.SMTPResponseException, smtplib.SMTPRecipientsRefused)
 
@@ -952,12 +957,24 @@ class EmailHandler:
             store.release_claim(self.engine, job.order_id, job.step, owner)
             results[job.index] = error
 
+        def prepare(k: int) -> None:
+            """Render ``jobs[k]`` and its envelope now, or keep why it cannot be sent."""
+            if k >= len(jobs) or k in ready:
+                return
+            job = jobs[k]
+            assert job.who is not None
+            try:
+                data = wire_bytes(render(job.event, job.who, step=job.step, sender=self.sender))
+                ready[k] = (data, session.envelope(job.who.email, data))
+            except Exception as exc:  # noqa: BLE001 - that event's failure, as one by one
+                ready[k] = exc
+
         def start(k: int, prefix: bytes = b"") -> tuple[int, bytes] | None:
-            """Send ``prefix`` and the envelope of the first of ``jobs[k:]`` that renders."""
+            """Send ``prefix`` and the envelope of the first of ``jobs[k:]`` that renders;
+            then render the one after it while the server reads them."""
             nonlocal claimed_at
             while k < len(jobs):
                 job = jobs[k]
-                assert job.who is not None
                 if k and stopping():  # shutting down: the rest go back un-started
                     for rest in jobs[k:]:
                         store.release_claim(self.engine, rest.order_id, rest.step, owner)
@@ -966,16 +983,17 @@ class EmailHandler:
                 if time.monotonic() - claimed_at > self.claim_seconds / 3:
                     store.extend_claims(self.engine, owner, self.claim_seconds)
                     claimed_at = time.monotonic()
-                try:
-                    data = wire_bytes(render(job.event, job.who, step=job.step, sender=self.sender))
-                    commands = session.envelope(job.who.email, data)
-                except Exception as exc:  # noqa: BLE001 - that event's failure, as one by one
-                    fail(job, exc)
+                prepare(k)
+                prepared = ready.pop(k)
+                if isinstance(prepared, Exception):
+                    fail(job, prepared)
                     k += 1
                     continue
+                data, commands = prepared
                 mids[job.index] = message_id(job.order_id, job.step, self.sender)
                 smtp.send(prefix + commands)
                 flight.append(job)
+                prepare(k + 1)  # CPU spent while the server works, not after its reply
                 return k, data
             if prefix:
                 smtp.send(prefix)

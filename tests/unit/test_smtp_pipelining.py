@@ -366,6 +366,35 @@ def test_a_refused_body_fails_that_email_and_the_next_one_goes_on(
     assert open_claims(engine) == [(2, "sent")]
 
 
+def test_an_email_that_cannot_be_rendered_fails_alone_and_the_next_goes_out_in_its_place(
+    scripted_server: ScriptedServer, engine: Engine
+) -> None:
+    """Each email is rendered while the server reads the one before (ahead of its turn):
+    one that cannot be (a ShipmentBooked without a carrier) fails alone, nothing of it
+    reaches the wire, and the next one's envelope travels with the body before it."""
+
+    def script(talk: Conversation) -> None:
+        assert same_envelope(talk.expect(3), 1)
+        talk.say("250 ok", "250 ok", "354 go on")
+        talk.expect_body()
+        assert same_envelope(talk.expect(3), 2)  # the unrenderable one was skipped
+        talk.say("250 queued", "250 ok", "250 ok", "354 go on")
+        talk.expect_body()
+        talk.say("250 queued")
+        talk.expect(1)
+        talk.say("221 bye")
+
+    port, talks = scripted_server(script)
+    emails = handler(engine, port)
+    unrenderable = orders_app.outcome("ShipmentBooked", 1, tracking_number="T-1")
+    results = emails.handle_batch([order_placed(1), unrenderable, order_placed(2)])
+    emails.close()
+    assert isinstance(results[1], PermanentError) and "carrier" in str(results[1])
+    assert sent_steps(engine) == [1, 2]
+    assert open_claims(engine) == [(1, "sent"), (2, "sent")]  # the shipped claim was freed
+    assert not any(b"T-1" in part for part in talks[0].received)
+
+
 def test_a_connection_dropped_mid_batch_fails_the_rest_and_frees_their_claims(
     scripted_server: ScriptedServer, engine: Engine
 ) -> None:
