@@ -30,7 +30,15 @@ from benchmarks import (
     subscriber,
     tracing,
 )
-from benchmarks.harness import MODES, Context, Row, environment, markdown, write_results
+from benchmarks.harness import (
+    MODES,
+    Context,
+    Row,
+    environment,
+    filesystem,
+    markdown,
+    write_results,
+)
 from devtools.redis_server import RedisServer
 
 SECTIONS: dict[str, Callable[[Context], list[Row]]] = {
@@ -69,7 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     server.data_dir.mkdir()  # type: ignore[union-attr]
     server.start()
     ctx = Context(mode=mode, work=work, redis_url=server.url)
-    meta = {"mode": mode.name, "environment": environment(), "sections": {}}
+    # The databases, the mail sink's files and Redis's directory live here: its file
+    # system is part of what the figures measure (TMPDIR chooses it; README).
+    meta = {
+        "mode": mode.name,
+        "environment": {**environment(), "work_filesystem": filesystem(work)},
+        "sections": {},
+    }
     rows: list[Row] = []
     failed: list[str] = []
     try:
@@ -97,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     env = meta["environment"]
     header = (
         f"## Benchmarks, {mode.name} mode: {env['cpus']} CPUs, Python {env['python']}, "
-        f"{env['redis'].split(' sha=')[0]}; {wall:.0f} s wall"
+        f"{env['redis'].split(' sha=')[0]}; work directory on {env['work_filesystem']};"
+        f" {wall:.0f} s wall"
     )
     if failed:
         header += f"\n\nFAILED sections: {', '.join(failed)}"

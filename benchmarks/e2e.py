@@ -125,6 +125,8 @@ def one_run(
             *(proc.popen.pid for proc in procs),
         ]
         meter = CpuMeter(pipeline)
+        sink = [procs[0].popen.pid]  # the stand-in mail server: its file system's cost
+        sink_before = cpu_seconds(sink)
         load = vegeta.post(
             f"{base}/orders", body_file(ctx), seconds=seconds, clients=WORKERS, rate=rate
         )
@@ -143,6 +145,7 @@ def one_run(
         except Timeout:
             ctx.log(f"e2e: deadline reached with {_complete(engine)} of {load.ok} done")
         cpu = meter.stop()
+        cpu["cpu_sink"] = cpu_seconds(sink) - sink_before
         if finish is not None:
             finish()
         dead = sum(int(client.llen(keys.dead(q))) for q in queues)
@@ -314,6 +317,13 @@ def run(ctx: Context) -> list[Row]:
             [r["cpu_pipeline"] / max(r["accepted"], 1.0) * 1000 for r in runs],
             "the machine's CPU per order offered (cores / rate)",
             [cores / mode.e2e_rate * 1000] * len(runs),
+            # smtp-sink writes one file per email: on some ext4 directories a file costs
+            # 20 times the CPU it costs on others (benchmarks.fs_create); this shows it.
+            note=", ".join(
+                f"run {i + 1}: smtp-sink {r['cpu_sink'] / max(r['accepted'], 1.0) * 1000:.2f}"
+                " ms of it"
+                for i, r in enumerate(runs)
+            ),
         )
     )
     rows.append(

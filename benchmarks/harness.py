@@ -293,6 +293,26 @@ def markdown(rows: Sequence[Row], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def filesystem(path: Path) -> str:
+    """The type of the file system holding ``path`` (``ext4``, ``tmpfs`` ...), from
+    ``/proc/mounts``; "unknown" where there is none."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    target = str(path.resolve())
+    best, kind = "", "unknown"
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
 def environment() -> dict[str, Any]:
     """What the figures depend on: machine, Python, Redis binary."""
     from devtools.redis_server import find_binary
