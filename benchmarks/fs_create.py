@@ -2,10 +2,10 @@
 
 ``smtp-sink`` stores each email it accepts as a file (a temporary name, then a rename),
 as the e2e rows' pipeline does 400 times a second at 200 orders/s. On this project's
-2-core VM (ext4, 2026-12-05) a file cost 24-26 µs of CPU in most new directories and
-590-650 µs in others, the same script in the same minute: which block group ext4 puts
+2-core VM (ext4, 2026-12-05) a file cost 24-49 µs of CPU in most new directories and
+260-650 µs in others, in the same minute: which block group ext4 puts
 a new directory in decides it. A run whose mail directory lands in a slow group spends
-about 0.7 ms more CPU per order in smtp-sink, which the pipeline at 87% of the machine
+about 0.5 ms more CPU per order in smtp-sink, which the pipeline at 87% of the machine
 does not have (README, issue 12, session 29). This prints that cost for the directory
 given (TMPDIR's by default), so a run can be read against it::
 
