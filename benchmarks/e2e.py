@@ -257,6 +257,10 @@ def _latencies(engine: Any) -> dict[str, list[float] | float]:
     seen = _effects(engine)
     out: dict[str, list[float] | float] = {kind: [] for kind in EFFECTS}
     out["all"] = []
+    # Each complete order's POST and last effect (epoch seconds, aligned): the
+    # profiling timeline's "when" (benchmarks/profiling.py).
+    placed_at: list[float] = []
+    done_at: list[float] = []
     lost = 0
     for order_id, start in created.items():
         effects = seen.get(order_id, {})
@@ -267,6 +271,10 @@ def _latencies(engine: Any) -> dict[str, list[float] | float]:
         for kind, value in ms.items():
             out[kind].append(value)
         out["all"].append(max(ms.values()))
+        placed_at.append(start.timestamp())
+        done_at.append(max(effects[kind] for kind in EFFECTS).timestamp())
+    out["placed_at"] = placed_at
+    out["done_at"] = done_at
     out["lost"] = float(lost)
     out["orders"] = float(len(created))
     return out

@@ -573,6 +573,91 @@ def pipeline_cpu(redis_url: str, seconds: float, rate: int) -> None:
     print(f"| all | {total / orders * 1000:.2f} | {total / wall:.0%} |")
 
 
+def timeline(redis_url: str, seconds: float, rate: int, step: float = 0.25) -> None:
+    """The end-to-end pipeline second by second: what each process's CPU and the email
+    queue did while the orders of that second went through, and how slow they were.
+
+    Made to tell apart runs of the same code whose tails differ by fifty times (session
+    29: smtp-sink's CPU doubled in the slow ones, from the first second, as the file
+    system's cost per new file did; ``benchmarks.fs_create``). A thread reads each
+    process's CPU from ``/proc`` and the queues' depths every ``step`` seconds.
+    """
+    from benchmarks import e2e
+    from benchmarks.harness import MODES, Context, percentile
+    from messaging import keys
+
+    work = Path(tempfile.mkdtemp(prefix="bench-timeline-"))
+    ctx = Context(mode=MODES["quick"], work=work, redis_url=redis_url)
+    client = redis.Redis.from_url(redis_url)
+    redis_pid = int(client.info("server")["process_id"])
+    samples: list[tuple[float, dict[str, float], int]] = []
+    stop = threading.Event()
+
+    def observe(started: dict[str, int]) -> Any:
+        trees = {name: process_tree(pid) for name, pid in {**started, "redis": redis_pid}.items()}
+
+        def sample() -> None:
+            while not stop.is_set():
+                depth = sum(
+                    int(n)
+                    for n in client.pipeline(transaction=False)
+                    .llen(keys.pending(keys.EMAIL_QUEUE))
+                    .llen(keys.express(keys.EMAIL_QUEUE))
+                    .execute()
+                )
+                cpu = {name: cpu_seconds(tree) for name, tree in trees.items()}
+                samples.append((time.time(), cpu, depth))
+                stop.wait(step)
+
+        thread = threading.Thread(target=sample, name="timeline", daemon=True)
+        thread.start()
+
+        def finish() -> None:
+            stop.set()
+            thread.join(5)
+
+        return finish
+
+    try:
+        result = e2e.one_run(ctx, rate=rate, seconds=seconds, observe=observe)
+    finally:
+        stop.set()
+        client.close()
+    placed, done = result["placed_at"], result["done_at"]
+    assert isinstance(placed, list) and isinstance(done, list)
+    if not placed or len(samples) < 2:
+        print("timeline: no complete order or no samples")
+        return
+    print(
+        f"timeline: {len(placed)} complete orders at {rate}/s offered for {seconds:g}s;"
+        f" all effects p50/p99/max {percentile(result['all'], 50):,.0f}"  # type: ignore[arg-type]
+        f"/{percentile(result['all'], 99):,.0f}/{percentile(result['all'], 100):,.0f} ms"  # type: ignore[arg-type]
+    )
+    names = list(samples[0][1])
+    began = min(placed)
+    print("\nCPU in % of one core over each second, the email queue's deepest, and the")
+    print("slowest order placed in that second (POST to its last effect):\n")
+    print(f"| s | placed | done | email queue | {' | '.join(names)} | all | slowest ms |")
+    print("|" + "---:|" * (6 + len(names)))
+    last = max(max(done), samples[-1][0])
+    for second in range(int(last - began) + 1):
+        low, high = began + second, began + second + 1
+        inside = [x for x in samples if low <= x[0] < high]
+        before = [x for x in samples if x[0] < low]
+        if not inside or not before:
+            continue
+        first, end = before[-1], inside[-1]
+        span = end[0] - first[0]
+        cpu = [(end[1][n] - first[1][n]) / span * 100 for n in names]
+        slowest = [(d - p) * 1000 for p, d in zip(placed, done, strict=True) if low <= p < high]
+        print(
+            f"| {second} | {sum(low <= p < high for p in placed)}"
+            f" | {sum(low <= d < high for d in done)} | {max(x[2] for x in inside)}"
+            f" | {' | '.join(f'{c:.0f}' for c in cpu)} | {sum(cpu):.0f}"
+            f" | {f'{max(slowest):,.0f}' if slowest else '-'} |"
+        )
+
+
 def profile_pipeline(redis_url: str, seconds: float, rate: int, idle: bool) -> None:
     """py-spy on every process of the end-to-end pipeline while it takes ``rate``/s.
 
@@ -723,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profiling")
     parser.add_argument(
         "target",
-        choices=["post", "drain", "email", "server", "pipeline", "pipeline-cpu", "cpu"],
+        choices=["post", "drain", "email", "server", "pipeline", "pipeline-cpu", "cpu", "timeline"],
     )
     parser.add_argument("--seconds", type=float, default=0.0, help="load time (10; pipeline 5)")
     parser.add_argument(
@@ -749,6 +834,8 @@ def main(argv: list[str] | None = None) -> int:
             profile_pipeline(server.url, args.seconds or 5.0, int(args.rate or 50), args.idle)
         elif args.target == "pipeline-cpu":
             pipeline_cpu(server.url, args.seconds or 5.0, int(args.rate or 50))
+        elif args.target == "timeline":
+            timeline(server.url, args.seconds or 20.0, int(args.rate or 200))
         else:
             database_url = f"sqlite:///{work / 'orders.db'}"
             if args.database == "postgresql":
