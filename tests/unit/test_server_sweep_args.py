@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.server_sweep import main, parse_configs
+from tests.helpers import usage_error
 
 
 def test_configs_parse() -> None:
@@ -26,8 +27,4 @@ def test_configs_parse() -> None:
 def test_bad_arguments_exit_2_with_one_line(
     argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert needle in error
+    assert needle in usage_error(main, argv, capsys)
