@@ -168,19 +168,68 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+class _Malformed(ValueError):
+    """A body JSON's grammar allows and this API refuses: ``detail`` and the field."""
+
+    def __init__(self, detail: str, field: str = "body") -> None:
+        super().__init__(detail)
+        self.detail, self.field = detail, field
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """One JSON object; a name given twice is refused.
+
+    RFC 8259 leaves a repeated name to the parser: Python's keeps the last value, other
+    parsers the first, so a proxy or a log reader in front of this API could see another
+    order than the one stored, and two bodies could share one Idempotency-Key hash.
+    """
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                shown = name if len(name) <= 64 else name[:64] + "..."
+                raise _Malformed(f"the name {json.dumps(shown)} appears twice in one object", name)
+            seen.add(name)
+    return obj
+
+
+def _parse_int(digits: str) -> int:
+    try:
+        return int(digits)
+    except ValueError:  # longer than sys.get_int_max_str_digits() (4300)
+        raise _Malformed(f"a number has {len(digits)} digits") from None
+
+
 def parse_json(raw: bytes) -> Any:
-    """Parse a request body strictly (no NaN/Infinity); raise a 400 Problem otherwise."""
+    """Parse a request body strictly, or raise a 400 Problem.
+
+    Refused: bytes that are not UTF-8, NaN and Infinity, an object that names one member
+    twice, an integer of more digits than Python converts, nesting deeper than the
+    parser recurses.
+    """
+    errors: list[dict[str, str]] = []
     try:
         text = raw.decode("utf-8")
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_int=_parse_int,
+            object_pairs_hook=_unique_names,
+        )
     except UnicodeDecodeError:
         detail = "the body is not UTF-8"
     except json.JSONDecodeError as exc:
         detail = f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-    except (ValueError, RecursionError) as exc:
-        # ValueError: NaN/Infinity, or an integer with too many digits.
-        detail = f"the body is not valid JSON: {str(exc) or type(exc).__name__}"
-    raise Problem(400, "malformed-json", "Malformed JSON", detail)
+    except _Malformed as exc:
+        detail = f"the body is not accepted JSON: {exc.detail}"
+        if exc.field != "body":
+            errors = [{"field": exc.field[:64], "message": "appears twice in one object"}]
+    except RecursionError:
+        detail = "the body is not accepted JSON: arrays or objects nested too deeply"
+    except ValueError as exc:  # NaN, Infinity
+        detail = f"the body is not valid JSON: {exc}"
+    raise Problem(400, "malformed-json", "Malformed JSON", detail, errors)
 
 
 def _type_name(value: Any) -> str:

@@ -213,6 +213,39 @@ def test_malformed_requests(
     assert response.get_json()["type"] == validation.PROBLEM_BASE + slug
 
 
+@pytest.mark.parametrize(
+    ("data", "field", "detail"),
+    [
+        (
+            b'{"customer_email": "ada@example.com", "currency": "EUR", "items": [],'
+            b' "customer_email": "eve@example.com"}',
+            "customer_email",
+            'the name "customer_email" appears twice in one object',
+        ),
+        (
+            b'{"customer_email": "ada@example.com", "currency": "EUR", "items":'
+            b' [{"sku": "A-1", "quantity": 1, "unit_price": "1.00", "sku": "B-2"}]}',
+            "sku",
+            'the name "sku" appears twice in one object',
+        ),
+        (b'{"items": [{"quantity": ' + b"9" * 5000 + b"}]}", None, "a number has 5000 digits"),
+        (b"[" * 1000 + b"]" * 1000, None, "arrays or objects nested too deeply"),
+    ],
+)
+def test_json_that_parses_ambiguously_or_not_at_all_is_400_saying_why(
+    client: FlaskClient, data: bytes, field: str | None, detail: str
+) -> None:
+    """A repeated name would be read as the last value here and the first by others."""
+    response = client.post("/orders", data=data, content_type="application/json")
+    assert response.status_code == 400
+    problem = response.get_json()
+    assert problem["type"] == validation.PROBLEM_BASE + "malformed-json"
+    assert problem["detail"] == "the body is not accepted JSON: " + detail
+    fields = [e["field"] for e in problem.get("errors", [])]
+    assert fields == ([field] if field else [])
+    assert client.get("/orders", headers=ADMIN).get_json()["items"] == []
+
+
 def test_body_over_the_limit_is_413(client: FlaskClient) -> None:
     body = order(customer_email="a" * 9000 + "@example.com")
     response = client.post("/orders", json=body)
