@@ -32,12 +32,14 @@ never holds a thread either.
   other than GET or HEAD (405, with ``Allow``), and a request aiohttp cannot parse (a
   control character in a header, a request line or header over its limits, a bad
   Content-Length: 400, naming the part at fault; :class:`ProblemRequestHandler`).
-- SIGTERM or SIGINT: every stream ends at once (``bye``), then the process exits 0.
+- SIGTERM or SIGINT: every stream ends at once (``bye``), then the process exits 0. A
+  port it cannot listen on (in use, or privileged) is one line and exit 1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import sys
@@ -68,6 +70,10 @@ CLIENT_BUFFER = 1000
 
 BATCH = 200
 """Most pub/sub messages the hub hands to the event loop in one go."""
+
+EXIT_CANNOT_LISTEN = 1
+_CANNOT_BIND = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+"""The errnos of a bind that failed (asyncio's ``create_server``)."""
 
 
 def sse_event(data: str, event: str | None = None) -> str:
@@ -434,20 +440,34 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.base.log_format, settings.base.log_level)
     server = StreamServer(settings)
     web_server.RequestHandler = ProblemRequestHandler  # type: ignore[misc]
-    log.info(
-        "orders-stream on http://%s:%d/events/stream: at most %d streams per client, %d in all",
-        settings.host, settings.stream_port, settings.stream_max_per_client,
-        settings.stream_max_connections,
-    )  # fmt: skip
-    web.run_app(
-        server.app(),
-        host=settings.host,
-        port=settings.stream_port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=2.0,
-        handle_signals=True,
-    )
+
+    def listening(_banner: str) -> None:  # aiohttp calls it once the socket is bound
+        log.info(
+            "orders-stream on http://%s:%d/events/stream: at most %d streams per client,"
+            " %d in all",
+            settings.host, settings.stream_port, settings.stream_max_per_client,
+            settings.stream_max_connections,
+        )  # fmt: skip
+
+    try:
+        web.run_app(
+            server.app(),
+            host=settings.host,
+            port=settings.stream_port,
+            print=listening,
+            access_log=None,
+            shutdown_timeout=2.0,
+            handle_signals=True,
+        )
+    except OSError as exc:
+        if exc.errno not in _CANNOT_BIND:
+            raise
+        # A port in use or not ours to take: one line, not asyncio's traceback.
+        log.error(
+            "orders-stream: cannot listen on %s:%d: %s",
+            settings.host, settings.stream_port, exc.strerror or exc,
+        )  # fmt: skip
+        return EXIT_CANNOT_LISTEN
     return 0
 
 

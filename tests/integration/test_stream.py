@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -249,3 +250,21 @@ def test_a_stream_ends_at_its_lifetime(start_stream: Callable[..., tuple[Proc, i
         assert b"retry: 100\nevent: bye\ndata: stream lifetime reached\n\n" in ended
     finally:
         stream.close()
+
+
+def test_a_port_in_use_is_one_line_and_exit_1(
+    start_stream: Callable[..., tuple[Proc, int]], redis_url: str
+) -> None:
+    _, port = start_stream()
+    done = subprocess.run(
+        [str(BIN / "orders-stream")],
+        env={"REDIS_URL": redis_url, "HOST": "127.0.0.1", "STREAM_PORT": str(port)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"orders-stream: cannot listen on 127.0.0.1:{port}: " in lines[0], lines
+    assert "Traceback" not in done.stderr
