@@ -12,6 +12,10 @@ export LAB_HOME ?= $(CURDIR)
 PROGRAMS := redis mail updates subscriber publisher payment invoice shipping email stream api
 SUPERVISORCTL = $(BIN)/supervisorctl -c $(CURDIR)/supervisord.conf
 need_s = $(if $(filter $(s),$(PROGRAMS)),,$(error give one process: make $@ s=NAME, NAME one of: $(PROGRAMS)))
+# One line, not supervisorctl's "no such file", when this LAB_HOME's `make up` is not running.
+up_sock = $(LAB_HOME)/var/supervisor.sock
+not_up = make $@: nothing running in $(LAB_HOME) (make up starts it)
+need_up = test -S $(up_sock) || { echo "$(not_up)"; exit 1; };
 
 .DEFAULT_GOAL := help
 .PHONY: help up down ps stop start kill logs test lint bench bench-full go-build install-local install-dev clean
@@ -45,17 +49,16 @@ down: ## Stop this checkout's `make up` (services first, Redis last) from anothe
 	@$(BIN)/python -m devtools.lab down
 
 ps: ## State of every process of `make up`
-	@test -S $(LAB_HOME)/var/supervisor.sock || { echo "make ps: nothing running in $(LAB_HOME) (make up starts it)"; exit 0; }
-	@$(SUPERVISORCTL) status; test $$? -le 3  # 3: some process is not running
+	@if test -S $(up_sock); then $(SUPERVISORCTL) status; test $$? -le 3; else echo "$(not_up)"; fi  # 3: some process is not running
 
 stop: ## Stop one process (SIGTERM, it finishes what it holds): make stop s=payment
-	$(need_s)@$(SUPERVISORCTL) stop $(s)
+	$(need_s)@$(need_up) $(SUPERVISORCTL) stop $(s)
 
 start: ## Start one stopped or killed process again: make start s=payment
-	$(need_s)@$(SUPERVISORCTL) start $(s)
+	$(need_s)@$(need_up) $(SUPERVISORCTL) start $(s)
 
 kill: ## SIGKILL one process, as a crash would (it stays dead): make kill s=payment
-	$(need_s)@$(SUPERVISORCTL) signal KILL $(s)
+	$(need_s)@$(need_up) $(SUPERVISORCTL) signal KILL $(s)
 
 logs: ## Follow one process's log (var/log/NAME.log): make logs s=payment
 	$(need_s)@tail -n 50 -F $(LAB_HOME)/var/log/$(s).log

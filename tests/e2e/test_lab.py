@@ -374,3 +374,16 @@ def test_redis_port_taken_stops_the_stack_before_any_service_uses_it(
         assert client.keys("*") == []  # no Hello message, no worker heartbeat
     finally:
         client.close()
+
+
+def test_the_short_commands_say_so_when_nothing_is_up(new_lab: Callable[..., Lab]) -> None:
+    """`make ps|stop|start|kill` before `make up` (or after `make down`): one line naming
+    the lab, not supervisorctl's "no such file"; ps succeeds, the others fail."""
+    lab = new_lab()
+    expected = {"ps": 0, "stop": 2, "start": 2, "kill": 2}
+    for verb, status in expected.items():
+        done = lab.make(verb, "s=payment", timeout=30)
+        assert done.returncode == status, (verb, done.stdout, done.stderr)
+        said = done.stdout.strip().splitlines()
+        assert said == [f"make {verb}: nothing running in {lab.home} (make up starts it)"], said
+        assert "no such file" not in done.stdout + done.stderr
