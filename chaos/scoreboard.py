@@ -42,6 +42,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis as redis_lib
+
 from chaos.stack import CHAOS_API_ENV, CHAOS_TUNING, Stack
 from devtools.procs import Timeout, http_ok, wait_until
 from devtools.redis_server import Failover, RedisServer, readonly_errors
@@ -309,6 +311,35 @@ def redis_frozen(stack: Stack, params: Params, done: threading.Event, notes: Not
     notes.cleared_at = time.monotonic()
     notes.add(f"Redis frozen (SIGSTOP) {params.redis_down_seconds:g} s")
     notes.fire(answered, f"/readyz 503s while frozen, the slowest in {slowest:.2f} s")
+
+
+def redis_full(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
+    """Redis out of memory: ``maxmemory`` set below what it holds, ``noeviction`` (the
+    policy a queue needs: an evicted key is a lost message). Reads and PING still
+    answer, every write is refused with OOM: the outbox's publishes, the workers' takes,
+    acks, heartbeats and outcome events, the rate limiter. Then the limit is lifted."""
+    start = time.monotonic()
+    _at(0.3, params, start)
+    client = stack.client
+    policy = client.config_get("maxmemory-policy")["maxmemory-policy"]
+    client.config_set("maxmemory-policy", "noeviction")
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory", max(1, used // 2))
+    refused = 0
+    try:
+        until = time.monotonic() + params.redis_down_seconds
+        while time.monotonic() < until:
+            try:
+                client.set("chaos:oom-probe", "1", px=1000)
+            except redis_lib.exceptions.OutOfMemoryError:
+                refused += 1
+            time.sleep(0.2)
+    finally:
+        client.config_set("maxmemory", 0)
+        client.config_set("maxmemory-policy", policy)
+    notes.cleared_at = time.monotonic()
+    notes.add(f"Redis at maxmemory (noeviction) {params.redis_down_seconds:g} s")
+    notes.fire(refused, "probe writes refused with OOM")
 
 
 def redis_failover(stack: Stack, params: Params, done: threading.Event, notes: Notes) -> None:
@@ -783,6 +814,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario("Redis down during intake", "none lost, none doubled", redis_down),
     Scenario("Redis frozen (SIGSTOP)", "none lost, none doubled", redis_frozen),
+    Scenario("Redis out of memory (noeviction)", "none lost, none doubled", redis_full),
     Scenario("Redis failover (READONLY)", "none lost, none doubled", redis_failover),
     Scenario(
         "crash-looping message",
