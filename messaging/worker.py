@@ -479,7 +479,9 @@ class Worker:
             orphans = in_list - +self._held
         if orphans:
             moved = self.queue.release(self.id, list(orphans.elements()))
-            log.warning(
+            # 0: a reaper returned them first (our heartbeat lapsed in the outage).
+            log.log(
+                logging.WARNING if moved else logging.INFO,
                 "%s: returned %d message(s) whose take was cut off by a Redis outage",
                 self.queue.name, moved,
             )  # fmt: skip
