@@ -4,7 +4,8 @@ One real stack (Redis with AOF, orders-api, two workers per queue, smtp-sink, SQ
 then each quick scenario in turn: consumers SIGKILLed, Redis SIGKILLed, a power loss
 emulated under ``appendfsync everysec`` and a FLUSHALL mid-intake (both completed by
 the relays' automatic reconciliation: nobody runs ``orders-relay --reconcile``), Redis
-down during intake, orders-api SIGKILLed mid-request, the database locked, a
+down during intake, Redis frozen, Redis out of memory (every write refused), orders-api
+SIGKILLed mid-request, the database locked, a
 slow consumer, a consumer partitioned from Redis. Every scenario that promises it must
 end with zero lost orders and zero duplicated effects; none may see a 5xx other than
 503; and every fault must have fired by its own count (SIGKILLs landed, AOF bytes
@@ -42,6 +43,6 @@ def test_quick_scoreboard(tmp_path: Path) -> None:
             assert result.duplicated == 0, (result.scenario.name, result.notes)
     names = " ".join(r.scenario.name for r in results)
     for fault in ("consumers SIGKILLed", "power loss", "FLUSHALL", "Redis down",
-                  "orders-api SIGKILLed",
+                  "out of memory", "orders-api SIGKILLed",
                   "database locked", "slow consumer", "partitioned"):  # fmt: skip
         assert fault in names
