@@ -169,9 +169,10 @@ def _reject_constant(name: str) -> Any:
 
 
 class _Malformed(ValueError):
-    """A body JSON's grammar allows and this API refuses: ``detail`` and the field."""
+    """A body JSON's grammar allows and this API refuses: ``detail``, and the member
+    at fault when there is one."""
 
-    def __init__(self, detail: str, field: str = "body") -> None:
+    def __init__(self, detail: str, field: str | None = None) -> None:
         super().__init__(detail)
         self.detail, self.field = detail, field
 
@@ -179,9 +180,10 @@ class _Malformed(ValueError):
 def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """One JSON object; a name given twice is refused.
 
-    RFC 8259 leaves a repeated name to the parser: Python's keeps the last value, other
-    parsers the first, so a proxy or a log reader in front of this API could see another
-    order than the one stored, and two bodies could share one Idempotency-Key hash.
+    RFC 8259 leaves a repeated name to the parser: Python's (and Go's) keep the last
+    value, many others the first, so a proxy or a log reader in front of this API could
+    see another order than the one stored, and two bodies could share one
+    Idempotency-Key hash.
     """
     obj = dict(pairs)
     if len(obj) != len(pairs):
@@ -223,7 +225,7 @@ def parse_json(raw: bytes) -> Any:
         detail = f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
     except _Malformed as exc:
         detail = f"the body is not accepted JSON: {exc.detail}"
-        if exc.field != "body":
+        if exc.field is not None:
             errors = [{"field": exc.field[:64], "message": "appears twice in one object"}]
     except RecursionError:
         detail = "the body is not accepted JSON: arrays or objects nested too deeply"
